@@ -1,0 +1,46 @@
+"""Command-line interface: thin commands that parse, validate, call the library and print.
+
+Every :class:`bats_cli.errors.BatsError` becomes one line on stderr and its exit code (2 for bad
+input, 1 for a failed run); Ctrl-C exits 130 (long commands save a checkpoint first).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from bats_cli.cli.app import app
+
+# One module per command; each registers itself on ``app`` when imported.
+COMMAND_MODULES = ("genotype",)
+
+
+def _load_commands() -> None:
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"bats_cli.cli.{name}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from bats_cli.errors import BatsError
+
+    _load_commands()
+    try:
+        app(args=argv, standalone_mode=False)
+    except BatsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(2 if isinstance(exc, click.exceptions.UsageError) else exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            print("aborted", file=sys.stderr)
+            sys.exit(130)
+        raise
