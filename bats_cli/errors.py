@@ -20,3 +20,9 @@ class RunFailure(BatsError, RuntimeError):
     """The run itself failed (diverged, out of memory, I/O error while writing): exit 1."""
 
     exit_code = 1
+
+
+class Interrupted(BatsError):
+    """Ctrl-C or SIGTERM during a long run; a resumable checkpoint was saved first: exit 130."""
+
+    exit_code = 130
