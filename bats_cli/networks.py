@@ -1,0 +1,303 @@
+"""Evaluation networks built from a genotype (§6.2 CIFAR, §6.3 ImageNet).
+
+CIFAR: a 3×3 stem conv to 3C channels, ``layers`` cells (20 by default, C = 36) with reduction
+cells at 1/3 and 2/3 depth, an auxiliary head at 2/3 depth (weight 0.4 in training), global
+pooling and a linear classifier. ImageNet: the DARTS ImageNet stem (two stride-2 3×3 convs, then a
+third) with its second conv grouped (g = 4, §6.3), 14 cells, C = 80.
+
+Stem, classifier and auxiliary head stay real-valued; every other conv (cell ops, 1×1
+preprocessing, factorized reduce) is binary unless ``real`` is set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bats_cli.errors import UserInputError
+from bats_cli.ops import OpContext, build_op
+from bats_cli.quant import REAL, BinarySpec
+
+# §6.2: width and number of groups scale together, so channels per group stay fixed. The
+# multipliers of "medium" and "large" are ours: the paper gives only their sizes (5.4 M and
+# 10.0 M parameters for Table 5's CIFAR-10 network), and these multipliers come closest.
+WIDTHS: dict[str, float] = {"1x": 1.0, "medium": 1.5, "large": 2.0, "2x": 2.0}
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """How to build an evaluation network; defaults are the paper's CIFAR numbers."""
+
+    kind: str = "cifar"  # "cifar" or "imagenet"
+    num_classes: int = 10
+    in_channels: int = 3
+    channels: int = 36
+    layers: int = 20
+    auxiliary: bool = True
+    drop_path: float = 0.0  # §6.2: drop-path 0 for binary networks
+    stem_groups: int = 4  # §6.3: grouped second stem conv on ImageNet
+
+
+def _genotype_cell(genotype, reduction: bool):
+    ops = genotype.reduce if reduction else genotype.normal
+    concat = genotype.reduce_concat if reduction else genotype.normal_concat
+    return [(op, int(idx)) for op, idx in ops], [int(i) for i in concat]
+
+
+def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
+    keep = 1.0 - drop_prob
+    mask = torch.empty(x.size(0), 1, 1, 1, device=x.device, dtype=x.dtype).bernoulli_(keep)
+    return x.div(keep) * mask
+
+
+class Cell(nn.Module):
+    """A DARTS cell from a genotype: two preprocessed inputs, N nodes, concatenated output."""
+
+    def __init__(
+        self,
+        genotype,
+        *,
+        c_prev_prev: int,
+        c_prev: int,
+        C: int,
+        reduction: bool,
+        reduction_prev: bool,
+        ctx: OpContext,
+    ) -> None:
+        super().__init__()
+        self.reduction = reduction
+        self.preprocess0 = (
+            ctx.factorized_reduce(c_prev_prev, C) if reduction_prev else ctx.preprocess(c_prev_prev, C)
+        )
+        self.preprocess1 = ctx.preprocess(c_prev, C)
+        edges, self.concat = _genotype_cell(genotype, reduction)
+        self.steps = len(edges) // 2
+        self.multiplier = len(self.concat)
+        self.indices = [idx for _, idx in edges]
+        self.op_names = [op for op, _ in edges]
+        self.ops = nn.ModuleList(
+            build_op(op, C, 2 if reduction and idx < 2 else 1, ctx) for op, idx in edges
+        )
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float = 0.0) -> torch.Tensor:
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        for step in range(self.steps):
+            total = 0
+            for k in (2 * step, 2 * step + 1):
+                h = self.ops[k](states[self.indices[k]])
+                if self.training and drop_prob > 0 and not isinstance(self.ops[k], nn.Identity):
+                    h = drop_path(h, drop_prob)
+                total = total + h
+            states.append(total)
+        return torch.cat([states[i] for i in self.concat], dim=1)
+
+
+class AuxiliaryHeadCIFAR(nn.Module):
+    """DARTS auxiliary tower for 8×8 inputs (real-valued)."""
+
+    def __init__(self, C: int, num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.ReLU(inplace=True),
+            nn.AvgPool2d(5, stride=3, padding=0, count_include_pad=False),
+            nn.Conv2d(C, 128, 1, bias=False),
+            nn.BatchNorm2d(128),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(128, 768, 2, bias=False),
+            nn.BatchNorm2d(768),
+            nn.ReLU(inplace=True),
+        )
+        self.classifier = nn.Linear(768, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        # Adaptive pool keeps the head valid for inputs other than 32 px (e.g. 28 px data).
+        x = nn.functional.adaptive_avg_pool2d(x, 1)
+        return self.classifier(x.flatten(1))
+
+
+class AuxiliaryHeadImageNet(nn.Module):
+    """DARTS auxiliary tower for 14×14 inputs (real-valued)."""
+
+    def __init__(self, C: int, num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.ReLU(inplace=True),
+            nn.AvgPool2d(5, stride=2, padding=0, count_include_pad=False),
+            nn.Conv2d(C, 128, 1, bias=False),
+            nn.BatchNorm2d(128),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(128, 768, 2, bias=False),
+            nn.BatchNorm2d(768),
+            nn.ReLU(inplace=True),
+        )
+        self.classifier = nn.Linear(768, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.adaptive_avg_pool2d(self.features(x), 1)
+        return self.classifier(x.flatten(1))
+
+
+class Network(nn.Module):
+    """A stack of genotype cells with a real-valued stem, classifier and auxiliary head."""
+
+    def __init__(self, genotype, *, config: NetworkConfig, ctx: OpContext) -> None:
+        super().__init__()
+        self.config = config
+        self.genotype = genotype
+        self.ctx = ctx
+        C, layers = config.channels, config.layers
+        if layers < 3:
+            raise UserInputError(f"a network needs at least 3 cells, got --layers {layers}")
+        if config.kind == "cifar":
+            stem_multiplier = 3
+            c_curr = stem_multiplier * C
+            self.stem = nn.Sequential(
+                nn.Conv2d(config.in_channels, c_curr, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_curr),
+            )
+            c_prev_prev, c_prev, c_curr = c_curr, c_curr, C
+            reduction_prev = False
+        elif config.kind == "imagenet":
+            self.stem = ImageNetStem(config.in_channels, C, config.stem_groups)
+            c_prev_prev, c_prev, c_curr = C, C, C
+            reduction_prev = True
+        else:
+            raise UserInputError(f"network kind must be 'cifar' or 'imagenet', got {config.kind!r}")
+
+        self.cells = nn.ModuleList()
+        self._aux_index = 2 * layers // 3
+        c_aux = None
+        for i in range(layers):
+            reduction = i in (layers // 3, 2 * layers // 3)
+            if reduction:
+                c_curr *= 2
+            cell = Cell(
+                genotype, c_prev_prev=c_prev_prev, c_prev=c_prev, C=c_curr,
+                reduction=reduction, reduction_prev=reduction_prev, ctx=ctx,
+            )
+            reduction_prev = reduction
+            self.cells.append(cell)
+            c_prev_prev, c_prev = c_prev, cell.multiplier * c_curr
+            if i == self._aux_index:
+                c_aux = c_prev
+        self.auxiliary_head = None
+        if config.auxiliary:
+            head = AuxiliaryHeadCIFAR if config.kind == "cifar" else AuxiliaryHeadImageNet
+            self.auxiliary_head = head(c_aux, config.num_classes)
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(c_prev, config.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits; in training with an auxiliary head, ``(logits, aux_logits)``."""
+        if isinstance(self.stem, ImageNetStem):
+            s0, s1 = self.stem(x)
+        else:
+            s0 = s1 = self.stem(x)
+        aux = None
+        for i, cell in enumerate(self.cells):
+            s0, s1 = s1, cell(s0, s1, self.config.drop_path)
+            if i == self._aux_index and self.auxiliary_head is not None and self.training:
+                aux = self.auxiliary_head(s1)
+        logits = self.classifier(self.global_pooling(s1).flatten(1))
+        if aux is not None:
+            return logits, aux
+        return logits
+
+
+class ImageNetStem(nn.Module):
+    """DARTS ImageNet stem (7×7 replaced by two 3×3), second conv grouped (§6.3)."""
+
+    def __init__(self, in_channels: int, C: int, groups: int) -> None:
+        super().__init__()
+        if (C // 2) % groups or C % groups:
+            raise UserInputError(f"stem groups {groups} must divide {C // 2} and {C} channels")
+        self.stem0 = nn.Sequential(
+            nn.Conv2d(in_channels, C // 2, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(C // 2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(C // 2, C, 3, stride=2, padding=1, groups=groups, bias=False),
+            nn.BatchNorm2d(C),
+        )
+        self.stem1 = nn.Sequential(
+            nn.ReLU(inplace=True),
+            nn.Conv2d(C, C, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(C),
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s0 = self.stem0(x)
+        return s0, self.stem1(s0)
+
+
+# §6.2 / §6.3 defaults per network kind: channels, cells, channels per group.
+PAPER_DEFAULTS = {
+    "cifar": {"channels": 36, "layers": 20, "channels_per_group": 3},
+    "imagenet": {"channels": 80, "layers": 14, "channels_per_group": 5},
+}
+
+
+def scaled_width(channels: int, width: str, channels_per_group: int) -> int:
+    """Channels at a width preset, rounded to whole groups (width and groups scale together)."""
+    try:
+        mult = WIDTHS[width]
+    except KeyError:
+        raise UserInputError(f"unknown --width {width!r}; choose one of: {', '.join(WIDTHS)}") from None
+    # An even number of groups keeps factorized reduce (two halves) valid.
+    unit = 2 * channels_per_group
+    return max(unit, int(round(channels * mult / unit)) * unit)
+
+
+def build_network(
+    genotype,
+    *,
+    kind: str = "cifar",
+    num_classes: int = 10,
+    in_channels: int = 3,
+    width: str = "1x",
+    layers: int | None = None,
+    channels: int | None = None,
+    real: bool = False,
+    spec: BinarySpec | None = None,
+    auxiliary: bool = True,
+    drop_path: float = 0.0,
+    activation: str = "prelu",
+    channels_per_group: int | None = None,
+    group_policy: str = "groups",
+    reduce_shortcut: str = "avgpool",
+    stem_groups: int | None = None,
+) -> Network:
+    """An evaluation network for ``genotype``; defaults follow the paper for ``kind``.
+
+    ``spec`` says which tensors are binary (default: activations, the two-step strategy's step
+    1); ``real=True`` builds the float network. ``channels`` overrides the width preset.
+    """
+    if kind not in PAPER_DEFAULTS:
+        raise UserInputError(f"network kind must be 'cifar' or 'imagenet', got {kind!r}")
+    defaults = PAPER_DEFAULTS[kind]
+    cpg = channels_per_group or defaults["channels_per_group"]
+    if channels is None:
+        channels = scaled_width(defaults["channels"], width, cpg)
+    elif width != "1x":
+        raise UserInputError("give either --width or --channels, not both")
+    if real:
+        spec = REAL
+    elif spec is None:
+        spec = BinarySpec(activations=True, weights=False)
+    space = getattr(genotype, "space", "bats")
+    ctx = OpContext(
+        spec=spec, affine=True, activation=activation, channels_per_group=cpg,
+        group_policy=group_policy, base_channels=channels, reduce_shortcut=reduce_shortcut,
+        space=space,
+    )
+    if stem_groups is None:
+        # The DARTS float network keeps the DARTS stem; binary networks use §6.3's grouped stem.
+        stem_groups = 1 if ctx.darts_float else 4
+    config = NetworkConfig(
+        kind=kind, num_classes=num_classes, in_channels=in_channels, channels=channels,
+        layers=layers or defaults["layers"], auxiliary=auxiliary, drop_path=drop_path,
+        stem_groups=stem_groups,
+    )
+    return Network(genotype, config=config, ctx=ctx)
