@@ -92,9 +92,10 @@ REAL = BinarySpec(activations=False, weights=False)
 
 
 class QuantConv2d(nn.Conv2d):
-    """``nn.Conv2d`` with optional input / kernel quantizers and a learned output scale ``alpha``.
+    """``nn.Conv2d`` with optional input / kernel quantizers and a learned output scale.
 
-    ``alpha`` exists only when some quantizer is set, so a layer with neither is exactly the float
+    The scale (the paper's α of eq. 1, named ``scale`` here so it is never confused with the
+    architecture weights α of eq. 2) exists only when some quantizer is set, so a layer with neither is exactly the float
     layer (same ``state_dict`` keys, same output). Bias is never used (a BatchNorm follows or
     precedes every conv in these networks).
     """
@@ -125,11 +126,11 @@ class QuantConv2d(nn.Conv2d):
         self.input_quantizer = input_quantizer
         self.kernel_quantizer = kernel_quantizer
         if input_quantizer is not None or kernel_quantizer is not None:
-            self.alpha = nn.Parameter(self._initial_alpha())
+            self.scale = nn.Parameter(self._initial_scale())
         else:
-            self.register_parameter("alpha", None)
+            self.register_parameter("scale", None)
 
-    def _initial_alpha(self) -> torch.Tensor:
+    def _initial_scale(self) -> torch.Tensor:
         if self.kernel_quantizer is not None:
             # sign(W) * mean|W| keeps the output scale of the real initialisation.
             return self.weight.detach().abs().mean(dim=(1, 2, 3)).clone()
@@ -148,8 +149,8 @@ class QuantConv2d(nn.Conv2d):
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         out = self._conv_forward(x, self.quantized_weight(), None)
-        if self.alpha is not None:
-            out = out * self.alpha.view(1, -1, 1, 1)
+        if self.scale is not None:
+            out = out * self.scale.view(1, -1, 1, 1)
         return out
 
     @torch.no_grad()
@@ -159,14 +160,14 @@ class QuantConv2d(nn.Conv2d):
         After this the effective weight is ``sign(W) * α``, and the first forward pass stays close
         to the real-weight one. The latent real ``W`` is kept for fine-tuning with the STE.
         """
-        if self.alpha is None:
+        if self.scale is None:
             raise UserInputError(
                 "cannot binarize the weights of a real-valued layer; train with binary "
                 "activations first (omit --real)"
             )
         if self.kernel_quantizer is not None:
             return
-        self.alpha.mul_(self.weight.abs().mean(dim=(1, 2, 3)))
+        self.scale.mul_(self.weight.abs().mean(dim=(1, 2, 3)))
         self.kernel_quantizer = STE_SIGN
 
     def extra_repr(self) -> str:
@@ -252,8 +253,8 @@ def binarize_weights_(model: nn.Module) -> int:
 def effective_weight(conv: QuantConv2d) -> torch.Tensor:
     """The weight a binary conv really applies, with α folded in (for checks and export)."""
     w = conv.quantized_weight()
-    if conv.alpha is not None:
-        w = w * conv.alpha.view(-1, 1, 1, 1)
+    if conv.scale is not None:
+        w = w * conv.scale.view(-1, 1, 1, 1)
     return w
 
 
