@@ -26,7 +26,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
 from bats_cli.errors import RunFailure, UserInputError
 from bats_cli.spaces import SPACES
@@ -98,7 +106,8 @@ class Genotype(BaseModel):
                 elif src >= node + 2:
                     problems.append(
                         f"{cell}[{i}]: input {src} is an index from the future: node {node + 2} "
-                        f"may only read inputs 0..{node + 1} (0, 1 = cell inputs, 2.. = earlier nodes)"
+                        f"may only read inputs 0..{node + 1} "
+                        "(0, 1 = cell inputs, 2.. = earlier nodes)"
                     )
             steps = (len(entries) + 1) // 2
             concat = getattr(self, f"{cell}_concat")
@@ -139,7 +148,9 @@ class Genotype(BaseModel):
         return self.steps("normal")
 
     def edges(self, cell: CellName) -> list[Edge]:
-        return [Edge(node=i // 2 + 2, input=src, op=op) for i, (op, src) in enumerate(self.cell(cell))]
+        return [
+            Edge(node=i // 2 + 2, input=src, op=op) for i, (op, src) in enumerate(self.cell(cell))
+        ]
 
     @property
     def ops_used(self) -> tuple[str, ...]:
@@ -168,12 +179,14 @@ class Genotype(BaseModel):
 
     @classmethod
     def from_json(cls, text: str | bytes, *, origin: str = "<genotype>") -> Genotype:
-        """Parse JSON text; any problem is one :class:`UserInputError` line prefixed by ``origin``."""
+        """Parse JSON text; any problem is one :class:`UserInputError` line naming ``origin``."""
         if isinstance(text, bytes):
             try:
                 text = text.decode("utf-8-sig")
             except UnicodeDecodeError:
-                raise UserInputError(f"{origin}: not a UTF-8 text file; expected genotype JSON") from None
+                raise UserInputError(
+                    f"{origin}: not a UTF-8 text file; expected genotype JSON"
+                ) from None
         if not text.strip():
             raise UserInputError(f"{origin}: empty; expected a genotype JSON object")
         try:
@@ -183,7 +196,10 @@ class Genotype(BaseModel):
         except json.JSONDecodeError as exc:
             hint = ""
             if text.lstrip().startswith(("Genotype(", "Genotype (")) or "= Genotype(" in text:
-                hint = "; it looks like a DARTS Python genotype: convert it with `bats genotype import`"
+                hint = (
+                    "; it looks like a DARTS Python genotype: "
+                    "convert it with `bats genotype import`"
+                )
             raise UserInputError(
                 f"{origin}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}){hint}"
             ) from None
@@ -247,7 +263,13 @@ def _reject_constant(name: str) -> Any:
 
 
 def _json_type(value: Any) -> str:
-    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    names = {
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }
     if value is None:
         return "null"
     return names.get(type(value), type(value).__name__)
@@ -353,8 +375,12 @@ def parse_darts_genotype(
     try:
         tree = ast.parse(text.strip(), mode="exec")
     except (SyntaxError, ValueError) as exc:
-        where = f" (line {exc.lineno})" if isinstance(exc, SyntaxError) and exc.lineno else ""
-        raise UserInputError(f"DARTS genotype: not valid Python syntax{where}: {exc.msg if isinstance(exc, SyntaxError) else exc}") from None
+        if isinstance(exc, SyntaxError):
+            where = f" (line {exc.lineno})" if exc.lineno else ""
+            reason = exc.msg
+        else:
+            where, reason = "", str(exc)
+        raise UserInputError(f"DARTS genotype: not valid Python syntax{where}: {reason}") from None
     except (RecursionError, MemoryError):
         raise UserInputError("DARTS genotype: text is nested too deeply") from None
 
@@ -410,7 +436,11 @@ def _find_genotype_call(tree: ast.Module, pick: str | None) -> tuple[ast.Call, s
     for stmt in tree.body:
         if isinstance(stmt, ast.Expr) and _is_genotype_call(stmt.value):
             bare.append(stmt.value)  # type: ignore[arg-type]
-        elif isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+        elif (
+            isinstance(stmt, ast.Assign)
+            and len(stmt.targets) == 1
+            and isinstance(stmt.targets[0], ast.Name)
+        ):
             target = stmt.targets[0].id
             if _is_genotype_call(stmt.value):
                 named[target] = stmt.value  # type: ignore[assignment]
@@ -425,29 +455,40 @@ def _find_genotype_call(tree: ast.Module, pick: str | None) -> tuple[ast.Call, s
             key = aliases[key]
         if key not in named:
             available = ", ".join(sorted(named)) or "none"
-            raise UserInputError(f"DARTS genotype: no `{pick} = Genotype(...)` found; available: {available}")
+            raise UserInputError(
+                f"DARTS genotype: no `{pick} = Genotype(...)` found; available: {available}"
+            )
         return named[key], pick
     candidates: list[tuple[ast.Call, str | None]] = [(c, None) for c in bare]
     candidates += [(c, n) for n, c in named.items()]
     if not candidates:
         if len(tree.body) == 1 and isinstance(tree.body[0], (ast.Expr, ast.Assign)):
-            # A single pasted expression that is not Genotype(...): say what is wrong with it.
-            _literal(tree.body[0].value, "genotype")
+            # A single pasted expression that is not Genotype(...): quote it back.
+            snippet = _snippet(tree.body[0].value)
+            raise UserInputError(
+                f"DARTS genotype: `{snippet}` is not Genotype(normal=[...], normal_concat=[...], "
+                "reduce=[...], reduce_concat=[...]) (the text is parsed, never evaluated)"
+            )
         raise UserInputError(
             "DARTS genotype: no `Genotype(normal=[...], normal_concat=[...], reduce=[...], "
             "reduce_concat=[...])` found"
         )
     if len(candidates) > 1:
         names = ", ".join(n for _, n in candidates if n) or f"{len(candidates)} unnamed"
-        raise UserInputError(f"DARTS genotype: the text holds several genotypes ({names}); pick one by name")
+        raise UserInputError(
+            f"DARTS genotype: the text holds several genotypes ({names}); "
+            "pick one by name (--pick NAME)"
+        )
     return candidates[0]
 
 
 def _call_fields(call: ast.Call) -> dict[str, ast.AST]:
     order = ("normal", "normal_concat", "reduce", "reduce_concat")
     if len(call.args) > len(order) or any(isinstance(a, ast.Starred) for a in call.args):
-        raise UserInputError("DARTS genotype: Genotype(...) takes normal, normal_concat, reduce, reduce_concat")
-    fields: dict[str, ast.AST] = dict(zip(order, call.args))
+        raise UserInputError(
+            "DARTS genotype: Genotype(...) takes normal, normal_concat, reduce, reduce_concat"
+        )
+    fields: dict[str, ast.AST] = dict(zip(order, call.args, strict=False))
     for kw in call.keywords:
         if kw.arg is None:
             raise UserInputError("DARTS genotype: `**` arguments are not allowed")
@@ -468,7 +509,12 @@ def _literal(node: ast.AST, where: str) -> Any:
     """Value of a literal node; ``range(...)`` is the only call allowed. Never evaluates code."""
     if isinstance(node, ast.Constant) and type(node.value) in (str, int):
         return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant) and type(node.operand.value) is int:
+    if (
+        isinstance(node, ast.UnaryOp)
+        and isinstance(node.op, ast.USub)
+        and isinstance(node.operand, ast.Constant)
+        and type(node.operand.value) is int
+    ):
         return -node.operand.value
     if isinstance(node, (ast.List, ast.Tuple)):
         return [_literal(e, where) for e in node.elts]
@@ -486,13 +532,15 @@ def _literal(node: ast.AST, where: str) -> Any:
             return list(values)
         if node.func.id in ("list", "tuple") and len(args) == 1 and isinstance(args[0], list):
             return args[0]
-    snippet = ast.unparse(node)
-    if len(snippet) > 60:
-        snippet = snippet[:57] + "..."
     raise UserInputError(
-        f"DARTS genotype: {where}: `{snippet}` is not a literal; only strings, integers, "
+        f"DARTS genotype: {where}: `{_snippet(node)}` is not a literal; only strings, integers, "
         "lists/tuples and range(a, b) are accepted (nothing is evaluated)"
     )
+
+
+def _snippet(node: ast.AST, limit: int = 60) -> str:
+    text = ast.unparse(node)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _pairs(node: ast.AST, where: str) -> list[list[Any]]:
@@ -507,9 +555,15 @@ def _pairs(node: ast.AST, where: str) -> list[list[Any]]:
         else:
             flat.append(item)
     for i, pair in enumerate(flat):
-        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) and type(pair[1]) is int):
+        if not (
+            isinstance(pair, list)
+            and len(pair) == 2
+            and isinstance(pair[0], str)
+            and type(pair[1]) is int
+        ):
             raise UserInputError(
-                f"DARTS genotype: {where}[{i}]: expected an (op, input) pair like ('sep_conv_3x3', 1), got {pair!r}"
+                f"DARTS genotype: {where}[{i}]: expected an (op, input) pair "
+                f"like ('sep_conv_3x3', 1), got {pair!r}"
             )
     return flat
 
@@ -517,7 +571,9 @@ def _pairs(node: ast.AST, where: str) -> list[list[Any]]:
 def _int_list(node: ast.AST, where: str) -> list[int]:
     value = _literal(node, where)
     if not (isinstance(value, list) and all(type(v) is int for v in value)):
-        raise UserInputError(f"DARTS genotype: {where}: expected a list of node indices or range(a, b)")
+        raise UserInputError(
+            f"DARTS genotype: {where}: expected a list of node indices or range(a, b)"
+        )
     return value
 
 
@@ -554,7 +610,7 @@ def load_zoo_genotype(name: str) -> Genotype:
 
 
 def resolve_genotype(arg: str | os.PathLike[str]) -> Genotype:
-    """A genotype from a ``.json`` path or the name of a bundled one (``bats_c10``, ``darts_v2``)."""
+    """A genotype from a ``.json`` path or a bundled name (``bats_c10``, ``darts_v2``, ...)."""
     text = os.fspath(arg)
     p = Path(text)
     looks_like_path = p.suffix.lower() == ".json" or os.sep in text or "/" in text

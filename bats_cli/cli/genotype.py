@@ -1,0 +1,208 @@
+"""`bats genotype ...`: inspect, validate, import and list cell genotypes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from bats_cli.cli.app import app
+from bats_cli.errors import UserInputError
+
+genotype_app = typer.Typer(
+    help=(
+        "Cell genotypes: show, validate, import from DARTS code, list the bundled ones.\n\n"
+        "Example: bats genotype show bats_c10"
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+app.add_typer(genotype_app, name="genotype")
+
+
+def _input_label(i: int) -> str:
+    # DARTS naming: c_{k-2}, c_{k-1} are the outputs of the two previous cells.
+    return {0: "c_{k-2}", 1: "c_{k-1}"}.get(i, f"node {i}")
+
+
+@genotype_app.command("show")
+def show(
+    genotype: Annotated[
+        str,
+        typer.Argument(
+            metavar="NAME_OR_FILE",
+            help="A genotype .json file or a bundled name (see `bats genotype list`).",
+        ),
+    ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the canonical JSON instead of tables.")
+    ] = False,
+) -> None:
+    """Print a genotype's cells: for every node, its two (op <- input) edges.
+
+    Example: bats genotype show genotypes/darts_v2.json --json
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from bats_cli.genotype import CELLS, resolve_genotype
+
+    g = resolve_genotype(genotype)
+    if as_json:
+        sys.stdout.write(g.to_json())
+        return
+    console = Console(highlight=False)
+    console.print(
+        f"[bold]{g.name}[/bold]  space={g.space}  "
+        f"nodes: normal {g.steps('normal')}, reduce {g.steps('reduce')}"
+    )
+    if g.source:
+        console.print(f"source: {g.source}", markup=False)
+    if g.notes:
+        console.print(f"notes:  {g.notes}", markup=False)
+    for cell in CELLS:
+        table = Table(title=f"{cell} cell", title_justify="left", show_edge=False)
+        table.add_column("node", justify="right")
+        table.add_column("edge 1")
+        table.add_column("edge 2")
+        edges = g.edges(cell)
+        for k in range(g.steps(cell)):
+            pair = edges[2 * k : 2 * k + 2]
+            cells = [f"{e.op} <- {_input_label(e.input)}" for e in pair]
+            table.add_row(str(k + 2), *cells)
+        console.print(table)
+        concat = g.concat(cell)
+        console.print(
+            "output = concat(" + ", ".join(f"node {i}" for i in concat) + ")\n", markup=False
+        )
+    console.print("ops used: " + ", ".join(g.ops_used), markup=False)
+
+
+@genotype_app.command("validate")
+def validate(
+    files: Annotated[
+        list[str], typer.Argument(metavar="FILE", help="Genotype .json files (or bundled names).")
+    ],
+) -> None:
+    """Check genotype files; prints 'ok' per valid file, or one error line and exits 2.
+
+    Example: bats genotype validate genotypes/*.json
+    """
+    from bats_cli.genotype import resolve_genotype
+
+    errors: list[str] = []
+    for f in files:
+        try:
+            g = resolve_genotype(f)
+        except UserInputError as exc:
+            errors.append(str(exc))
+            continue
+        print(f"ok {f}: {g.name} ({g.space}, {g.steps('normal')}+{g.steps('reduce')} nodes)")
+    if len(errors) == 1:
+        raise UserInputError(errors[0])
+    if errors:
+        raise UserInputError(
+            f"{len(errors)} of {len(files)} genotypes are invalid: " + "; ".join(errors)
+        )
+
+
+@genotype_app.command("schema")
+def schema() -> None:
+    """Print the JSON Schema of a genotype file (for editors and other tools).
+
+    Example: bats genotype schema > genotype.schema.json
+    """
+    from bats_cli.genotype import genotype_json_schema
+
+    sys.stdout.write(json.dumps(genotype_json_schema(), indent=2) + "\n")
+
+
+@genotype_app.command("list")
+def list_() -> None:
+    """List the bundled genotypes (usable by name wherever a genotype file is expected).
+
+    Example: bats genotype list
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from bats_cli.genotype import load_zoo_genotype, zoo_names
+
+    table = Table(show_edge=False)
+    for col in ("name", "space", "nodes", "source"):
+        table.add_column(col, overflow="fold")
+    for name in zoo_names():
+        g = load_zoo_genotype(name)
+        table.add_row(g.name, g.space, f"{g.steps('normal')}/{g.steps('reduce')}", g.source or "")
+    Console(highlight=False).print(table)
+
+
+@genotype_app.command("import")
+def import_(
+    text: Annotated[
+        str,
+        typer.Argument(
+            metavar="TEXT",
+            help="'Genotype(normal=[...], ...)', a .py file holding it, or - for stdin.",
+        ),
+    ],
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="Write the JSON here (default: print it)."),
+    ] = None,
+    space: Annotated[
+        Optional[str],
+        typer.Option("--space", help="bats or darts (default: inferred from the op names)."),
+    ] = None,
+    name: Annotated[
+        Optional[str],
+        typer.Option(
+            "--name", help="Genotype name (default: the assigned variable, else 'imported')."
+        ),
+    ] = None,
+    pick: Annotated[
+        Optional[str],
+        typer.Option(
+            "--pick", help="Which `NAME = Genotype(...)` to take when the text holds several."
+        ),
+    ] = None,
+    source: Annotated[
+        Optional[str], typer.Option("--source", help="Provenance to record (paper, repository).")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite an existing output file.")
+    ] = False,
+) -> None:
+    """Convert a DARTS-style Python genotype to JSON. Parsed, never executed.
+
+    Example: bats genotype import "Genotype(normal=[('sep_conv_3x3', 1),
+    ('skip_connect', 0)], normal_concat=[2], reduce=[('max_pool_3x3', 0),
+    ('max_pool_3x3', 1)], reduce_concat=range(2, 3))" -o mine.json --space darts --name mine
+
+    Example: bats genotype import darts/cnn/genotypes.py --pick DARTS_V2 -o darts_v2.json
+    """
+    from bats_cli.genotype import MAX_TEXT_BYTES, parse_darts_genotype
+
+    if text == "-":
+        body = sys.stdin.read(MAX_TEXT_BYTES + 1)
+    elif "Genotype" not in text and Path(text).is_file():
+        try:
+            body = Path(text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserInputError(f"{text}: cannot read ({exc})") from None
+    else:
+        body = text
+    if output is not None and output.exists() and not force:
+        raise UserInputError(f"{output}: already exists; pass --force to overwrite")
+    g = parse_darts_genotype(body, space=space, name=name, pick=pick, source=source)
+    if output is None:
+        sys.stdout.write(g.to_json())
+    else:
+        g.save(output)
+        print(
+            f"wrote {output} ({g.name}, {g.space}, {g.steps('normal')}+{g.steps('reduce')} nodes)",
+            file=sys.stderr,
+        )
