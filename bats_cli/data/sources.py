@@ -1,0 +1,264 @@
+"""Raw data sets (train + test split) read from disk or from the package, with layout checks.
+
+Every missing or malformed data directory becomes one UserInputError that names the path and
+what was expected there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import datasets as tvd
+
+from bats_cli.data.idx import FASHION_FILES, find_idx_file, read_fashion_split
+from bats_cli.data.spec import FASHION_CLASSES
+from bats_cli.errors import RunFailure, UserInputError
+
+Transform = Callable | None
+
+FASHION_MINI_FILE = "fashion_mini.npz"
+IMAGEFOLDER_EXPECTED = (
+    "expected an ImageFolder tree with train/<class>/*.jpg and val/<class>/*.jpg"
+)
+FASHION_EXPECTED = (
+    "expected the Fashion-MNIST files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+    "t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte (or their .gz) in it or in "
+    "FashionMNIST/raw/ below it (e.g. /usr/share/datasets/fashion-mnist from the Debian package "
+    "dataset-fashion-mnist); pass --download to fetch them"
+)
+
+
+class ArrayImageDataset(Dataset):
+    """Images held as a uint8 array (N×H×W grey or N×H×W×3), served as PIL images like torchvision's."""
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray, classes, transform: Transform = None):
+        self.images = images
+        self.targets = [int(t) for t in targets]
+        self.classes = list(classes)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        image = Image.fromarray(self.images[index])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[index]
+
+
+def require_dir(data_dir: str | Path | None, dataset: str, expected: str) -> Path:
+    """The data directory as a Path, or a UserInputError saying what is wrong with it."""
+    if data_dir is None or str(data_dir) == "":
+        raise UserInputError(f"dataset {dataset} needs --data-dir DIR; {expected}")
+    path = Path(data_dir).expanduser()
+    if not path.exists():
+        raise UserInputError(f"data directory {path} does not exist; {expected}")
+    if not path.is_dir():
+        raise UserInputError(f"data directory {path} is a file, not a folder; {expected}")
+    return path
+
+
+# --- fashion-mini (embedded) -------------------------------------------------------------------
+
+
+def load_fashion_mini(train_tf: Transform, test_tf: Transform) -> tuple[Dataset, Dataset]:
+    """The class-balanced Fashion-MNIST subset shipped in the package (see FASHION_MINI.md)."""
+    arrays = read_fashion_mini()
+    classes = [str(c) for c in arrays["classes"]]
+    train = ArrayImageDataset(arrays["train_images"], arrays["train_labels"], classes, train_tf)
+    test = ArrayImageDataset(arrays["test_images"], arrays["test_labels"], classes, test_tf)
+    return train, test
+
+
+def read_fashion_mini() -> dict[str, np.ndarray]:
+    """All arrays of the embedded npz (no pickle: allow_pickle=False)."""
+    resource = resources.files("bats_cli.data").joinpath(FASHION_MINI_FILE)
+    with resource.open("rb") as fh, np.load(fh, allow_pickle=False) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
+# --- fashion-mnist -----------------------------------------------------------------------------
+
+
+def load_fashion_mnist(
+    data_dir, download: bool, train_tf: Transform, test_tf: Transform
+) -> tuple[Dataset, Dataset]:
+    """Full Fashion-MNIST from the IDX files, in the flat (Debian, Zalando) or torchvision layout."""
+    if download:
+        root = Path(_require_dir_arg(data_dir, "fashion-mnist", FASHION_EXPECTED)).expanduser()
+        if find_fashion_folder(root) is None:
+            _download(lambda: tvd.FashionMNIST(root, train=True, download=True), "Fashion-MNIST", root)
+    root = require_dir(data_dir, "fashion-mnist", FASHION_EXPECTED)
+    folder = find_fashion_folder(root)
+    if folder is None:
+        raise UserInputError(f"data directory {root} has no Fashion-MNIST files; {FASHION_EXPECTED}")
+    splits = [read_fashion_split(folder, split) for split in ("train", "test")]
+    train = ArrayImageDataset(*splits[0], FASHION_CLASSES, train_tf)
+    test = ArrayImageDataset(*splits[1], FASHION_CLASSES, test_tf)
+    return train, test
+
+
+def find_fashion_folder(root: Path) -> Path | None:
+    """The folder holding all four IDX files: root itself or torchvision's root/FashionMNIST/raw."""
+    stems = [stem for pair in FASHION_FILES.values() for stem in pair]
+    for folder in (root, root / "FashionMNIST" / "raw", root / "raw"):
+        if all(find_idx_file(folder, stem) is not None for stem in stems):
+            return folder
+    return None
+
+
+# --- cifar10 / cifar100 ------------------------------------------------------------------------
+
+
+def load_cifar(
+    name: str, data_dir, download: bool, train_tf: Transform, test_tf: Transform
+) -> tuple[Dataset, Dataset]:
+    """torchvision CIFAR10/100 over the python-pickle batches; download only when asked."""
+    cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+    expected = _cifar_expected(cls)
+    if download:
+        root = Path(_require_dir_arg(data_dir, name, expected)).expanduser()
+        root.mkdir(parents=True, exist_ok=True)
+        _download(lambda: cls(root, train=True, download=True), name, root)
+    root = _cifar_root(require_dir(data_dir, name, expected), cls)
+    missing = _cifar_missing(root, cls)
+    if missing:
+        raise UserInputError(
+            f"data directory {root} has no {cls.__name__} data (missing {', '.join(missing)}); "
+            f"{expected}"
+        )
+    try:
+        return cls(root, train=True, transform=train_tf), cls(root, train=False, transform=test_tf)
+    except (RuntimeError, OSError, ValueError, EOFError) as exc:
+        raise UserInputError(
+            f"the {cls.__name__} files in {root / cls.base_folder} are corrupted ({exc}); "
+            f"delete them and pass --download to fetch them again"
+        ) from None
+
+
+def _cifar_expected(cls) -> str:
+    files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    return (
+        f"expected the python version of {cls.__name__} from https://www.cs.toronto.edu/~kriz/cifar.html: "
+        f"{cls.base_folder}/{{{','.join(files)}}}; pass --download to fetch it"
+    )
+
+
+def _cifar_root(path: Path, cls) -> Path:
+    # Accept --data-dir pointing at the extracted folder itself as well as at its parent.
+    if path.name == cls.base_folder and not (path / cls.base_folder).is_dir():
+        return path.parent
+    return path
+
+
+def _cifar_missing(root: Path, cls) -> list[str]:
+    files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    return [f"{cls.base_folder}/{f}" for f in files if not (root / cls.base_folder / f).is_file()]
+
+
+# --- imagenet / imagefolder --------------------------------------------------------------------
+
+
+class _ClassFolder(tvd.ImageFolder):
+    """ImageFolder whose class list is given (the train one), so val labels match train labels."""
+
+    def __init__(self, root: Path, classes: list[str], transform: Transform):
+        self._given_classes = list(classes)
+        super().__init__(str(root), transform=transform, allow_empty=True)
+
+    def find_classes(self, directory):
+        return self._given_classes, {c: i for i, c in enumerate(self._given_classes)}
+
+
+def load_image_folders(
+    data_dir, dataset: str, train_tf: Transform, test_tf: Transform
+) -> tuple[Dataset, Dataset]:
+    """ImageFolder over DIR/train and DIR/val, with val labelled by the train class list."""
+    root = require_split_dirs(data_dir, dataset)
+    train = _image_folder(root / "train", lambda p: tvd.ImageFolder(str(p), transform=train_tf))
+    extra = sorted(set(_class_dirs(root / "val")) - set(train.classes))
+    if extra:
+        raise UserInputError(
+            f"{root / 'val'} has class folders that train/ lacks ({', '.join(extra[:5])}); "
+            f"{IMAGEFOLDER_EXPECTED}"
+        )
+    test = _image_folder(root / "val", lambda p: _ClassFolder(p, train.classes, test_tf))
+    if len(test) == 0:
+        raise UserInputError(f"{root / 'val'} holds no images; {IMAGEFOLDER_EXPECTED}")
+    return train, test
+
+
+def require_split_dirs(data_dir, dataset: str) -> Path:
+    """DIR with train/ and val/ sub-folders, or a UserInputError naming what is missing."""
+    root = require_dir(data_dir, dataset, IMAGEFOLDER_EXPECTED)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise UserInputError(f"data directory {root} has no {split}/ folder; {IMAGEFOLDER_EXPECTED}")
+    return root
+
+
+def count_classes(data_dir, dataset: str) -> int:
+    """Number of class folders under DIR/train."""
+    root = require_split_dirs(data_dir, dataset)
+    classes = _class_dirs(root / "train")
+    if not classes:
+        raise UserInputError(f"{root / 'train'} has no class folders; {IMAGEFOLDER_EXPECTED}")
+    return len(classes)
+
+
+def probe_image_folder(data_dir, dataset: str) -> tuple[int, int]:
+    """(number of classes, longer side of the first training image), reading one image header."""
+    num_classes = count_classes(data_dir, dataset)
+    train_dir = Path(data_dir).expanduser() / "train"
+    first = _first_image(train_dir)
+    try:
+        with Image.open(first) as image:
+            return num_classes, max(image.size)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UserInputError(f"cannot read image {first}: {exc}") from None
+
+
+def _first_image(train_dir: Path) -> Path:
+    for class_dir in sorted(train_dir / c for c in _class_dirs(train_dir)):
+        for entry in sorted(class_dir.iterdir()):
+            if entry.is_file() and entry.suffix.lower() in tvd.folder.IMG_EXTENSIONS:
+                return entry
+    raise UserInputError(f"{train_dir} holds no images; {IMAGEFOLDER_EXPECTED}")
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(e.name for e in folder.iterdir() if e.is_dir() and not e.name.startswith("."))
+
+
+def _image_folder(path: Path, make):
+    # ImageFolder reports empty trees as FileNotFoundError; turn that into the one-line error.
+    try:
+        return make(path)
+    except FileNotFoundError as exc:
+        raise UserInputError(f"{path}: {exc}; {IMAGEFOLDER_EXPECTED}") from None
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _require_dir_arg(data_dir, dataset: str, expected: str) -> Path:
+    if data_dir is None or str(data_dir) == "":
+        raise UserInputError(f"dataset {dataset} needs --data-dir DIR (where to download it); {expected}")
+    path = Path(data_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserInputError(f"data directory {path} is a file, not a folder; {expected}")
+    return path
+
+
+def _download(fetch, what: str, root: Path) -> None:
+    # A failed download is the run failing (network, disk), not bad input.
+    try:
+        fetch()
+    except (OSError, RuntimeError) as exc:
+        raise RunFailure(f"could not download {what} into {root}: {exc}") from None

@@ -1,0 +1,20 @@
+"""Shared fixtures. Data sets outside the repository are looked up beside it and skipped if absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cifar10_mini_dir() -> Path:
+    """../shared/datasets/cifar10-mini next to the repository (or $BATS_CIFAR10_MINI); skip if absent."""
+    override = os.environ.get("BATS_CIFAR10_MINI")
+    path = Path(override) if override else REPO.parent / "shared" / "datasets" / "cifar10-mini"
+    if not (path / "train").is_dir() or not (path / "val").is_dir():
+        pytest.skip(f"cifar10-mini not found at {path}")
+    return path
