@@ -20,6 +20,15 @@ def _load_commands() -> None:
         importlib.import_module(f"bats_cli.cli.{name}")
 
 
+def _click_module():
+    # typer >= 0.26 vendors click as typer._click; older typer depends on click itself.
+    try:
+        from typer import _click as click
+    except ImportError:  # pragma: no cover - depends on the installed typer
+        import click
+    return click
+
+
 def main(argv: list[str] | None = None) -> None:
     from bats_cli.errors import BatsError
 
@@ -35,8 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
+        click = _click_module()
         if isinstance(exc, click.exceptions.ClickException):
             exc.show()
             sys.exit(2 if isinstance(exc, click.exceptions.UsageError) else exc.exit_code)
