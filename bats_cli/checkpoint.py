@@ -1,0 +1,421 @@
+"""safetensors checkpoints with string metadata; atomic writes, header-only reads, validation.
+
+Metadata keys (all strings): ``bats_format`` (int), ``bats_kind``, ``bats_config`` (JSON),
+``bats_genotype`` (JSON, optional), ``bats_epoch``, ``bats_step``, ``bats_versions`` (JSON), plus
+the caller's ``extra`` keys. No pickle: optimizer / scheduler / scaler state is split into tensors
+(per-parameter buffers, keyed by parameter *name*) and JSON (everything scalar).
+
+Epoch convention: ``epoch`` = number of *completed* epochs; ``step`` = optimizer steps already
+taken inside the next epoch (0 at an epoch boundary).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bats_cli.errors import UserInputError
+from bats_cli.runtime import BEST_NAME, LAST_NAME, atomic_target, software_versions, to_jsonable
+
+FORMAT_VERSION = 1
+KINDS = ("search", "train", "binarize", "packed")
+# Metadata keys this module owns; ``extra`` may not reuse them.
+RESERVED_KEYS = frozenset(
+    {
+        "bats_format",
+        "bats_kind",
+        "bats_config",
+        "bats_genotype",
+        "bats_epoch",
+        "bats_step",
+        "bats_versions",
+    }
+)
+
+__all__ = [
+    "BEST_NAME",
+    "FORMAT_VERSION",
+    "KINDS",
+    "LAST_NAME",
+    "CheckpointMeta",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_optimizer_state",
+    "load_scheduler_state",
+    "optimizer_state_tensors",
+    "read_metadata",
+    "save_checkpoint",
+    "scheduler_state_json",
+    "state_from_json",
+    "state_to_json",
+]
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What :func:`read_metadata` finds in a checkpoint's header."""
+
+    path: Path
+    kind: str
+    config: dict[str, Any]
+    genotype_json: str | None
+    epoch: int
+    step: int
+    versions: dict[str, str]
+    format: int
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- save
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int] | None:
+    if t.numel() == 0 or t.device.type == "meta":
+        return None
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def _prepare_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous tensors with no shared storage (safetensors rejects aliasing)."""
+    seen: set[tuple[str, int]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise TypeError(f"checkpoint entries must be str -> Tensor, got {name!r}")
+        t = t.detach()
+        key = _storage_key(t)
+        # Tied weights / views share a storage: give every entry its own compact copy.
+        shares = key is not None and (
+            key in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size()
+        )
+        if shares or not t.is_contiguous():
+            t = t.contiguous().clone() if shares else t.contiguous()
+        if key is not None:
+            seen.add(key)
+        out[name] = t
+    return out
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    kind: str,
+    config: Mapping[str, Any],
+    epoch: int,
+    step: int = 0,
+    genotype_json: str | None = None,
+    extra: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a checkpoint atomically (temp file + fsync + ``os.replace``); returns ``path``."""
+    from safetensors.torch import save_file
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    extra = dict(extra or {})
+    clash = RESERVED_KEYS & set(extra)
+    if clash:
+        raise ValueError(f"extra metadata may not use reserved keys {sorted(clash)}")
+    if not all(isinstance(v, str) for v in extra.values()):
+        raise TypeError("extra metadata values must be strings")
+    metadata = {
+        "bats_format": str(FORMAT_VERSION),
+        "bats_kind": kind,
+        "bats_config": json.dumps(to_jsonable(config), sort_keys=True),
+        "bats_epoch": str(int(epoch)),
+        "bats_step": str(int(step)),
+        "bats_versions": json.dumps(software_versions(), sort_keys=True),
+        **extra,
+    }
+    if genotype_json is not None:
+        metadata["bats_genotype"] = genotype_json
+    prepared = _prepare_tensors(tensors)
+    path = Path(path)
+    with atomic_target(path) as tmp:
+        save_file(prepared, str(tmp), metadata=metadata)
+    return path
+
+
+# --------------------------------------------------------------------------- read / load
+
+
+def _open_error(path: Path, exc: BaseException) -> UserInputError:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return UserInputError(f"{path}: not a valid safetensors checkpoint (truncated or corrupt: {reason})")
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise UserInputError(f"{path}: no such checkpoint file")
+    if path.is_dir():
+        raise UserInputError(f"{path} is a directory; give a .safetensors checkpoint file")
+
+
+def read_metadata(path: str | os.PathLike[str]) -> CheckpointMeta:
+    """Read and validate a checkpoint's header without loading any tensor."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    _check_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = fh.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for every malformation
+        raise _open_error(path, exc) from None
+    return _parse_metadata(path, raw)
+
+
+def _parse_metadata(path: Path, raw: Mapping[str, str]) -> CheckpointMeta:
+    if "bats_format" not in raw or "bats_kind" not in raw:
+        raise UserInputError(f"{path}: a safetensors file, but not a bats checkpoint")
+    try:
+        fmt = int(raw["bats_format"])
+        config = json.loads(raw.get("bats_config", "{}"))
+        versions = json.loads(raw.get("bats_versions", "{}"))
+        epoch = int(raw.get("bats_epoch", "0"))
+        step = int(raw.get("bats_step", "0"))
+    except ValueError as exc:
+        raise UserInputError(f"{path}: corrupt bats metadata ({exc})") from None
+    if fmt > FORMAT_VERSION:
+        written_by = versions.get("bats", "?") if isinstance(versions, dict) else "?"
+        raise UserInputError(
+            f"{path}: written by a newer bats ({written_by}, checkpoint format {fmt}); "
+            f"this bats reads format {FORMAT_VERSION} or older; upgrade bats"
+        )
+    kind = raw["bats_kind"]
+    if kind not in KINDS:
+        raise UserInputError(f"{path}: unknown checkpoint kind {kind!r}")
+    extra = {k: v for k, v in raw.items() if k not in RESERVED_KEYS}
+    return CheckpointMeta(
+        path=path,
+        kind=kind,
+        config=config if isinstance(config, dict) else {},
+        genotype_json=raw.get("bats_genotype"),
+        epoch=epoch,
+        step=step,
+        versions=versions if isinstance(versions, dict) else {},
+        format=fmt,
+        extra=extra,
+    )
+
+
+def _join_or(words: Iterable[str]) -> str:
+    words = list(words)
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def check_kind(meta: CheckpointMeta, expect_kind: str | Iterable[str], command: str | None) -> None:
+    """UserInputError naming both kinds when ``meta.kind`` is not expected."""
+    expected = [expect_kind] if isinstance(expect_kind, str) else list(expect_kind)
+    if meta.kind in expected:
+        return
+    # Keep KINDS order so messages are stable regardless of set ordering.
+    ordered = [k for k in KINDS if k in expected] + [k for k in expected if k not in KINDS]
+    who = f"`bats {command}` expects" if command else "expected"
+    raise UserInputError(
+        f"{meta.path} is a {meta.kind} checkpoint; {who} a {_join_or(ordered)} checkpoint"
+    )
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    expect_kind: str | Iterable[str] | None = None,
+    device: str | torch.device = "cpu",
+    command: str | None = None,
+) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
+    """Load all tensors onto ``device`` plus the metadata; ``command`` names it in errors."""
+    from safetensors.torch import load_file
+
+    meta = read_metadata(path)
+    if expect_kind is not None:
+        check_kind(meta, expect_kind, command)
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        # Otherwise safetensors' error would read like a corrupt file.
+        raise UserInputError(f"cannot load {meta.path} onto {device}: CUDA is not available")
+    try:
+        tensors = load_file(str(meta.path), device=str(device))
+    except Exception as exc:
+        raise _open_error(meta.path, exc) from None
+    return tensors, meta
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+    """``<run_dir>/last.safetensors`` when it exists (temp files of a crashed save are ignored)."""
+    last = Path(run_dir) / LAST_NAME
+    return last if last.is_file() else None
+
+
+# --------------------------------------------------------------------------- JSON state
+
+
+def _encode(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        if obj.numel() != 1:
+            raise TypeError("only scalar tensors can go into JSON state")
+        return {"__tensor__": obj.item(), "dtype": str(obj.dtype).removeprefix("torch.")}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v) for v in obj]
+    if isinstance(obj, Mapping):
+        if not all(isinstance(k, (str, int)) for k in obj):
+            raise TypeError("state dict keys must be str or int")
+        # JSON keys are strings; int keys are tagged so they come back as ints.
+        return {
+            "__dict__": [[k, _encode(v)] for k, v in obj.items()],
+        }
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in checkpoint JSON state")
+
+
+def _decode(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return torch.tensor(obj["__tensor__"], dtype=getattr(torch, obj["dtype"]))
+        if "__tuple__" in obj:
+            return tuple(_decode(v) for v in obj["__tuple__"])
+        if "__dict__" in obj:
+            return {k: _decode(v) for k, v in obj["__dict__"]}
+    return obj
+
+
+def state_to_json(state: Mapping[str, Any]) -> str:
+    """Any scheduler / GradScaler-style state dict (scalars, tuples, scalar tensors) as JSON."""
+    return json.dumps(_encode(state))
+
+
+def state_from_json(text: str) -> dict[str, Any]:
+    """Inverse of :func:`state_to_json` (tuples, int keys and scalar tensors come back)."""
+    return _decode(json.loads(text))
+
+
+def scheduler_state_json(scheduler: Any) -> str:
+    """``scheduler.state_dict()`` as JSON (lambda functions are not stored, as in torch)."""
+    return state_to_json(scheduler.state_dict())
+
+
+def load_scheduler_state(scheduler: Any, text: str) -> None:
+    scheduler.load_state_dict(state_from_json(text))
+
+
+# --------------------------------------------------------------------------- optimizer state
+
+
+def _index_names(
+    optimizer: torch.optim.Optimizer, named_parameters: Mapping[str, torch.nn.Parameter]
+) -> list[str]:
+    """Parameter names in the order ``optimizer.state_dict()`` numbers them."""
+    by_id = {id(p): name for name, p in named_parameters.items()}
+    names = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in by_id:
+                raise ValueError("optimizer holds a parameter missing from named_parameters")
+            names.append(by_id[id(p)])
+    return names
+
+
+def optimizer_state_tensors(
+    optimizer: torch.optim.Optimizer,
+    named_parameters: Mapping[str, torch.nn.Parameter],
+    prefix: str = "optim.",
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Split optimizer state into tensors ``<prefix><param name>.<buffer>`` and a JSON string.
+
+    Keyed by parameter name, so a resumed run may build its parameter list in another order.
+    Scalar tensors (Adam's ``step``) and hyper-parameters go to the JSON, dtype kept.
+    """
+    sd = optimizer.state_dict()
+    names = _index_names(optimizer, named_parameters)
+    tensors: dict[str, torch.Tensor] = {}
+    state_json: dict[str, dict[str, Any]] = {}
+    for index, per_param in sd["state"].items():
+        name = names[index]
+        entry: dict[str, Any] = {}
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                tensors[f"{prefix}{name}.{key}"] = value
+                entry[key] = {"__buffer__": True}
+            else:
+                entry[key] = _encode(value)
+        state_json[name] = entry
+    groups = []
+    for group in sd["param_groups"]:
+        g = {k: _encode(v) for k, v in group.items() if k != "params"}
+        g["params"] = [names[i] for i in group["params"]]
+        groups.append(g)
+    return tensors, json.dumps({"state": state_json, "param_groups": groups})
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    named_parameters: Mapping[str, torch.nn.Parameter],
+    tensors: Mapping[str, torch.Tensor],
+    json_str: str,
+    prefix: str = "optim.",
+) -> None:
+    """Inverse of :func:`optimizer_state_tensors`; UserInputError if the parameters differ."""
+    try:
+        saved = json.loads(json_str)
+        saved_groups = saved["param_groups"]
+        saved_state = saved["state"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserInputError(f"cannot resume: corrupt optimizer state ({exc})") from None
+    names = _index_names(optimizer, named_parameters)
+    index_of = {name: i for i, name in enumerate(names)}
+    by_id = {id(p): name for name, p in named_parameters.items()}
+    _check_same_groups(saved_groups, optimizer, named_parameters)
+    state: dict[int, dict[str, Any]] = {}
+    for name, entry in saved_state.items():
+        per_param = {}
+        for key, value in entry.items():
+            if isinstance(value, dict) and value.get("__buffer__"):
+                tensor_name = f"{prefix}{name}.{key}"
+                if tensor_name not in tensors:
+                    raise UserInputError(f"cannot resume: checkpoint lacks tensor {tensor_name}")
+                per_param[key] = tensors[tensor_name]
+            else:
+                per_param[key] = _decode(value)
+        state[index_of[name]] = per_param
+    groups = []
+    for saved_group, current in zip(saved_groups, optimizer.param_groups):
+        g = {k: _decode(v) for k, v in saved_group.items() if k != "params"}
+        # torch pairs saved indices with current params by position: list them in current order.
+        g["params"] = [index_of[by_id[id(p)]] for p in current["params"]]
+        groups.append(g)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _check_same_groups(
+    saved_groups: list[dict[str, Any]],
+    optimizer: torch.optim.Optimizer,
+    named_parameters: Mapping[str, torch.nn.Parameter],
+) -> None:
+    """The same parameter names must sit in the same groups (order may differ)."""
+    by_id = {id(p): name for name, p in named_parameters.items()}
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise UserInputError(
+            f"cannot resume: optimizer has {len(optimizer.param_groups)} parameter groups, "
+            f"checkpoint has {len(saved_groups)}"
+        )
+    for saved_group, current in zip(saved_groups, optimizer.param_groups):
+        now = {by_id[id(p)] for p in current["params"]}
+        before = set(saved_group["params"])
+        if now != before:
+            missing = sorted(now - before)[:3]
+            unknown = sorted(before - now)[:3]
+            raise UserInputError(
+                "cannot resume: optimizer parameters differ from the checkpoint "
+                f"(not in checkpoint: {', '.join(missing) or '-'}; "
+                f"only in checkpoint: {', '.join(unknown) or '-'})"
+            )

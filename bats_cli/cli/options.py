@@ -1,0 +1,202 @@
+"""Option types shared by the long commands, and the one way results reach stdout.
+
+Use them as parameter annotations::
+
+    @app.command()
+    def train(genotype: ..., dataset: DatasetOpt = None, seed: SeedOpt = None,
+              device: DeviceOpt = "auto", as_json: JsonOpt = False, quiet: QuietOpt = False): ...
+
+Defaults are None where a preset (or the paper default in the command's config model) supplies
+the value; pass them to ``bats_cli.config.resolve_config`` as overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import typer
+
+from bats_cli.runtime import to_jsonable
+
+DATA = "Data"
+RUN = "Run"
+OUTPUT = "Output"
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def _check_device(value: str | None) -> str | None:
+    if value is not None and not _DEVICE_RE.match(value.strip().lower()):
+        raise typer.BadParameter(f"{value!r}: choose auto, cpu, cuda or cuda:N")
+    return value.strip().lower() if value is not None else None
+
+
+DatasetOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--dataset",
+        help="cifar10, cifar100, imagenet, imagefolder, fashion-mnist or fashion-mini.",
+        rich_help_panel=DATA,
+    ),
+]
+DataDirOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--data-dir",
+        help="Where the data set lives (or is downloaded to).",
+        envvar="BATS_DATA_DIR",
+        file_okay=False,
+        rich_help_panel=DATA,
+    ),
+]
+DownloadOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--download/--no-download",
+        help="Download the data set if it is missing (torchvision data sets only).",
+        rich_help_panel=DATA,
+    ),
+]
+SubsetOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--subset",
+        min=1,
+        metavar="N",
+        help="Use only N training images (a fixed, seeded subset); for quick tries.",
+        rich_help_panel=DATA,
+    ),
+]
+ImageSizeOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--image-size", min=8, metavar="PX", help="Input resolution.", rich_help_panel=DATA
+    ),
+]
+SeedOpt = Annotated[
+    Optional[int],
+    typer.Option("--seed", min=0, help="Random seed (weights, data order, augmentation).", rich_help_panel=RUN),
+]
+OutOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--out",
+        "-o",
+        file_okay=False,
+        help="Run directory: config.json, metrics.csv, last/best.safetensors.",
+        rich_help_panel=OUTPUT,
+    ),
+]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue the run in --out from last.safetensors (starts fresh if there is none).",
+        rich_help_panel=RUN,
+    ),
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        metavar="auto|cpu|cuda[:N]",
+        callback=_check_device,
+        help="auto = CUDA when available.",
+        rich_help_panel=RUN,
+    ),
+]
+PrecisionOpt = Annotated[
+    Optional[Literal["fp32", "bf16", "fp16"]],
+    typer.Option(
+        "--precision",
+        help="Mixed precision for the forward pass (fp16 needs CUDA; bf16 works on CPU too).",
+        rich_help_panel=RUN,
+    ),
+]
+NumWorkersOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--num-workers", min=0, metavar="N", help="Data-loading worker processes.", rich_help_panel=RUN
+    ),
+]
+PresetOpt = Annotated[
+    Optional[str],
+    typer.Option("--preset", help="Named set of settings; explicit flags override it.", rich_help_panel=RUN),
+]
+JsonOpt = Annotated[
+    bool,
+    typer.Option("--json", help="Print the result as one JSON object on stdout.", rich_help_panel=OUTPUT),
+]
+QuietOpt = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="No progress output; errors only.", rich_help_panel=OUTPUT),
+]
+
+
+def preset_option(presets: Iterable[str] | Mapping[str, Any]) -> Any:
+    """A ``--preset`` type whose help lists this command's presets (validated by resolve_config)."""
+    names = ", ".join(sorted(presets))
+    return Annotated[
+        Optional[str],
+        typer.Option(
+            "--preset",
+            help=f"Named set of settings ({names}); explicit flags override it.",
+            rich_help_panel=RUN,
+        ),
+    ]
+
+
+def _default_table(result: Mapping[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in _flat(to_jsonable(result)).items():
+        table.add_row(key, _cell(value))
+    return table
+
+
+def _flat(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ", ".join(_cell(v) for v in value)
+    return str(value)
+
+
+def emit_result(
+    result: Mapping[str, Any],
+    *,
+    as_json: bool,
+    table_fn: Callable[[Mapping[str, Any]], Any] | None = None,
+) -> None:
+    """The command's result on stdout: one strict JSON object with ``--json``, else a rich table.
+
+    ``table_fn(result)`` may return any rich renderable (or a str) for a custom human view.
+    """
+    if as_json:
+        sys.stdout.write(json.dumps(to_jsonable(result), allow_nan=False) + "\n")
+        sys.stdout.flush()
+        return
+    from rich.console import Console
+
+    renderable = table_fn(result) if table_fn is not None else _default_table(result)
+    Console(file=sys.stdout, highlight=False).print(renderable)

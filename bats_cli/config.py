@@ -1,0 +1,189 @@
+"""Run configs: pydantic v2 models whose defaults are the paper's numbers, presets and resume checks.
+
+Precedence: paper default < preset < explicit flag. A flag whose value is None was not given.
+Commands define their own model, e.g.::
+
+    class TrainConfig(RunConfig):
+        epochs: int = Field(250, gt=0)
+        lr: float = Field(1e-3, gt=0)
+
+    cfg = resolve_config(TrainConfig, preset=preset, presets=TRAIN_PRESETS,
+                         overrides={"epochs": epochs, "lr": lr, ...})
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from bats_cli.errors import UserInputError
+
+M = TypeVar("M", bound=BaseModel)
+
+# Keys that may change between the original run and its resume: where/how it runs, not what.
+RESUME_IGNORED_KEYS: frozenset[str] = frozenset(
+    {
+        "device",
+        "quiet",
+        "json",
+        "num_workers",
+        "data_dir",
+        "download",
+        "out",
+        "resume",
+        "preset",
+    }
+)
+
+
+class RunConfig(BaseModel):
+    """Base for command configs: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _flag(loc: tuple[Any, ...]) -> str:
+    """``("lr_min",)`` -> ``--lr-min``; nested locations keep dots (``--optim.lr``)."""
+    parts = [str(p) for p in loc if not isinstance(p, int)] or ["config"]
+    return "--" + ".".join(parts).replace("_", "-")
+
+
+def validation_message(exc: ValidationError) -> str:
+    """One line naming the first offending field, its value and what is expected."""
+    err = exc.errors()[0]
+    flag = _flag(tuple(err.get("loc", ())))
+    if err.get("type") == "extra_forbidden":
+        return f"unknown setting {flag}"
+    msg = err.get("msg", "invalid value")
+    value = err.get("input")
+    more = len(exc.errors()) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    if err.get("type") == "missing":
+        return f"{flag} is required{suffix}"
+    return f"invalid value for {flag}: {value!r}: {msg[0].lower() + msg[1:]}{suffix}"
+
+
+def resolve_config(
+    model_cls: type[M],
+    *,
+    preset: str | None,
+    presets: Mapping[str, Mapping[str, Any]],
+    overrides: Mapping[str, Any],
+) -> M:
+    """Build ``model_cls`` from its defaults, then ``presets[preset]``, then non-None overrides."""
+    data: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in presets:
+            choices = ", ".join(sorted(presets)) or "(none)"
+            raise UserInputError(f"unknown --preset {preset!r}; choose one of: {choices}")
+        data.update(presets[preset])
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return validate_config(model_cls, data)
+
+
+def validate_config(model_cls: type[M], data: Mapping[str, Any]) -> M:
+    """``model_cls.model_validate(data)`` with ValidationError turned into one-line UserInputError."""
+    try:
+        return model_cls.model_validate(dict(data))
+    except ValidationError as exc:
+        raise UserInputError(validation_message(exc)) from None
+
+
+def resolve_resume_config(
+    model_cls: type[M],
+    saved: Mapping[str, Any],
+    *,
+    preset: str | None,
+    presets: Mapping[str, Mapping[str, Any]],
+    overrides: Mapping[str, Any],
+    ignore: Iterable[str] = RESUME_IGNORED_KEYS,
+) -> M:
+    """Config for a resumed run: the saved config, then preset and flags, which must agree with it.
+
+    So ``--out RUN --resume`` alone works, and repeating the original command line works too;
+    changing e.g. ``--epochs`` is refused by :func:`check_resume_config`.
+    """
+    data = {k: v for k, v in saved.items() if k in model_cls.model_fields}
+    if preset is not None:
+        if preset not in presets:
+            choices = ", ".join(sorted(presets)) or "(none)"
+            raise UserInputError(f"unknown --preset {preset!r}; choose one of: {choices}")
+        data.update(presets[preset])
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = validate_config(model_cls, data)
+    check_resume_config(saved, cfg, ignore=ignore)
+    return cfg
+
+
+def _as_plain(obj: Any) -> Any:
+    """Models, tuples and paths to what JSON would hold, so saved and new compare equal."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict) and (obj or not prefix):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def _show(value: Any) -> str:
+    if value is _ABSENT:
+        return "(absent)"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+_ABSENT = object()
+
+
+def config_diff(
+    old: Mapping[str, Any] | BaseModel,
+    new: Mapping[str, Any] | BaseModel,
+    ignore: Iterable[str] = RESUME_IGNORED_KEYS,
+) -> list[str]:
+    """``["epochs: 5 -> 6", ...]`` for every (dotted) key whose value differs, in key order."""
+    ignored = set(ignore)
+    a, b = _flatten(_as_plain(old)), _flatten(_as_plain(new))
+    lines = []
+    for key in list(a) + [k for k in b if k not in a]:
+        if key in ignored or key.split(".", 1)[0] in ignored:
+            continue
+        va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
+        if va != vb or type(va) is not type(vb) and not _same_number(va, vb):
+            lines.append(f"{key}: {_show(va)} -> {_show(vb)}")
+    return lines
+
+
+def _same_number(a: Any, b: Any) -> bool:
+    # 5 and 5.0 are the same setting (JSON may drop the ".0"); True and 1 are not.
+    numeric = (int, float)
+    return (
+        isinstance(a, numeric)
+        and isinstance(b, numeric)
+        and not isinstance(a, bool)
+        and not isinstance(b, bool)
+        and a == b
+    )
+
+
+def check_resume_config(
+    saved: Mapping[str, Any] | BaseModel,
+    new: Mapping[str, Any] | BaseModel,
+    *,
+    ignore: Iterable[str] = RESUME_IGNORED_KEYS,
+) -> None:
+    """UserInputError ``cannot resume: config differs: epochs: 5 -> 6, ...`` unless they agree."""
+    diff = config_diff(saved, new, ignore)
+    if diff:
+        raise UserInputError(
+            "cannot resume: config differs: "
+            + ", ".join(diff)
+            + " (start a new run with another --out to change settings)"
+        )
