@@ -11,6 +11,7 @@ preprocessing, factorized reduce) is binary unless ``real`` is set.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,10 +21,18 @@ from bats_cli.errors import UserInputError
 from bats_cli.ops import OpContext, build_op
 from bats_cli.quant import REAL, BinarySpec
 
-# §6.2: width and number of groups scale together, so channels per group stay fixed. The
-# multipliers of "medium" and "large" are ours: the paper gives only their sizes (5.4 M and
-# 10.0 M parameters for Table 5's CIFAR-10 network), and these multipliers come closest.
-WIDTHS: dict[str, float] = {"1x": 1.0, "medium": 1.5, "large": 2.0, "2x": 2.0}
+# Channel multipliers of the width presets. §6.2: width and number of groups scale together, so
+# channels per group stay fixed (3 on CIFAR, 5 on ImageNet); the stem scales with C too.
+# * "2x" is Table 6's "BATS [2x-wider]", and it is 1.5x the channels (ImageNet C = 120, 24
+#   groups), not 2x: that reproduces its 2.157e9 BOPs to 0.02 % (we count 2.1573e9; 2x channels
+#   give 3.45e9). Table 6's 1.210e8 FLOPs is not reproduced (we count 1.747e8); see
+#   docs/flops.md for the hypotheses tried.
+# * "medium" / "large" are Table 5's CIFAR networks (5.4 M and 10.0 M parameters against 2.8 M
+#   for 1x); the paper gives only their sizes. With channels a multiple of 6 (an even number of
+#   3-channel groups), 1.5x (C = 54) gives the closest ratio to 5.4 / 2.8 = 1.93 (1.79; C = 60
+#   gives 2.10) and 7/3 (C = 84) the closest to 10.0 / 2.8 = 3.57 (3.54). On ImageNet C must
+#   also suit the 4-group stem (a multiple of 40): medium and 2x give 120, large 200.
+WIDTHS: dict[str, float] = {"1x": 1.0, "medium": 1.5, "large": 7 / 3, "2x": 1.5}
 
 
 @dataclass(frozen=True)
@@ -94,14 +103,38 @@ class Cell(nn.Module):
         return torch.cat([states[i] for i in self.concat], dim=1)
 
 
+class TowerPool(nn.Module):
+    """The auxiliary towers' 5×5 average pool, valid for maps smaller than the DARTS ones.
+
+    The towers assume 8×8 (CIFAR) and 7-14 px (ImageNet) maps, pooled to at least 2×2 for the
+    2×2 conv that follows; smaller maps (other image sizes) are pooled adaptively to 2×2.
+    """
+
+    def __init__(self, kernel_size: int, *, stride: int) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if min(x.shape[-2:]) < self.kernel_size + self.stride:
+            return nn.functional.adaptive_avg_pool2d(x, 2)
+        return nn.functional.avg_pool2d(
+            x, self.kernel_size, stride=self.stride, padding=0, count_include_pad=False
+        )
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+
 class AuxiliaryHeadCIFAR(nn.Module):
     """DARTS auxiliary tower for 8×8 inputs (real-valued)."""
 
     def __init__(self, C: int, num_classes: int) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.ReLU(inplace=True),
-            nn.AvgPool2d(5, stride=3, padding=0, count_include_pad=False),
+            # Not in place: the tower's input is the cell output the next cells still read.
+            nn.ReLU(inplace=False),
+            TowerPool(5, stride=3),
             nn.Conv2d(C, 128, 1, bias=False),
             nn.BatchNorm2d(128),
             nn.ReLU(inplace=True),
@@ -124,8 +157,8 @@ class AuxiliaryHeadImageNet(nn.Module):
     def __init__(self, C: int, num_classes: int) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.ReLU(inplace=True),
-            nn.AvgPool2d(5, stride=2, padding=0, count_include_pad=False),
+            nn.ReLU(inplace=False),
+            TowerPool(5, stride=2),
             nn.Conv2d(C, 128, 1, bias=False),
             nn.BatchNorm2d(128),
             nn.ReLU(inplace=True),
@@ -239,14 +272,18 @@ PAPER_DEFAULTS = {
 }
 
 
-def scaled_width(channels: int, width: str, channels_per_group: int) -> int:
-    """Channels at a width preset, rounded to whole groups (width and groups scale together)."""
+def scaled_width(channels: int, width: str, channels_per_group: int, *, multiple_of: int = 1) -> int:
+    """Channels at a width preset, rounded to whole groups (width and groups scale together).
+
+    ``multiple_of``: a further divisor C must have (the ImageNet stem's grouped conv needs C/2
+    divisible by its groups).
+    """
     try:
         mult = WIDTHS[width]
     except KeyError:
         raise UserInputError(f"unknown --width {width!r}; choose one of: {', '.join(WIDTHS)}") from None
     # An even number of groups keeps factorized reduce (two halves) valid.
-    unit = 2 * channels_per_group
+    unit = math.lcm(2 * channels_per_group, multiple_of)
     return max(unit, int(round(channels * mult / unit)) * unit)
 
 
@@ -278,23 +315,24 @@ def build_network(
         raise UserInputError(f"network kind must be 'cifar' or 'imagenet', got {kind!r}")
     defaults = PAPER_DEFAULTS[kind]
     cpg = channels_per_group or defaults["channels_per_group"]
-    if channels is None:
-        channels = scaled_width(defaults["channels"], width, cpg)
-    elif width != "1x":
-        raise UserInputError("give either --width or --channels, not both")
     if real:
         spec = REAL
     elif spec is None:
         spec = BinarySpec(activations=True, weights=False)
     space = getattr(genotype, "space", "bats")
+    if stem_groups is None:
+        # The DARTS float network keeps the DARTS stem; binary networks use §6.3's grouped stem.
+        stem_groups = 1 if (spec.real and space == "darts") else 4
+    if channels is None:
+        stem_multiple = 2 * stem_groups if kind == "imagenet" else 1
+        channels = scaled_width(defaults["channels"], width, cpg, multiple_of=stem_multiple)
+    elif width != "1x":
+        raise UserInputError("give either --width or --channels, not both")
     ctx = OpContext(
         spec=spec, affine=True, activation=activation, channels_per_group=cpg,
         group_policy=group_policy, base_channels=channels, reduce_shortcut=reduce_shortcut,
         space=space,
     )
-    if stem_groups is None:
-        # The DARTS float network keeps the DARTS stem; binary networks use §6.3's grouped stem.
-        stem_groups = 1 if ctx.darts_float else 4
     config = NetworkConfig(
         kind=kind, num_classes=num_classes, in_channels=in_channels, channels=channels,
         layers=layers or defaults["layers"], auxiliary=auxiliary, drop_path=drop_path,

@@ -1,0 +1,327 @@
+"""`bats flops`: parameters, FLOPs, BOPs, OPs and model size of a genotype's network."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from bats_cli.cli.app import app
+from bats_cli.errors import UserInputError
+
+DEFAULT_GENOTYPE = "bats_c10"
+
+
+@app.command("flops")
+def flops(
+    target: Annotated[
+        Optional[str],
+        typer.Argument(
+            metavar="[GENOTYPE|CHECKPOINT]",
+            help="A genotype .json, a bundled genotype name, or a .safetensors checkpoint "
+            "(its genotype and network settings are read from the header). Default: bats_c10.",
+        ),
+    ] = None,
+    dataset: Annotated[
+        Optional[str],
+        typer.Option(
+            "--dataset",
+            metavar="NAME",
+            help="cifar10, cifar100 (32 px), imagenet (224 px, ImageNet network) or "
+            "fashion-mini (32 px, 1 channel). Default: cifar10, or the checkpoint's.",
+        ),
+    ] = None,
+    width: Annotated[
+        Optional[str],
+        typer.Option(
+            "--width",
+            metavar="1x|medium|large|2x",
+            help="Width preset (channels and groups scale together; 2x = Table 6's "
+            "'2x-wider' = 1.5x channels). Default: 1x.",
+        ),
+    ] = None,
+    layers: Annotated[
+        Optional[int],
+        typer.Option("--layers", metavar="N", help="Number of cells (default: 20 CIFAR, 14 ImageNet)."),
+    ] = None,
+    channels: Annotated[
+        Optional[int],
+        typer.Option("--channels", metavar="C", help="Initial channels (instead of --width)."),
+    ] = None,
+    real: Annotated[
+        bool,
+        typer.Option("--real", help="The real-valued network (no binary layers)."),
+    ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print one JSON object on stdout instead of tables."),
+    ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="Add per-stage and per-op-kind breakdowns."),
+    ] = False,
+) -> None:
+    """Count params, FLOPs, BOPs and OPs of one inference (batch 1, auxiliary head excluded).
+
+    FLOPs are real-valued multiply-accumulates (stem, classifier); BOPs are binary ones (convs
+    with binarized input); OPs = FLOPs + BOPs/64 (Table 6). BatchNorm, pooling and activations
+    are not counted. Sizes: fp32 = 4 bytes a parameter; packed = binary conv weights at 1 bit
+    plus everything else at fp32.
+
+    Example: bats flops --dataset imagenet
+
+    Example: bats flops genotypes/darts_v2.json --real --json
+
+    Example: bats flops runs/c10/best.safetensors --verbose
+    """
+    from bats_cli.counting import count_model, dataset_shape
+
+    for name, value in (("--layers", layers), ("--channels", channels)):
+        if value is not None and value < 1:
+            raise UserInputError(f"{name} must be a positive integer, got {value}")
+    if width is not None and channels is not None:
+        raise UserInputError("give either --width or --channels, not both")
+
+    checkpoint: dict[str, Any] | None = None
+    settings: dict[str, Any] = {}
+    if target is not None and _is_checkpoint(target):
+        genotype, settings, checkpoint = _read_checkpoint(Path(target))
+    else:
+        from bats_cli.genotype import resolve_genotype
+
+        genotype = resolve_genotype(target if target is not None else DEFAULT_GENOTYPE)
+
+    # Explicit flags win over the checkpoint's settings.
+    if dataset is not None:
+        if settings.get("dataset") != dataset:
+            for key in _DATA_KEYS:
+                settings.pop(key, None)
+        settings["dataset"] = dataset
+    if width is not None:
+        settings["width"] = width
+        settings.pop("channels", None)
+    if channels is not None:
+        settings["channels"] = channels
+        settings.pop("width", None)
+    if layers is not None:
+        settings["layers"] = layers
+    if real:
+        settings["real"] = True
+    shape = _shape_for(settings)
+    model, network = _build(genotype, shape, settings)
+    report = count_model(model, shape.input_size)
+
+    result: dict[str, Any] = {
+        "genotype": genotype.name,
+        "dataset": shape.name,
+        "network": network,
+        **{k: v for k, v in report.to_dict().items() if k not in ("by_stage", "by_op")},
+    }
+    if verbose:
+        result["by_stage"] = report.breakdown("stage")
+        result["by_op"] = report.breakdown("op")
+    if checkpoint is not None:
+        if checkpoint["kind"] == "packed" and checkpoint["file_bytes"]:
+            # The packed file against the same network stored at fp32.
+            checkpoint["fp32_bytes"] = report.size_fp32_bytes
+            checkpoint["compression"] = report.size_fp32_bytes / checkpoint["file_bytes"]
+        result["checkpoint"] = checkpoint
+    if as_json:
+        sys.stdout.write(json.dumps(result, allow_nan=False) + "\n")
+        return
+    _print_tables(result, verbose=verbose)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _is_checkpoint(target: str) -> bool:
+    path = Path(target)
+    if path.suffix.lower() == ".safetensors":
+        return True
+    if path.is_file() and path.suffix.lower() != ".json":
+        # A safetensors file starts with an 8-byte header length, then '{'.
+        try:
+            with path.open("rb") as fh:
+                head = fh.read(9)
+        except OSError:
+            return False
+        return len(head) == 9 and head[8:9] == b"{"
+    return False
+
+
+def _read_metadata(path: Path) -> tuple[str, dict[str, Any], str | None]:
+    """(kind, config, genotype JSON) from a checkpoint header, without loading tensors."""
+    try:
+        from bats_cli.checkpoint import read_metadata
+    except ImportError:  # pragma: no cover - the checkpoint module ships with bats
+        read_metadata = None
+    if read_metadata is not None:
+        meta = read_metadata(path)
+        return meta.kind, dict(meta.config), meta.genotype_json
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise UserInputError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = fh.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types
+        raise UserInputError(f"{path}: not a valid safetensors checkpoint ({exc})") from None
+    try:
+        config = json.loads(raw.get("bats_config", "{}"))
+    except ValueError:
+        raise UserInputError(f"{path}: corrupt bats_config metadata") from None
+    return raw.get("bats_kind", "?"), config if isinstance(config, dict) else {}, raw.get("bats_genotype")
+
+
+# Network settings read from a checkpoint's config: ``network`` (as bats train records it),
+# ``data`` (the data spec), or flat keys.
+_SETTING_KEYS = (
+    "dataset", "width", "layers", "channels", "real", "activation", "group_policy",
+    "channels_per_group", "reduce_shortcut", "stem_groups", "num_classes", "image_size",
+    "in_channels",
+)
+# Settings that follow from the data set: dropped when --dataset names another one.
+_DATA_KEYS = ("num_classes", "image_size", "in_channels")
+
+
+def _read_checkpoint(path: Path):
+    from bats_cli.genotype import Genotype
+
+    kind, config, genotype_json = _read_metadata(path)
+    if not genotype_json:
+        hint = " (a search checkpoint: derive a genotype first with `bats derive`)" if kind == "search" else ""
+        raise UserInputError(f"{path}: the checkpoint holds no genotype{hint}")
+    genotype = Genotype.from_json(genotype_json, origin=f"{path} (bats_genotype)")
+    merged = {k: v for k, v in config.items() if not isinstance(v, dict)}
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    network = config.get("network") if isinstance(config.get("network"), dict) else {}
+    merged.update({k: data[k] for k in _DATA_KEYS if data.get(k) is not None})
+    if data.get("name"):
+        merged["dataset"] = data["name"]
+    merged.update(network)
+    settings = {k: merged[k] for k in _SETTING_KEYS if merged.get(k) is not None}
+    if "binary_activations" in merged or "binary_weights" in merged:
+        settings["real"] = not (merged.get("binary_activations") or merged.get("binary_weights"))
+    info: dict[str, Any] = {"path": str(path), "kind": kind, "file_bytes": path.stat().st_size}
+    return genotype, settings, info
+
+
+def _shape_for(settings: dict[str, Any]):
+    from bats_cli.counting import DatasetShape, dataset_shape
+
+    name = str(settings.get("dataset") or "cifar10")
+    key = name.strip().lower().replace("_", "-")
+    image_size = settings.get("image_size")
+    num_classes = settings.get("num_classes")
+    if key == "imagefolder":
+        if not image_size or not num_classes:
+            raise UserInputError("an imagefolder network needs image_size and num_classes in its config")
+        size = int(image_size)
+        return DatasetShape("imagefolder", size, int(settings.get("in_channels") or 3),
+                            int(num_classes), "cifar" if size <= 64 else "imagenet")
+    shape = dataset_shape(name)
+    if image_size or num_classes:
+        shape = DatasetShape(shape.name, int(image_size or shape.image_size), shape.in_channels,
+                             int(num_classes or shape.num_classes), shape.kind)
+    return shape
+
+
+def _build(genotype, shape, settings: dict[str, Any]):
+    from bats_cli.networks import build_network
+
+    width = str(settings.get("width") or "1x")
+    kwargs: dict[str, Any] = {}
+    for key in ("activation", "group_policy", "channels_per_group", "reduce_shortcut", "stem_groups"):
+        if settings.get(key) is not None:
+            kwargs[key] = settings[key]
+    model = build_network(
+        genotype,
+        kind=shape.kind,
+        num_classes=shape.num_classes,
+        in_channels=shape.in_channels,
+        width=width if settings.get("channels") is None else "1x",
+        layers=settings.get("layers"),
+        channels=settings.get("channels"),
+        real=bool(settings.get("real")),
+        auxiliary=False,
+        **kwargs,
+    )
+    network = {
+        "kind": shape.kind,
+        "width": settings.get("width") if settings.get("channels") is not None else width,
+        "channels": model.config.channels,
+        "layers": model.config.layers,
+        "real": bool(settings.get("real")),
+        "num_classes": shape.num_classes,
+        "input_size": list(shape.input_size),
+    }
+    return model, network
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _num(x: float) -> str:
+    return f"{x:.4g}" if abs(x) < 1e4 else f"{x:.4e}"
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.3f} MB"
+
+
+def _print_tables(result: dict[str, Any], *, verbose: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=sys.stdout, highlight=False)
+    net = result["network"]
+    c, h, w = net["input_size"]
+    width = f"width {net['width']}, " if net["width"] else ""
+    mode = "real-valued" if net["real"] else "binary"
+    console.print(
+        f"[bold]{result['genotype']}[/bold] on {result['dataset']} ({h}x{w}x{c}, "
+        f"{net['num_classes']} classes): {mode} {net['kind']} network, {width}C={net['channels']}, "
+        f"{net['layers']} cells; batch 1, auxiliary head excluded"
+    )
+    table = Table(show_edge=False)
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_column("what", style="dim")
+    table.add_row("params", f"{result['params'] / 1e6:.3f} M", f"{result['params']:,}")
+    table.add_row("FLOPs", _num(result["flops"]), "real-valued MACs: stem, classifier, real convs")
+    table.add_row("BOPs", _num(result["bops"]), "binary MACs: convs with binarized input")
+    table.add_row("OPs", _num(result["ops"]), "FLOPs + BOPs / 64")
+    table.add_row("size fp32", _mb(result["size_fp32_bytes"]), "4 bytes per parameter")
+    table.add_row("size packed", _mb(result["size_packed_bytes"]),
+                  f"1-bit binary weights; {result['compression']:.1f}x smaller")
+    ckpt = result.get("checkpoint")
+    if ckpt is not None:
+        table.add_row("file", _mb(ckpt["file_bytes"]), f"{ckpt['kind']} checkpoint {ckpt['path']}")
+        if "compression" in ckpt:
+            table.add_row("packed vs fp32", f"{ckpt['compression']:.1f}x",
+                          f"fp32 model {_mb(ckpt['fp32_bytes'])} vs this file")
+    console.print(table)
+
+    prec = Table(title="per precision (larq-style summary)", title_justify="left", show_edge=False)
+    for col in ("precision", "params", "MACs", "memory"):
+        prec.add_column(col, justify="left" if col == "precision" else "right")
+    for row in result["precision"]:
+        prec.add_row(row["precision"], f"{row['params']:,}", _num(row["macs"]), _mb(row["memory_bytes"]))
+    prec.add_row("total", f"{result['params']:,}", _num(result["flops"] + result["bops"]),
+                 _mb(result["size_packed_bytes"]))
+    console.print(prec)
+
+    if verbose:
+        for key, title in (("by_stage", "stage"), ("by_op", "op")):
+            t = Table(title=f"per {title}", title_justify="left", show_edge=False)
+            for col in (title, "layers", "params", "FLOPs", "BOPs", "OPs"):
+                t.add_column(col, justify="left" if col == title else "right")
+            for row in result[key]:
+                t.add_row(row[title], str(row["layers"]), f"{row['params']:,}", _num(row["flops"]),
+                          _num(row["bops"]), _num(row["ops"]))
+            console.print(t)
