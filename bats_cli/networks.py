@@ -24,7 +24,7 @@ from bats_cli.quant import REAL, BinarySpec
 # Channel multipliers of the width presets. §6.2: width and number of groups scale together, so
 # channels per group stay fixed (3 on CIFAR, 5 on ImageNet); the stem scales with C too.
 # * "2x" is Table 6's "BATS [2x-wider]", and it is 1.5x the channels (ImageNet C = 120, 24
-#   groups), not 2x: that reproduces its 2.157e9 BOPs to 0.02 % (we count 2.1573e9; 2x channels
+#   groups), not 2x: that reproduces its 2.157e9 BOPs to 0.01 % (we count 2.1573e9; 2x channels
 #   give 3.45e9). Table 6's 1.210e8 FLOPs is not reproduced (we count 1.747e8); see
 #   docs/flops.md for the hypotheses tried.
 # * "medium" / "large" are Table 5's CIFAR networks (5.4 M and 10.0 M parameters against 2.8 M
