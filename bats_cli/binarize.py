@@ -1,0 +1,318 @@
+"""Step 2 of the two-step strategy (§4.3, footnote 4): binarize the weights of a trained network.
+
+Every binary conv's weight becomes ``sign(W)`` with ``mean|W|`` (per output channel) folded
+into its learned scale α (``QuantConv2d.binarize_weights_``), so the first forward pass stays close
+to the real-weight one. BatchNorm statistics are then re-estimated on a few training batches
+(the binary weights shift every layer's output distribution a little), and the network is
+optionally fine-tuned with binary weights and activations (latent real weights, straight-through
+estimator) for a few epochs with the same engine as ``bats train``.
+
+Outputs in the run directory: ``last.safetensors`` / ``best.safetensors`` (kind ``binarize``),
+``metrics.csv``, ``config.json``, ``result.json`` and the packed 1-bit artifact
+(``model.packed.safetensors`` unless ``-o FILE`` says otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from bats_cli.config import RunConfig
+from bats_cli.errors import RunFailure, UserInputError
+
+# Measured (docs/pipeline.md): one epoch recovers most of what binarizing the weights costs;
+# more epochs add little compared with their price.
+DEFAULT_EPOCHS = 1
+DEFAULT_LR = 2e-4
+DEFAULT_CALIBRATION_BATCHES = 20
+PACKED_NAME = "model.packed.safetensors"
+
+
+class BinarizeConfig(RunConfig):
+    """Settings of ``bats binarize``; data, batch size and seed default to the training run's."""
+
+    checkpoint: str
+    epochs: int = Field(DEFAULT_EPOCHS, ge=0)
+    lr: float = Field(DEFAULT_LR, gt=0)
+    lr_min: float = Field(0.0, ge=0)
+    batch_size: Optional[int] = Field(None, ge=1)
+    eval_batch_size: Optional[int] = Field(None, ge=1)
+    calibration_batches: int = Field(DEFAULT_CALIBRATION_BATCHES, ge=0)
+    seed: Optional[int] = Field(None, ge=0)
+    data_dir: Optional[str] = None
+    subset: Optional[int] = Field(None, ge=1)
+    keep_aux: bool = False
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    num_workers: int = Field(0, ge=0)
+
+
+BINARIZE_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "tiny": {"epochs": 1},
+}
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, dataset, *, batches: int, batch_size: int, seed: int,
+                        device: torch.device, precision: str = "fp32") -> int:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` training batches.
+
+    Cumulative averages (momentum None) over augmented training images, as in training; weights
+    are untouched. Returns the number of images used.
+    """
+    from bats_cli.data import make_loader
+    from bats_cli.runtime import autocast, memory_format
+
+    if batches <= 0:
+        return 0
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m, m.momentum) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    fmt = memory_format(device, model, precision=precision)
+    was_training = model.training
+    model.train()
+    seen = 0
+    try:
+        # Epoch -1: an order of its own, not one of the fine-tuning epochs.
+        loader = make_loader(dataset, batch_size=batch_size, shuffle=True, seed=seed, epoch=-1)
+        for i, (x, _) in enumerate(loader):
+            if i >= batches:
+                break
+            with autocast(device, precision):
+                model(x.to(device).contiguous(memory_format=fmt))
+            seen += x.shape[0]
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.train(was_training)
+    return seen
+
+
+def binarize(
+    cfg: BinarizeConfig,
+    *,
+    out: str | Path | None = None,
+    packed: str | Path | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+    preset: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    stop_after_steps: int | None = None,
+    handle_signals: bool = True,
+) -> dict[str, Any]:
+    """Run ``bats binarize`` and return its JSON-ready result."""
+    from bats_cli.checkpoint import check_kind, load_checkpoint, read_metadata
+    from bats_cli.config import resolve_resume_config
+    from bats_cli.data import AugmentConfig, build_datasets
+    from bats_cli.evaluate import evaluate_model
+    from bats_cli.pack import packed_size_report, save_packed
+    from bats_cli.quant import binarize_weights_
+    from bats_cli.runtime import Reporter, check_precision, seed_everything, select_device
+    from bats_cli.train import (
+        FitSpec,
+        build_from_settings,
+        check_batch,
+        check_out_dir,
+        open_run_dir,
+        fit,
+        init_distributed,
+        load_genotype_from_meta,
+        load_model_tensors,
+    )
+
+    src = Path(cfg.checkpoint)
+    meta = read_metadata(src)
+    check_kind(meta, "train", "binarize")
+    settings = meta.config.get("network")
+    if not isinstance(settings, dict):
+        raise UserInputError(f"{src}: the checkpoint records no network settings")
+    if not settings.get("binary_activations"):
+        raise UserInputError(
+            f"{src} is a real-valued network (trained with --real); binarize needs a network "
+            "trained with binary activations (train without --real)"
+        )
+    genotype = load_genotype_from_meta(meta)
+    train_run: dict[str, Any] = meta.config.get("run") or {}
+    data_rec: dict[str, Any] = meta.config.get("data") or {}
+
+    dist_info = init_distributed(cfg.device)
+    device = select_device(cfg.device)
+    if device.type == "cuda" and dist_info.enabled:
+        device = torch.device("cuda", dist_info.local_rank)
+    check_precision(device, cfg.precision)
+    if resume and out is None:
+        raise UserInputError("--resume needs --out: the run directory to continue")
+    out = Path(out) if out is not None else src.parent / "binarize"
+    try:
+        check_out_dir(out, resume)
+    except UserInputError as exc:
+        raise UserInputError(f"{exc} (the run directory is set with --out)") from None
+    resume_from = out / "last.safetensors" if resume and (out / "last.safetensors").exists() else None
+    carried: dict[str, Any] = {}
+    if resume_from is not None:
+        rmeta = read_metadata(resume_from)
+        check_kind(rmeta, "binarize", "binarize --resume")
+        saved = rmeta.config.get("run", {})
+        cfg = resolve_resume_config(BinarizeConfig, saved, preset=preset, presets=BINARIZE_PRESETS,
+                                    overrides={**(overrides or {}), "checkpoint": saved.get("checkpoint")})
+        carried = json.loads(rmeta.extra.get("bats_binarize", "{}"))
+
+    seed = cfg.seed if cfg.seed is not None else int(train_run.get("seed", 0))
+    batch_size = cfg.batch_size or int(train_run.get("batch_size", 256))
+    cfg = cfg.model_copy(update={"seed": seed, "batch_size": batch_size})
+    augment = AugmentConfig(**data_rec["augment"]) if data_rec.get("augment") else None
+    name = data_rec.get("name") or train_run.get("dataset")
+    if name is None:
+        raise UserInputError(f"{src} records no data set")
+    data_dir = cfg.data_dir or train_run.get("data_dir")
+    subset = cfg.subset or train_run.get("subset")
+    seed_everything(seed)
+    data = build_datasets(
+        name, data_dir=data_dir, download=False, subset=subset,
+        image_size=data_rec.get("image_size"), augment=augment, seed=seed,
+    )
+    from bats_cli.evaluate import check_dataset
+
+    check_dataset(data.spec, settings, src)
+    check_batch(len(data.train), batch_size, dist_info)
+    run_dir = open_run_dir(out, resume, dist_info, device)
+    reporter = Reporter(quiet=quiet or not dist_info.is_main)
+    eval_bs = cfg.eval_batch_size or max(batch_size, 256)
+    bin_settings = {**settings, "binary_weights": True, "real": False}
+
+    if resume_from is None:
+        tensors, _ = load_checkpoint(src)
+        model = build_from_settings(genotype, settings)
+        load_model_tensors(model, tensors, src)
+        model.to(device)
+        step1 = evaluate_model(model, data.test, batch_size=eval_bs, device=device,
+                               precision=cfg.precision, dist_info=dist_info)
+        convs = binarize_weights_(model)
+        if convs == 0:
+            raise UserInputError(f"{src}: the network has no binary convolutions to binarize")
+        no_cal = evaluate_model(model, data.test, batch_size=eval_bs, device=device,
+                                precision=cfg.precision, dist_info=dist_info)
+        calibrated = calibrate_batchnorm(
+            model, data.train, batches=cfg.calibration_batches, batch_size=batch_size, seed=seed,
+            device=device, precision=cfg.precision,
+        )
+        from bats_cli.train import _broadcast_buffers
+
+        _broadcast_buffers(model, dist_info)
+        binarized = evaluate_model(model, data.test, batch_size=eval_bs, device=device,
+                                   precision=cfg.precision, dist_info=dist_info)
+        carried = {
+            "step1_top1": step1["top1"], "step1_top5": step1["top5"],
+            "binarized_top1_no_calibration": no_cal["top1"],
+            "binarized_top1": binarized["top1"], "binarized_top5": binarized["top5"],
+            "binary_convs": convs, "calibration_images": calibrated,
+        }
+        reporter.line(
+            f"binarized the weights of {convs} convs: top-1 {step1['top1']:.2f} % (step 1) -> "
+            f"{no_cal['top1']:.2f} % (binary weights) -> {binarized['top1']:.2f} % "
+            f"(BatchNorm re-estimated on {calibrated} images)"
+        )
+    else:
+        model = build_from_settings(genotype, bin_settings)
+        load_model_tensors(model, load_checkpoint(resume_from)[0], resume_from)
+
+    run_config = cfg.model_dump(mode="json")
+    data_record = {**data_rec, "name": data.spec.name}
+    run_record = {**train_run, "data_dir": data_dir}
+    if run_dir is not None and resume_from is None:
+        run_dir.write_config(run_config, source=str(src), network=bin_settings, data=data_record)
+    aux_weight = float(train_run.get("aux_weight", 0.4)) if settings.get("auxiliary") else 0.0
+    spec = FitSpec(
+        kind="binarize", model=model, run_config=run_config, settings=bin_settings,
+        data=data_record, genotype_json=meta.genotype_json or genotype.to_json(),
+        epochs=cfg.epochs, batch_size=batch_size, eval_batch_size=eval_bs, lr=cfg.lr,
+        lr_min=cfg.lr_min,
+        betas=(float(train_run.get("beta1", 0.9)), float(train_run.get("beta2", 0.999))),
+        weight_decay=0.0, aux_weight=aux_weight,
+        mixup=augment.mixup if augment is not None else None, seed=seed,
+        precision=cfg.precision, num_workers=cfg.num_workers,
+        extra={"bats_binarize": json.dumps(carried), "bats_source": str(src)},
+    )
+    if cfg.epochs > 0:
+        reporter.line(f"fine-tuning with binary weights and activations: {cfg.epochs} epoch(s), "
+                      f"lr {cfg.lr:g} (cosine), batch {batch_size}")
+        summary = fit(spec, data.train, data.test, device=device, dist_info=dist_info,
+                      run_dir=run_dir, reporter=reporter, resume_from=resume_from,
+                      stop_after_steps=stop_after_steps, handle_signals=handle_signals)
+        final = summary["final"]
+        final_top1, final_top5 = final["val_top1"], final["val_top5"]
+        best_top1 = summary["best_top1"]
+    else:
+        final_top1, final_top5 = carried["binarized_top1"], carried["binarized_top5"]
+        best_top1 = final_top1
+        if run_dir is not None:
+            _save_plain(spec, run_dir)
+
+    result: dict[str, Any] = {
+        "command": "binarize",
+        "source": str(src),
+        "genotype": genotype.name,
+        "dataset": data.spec.name,
+        "binary_convs": carried.get("binary_convs"),
+        "step1_top1": carried.get("step1_top1"),
+        "binarized_top1_no_calibration": carried.get("binarized_top1_no_calibration"),
+        "binarized_top1": carried.get("binarized_top1"),
+        "fine_tune_epochs": cfg.epochs,
+        "final_top1": final_top1,
+        "final_top5": final_top5,
+        "best_top1": best_top1,
+        "drop_vs_step1": (carried["step1_top1"] - final_top1) if "step1_top1" in carried else None,
+        "out": str(out),
+        "last": str(out / "last.safetensors"),
+        "best": str(out / "best.safetensors"),
+    }
+    if dist_info.is_main:
+        packed_path = Path(packed) if packed is not None else out / PACKED_NAME
+        # The final (last) weights are packed: with the cosine schedule ending near 0 they are
+        # the settled ones, and best-by-validation would select on the test split.
+        save_packed(
+            model.cpu(), packed_path, settings=bin_settings, data=data_record, run=run_record,
+            genotype_json=spec.genotype_json,
+            source={"checkpoint": str(out / "last.safetensors"), "step1": str(src)},
+            epoch=cfg.epochs, keep_aux=cfg.keep_aux,
+        )
+        size = packed_size_report(packed_path)
+        result["packed"] = str(packed_path)
+        result["packed_size"] = {
+            "file_bytes": size["file_bytes"],
+            "binary_convs_ratio": size["binary_convs"]["ratio"],
+            "total_ratio": size["total"]["ratio"],
+        }
+        if run_dir is not None:
+            run_dir.write_json("result.json", result)
+    return result
+
+
+def _save_plain(spec, run_dir) -> None:
+    """last / best for a run without fine-tuning (the binarized, calibrated weights)."""
+    from bats_cli.checkpoint import save_checkpoint
+    from bats_cli.train import model_tensors
+
+    config = {"run": spec.run_config, "network": spec.settings, "data": spec.data}
+    for path in (run_dir.last, run_dir.best):
+        save_checkpoint(path, model_tensors(spec.model), kind="binarize", config=config, epoch=0,
+                        genotype_json=spec.genotype_json, extra=spec.extra)
+
+
+__all__ = [
+    "BINARIZE_PRESETS",
+    "BinarizeConfig",
+    "DEFAULT_EPOCHS",
+    "DEFAULT_LR",
+    "PACKED_NAME",
+    "binarize",
+    "calibrate_batchnorm",
+]

@@ -1,0 +1,110 @@
+"""`bats binarize CHECKPOINT`: step 2 of the two-step strategy, and the packed 1-bit artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Mapping, Optional
+
+import typer
+
+from bats_cli.cli.app import app
+from bats_cli.cli.options import (
+    DATA,
+    OUTPUT,
+    RUN,
+    DataDirOpt,
+    DeviceOpt,
+    JsonOpt,
+    NumWorkersOpt,
+    PrecisionOpt,
+    QuietOpt,
+    ResumeOpt,
+    SeedOpt,
+    SubsetOpt,
+    emit_result,
+    preset_option,
+)
+
+FT = "Fine-tuning"
+BinarizePresetOpt = preset_option(("paper", "tiny"))
+
+
+def result_table(result: Mapping[str, Any]) -> Any:
+    from rich.table import Table
+
+    def pct(v):
+        return "-" if v is None else f"{v:.2f} %"
+
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    rows = [
+        ("source", result["source"]),
+        ("binary convs", result["binary_convs"]),
+        ("top-1 step 1", pct(result["step1_top1"]) + "  (binary activations, real weights)"),
+        ("top-1 binarized", pct(result["binarized_top1_no_calibration"]) + " -> "
+         + pct(result["binarized_top1"]) + " after re-estimating BatchNorm"),
+        ("top-1 final", pct(result["final_top1"]) + f"  after {result['fine_tune_epochs']} "
+         f"fine-tuning epoch(s)  (top-5 {pct(result['final_top5'])})"),
+        ("drop vs step 1", "-" if result["drop_vs_step1"] is None else f"{result['drop_vs_step1']:.2f} points"),
+        ("checkpoint", result["last"]),
+    ]
+    if "packed" in result:
+        size = result["packed_size"]
+        rows.append(("packed", f"{result['packed']}  ({size['file_bytes']:,} bytes; binary convs "
+                               f"{size['binary_convs_ratio']:.1f}x smaller than fp32, whole model "
+                               f"{size['total_ratio']:.1f}x)"))
+        rows.append(("next", f"bats eval {result['packed']}"))
+    for k, v in rows:
+        t.add_row(k, str(v))
+    return t
+
+
+@app.command("binarize")
+def binarize_command(
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(metavar="CHECKPOINT", help="A `bats train` checkpoint (last.safetensors or best.safetensors)."),
+    ],
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=0, rich_help_panel=FT, help="Fine-tuning epochs with binary weights; 0 = binarize only. Default 1.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", rich_help_panel=FT, help="Adam learning rate for fine-tuning (cosine to 0). Default 2e-4.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, rich_help_panel=FT, help="Default: the training run's.")] = None,
+    calibration_batches: Annotated[Optional[int], typer.Option("--calibration-batches", min=0, rich_help_panel=FT, help="Training batches to re-estimate BatchNorm statistics on after binarizing; 0 = off. Default 20.")] = None,
+    packed: Annotated[Optional[Path], typer.Option("-o", "--output", dir_okay=False, rich_help_panel=OUTPUT, help="Where to write the packed 1-bit artifact. Default OUT/model.packed.safetensors.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", file_okay=False, rich_help_panel=OUTPUT, help="Run directory. Default: a 'binarize' folder next to CHECKPOINT.")] = None,
+    keep_aux: Annotated[Optional[bool], typer.Option("--keep-aux", rich_help_panel=OUTPUT, help="Keep the auxiliary tower in the packed artifact (training only; dropped by default).")] = None,
+    data_dir: DataDirOpt = None,
+    subset: SubsetOpt = None,
+    seed: SeedOpt = None,
+    resume: ResumeOpt = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = None,
+    num_workers: NumWorkersOpt = None,
+    preset: BinarizePresetOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Binarize the weights of a trained network (sign(W) x per-channel scale), fine-tune, pack.
+
+    Reports top-1 before (step 1) and after; the data set, batch size and seed are the training
+    run's. Writes OUT/last.safetensors (kind binarize) and the packed artifact (-o FILE).
+
+    Example: bats binarize runs/tiny/last.safetensors -o tiny.packed.safetensors
+    """
+    from bats_cli.binarize import BINARIZE_PRESETS, BinarizeConfig, binarize
+    from bats_cli.config import resolve_config
+
+    overrides = {
+        "checkpoint": str(checkpoint), "epochs": epochs, "lr": lr, "batch_size": batch_size,
+        "calibration_batches": calibration_batches, "seed": seed,
+        "data_dir": str(data_dir) if data_dir is not None else None, "subset": subset,
+        "keep_aux": keep_aux, "device": device, "precision": precision,
+        "num_workers": num_workers,
+    }
+    cfg = resolve_config(BinarizeConfig, preset=preset, presets=BINARIZE_PRESETS, overrides=overrides)
+    result = binarize(cfg, out=out, packed=packed, resume=resume, quiet=quiet, preset=preset,
+                      overrides=overrides)
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        emit_result(result, as_json=as_json, table_fn=result_table)

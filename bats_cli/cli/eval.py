@@ -1,0 +1,73 @@
+"""`bats eval CHECKPOINT`: top-1 / top-5 on the test split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Mapping, Optional
+
+import typer
+
+from bats_cli.cli.app import app
+from bats_cli.cli.options import (
+    RUN,
+    DataDirOpt,
+    DatasetOpt,
+    DeviceOpt,
+    DownloadOpt,
+    ImageSizeOpt,
+    JsonOpt,
+    NumWorkersOpt,
+    PrecisionOpt,
+    SubsetOpt,
+    emit_result,
+)
+
+
+def result_table(result: Mapping[str, Any]) -> Any:
+    from rich.table import Table
+
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    rows = [
+        ("checkpoint", f"{result['checkpoint']} ({result['kind']}: {result['activations']} "
+                       f"activations, {result['weights']} weights)"),
+        ("dataset", f"{result['dataset']} test split, {result['images']} images"),
+        ("top-1", f"{result['top1']:.2f} %"),
+        ("top-5", f"{result['top5']:.2f} %"),
+        ("loss", f"{result['loss']:.4f}"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
+
+
+@app.command("eval")
+def eval_command(
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(metavar="CHECKPOINT", help="A train or binarize checkpoint, or a packed artifact."),
+    ],
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    download: DownloadOpt = None,
+    image_size: ImageSizeOpt = None,
+    subset: SubsetOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, rich_help_panel=RUN, help="Images per forward pass.")] = 256,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = None,
+    num_workers: NumWorkersOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Top-1 / top-5 of a checkpoint on the test split (default: the data set it was trained on).
+
+    Example: bats eval runs/tiny/binarize/model.packed.safetensors --json
+    """
+    from bats_cli.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        checkpoint, dataset=dataset, data_dir=data_dir, download=bool(download),
+        image_size=image_size, subset=subset, batch_size=batch_size, device=device,
+        precision=precision or "fp32", num_workers=num_workers or 0,
+    )
+    emit_result(result, as_json=as_json, table_fn=result_table)

@@ -1,0 +1,244 @@
+"""Top-1 / top-5 on a test split, for any model the pipeline writes (§4.3: "the fully binarized
+network is evaluated on the test set").
+
+Three kinds of file can be evaluated: a step-1 ``train`` checkpoint (binary activations, real
+weights), a ``binarize`` checkpoint (binary weights and activations, latent real weights kept)
+and a ``packed`` artifact (1-bit weights; unpacked into an exactly equivalent model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bats_cli.errors import UserInputError
+
+EVAL_KINDS = ("train", "binarize", "packed")
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    dataset,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    dist_info=None,
+    num_workers: int = 0,
+    return_predictions: bool = False,
+) -> dict[str, Any]:
+    """``{"images", "loss", "top1", "top5"}`` (percentages) of ``model`` in eval mode.
+
+    Under DDP every rank evaluates a contiguous shard and the counts are summed. ``top5`` is
+    top-min(5, classes). With ``return_predictions`` (single process) the arg-max class of every
+    image is returned too, in data set order.
+    """
+    from bats_cli.runtime import autocast, memory_format
+
+    device = torch.device(device)
+    world = dist_info.world if dist_info is not None else 1
+    rank = dist_info.rank if dist_info is not None else 0
+    n = len(dataset)
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    shard = dataset if world == 1 else torch.utils.data.Subset(dataset, range(lo, hi))
+    loader = torch.utils.data.DataLoader(
+        shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    fmt = memory_format(device, model, precision=precision)
+    was_training = model.training
+    model.eval()
+    loss_sum = correct1 = correct5 = seen = 0.0
+    predictions = []
+    try:
+        for x, y in loader:
+            x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+            y = y.to(device, non_blocking=True)
+            with autocast(device, precision):
+                logits = model(x)
+            if isinstance(logits, tuple):
+                logits = logits[0]
+            logits = logits.float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            hit = top == y[:, None]
+            correct1 += hit[:, 0].sum().item()
+            correct5 += hit.any(dim=1).sum().item()
+            seen += y.shape[0]
+            if return_predictions:
+                predictions.append(top[:, 0].cpu())
+    finally:
+        model.train(was_training)
+    if dist_info is not None and dist_info.enabled:
+        from bats_cli.train import _all_sum
+
+        loss_sum, correct1, correct5, seen = _all_sum(
+            [loss_sum, correct1, correct5, seen], dist_info, device
+        )
+    denom = max(seen, 1.0)
+    out: dict[str, Any] = {
+        "images": int(seen),
+        "loss": loss_sum / denom,
+        "top1": 100.0 * correct1 / denom,
+        "top5": 100.0 * correct5 / denom,
+    }
+    if return_predictions:
+        out["predictions"] = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+    return out
+
+
+@dataclass
+class LoadedModel:
+    """A model rebuilt from a checkpoint or packed artifact, with what the file records."""
+
+    model: nn.Module
+    meta: Any
+    settings: dict[str, Any]
+    data: dict[str, Any]
+    run: dict[str, Any]
+    genotype: Any
+
+
+def load_model(path: str | Path, *, command: str = "eval", kinds=EVAL_KINDS) -> LoadedModel:
+    """Rebuild the network a ``train`` / ``binarize`` / ``packed`` file describes, weights loaded."""
+    from bats_cli.checkpoint import check_kind, load_checkpoint, read_metadata
+    from bats_cli.train import build_from_settings, load_genotype_from_meta, load_model_tensors
+
+    meta = read_metadata(path)
+    check_kind(meta, kinds, command)
+    settings = meta.config.get("network")
+    if not isinstance(settings, dict):
+        raise UserInputError(f"{meta.path}: the checkpoint records no network settings")
+    genotype = load_genotype_from_meta(meta)
+    if meta.kind == "packed":
+        from bats_cli.pack import unpack
+
+        model, meta = unpack(meta.path)
+    else:
+        model = _build(genotype, settings, meta.path)
+        tensors, _ = load_checkpoint(meta.path)
+        load_model_tensors(model, tensors, meta.path)
+    model.eval()
+    return LoadedModel(
+        model=model, meta=meta, settings=settings, data=meta.config.get("data") or {},
+        run=meta.config.get("run") or {}, genotype=genotype,
+    )
+
+
+def _build(genotype, settings, path):
+    from bats_cli.train import build_from_settings
+
+    try:
+        return build_from_settings(genotype, settings)
+    except UserInputError as exc:
+        raise UserInputError(f"{path}: cannot rebuild its network: {exc}") from None
+
+
+def check_dataset(spec, settings: dict[str, Any], path: Path | str) -> None:
+    """UserInputError (one line) when the data set cannot feed the checkpoint's network."""
+    problems = []
+    if spec.num_classes != settings["num_classes"]:
+        problems.append(f"{spec.num_classes} classes, the network predicts {settings['num_classes']}")
+    if spec.in_channels != settings["in_channels"]:
+        problems.append(
+            f"{spec.in_channels}-channel images, the network takes {settings['in_channels']}"
+        )
+    if spec.network != settings["kind"]:
+        problems.append(
+            f"{spec.image_size} px images need the {spec.network} network, the checkpoint is a "
+            f"{settings['kind']} network"
+        )
+    if problems:
+        raise UserInputError(
+            f"dataset {spec.name} does not fit {path}: " + "; ".join(problems)
+        )
+
+
+def resolve_eval_data(loaded: LoadedModel, *, dataset: str | None, data_dir, image_size, path):
+    """(name, data_dir, image_size) to evaluate on: the recorded data set unless told otherwise."""
+    recorded = loaded.data.get("name")
+    name = dataset or recorded
+    if name is None:
+        raise UserInputError(f"{path} records no data set; give --dataset")
+    from bats_cli.data.spec import canonical_name
+
+    same = recorded is not None and canonical_name(name) == canonical_name(recorded)
+    if data_dir is None and same:
+        data_dir = loaded.run.get("data_dir") or loaded.data.get("data_dir")
+    if image_size is None and same:
+        image_size = loaded.data.get("image_size")
+    return name, data_dir, image_size
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    *,
+    dataset: str | None = None,
+    data_dir: str | Path | None = None,
+    download: bool = False,
+    image_size: int | None = None,
+    subset: int | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    precision: str = "fp32",
+    num_workers: int = 0,
+    return_predictions: bool = False,
+) -> dict[str, Any]:
+    """``bats eval``: top-1 / top-5 of a checkpoint or packed artifact on a test split."""
+    from bats_cli.data import AugmentConfig, build_datasets, describe_spec
+    from bats_cli.runtime import check_precision, select_device
+
+    path = Path(path)
+    dev = select_device(device)
+    check_precision(dev, precision)
+    loaded = load_model(path, command="eval")
+    name, data_dir, image_size = resolve_eval_data(
+        loaded, dataset=dataset, data_dir=data_dir, image_size=image_size, path=path
+    )
+    spec = describe_spec(name, data_dir, image_size)
+    check_dataset(spec, loaded.settings, path)
+    data = build_datasets(
+        name, data_dir=data_dir, download=download, subset=subset, image_size=image_size,
+        augment=AugmentConfig(), seed=int(loaded.run.get("seed", 0) or 0),
+    )
+    model = loaded.model.to(dev)
+    metrics = evaluate_model(
+        model, data.test, batch_size=batch_size, device=dev, precision=precision,
+        num_workers=num_workers, return_predictions=return_predictions,
+    )
+    s = loaded.settings
+    result = {
+        "command": "eval",
+        "checkpoint": str(path),
+        "kind": loaded.meta.kind,
+        "genotype": loaded.genotype.name,
+        "dataset": data.spec.name,
+        "split": "test",
+        "images": metrics["images"],
+        "top1": metrics["top1"],
+        "top5": metrics["top5"],
+        "loss": metrics["loss"],
+        "activations": "binary" if s.get("binary_activations") else "real",
+        "weights": "binary" if s.get("binary_weights") or loaded.meta.kind == "packed" else "real",
+    }
+    if return_predictions:
+        result["predictions"] = metrics["predictions"]
+    return result
+
+
+__all__ = [
+    "EVAL_KINDS",
+    "LoadedModel",
+    "check_dataset",
+    "evaluate_checkpoint",
+    "evaluate_model",
+    "load_model",
+    "resolve_eval_data",
+]
