@@ -1,0 +1,182 @@
+"""`bats search`: the BATS progressive architecture search (§4, §6.1)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any, Mapping, Optional
+
+import typer
+
+from bats_cli.cli.app import app
+from bats_cli.cli.options import (
+    DataDirOpt,
+    DatasetOpt,
+    DeviceOpt,
+    DownloadOpt,
+    ImageSizeOpt,
+    JsonOpt,
+    NumWorkersOpt,
+    OutOpt,
+    PrecisionOpt,
+    QuietOpt,
+    ResumeOpt,
+    SeedOpt,
+    SubsetOpt,
+    emit_result,
+    preset_option,
+)
+from bats_cli.errors import UserInputError
+
+SPACE = "Search space and strategy (§4.1, §4.3)"
+SCHED = "Progressive schedule (§6.1)"
+OPTIM = "Optimisation (§6.1; Appendix B with --real)"
+
+SearchPresetOpt = preset_option(("tiny", "small", "paper"))
+
+
+def _opt(*names: str, panel: str, **kw: Any) -> Any:
+    return typer.Option(*names, rich_help_panel=panel, **kw)
+
+
+def _int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.replace(" ", "").split(",") if v != "")
+    except ValueError:
+        raise UserInputError(f"{flag} {text!r}: expected comma-separated integers like 5,11,17") from None
+    if not values:
+        raise UserInputError(f"{flag}: expected comma-separated integers like 5,11,17")
+    return values
+
+
+def _betas(text: str | None, flag: str) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        a, b = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserInputError(f"{flag} {text!r}: expected two numbers like 0.5,0.999") from None
+    return a, b
+
+
+def result_table(result: Mapping[str, Any]) -> Any:
+    from rich.table import Table
+
+    from bats_cli.genotype import Genotype
+
+    g = Genotype.from_dict(result["genotype"])
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column(overflow="fold")
+    t.add_row("genotype", f"{result['genotype_path']} ({g.name})")
+    for cell in ("normal", "reduce"):
+        t.add_row(cell, " ".join(f"{op}<{src}" for op, src in g.cell(cell)))
+    share = result["parameter_free_share"]
+    t.add_row("parameter-free", f"normal {share['normal']:.2f}, reduce {share['reduce']:.2f}")
+    for s in result["stages"]:
+        t.add_row(f"stage {s['stage']}", f"{s['layers']} cells, {s['ops']} ops, {s['epochs']} epochs: "
+                                         f"{s['seconds']:.1f} s")
+    t.add_row("total", f"{result['total_seconds']:.1f} s")
+    t.add_row("checkpoint", result["checkpoint"])
+    t.add_row("next", f"bats train {result['genotype_path']}")
+    return t
+
+
+@app.command("search")
+def search_command(
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    download: DownloadOpt = None,
+    subset: SubsetOpt = None,
+    image_size: ImageSizeOpt = None,
+    space: Annotated[Optional[str], _opt("--space", panel=SPACE, help="bats (default, Table 1) or darts.")] = None,
+    weights: Annotated[Optional[str], _opt("--weights", panel=SPACE, help="real (default) or binary weights during the search.")] = None,
+    activations: Annotated[Optional[str], _opt("--activations", panel=SPACE, help="binary (default) or real activations during the search.")] = None,
+    real: Annotated[bool, _opt("--real", panel=SPACE, help="Real weights and activations (Appendix B): SGD lr 0.1, momentum 0.9, cosine.")] = False,
+    temp_normal: Annotated[Optional[float], _opt("--temp-normal", panel=SPACE, help="Softmax temperature of normal cells (default 0.2; 1 = DARTS).")] = None,
+    temp_reduce: Annotated[Optional[float], _opt("--temp-reduce", panel=SPACE, help="Softmax temperature of reduction cells (default 0.15).")] = None,
+    layers: Annotated[Optional[str], _opt("--layers", panel=SCHED, metavar="L1,L2,..", help="Cells per stage (default 5,11,17).")] = None,
+    ops: Annotated[Optional[str], _opt("--ops", panel=SCHED, metavar="K1,K2,..", help="Candidate ops per edge per stage (default 8,5,3).")] = None,
+    epochs: Annotated[Optional[int], _opt("--epochs", panel=SCHED, min=1, help="Epochs per stage (default 25).")] = None,
+    warmup: Annotated[Optional[int], _opt("--warmup", panel=SCHED, min=0, help="First epochs of each stage that train weights only (default 10).")] = None,
+    batch_size: Annotated[Optional[int], _opt("--batch-size", panel=SCHED, min=1, help="Default 96.")] = None,
+    channels: Annotated[Optional[int], _opt("--channels", panel=SCHED, min=2, help="Supernet width (default 18 = 6 groups x 3 channels).")] = None,
+    nodes: Annotated[Optional[int], _opt("--nodes", panel=SCHED, min=1, help="Intermediate nodes per cell (default 4).")] = None,
+    arch_lr: Annotated[Optional[float], _opt("--arch-lr", panel=OPTIM, help="Adam lr for alpha (default 6e-4).")] = None,
+    arch_wd: Annotated[Optional[float], _opt("--arch-wd", panel=OPTIM, help="Weight decay for alpha (default 1e-3).")] = None,
+    arch_betas: Annotated[Optional[str], _opt("--arch-betas", panel=OPTIM, metavar="B1,B2", help="Adam betas for alpha (default 0.5,0.999).")] = None,
+    optimizer: Annotated[Optional[str], _opt("--optimizer", panel=OPTIM, help="Weights: adam (default) or sgd (default with --real).")] = None,
+    lr: Annotated[Optional[float], _opt("--lr", panel=OPTIM, help="Weights lr (default 1e-3 Adam; 0.1 SGD).")] = None,
+    wd: Annotated[Optional[float], _opt("--wd", panel=OPTIM, help="Weights weight decay (default 3e-4).")] = None,
+    betas: Annotated[Optional[str], _opt("--betas", panel=OPTIM, metavar="B1,B2", help="Adam betas for the weights (default 0.9,0.999).")] = None,
+    momentum: Annotated[Optional[float], _opt("--momentum", panel=OPTIM, help="SGD momentum (default 0.9).")] = None,
+    lr_schedule: Annotated[Optional[str], _opt("--lr-schedule", panel=OPTIM, help="constant (default with Adam) or cosine per stage (default with SGD).")] = None,
+    lr_min: Annotated[Optional[float], _opt("--lr-min", panel=OPTIM, help="Cosine floor (default 1e-3).")] = None,
+    grad_clip: Annotated[Optional[float], _opt("--grad-clip", panel=OPTIM, help="Clip the weights' gradient norm (default 5, as DARTS).")] = None,
+    max_skip: Annotated[Optional[int], _opt("--max-skip", panel=SPACE, min=0, help="Cap skip connections in the final normal cell (P-DARTS; off by default).")] = None,
+    name: Annotated[Optional[str], _opt("--name", panel="Output", help="Genotype name (default: the run directory's name).")] = None,
+    mixed_op: Annotated[Optional[str], _opt("--mixed-op", panel="Run", help="fast (default) or reference implementation of the mixed op.")] = None,
+    threads: Annotated[Optional[int], _opt("--threads", panel="Run", min=1, help="CPU threads (default: torch's; presets tiny/small use 1, faster on a busy shared CPU).")] = None,
+    seed: SeedOpt = None,
+    out: OutOpt = None,
+    resume: ResumeOpt = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = None,
+    num_workers: NumWorkersOpt = None,
+    preset: SearchPresetOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Search a cell with BATS: 3 stages (5/11/17 cells, 8/5/3 ops), binary activations, T=0.2/0.15.
+
+    Writes OUT/genotype.json (for bats train / flops), OUT/last.safetensors (resumable; also
+    `bats derive` input), OUT/metrics.csv, OUT/alphas/*.json, OUT/genotypes/*.json.
+    Ctrl-C saves a checkpoint; rerun with --resume to continue at the same stage, epoch and step.
+
+    Example: bats search --preset tiny --out runs/search-tiny
+
+    Example: bats search --dataset imagefolder --data-dir ../shared/datasets/cifar10-mini
+    --preset small --out runs/c10mini
+    """
+    from bats_cli.config import resolve_config, resolve_resume_config
+    from bats_cli.runtime import Reporter
+    from bats_cli.search import SEARCH_PRESETS, SEARCH_RESUME_IGNORED, SearchConfig, run_search
+
+    if real:
+        for flag, value in (("--weights", weights), ("--activations", activations)):
+            if value not in (None, "real"):
+                raise UserInputError(f"--real contradicts {flag} {value}")
+        weights = activations = "real"
+    overrides = {
+        "dataset": dataset, "data_dir": str(data_dir) if data_dir is not None else None,
+        "download": download, "subset": subset, "image_size": image_size, "space": space,
+        "weights": weights, "activations": activations, "temp_normal": temp_normal,
+        "temp_reduce": temp_reduce, "layers": _int_list(layers, "--layers"),
+        "ops": _int_list(ops, "--ops"), "epochs": epochs, "warmup": warmup,
+        "batch_size": batch_size, "channels": channels, "nodes": nodes, "arch_lr": arch_lr,
+        "arch_wd": arch_wd, "arch_betas": _betas(arch_betas, "--arch-betas"),
+        "optimizer": optimizer, "lr": lr, "wd": wd, "betas": _betas(betas, "--betas"),
+        "momentum": momentum, "lr_schedule": lr_schedule, "lr_min": lr_min,
+        "grad_clip": grad_clip, "max_skip": max_skip, "name": name, "mixed_op": mixed_op,
+        "seed": seed, "device": device, "precision": precision, "num_workers": num_workers,
+        "threads": threads,
+    }
+    if out is None:
+        if resume:
+            raise UserInputError("--resume needs --out DIR (the run directory to continue)")
+        out = Path("runs") / time.strftime("search-%Y%m%d-%H%M%S")
+    last = out / "last.safetensors"
+    if resume and last.is_file():
+        from bats_cli.checkpoint import read_metadata
+
+        meta = read_metadata(last)
+        if meta.kind != "search":
+            raise UserInputError(f"{last} is a {meta.kind} checkpoint; `bats search --resume` needs a search run")
+        cfg = resolve_resume_config(SearchConfig, meta.config, preset=preset, presets=SEARCH_PRESETS,
+                                    overrides=overrides, ignore=SEARCH_RESUME_IGNORED)
+    else:
+        cfg = resolve_config(SearchConfig, preset=preset, presets=SEARCH_PRESETS, overrides=overrides)
+    result = run_search(cfg, out_dir=out, resume=resume, reporter=Reporter(quiet=quiet))
+    emit_result(result.to_dict(), as_json=as_json, table_fn=result_table)

@@ -1,0 +1,861 @@
+"""The BATS search (§4, §6.1): progressive, temperature-regularised, binary-activation DARTS.
+
+Three stages (P-DARTS): 5, 11, 17 cells with 8, 5, 3 candidate ops per edge. Each stage builds a
+fresh supernet over the surviving candidates, trains 25 epochs (the first 10 weights only) with
+first-order bilevel optimisation on the 50/50 split of the training set, then drops the weakest
+ops of every edge by softmax weight. The last stage's weights give the genotype (DARTS rule).
+
+Per step of a search epoch: one architecture step (Adam on α, architecture-half batch), then one
+weight step (weights, weight-half batch). Warm-up epochs do only the weight step.
+
+The paper does not give the search width. 16 channels (DARTS) cannot hold the 3 channels per
+group of §4.1, so the default is 18 = 6 groups × 3, the nearest to DARTS' 16.
+
+Library entry point: :func:`run_search`. A run directory holds ``config.json``, ``metrics.csv``,
+``last.safetensors`` (resumable, kind "search"), ``stageK.safetensors`` (end of each stage),
+``alphas/stageK_epochNN.json``, ``genotypes/stageK_epochNN.json``, ``genotypes/stageK.json``,
+``genotype.json`` and ``result.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from bats_cli.config import RESUME_IGNORED_KEYS, RunConfig, check_resume_config
+from bats_cli.derive import (
+    ARCH_STATE_KEY,
+    derive_genotype,
+    edge_entropy,
+    edge_report,
+    genotype_summary,
+    parameter_free_share,
+    safe_name,
+    skip_count,
+)
+from bats_cli.errors import RunFailure, UserInputError
+from bats_cli.genotype import Genotype
+from bats_cli.quant import BinarySpec
+from bats_cli.spaces import get_space
+
+SEARCH_STATE_KEY = "search_state"
+OPTIM_W_KEY = "optim_w"
+OPTIM_A_KEY = "optim_a"
+RESULT_NAME = "result.json"
+GENOTYPE_NAME = "genotype.json"
+# Settings that may change when a run is resumed (where/how it runs, not what it searches).
+SEARCH_RESUME_IGNORED = RESUME_IGNORED_KEYS | {"threads"}
+
+# Presets: paper defaults < preset < explicit flags.
+SEARCH_PRESETS: dict[str, dict[str, Any]] = {
+    # The whole 3-stage search on the embedded fashion-mini in about a minute on 2 CPU cores.
+    "tiny": {
+        "subset": 320,
+        "image_size": 16,
+        "batch_size": 32,
+        "epochs": 2,
+        "warmup": 1,
+        "channels": 6,
+        "layers": (3, 4, 5),
+        # Tiny tensors gain nothing from more threads, and lose a lot on a busy shared CPU.
+        "threads": 1,
+    },
+    # About 5 minutes on 2 busy CPU cores: e.g. --dataset imagefolder --data-dir
+    # ../shared/datasets/cifar10-mini (960 images at 16 px, 15 steps per epoch).
+    "small": {
+        "subset": 960,
+        "image_size": 16,
+        "batch_size": 32,
+        "epochs": 4,
+        "warmup": 1,
+        "channels": 6,
+        "layers": (5, 6, 8),
+        "threads": 1,
+    },
+    # The paper's numbers (§6.1), spelled out.
+    "paper": {},
+}
+
+
+def _default_mixed_op() -> str:
+    from bats_cli.supernet import SupernetConfig
+
+    return SupernetConfig().mixed_op
+
+
+class SearchConfig(RunConfig):
+    """Every number of the search; defaults are the paper's (§6.1, §4.3, Appendix B for --real)."""
+
+    # data
+    dataset: str = "fashion-mini"
+    data_dir: str | None = None
+    download: bool = False
+    subset: int | None = Field(None, ge=4)
+    image_size: int | None = Field(None, ge=8)
+    seed: int = Field(0, ge=0)
+    # search space and strategy (§4.1, §4.3, Table 4)
+    space: Literal["bats", "darts"] = "bats"
+    weights: Literal["real", "binary"] = "real"
+    activations: Literal["real", "binary"] = "binary"
+    # progressive schedule (§6.1, after P-DARTS)
+    layers: tuple[int, ...] = (5, 11, 17)
+    ops: tuple[int, ...] = (8, 5, 3)
+    epochs: int = Field(25, ge=1)
+    warmup: int = Field(10, ge=0)
+    batch_size: int = Field(96, ge=1)
+    channels: int = Field(18, ge=2)
+    nodes: int = Field(4, ge=1)
+    channels_per_group: int = Field(3, ge=1)
+    activation: Literal["prelu", "relu", "none"] = "prelu"
+    temp_normal: float = Field(0.2, gt=0)
+    temp_reduce: float = Field(0.15, gt=0)
+    # architecture optimiser: Adam (§6.1)
+    arch_lr: float = Field(6e-4, gt=0)
+    arch_wd: float = Field(1e-3, ge=0)
+    arch_betas: tuple[float, float] = (0.5, 0.999)
+    # weight optimiser: Adam (§6.1); SGD momentum 0.9, lr 0.1 with --real (Appendix B)
+    optimizer: Literal["adam", "sgd"] | None = None
+    lr: float | None = Field(None, gt=0)
+    wd: float | None = Field(None, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(0.9, ge=0)
+    lr_schedule: Literal["constant", "cosine"] | None = None
+    lr_min: float = Field(1e-3, ge=0)
+    grad_clip: float | None = Field(5.0, gt=0)
+    # derivation
+    max_skip: int | None = Field(None, ge=0)
+    name: str | None = None
+    # implementation
+    mixed_op: Literal["fast", "reference"] | None = None
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    num_workers: int = Field(0, ge=0)
+    # CPU threads for this run (None: torch's default). Not part of what is searched.
+    threads: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strategy_defaults(cls, data: Any) -> Any:
+        """Fill what depends on other settings: --real switches to SGD lr 0.1 (Appendix B)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        real = data.get("weights", "real") == "real" and data.get("activations", "binary") == "real"
+        if data.get("optimizer") is None:
+            data["optimizer"] = "sgd" if real else "adam"
+        sgd = data["optimizer"] == "sgd"
+        if data.get("lr") is None:
+            data["lr"] = 0.1 if sgd else 1e-3
+        if data.get("wd") is None:
+            data["wd"] = 3e-4
+        if data.get("lr_schedule") is None:
+            # The paper gives no schedule for Adam (constant); SGD follows DARTS (cosine).
+            data["lr_schedule"] = "cosine" if sgd else "constant"
+        if data.get("mixed_op") is None:
+            data["mixed_op"] = _default_mixed_op()
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchConfig:
+        n_space = len(get_space(self.space).candidates)
+        if len(self.layers) != len(self.ops) or not self.layers:
+            raise ValueError(
+                f"--layers and --ops need one value per stage: got {len(self.layers)} and {len(self.ops)}"
+            )
+        if any(n < 3 for n in self.layers):
+            raise ValueError(
+                f"--layers {','.join(map(str, self.layers))}: every stage needs at least 3 cells "
+                "(reductions sit at 1/3 and 2/3 of the depth; fewer leave no normal cell to search)"
+            )
+        if self.ops[0] != n_space:
+            raise ValueError(
+                f"--ops: the first stage searches all {n_space} ops of the {self.space!r} space, "
+                f"got {self.ops[0]}"
+            )
+        if any(b > a for a, b in zip(self.ops, self.ops[1:])):
+            raise ValueError(f"--ops must not grow from stage to stage, got {list(self.ops)}")
+        if self.ops[-1] < 2:
+            raise ValueError("--ops: the last stage needs at least 2 ops per edge")
+        if self.warmup >= self.epochs:
+            raise ValueError(
+                f"--warmup {self.warmup} leaves no epoch that updates the architecture "
+                f"(--epochs {self.epochs})"
+            )
+        if self.channels % 2:
+            raise ValueError(f"--channels {self.channels}: must be even (factorized reduce)")
+        if self.space == "bats" and self.channels % self.channels_per_group:
+            raise ValueError(
+                f"--channels {self.channels} cannot be split into groups of "
+                f"{self.channels_per_group} channels; use a multiple of {self.channels_per_group}"
+            )
+        if self.optimizer == "sgd" and self.lr_schedule == "cosine" and self.lr_min > (self.lr or 0):
+            raise ValueError(f"--lr-min {self.lr_min} is above --lr {self.lr}")
+        if self.mixed_op not in ("fast", "reference"):
+            raise ValueError(f"mixed op must be fast or reference, got {self.mixed_op!r}")
+        return self
+
+    @property
+    def spec(self) -> BinarySpec:
+        return BinarySpec.parse(weights=self.weights, activations=self.activations)
+
+    @property
+    def stages(self) -> int:
+        return len(self.layers)
+
+    def strategy(self) -> str:
+        return f"W {self.weights} / A {self.activations}"
+
+
+# ---- pure helpers ------------------------------------------------------------------------------
+
+
+def drop_weakest_ops(
+    weights: torch.Tensor | Sequence[Sequence[float]],
+    candidates: Sequence[Sequence[str]],
+    keep: int,
+) -> list[list[str]]:
+    """Keep the ``keep`` strongest ops of every edge (by softmax weight), in their original order.
+
+    Ties go to the op listed first. Every edge keeps exactly ``keep`` ops.
+    """
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    out = []
+    for e, ops in enumerate(candidates):
+        if keep > len(ops):
+            raise ValueError(f"edge {e}: cannot keep {keep} of {len(ops)} ops")
+        ranked = sorted(range(len(ops)), key=lambda k: (-float(w[e, k]), k))[:keep]
+        out.append([ops[k] for k in sorted(ranked)])
+    return out
+
+
+def cosine_lr(base: float, minimum: float, epoch: int, epochs: int) -> float:
+    return minimum + 0.5 * (base - minimum) * (1 + math.cos(math.pi * epoch / epochs))
+
+
+# ---- results -----------------------------------------------------------------------------------
+
+
+@dataclass
+class StageResult:
+    stage: int
+    layers: int
+    ops: int
+    epochs: int
+    seconds: float
+    genotype_path: str | None = None
+    candidates_after: int | None = None
+
+
+@dataclass
+class SearchResult:
+    out_dir: Path
+    genotype: Genotype
+    genotype_path: Path
+    checkpoint: Path
+    stages: list[StageResult]
+    total_seconds: float
+    parameter_free_share: dict[str, float] = field(default_factory=dict)
+    skips: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out_dir": str(self.out_dir),
+            "genotype_path": str(self.genotype_path),
+            "genotype": self.genotype.to_dict(),
+            "checkpoint": str(self.checkpoint),
+            "stage_seconds": [round(s.seconds, 3) for s in self.stages],
+            "stages": [
+                {
+                    "stage": s.stage,
+                    "layers": s.layers,
+                    "ops": s.ops,
+                    "epochs": s.epochs,
+                    "seconds": round(s.seconds, 3),
+                    "genotype_path": s.genotype_path,
+                }
+                for s in self.stages
+            ],
+            "total_seconds": round(self.total_seconds, 3),
+            "parameter_free_share": self.parameter_free_share,
+            "skip_connections": self.skips,
+        }
+
+
+# ---- the searcher ------------------------------------------------------------------------------
+
+
+class _NoInterrupt:
+    requested = False
+
+    def raise_if_requested(self, save_fn=None) -> None:
+        return None
+
+
+@dataclass
+class _Accum:
+    """Running sums of the current epoch (kept in checkpoints so a resumed epoch reports all of it)."""
+
+    w_loss: float = 0.0
+    w_correct: int = 0
+    w_count: int = 0
+    a_loss: float = 0.0
+    a_correct: int = 0
+    a_count: int = 0
+    seconds: float = 0.0
+
+    def metrics(self) -> dict[str, float | None]:
+        return {
+            "train_loss": self.w_loss / self.w_count if self.w_count else None,
+            "train_acc": self.w_correct / self.w_count if self.w_count else None,
+            "arch_loss": self.a_loss / self.a_count if self.a_count else None,
+            "arch_acc": self.a_correct / self.a_count if self.a_count else None,
+        }
+
+
+class Searcher:
+    """One search run: stages, epochs, steps, checkpoints. Use :func:`run_search`."""
+
+    def __init__(self, config: SearchConfig, *, run, reporter, interrupt, device: torch.device,
+                 data, in_channels: int, num_classes: int) -> None:
+        self.cfg = config
+        self.run = run
+        self.reporter = reporter
+        self.interrupt = interrupt
+        self.device = device
+        self.weight_half, self.arch_half = data
+        self.space = get_space(config.space)
+        self.in_channels, self.num_classes = in_channels, num_classes
+        self.run_name = safe_name(config.name or run.path.name)
+        self.stage = 0
+        self.epoch = 0
+        self.step = 0
+        self.accum = _Accum()
+        self.stage_seconds: list[float] = [0.0] * config.stages
+        self.finished = False
+        self.model = None
+        self.opt_w = None
+        self.opt_a = None
+        n_edges = len(_edge_list(config.nodes))
+        full = [list(self.space.candidates) for _ in range(n_edges)]
+        self.candidates_normal = full
+        self.candidates_reduce = [list(ops) for ops in full]
+        bs = config.batch_size
+        self.steps_per_epoch = min(len(self.weight_half) // bs, len(self.arch_half) // bs)
+        if self.steps_per_epoch < 1:
+            raise UserInputError(
+                f"--batch-size {bs} is larger than each half of the training set "
+                f"({len(self.arch_half)} images for the architecture, {len(self.weight_half)} for the "
+                "weights); lower --batch-size or raise --subset"
+            )
+        self._segment_start = time.perf_counter()
+
+    # -- building ---------------------------------------------------------------------------
+    def build_stage(self, in_channels: int, num_classes: int) -> None:
+        """A fresh supernet and optimisers for the current stage and candidate lists."""
+        from bats_cli.supernet import SuperNet, SupernetConfig
+        from bats_cli.data import derive_seed
+
+        cfg = self.cfg
+        # Each stage's initialisation depends on (seed, stage) only, so resuming never shifts it.
+        torch.manual_seed(derive_seed(cfg.seed, 7001, self.stage))
+        sconf = SupernetConfig(
+            space=cfg.space, channels=cfg.channels, layers=cfg.layers[self.stage],
+            num_classes=num_classes, in_channels=in_channels, steps=cfg.nodes, spec=cfg.spec,
+            temperature_normal=cfg.temp_normal, temperature_reduce=cfg.temp_reduce,
+            activation=cfg.activation, channels_per_group=cfg.channels_per_group,
+            mixed_op=cfg.mixed_op,
+        )
+        try:
+            model = SuperNet(sconf, candidates_normal=self.candidates_normal,
+                             candidates_reduce=self.candidates_reduce)
+        except ImportError as exc:  # the fast mixed op is optional
+            raise UserInputError(f"mixed op {cfg.mixed_op!r} is not available ({exc})") from None
+        self.model = model.to(self.device)
+        self.in_channels, self.num_classes = in_channels, num_classes
+        if cfg.optimizer == "adam":
+            self.opt_w = torch.optim.Adam(self.model.weight_parameters(), lr=cfg.lr, betas=cfg.betas,
+                                          weight_decay=cfg.wd)
+        else:
+            self.opt_w = torch.optim.SGD(self.model.weight_parameters(), lr=cfg.lr,
+                                         momentum=cfg.momentum, weight_decay=cfg.wd)
+        self.opt_a = torch.optim.Adam(self.model.arch_parameters(), lr=cfg.arch_lr,
+                                      betas=cfg.arch_betas, weight_decay=cfg.arch_wd)
+        from bats_cli.runtime import make_grad_scaler
+
+        self.scaler_w = make_grad_scaler(self.device, cfg.precision)
+        self.scaler_a = make_grad_scaler(self.device, cfg.precision)
+        self._segment_start = time.perf_counter()
+
+    # -- steps ------------------------------------------------------------------------------
+    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+        from bats_cli.runtime import autocast
+
+        with autocast(self.device, self.cfg.precision):
+            logits = self.model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        if not torch.isfinite(loss):
+            raise RunFailure(
+                f"the loss became {loss.item()} in stage {self.stage + 1}, epoch {self.epoch + 1}, "
+                f"step {self.step + 1}; lower --lr or --arch-lr"
+            )
+        return loss, int((logits.argmax(1) == y).sum())
+
+    def arch_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        """First-order DARTS: one Adam step on α from an architecture-half batch (weights untouched)."""
+        params = self.model.arch_parameters()
+        loss, correct = self._forward(x, y)
+        # Gradients for α only: the weights' gradients would be thrown away anyway.
+        grads = torch.autograd.grad(self.scaler_a.scale(loss), params, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = g  # None (skipped by Adam) for a cell type the network does not contain
+        self.scaler_a.step(self.opt_a)
+        self.scaler_a.update()
+        self.opt_a.zero_grad(set_to_none=True)
+        return float(loss.detach()), correct
+
+    def weight_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        """One step on the network weights from a weight-half batch (α untouched)."""
+        params = self.model.weight_parameters()
+        self.opt_w.zero_grad(set_to_none=True)
+        loss, correct = self._forward(x, y)
+        self.scaler_w.scale(loss).backward(inputs=params)
+        if self.cfg.grad_clip:
+            self.scaler_w.unscale_(self.opt_w)
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        self.scaler_w.step(self.opt_w)
+        self.scaler_w.update()
+        self.opt_w.zero_grad(set_to_none=True)
+        return float(loss.detach()), correct
+
+    # -- loop -------------------------------------------------------------------------------
+    def _loaders(self, search: bool):
+        from bats_cli.data import derive_seed, make_loader
+
+        cfg = self.cfg
+        common = dict(batch_size=cfg.batch_size, shuffle=True, epoch=self.epoch,
+                      skip_batches=self.step, num_workers=cfg.num_workers, drop_last=True,
+                      pin_memory=self.device.type == "cuda")
+        w = make_loader(self.weight_half, seed=derive_seed(cfg.seed, 1, self.stage), **common)
+        a = make_loader(self.arch_half, seed=derive_seed(cfg.seed, 2, self.stage), **common) if search else None
+        return w, a
+
+    def _set_lr(self) -> float:
+        cfg = self.cfg
+        lr = cfg.lr if cfg.lr_schedule == "constant" else cosine_lr(cfg.lr, cfg.lr_min, self.epoch, cfg.epochs)
+        for group in self.opt_w.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def train_epoch(self) -> None:
+        cfg = self.cfg
+        search = self.epoch >= cfg.warmup
+        lr = self._set_lr()
+        stage_txt = f"stage {self.stage + 1}/{cfg.stages} ({cfg.layers[self.stage]} cells, {cfg.ops[self.stage]} ops)"
+        desc = f"{stage_txt} epoch {self.epoch + 1}/{cfg.epochs}" + ("" if search else " warm-up")
+        self.model.train()
+        w_loader, a_loader = self._loaders(search)
+        a_iter = iter(a_loader) if a_loader is not None else None
+        with self.reporter.epoch(desc, self.steps_per_epoch) as bar:
+            if self.step:  # resumed mid-epoch: the bar and its metrics continue from the checkpoint
+                done = {_short(k): v for k, v in self.accum.metrics().items() if v is not None}
+                bar.update(self.step, **done)
+            for xw, yw in w_loader:
+                if self.step >= self.steps_per_epoch:
+                    break
+                if a_iter is not None:
+                    xa, ya = next(a_iter)
+                    xa, ya = xa.to(self.device, non_blocking=True), ya.to(self.device, non_blocking=True)
+                    a_loss, a_correct = self.arch_step(xa, ya)
+                    self.accum.a_loss += a_loss * len(ya)
+                    self.accum.a_correct += a_correct
+                    self.accum.a_count += len(ya)
+                xw, yw = xw.to(self.device, non_blocking=True), yw.to(self.device, non_blocking=True)
+                w_loss, w_correct = self.weight_step(xw, yw)
+                self.accum.w_loss += w_loss * len(yw)
+                self.accum.w_correct += w_correct
+                self.accum.w_count += len(yw)
+                self.step += 1
+                metrics = {k: v for k, v in self.accum.metrics().items() if v is not None}
+                bar.update(1, **{_short(k): v for k, v in metrics.items()})
+                self.interrupt.raise_if_requested(save_fn=self._save_interrupted)
+            bar.set(lr=lr)
+        self._flush_time()
+        self.end_epoch(lr, search)
+
+    def _flush_time(self) -> None:
+        now = time.perf_counter()
+        elapsed = now - self._segment_start
+        self.accum.seconds += elapsed
+        self.stage_seconds[self.stage] += elapsed
+        self._segment_start = now
+
+    def _save_interrupted(self) -> Path:
+        self._flush_time()
+        return self.save(self.run.last)
+
+    # -- per-epoch outputs ------------------------------------------------------------------
+    def current_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            return (self.model.edge_weights(False).detach().double().cpu(),
+                    self.model.edge_weights(True).detach().double().cpu())
+
+    def current_genotype(self, *, name: str | None = None, final: bool = False) -> Genotype:
+        wn, wr = self.current_weights()
+        cfg = self.cfg
+        data_txt = cfg.dataset + (f" ({cfg.data_dir})" if cfg.data_dir else "")
+        source = (
+            f"bats search on {data_txt}, seed {cfg.seed}, run {self.run_name}: stage {self.stage + 1}/"
+            f"{cfg.stages}, epoch {self.epoch}/{cfg.epochs}"
+        )
+        notes = (
+            f"BATS progressive search (§6.1): space {cfg.space}, search with {cfg.strategy()}, "
+            f"T_normal={cfg.temp_normal:g}, T_reduce={cfg.temp_reduce:g}, layers "
+            f"{','.join(map(str, cfg.layers))}, ops {','.join(map(str, cfg.ops))}, {cfg.epochs} epochs "
+            f"({cfg.warmup} warm-up) per stage, batch {cfg.batch_size}, {cfg.channels} channels; "
+            "DARTS rule on the last stage's softmax(alpha/T)"
+            + (f"; skips in the normal cell capped at {cfg.max_skip}" if cfg.max_skip is not None else "")
+        )
+        return derive_genotype(
+            wn, wr, self.candidates_normal, self.candidates_reduce, steps=cfg.nodes, space=cfg.space,
+            max_skip=cfg.max_skip if final else None, name=name or self.run_name,
+            source=source, notes=notes,
+        )
+
+    def _tag(self, epoch: int | None = None) -> str:
+        width = max(2, len(str(self.cfg.epochs)))
+        e = self.epoch if epoch is None else epoch
+        return f"stage{self.stage + 1}_epoch{e:0{width}d}"
+
+    def write_alphas(self, genotype: Genotype, phase: str) -> dict[str, Any]:
+        """alphas/stageK_epochNN.json: softmax weights, α, entropy per edge; parameter-free share."""
+        wn, wr = self.current_weights()
+        steps = self.cfg.nodes
+        ent_n, ent_r = edge_entropy(wn), edge_entropy(wr)
+        share = parameter_free_share(genotype)
+        doc = {
+            "stage": self.stage + 1,
+            "epoch": self.epoch,
+            "phase": phase,
+            "layers": self.cfg.layers[self.stage],
+            "ops_per_edge": len(self.candidates_normal[0]),
+            "temperature_normal": round(float(self.model.temperature_normal), 6),
+            "temperature_reduce": round(float(self.model.temperature_reduce), 6),
+            "entropy_mean": {"normal": float(ent_n.mean()), "reduce": float(ent_r.mean())},
+            "entropy_max": math.log(len(self.candidates_normal[0])),
+            "parameter_free_share": share,
+            "skip_connections": skip_count(genotype),
+            "genotype": genotype.to_dict(),
+            "normal": edge_report(wn, self.candidates_normal, steps, self.model.alpha_normal.detach().cpu()),
+            "reduce": edge_report(wr, self.candidates_reduce, steps, self.model.alpha_reduce.detach().cpu()),
+        }
+        self.run.write_json(f"alphas/{self._tag()}.json", doc)
+        return doc
+
+    def end_epoch(self, lr: float, search: bool) -> None:
+        cfg = self.cfg
+        self.epoch += 1
+        self.step = 0
+        genotype = self.current_genotype(name=f"{self.run_name}_{self._tag()}")
+        genotype.save(self.run.path / "genotypes" / f"{self._tag()}.json")
+        doc = self.write_alphas(genotype, "search" if search else "warm-up")
+        wn, wr = self.current_weights()
+        ent_n, ent_r = edge_entropy(wn), edge_entropy(wr)
+        hmax = math.log(len(self.candidates_normal[0]))
+        row: dict[str, Any] = {
+            "epoch": self.global_epoch(),
+            "stage": self.stage + 1,
+            "stage_epoch": self.epoch,
+            "layers": cfg.layers[self.stage],
+            "ops": len(self.candidates_normal[0]),
+            "phase": "search" if search else "warm-up",
+            "lr": lr,
+            **self.accum.metrics(),
+            "seconds": round(self.accum.seconds, 3),
+            "entropy_normal": float(ent_n.mean()),
+            "entropy_reduce": float(ent_r.mean()),
+            "entropy_normal_rel": float(ent_n.mean()) / hmax if hmax else 0.0,
+            "entropy_reduce_rel": float(ent_r.mean()) / hmax if hmax else 0.0,
+            "param_free_normal": doc["parameter_free_share"]["normal"],
+            "param_free_reduce": doc["parameter_free_share"]["reduce"],
+            "skip_normal": doc["skip_connections"]["normal"],
+            "skip_reduce": doc["skip_connections"]["reduce"],
+            "genotype": genotype_summary(genotype),
+        }
+        for e, (src, dst) in enumerate(_edge_list(cfg.nodes)):
+            row[f"entropy_normal_{src}_{dst}"] = round(float(ent_n[e]), 6)
+        for e, (src, dst) in enumerate(_edge_list(cfg.nodes)):
+            row[f"entropy_reduce_{src}_{dst}"] = round(float(ent_r[e]), 6)
+        self.run.append_metrics(row)
+        self.accum = _Accum()
+        self._flush_time()  # the stage's time includes derivation and file writing
+        self.save(self.run.last)
+        self.reporter.line(
+            f"  H(normal)={row['entropy_normal']:.3f} H(reduce)={row['entropy_reduce']:.3f} "
+            f"param-free={row['param_free_normal']:.2f}/{row['param_free_reduce']:.2f}  "
+            f"{genotype_summary(genotype)}"
+        )
+        self.interrupt.raise_if_requested(save_fn=lambda: self.run.last)
+
+    def global_epoch(self) -> int:
+        return self.stage * self.cfg.epochs + self.epoch
+
+    # -- stages -----------------------------------------------------------------------------
+    def end_stage(self) -> StageResult:
+        """Stage outputs; then the weakest ops of every edge are dropped for the next stage."""
+        cfg = self.cfg
+        genotype = self.current_genotype(name=f"{self.run_name}_stage{self.stage + 1}")
+        gpath = self.run.path / "genotypes" / f"stage{self.stage + 1}.json"
+        genotype.save(gpath)
+        stage_ckpt = self.run.path / f"stage{self.stage + 1}.safetensors"
+        shutil.copyfile(self.run.last, stage_ckpt.with_suffix(".safetensors.tmp"))
+        Path(stage_ckpt.with_suffix(".safetensors.tmp")).replace(stage_ckpt)
+        result = StageResult(
+            stage=self.stage + 1, layers=cfg.layers[self.stage], ops=cfg.ops[self.stage],
+            epochs=cfg.epochs, seconds=self.stage_seconds[self.stage],
+            genotype_path=str(gpath),
+        )
+        self.reporter.line(
+            f"stage {self.stage + 1}/{cfg.stages} done in {self.stage_seconds[self.stage]:.1f} s: "
+            f"{genotype_summary(genotype)}"
+        )
+        return result
+
+    def advance_stage(self) -> None:
+        cfg = self.cfg
+        keep = cfg.ops[self.stage + 1]
+        wn, wr = self.current_weights()
+        self.candidates_normal = drop_weakest_ops(wn, self.candidates_normal, keep)
+        self.candidates_reduce = drop_weakest_ops(wr, self.candidates_reduce, keep)
+        self.stage += 1
+        self.epoch = 0
+        self.step = 0
+        self.accum = _Accum()
+        self.reporter.line(
+            f"stage {self.stage + 1}/{cfg.stages}: {cfg.layers[self.stage]} cells, {keep} ops per edge"
+        )
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def arch_state(self) -> dict[str, Any]:
+        state = self.model.arch_state()
+        state["stage"] = self.stage
+        state["run_name"] = self.run_name
+        return state
+
+    def save(self, path: Path) -> Path:
+        from bats_cli.checkpoint import optimizer_state_tensors, save_checkpoint, state_to_json
+        from bats_cli.runtime import rng_state_tensors
+
+        named = dict(self.model.named_parameters())
+        tensors = {f"model.{k}": v.detach().cpu() for k, v in self.model.state_dict().items()}
+        ow, ow_json = optimizer_state_tensors(self.opt_w, named, prefix="optim_w.")
+        oa, oa_json = optimizer_state_tensors(self.opt_a, named, prefix="optim_a.")
+        tensors.update({k: v.detach().cpu() for k, v in {**ow, **oa}.items()})
+        tensors.update(rng_state_tensors())
+        state = {
+            "stage": self.stage,
+            "epoch": self.epoch,
+            "step": self.step,
+            "global_epoch": self.global_epoch(),
+            "steps_per_epoch": self.steps_per_epoch,
+            "stage_seconds": self.stage_seconds,
+            "accum": self.accum.__dict__,
+            "finished": self.finished,
+            "in_channels": self.in_channels,
+            "num_classes": self.num_classes,
+            "scaler_w": state_to_json(self.scaler_w.state_dict()),
+            "scaler_a": state_to_json(self.scaler_a.state_dict()),
+        }
+        genotype = self.current_genotype()
+        return save_checkpoint(
+            path, tensors, kind="search", config=self.cfg.model_dump(mode="json"),
+            epoch=self.epoch, step=self.step, genotype_json=json.dumps(genotype.to_dict()),
+            extra={
+                ARCH_STATE_KEY: json.dumps(self.arch_state()),
+                SEARCH_STATE_KEY: json.dumps(state),
+                OPTIM_W_KEY: ow_json,
+                OPTIM_A_KEY: oa_json,
+                "stage": str(self.stage + 1),
+            },
+        )
+
+    def load(self, path: Path) -> None:
+        from bats_cli.checkpoint import load_checkpoint, load_optimizer_state, state_from_json
+        from bats_cli.runtime import restore_rng_state
+
+        tensors, meta = load_checkpoint(path, expect_kind="search", command="search")
+        check_resume_config(meta.config, self.cfg, ignore=SEARCH_RESUME_IGNORED)
+        try:
+            state = json.loads(meta.extra[SEARCH_STATE_KEY])
+            arch = json.loads(meta.extra[ARCH_STATE_KEY])
+            self.stage = int(state["stage"])
+            self.epoch = int(state["epoch"])
+            self.step = int(state["step"])
+            self.stage_seconds = [float(s) for s in state["stage_seconds"]]
+            self.accum = _Accum(**state["accum"])
+            self.finished = bool(state.get("finished", False))
+            self.candidates_normal = [list(ops) for ops in arch["candidates_normal"]]
+            self.candidates_reduce = [list(ops) for ops in arch["candidates_reduce"]]
+            in_channels, num_classes = int(state["in_channels"]), int(state["num_classes"])
+            saved_steps = int(state["steps_per_epoch"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise UserInputError(f"{path}: cannot resume, incomplete search state ({exc})") from None
+        if saved_steps != self.steps_per_epoch:
+            raise UserInputError(
+                f"cannot resume: the data gives {self.steps_per_epoch} steps per epoch, the run had "
+                f"{saved_steps} (did the data set change?)"
+            )
+        if (in_channels, num_classes) != (self.in_channels, self.num_classes):
+            raise UserInputError(
+                f"cannot resume: the data has {self.in_channels} channels / {self.num_classes} classes, "
+                f"the run had {in_channels} / {num_classes}"
+            )
+        self.build_stage(in_channels, num_classes)
+        model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            self.model.load_state_dict(model_sd)
+        except RuntimeError as exc:
+            raise UserInputError(f"{path}: cannot resume, the supernet does not match ({str(exc).splitlines()[0]})") from None
+        named = dict(self.model.named_parameters())
+        load_optimizer_state(self.opt_w, named, tensors, meta.extra[OPTIM_W_KEY], prefix="optim_w.")
+        load_optimizer_state(self.opt_a, named, tensors, meta.extra[OPTIM_A_KEY], prefix="optim_a.")
+        self.scaler_w.load_state_dict(state_from_json(state["scaler_w"]))
+        self.scaler_a.load_state_dict(state_from_json(state["scaler_a"]))
+        restore_rng_state(tensors)
+        self.run.resumed_at(self.global_epoch())
+
+
+def _short(key: str) -> str:
+    return {"train_loss": "w_loss", "train_acc": "w_acc", "arch_loss": "a_loss", "arch_acc": "a_acc"}.get(key, key)
+
+
+def _edge_list(steps: int) -> list[tuple[int, int]]:
+    from bats_cli.derive import edge_endpoints
+
+    return edge_endpoints(steps)
+
+
+def load_search_data(config: SearchConfig):
+    """(weight half, architecture half, spec) of the training set, DARTS 50/50 split."""
+    from bats_cli.data import AugmentConfig, build_datasets, search_split
+
+    data = build_datasets(
+        config.dataset, data_dir=config.data_dir, download=config.download, subset=config.subset,
+        image_size=config.image_size,
+        # DARTS searches with crop + flip only (no Cutout / MixUp).
+        augment=AugmentConfig(), seed=config.seed,
+    )
+    if data.spec.network != "cifar":
+        raise UserInputError(
+            f"{data.spec.image_size} px images: the search network is the CIFAR one (the paper searches "
+            "on CIFAR-10); pass --image-size 32 (or at most 64)"
+        )
+    weight_half, arch_half = search_split(data.train, seed=config.seed)
+    return weight_half, arch_half, data.spec
+
+
+def run_search(
+    config: SearchConfig,
+    *,
+    out_dir: str | Path,
+    resume: bool = False,
+    reporter=None,
+    interrupt=None,
+) -> SearchResult:
+    """Run (or continue) the 3-stage search in ``out_dir``; returns the final genotype and timings.
+
+    ``interrupt`` is anything with ``requested`` and ``raise_if_requested(save_fn)`` (default: a
+    :class:`~bats_cli.runtime.GracefulInterrupt` turning SIGINT/SIGTERM into a saved checkpoint and
+    :class:`~bats_cli.errors.Interrupted`).
+    """
+    from bats_cli.runtime import GracefulInterrupt, Reporter, RunDir, check_precision, select_device
+
+    reporter = reporter or Reporter(quiet=True)
+    run = RunDir(out_dir, resume=resume)
+    ckpt = run.checkpoint_to_resume()
+    if ckpt is not None:
+        from bats_cli.checkpoint import read_metadata
+
+        meta = read_metadata(ckpt)
+        if meta.kind != "search":
+            raise UserInputError(f"{ckpt} is a {meta.kind} checkpoint; `bats search --resume` needs a search run")
+        check_resume_config(meta.config, config, ignore=SEARCH_RESUME_IGNORED)
+    device = select_device(config.device)
+    check_precision(device, config.precision)
+    weight_half, arch_half, spec = load_search_data(config)
+    if ckpt is None:
+        run.write_config(config.model_dump(mode="json"), command="search")
+    own_interrupt = interrupt is None
+    guard = GracefulInterrupt() if own_interrupt else None
+    threads_before = torch.get_num_threads()
+    if config.threads and device.type == "cpu":
+        torch.set_num_threads(config.threads)
+    if guard is not None:
+        guard.__enter__()
+    try:
+        searcher = Searcher(config, run=run, reporter=reporter,
+                            interrupt=guard if own_interrupt else interrupt, device=device,
+                            data=(weight_half, arch_half), in_channels=spec.in_channels,
+                            num_classes=spec.num_classes)
+        if ckpt is not None:
+            searcher.load(ckpt)
+            reporter.line(
+                f"resuming {run.path}: stage {searcher.stage + 1}, epoch {searcher.epoch + 1}, "
+                f"step {searcher.step}"
+            )
+        else:
+            searcher.build_stage(spec.in_channels, spec.num_classes)
+            reporter.line(
+                f"search {run.path}: {config.space} space, {config.strategy()}, "
+                f"{len(weight_half)}+{len(arch_half)} images, {searcher.steps_per_epoch} steps per epoch, "
+                f"stages {','.join(map(str, config.layers))} cells / {','.join(map(str, config.ops))} ops"
+            )
+        return _search_loop(searcher, run)
+    finally:
+        if guard is not None:
+            guard.__exit__(None, None, None)
+        torch.set_num_threads(threads_before)
+
+
+def _search_loop(s: Searcher, run) -> SearchResult:
+    cfg = s.cfg
+    stages: list[StageResult] = []
+    for past in range(s.stage):
+        gpath = run.path / "genotypes" / f"stage{past + 1}.json"
+        stages.append(StageResult(stage=past + 1, layers=cfg.layers[past], ops=cfg.ops[past],
+                                  epochs=cfg.epochs, seconds=s.stage_seconds[past],
+                                  genotype_path=str(gpath)))
+    while True:
+        if s.epoch == 0 and s.step == 0 and not s.finished:
+            # The stage's starting point: initial α (for before/after comparisons, Fig. 1).
+            g0 = s.current_genotype(name=f"{s.run_name}_{s._tag(0)}")
+            s.write_alphas(g0, "init")
+        while s.epoch < cfg.epochs:
+            s.train_epoch()
+        stages.append(s.end_stage())
+        if s.stage + 1 >= cfg.stages:
+            break
+        s.advance_stage()
+        s.build_stage(s.in_channels, s.num_classes)
+        s.save(run.last)
+        s.interrupt.raise_if_requested(save_fn=lambda: run.last)
+    final = s.current_genotype(final=True)
+    s.finished = True
+    s.save(run.last)
+    gpath = final.save(run.path / GENOTYPE_NAME)
+    result = SearchResult(
+        out_dir=run.path, genotype=final, genotype_path=gpath, checkpoint=run.last, stages=stages,
+        total_seconds=sum(s.stage_seconds), parameter_free_share=parameter_free_share(final),
+        skips=skip_count(final),
+    )
+    run.write_json(RESULT_NAME, result.to_dict())
+    return result
