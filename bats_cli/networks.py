@@ -126,15 +126,16 @@ class TowerPool(nn.Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}"
 
 
-class AuxiliaryHeadCIFAR(nn.Module):
-    """DARTS auxiliary tower for 8×8 inputs (real-valued)."""
+class AuxiliaryHead(nn.Module):
+    """DARTS auxiliary tower (real-valued): pool 5×5 with stride 3 on CIFAR's 8×8 maps, 2 on
+    ImageNet's 14×14 maps, then 1×1 and 2×2 convs and a linear classifier."""
 
-    def __init__(self, C: int, num_classes: int) -> None:
+    def __init__(self, C: int, num_classes: int, *, pool_stride: int) -> None:
         super().__init__()
         self.features = nn.Sequential(
             # Not in place: the tower's input is the cell output the next cells still read.
             nn.ReLU(inplace=False),
-            TowerPool(5, stride=3),
+            TowerPool(5, stride=pool_stride),
             nn.Conv2d(C, 128, 1, bias=False),
             nn.BatchNorm2d(128),
             nn.ReLU(inplace=True),
@@ -145,30 +146,7 @@ class AuxiliaryHeadCIFAR(nn.Module):
         self.classifier = nn.Linear(768, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        # Adaptive pool keeps the head valid for inputs other than 32 px (e.g. 28 px data).
-        x = nn.functional.adaptive_avg_pool2d(x, 1)
-        return self.classifier(x.flatten(1))
-
-
-class AuxiliaryHeadImageNet(nn.Module):
-    """DARTS auxiliary tower for 14×14 inputs (real-valued)."""
-
-    def __init__(self, C: int, num_classes: int) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.ReLU(inplace=False),
-            TowerPool(5, stride=2),
-            nn.Conv2d(C, 128, 1, bias=False),
-            nn.BatchNorm2d(128),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(128, 768, 2, bias=False),
-            nn.BatchNorm2d(768),
-            nn.ReLU(inplace=True),
-        )
-        self.classifier = nn.Linear(768, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Adaptive pool keeps the head valid for inputs other than the DARTS sizes.
         x = nn.functional.adaptive_avg_pool2d(self.features(x), 1)
         return self.classifier(x.flatten(1))
 
@@ -218,8 +196,9 @@ class Network(nn.Module):
                 c_aux = c_prev
         self.auxiliary_head = None
         if config.auxiliary:
-            head = AuxiliaryHeadCIFAR if config.kind == "cifar" else AuxiliaryHeadImageNet
-            self.auxiliary_head = head(c_aux, config.num_classes)
+            self.auxiliary_head = AuxiliaryHead(
+                c_aux, config.num_classes, pool_stride=3 if config.kind == "cifar" else 2
+            )
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c_prev, config.num_classes)
 
