@@ -189,9 +189,26 @@ def evaluate_checkpoint(
     device: str = "auto",
     precision: str = "fp32",
     num_workers: int = 0,
+    threads: int | None = None,
     return_predictions: bool = False,
 ) -> dict[str, Any]:
     """``bats eval``: top-1 / top-5 of a checkpoint or packed artifact on a test split."""
+    from bats_cli.train import restores_threads, set_threads
+
+    @restores_threads
+    def run() -> dict[str, Any]:
+        set_threads(threads)
+        return _evaluate_checkpoint(
+            path, dataset=dataset, data_dir=data_dir, download=download, image_size=image_size,
+            subset=subset, batch_size=batch_size, device=device, precision=precision,
+            num_workers=num_workers, return_predictions=return_predictions,
+        )
+
+    return run()
+
+
+def _evaluate_checkpoint(path, *, dataset, data_dir, download, image_size, subset, batch_size,
+                         device, precision, num_workers, return_predictions) -> dict[str, Any]:
     from bats_cli.data import AugmentConfig, build_datasets, describe_spec
     from bats_cli.runtime import check_precision, select_device
 

@@ -48,7 +48,7 @@ def test_torchrun_two_gloo_processes_match_one(tmp_path):
     assert ddp["world_size"] == 2
 
     cfg = TrainConfig(genotype="bats_c10", layers=3, channels=6, batch_size=32, subset=128,
-                      epochs=1, device="cpu")
+                      epochs=1, device="cpu", threads=1)
     one = train(cfg, genotype=resolve_genotype("bats_c10"), out=tmp_path / "one", quiet=True,
                 handle_signals=False)
     assert set(ddp) == set(one)

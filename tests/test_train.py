@@ -23,8 +23,9 @@ from bats_cli.train import TrainConfig, cosine_lr, train
 
 REPO = Path(__file__).resolve().parents[1]
 # Smallest network (3 cells, 6 channels) on 128 fashion-mini images: 4 steps per epoch.
+# One thread: tiny tensors gain nothing from more (and the count is restored after each run).
 TINY = dict(genotype="bats_c10", layers=3, channels=6, batch_size=32, subset=128, epochs=1,
-            device="cpu")
+            device="cpu", threads=1)
 
 
 def _train(out, **kw):
@@ -39,7 +40,7 @@ def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     trained = _train(root / "train")
     result = binarize(BinarizeConfig(checkpoint=trained["last"], epochs=1, device="cpu",
-                                     calibration_batches=2),
+                                     calibration_batches=2, threads=1),
                       out=root / "bin", packed=root / "tiny.packed.safetensors", quiet=True,
                       handle_signals=False)
     return root, trained, result
@@ -87,7 +88,7 @@ def test_binarize_folds_mean_abs_weight_into_scale(pipeline):
     # Before fine-tuning: effective weight = sign(W) * old_scale * mean|W| per output channel.
     out = root / "bin0"
     res = binarize(BinarizeConfig(checkpoint=trained["last"], epochs=0, calibration_batches=0,
-                                  device="cpu"), out=out, quiet=True, handle_signals=False)
+                                  device="cpu", threads=1), out=out, quiet=True, handle_signals=False)
     assert res["binarized_top1"] == res["binarized_top1_no_calibration"]
     before = dict(quant_convs(load_model(trained["last"]).model))
     after = dict(quant_convs(load_model(out / "last.safetensors").model))
@@ -100,13 +101,15 @@ def test_binarize_folds_mean_abs_weight_into_scale(pipeline):
 def test_eval_all_kinds_and_packed_matches_binarized(pipeline):
     root, trained, result = pipeline
     # The full test split by default; --subset 128 picks the images validation used in training.
-    assert evaluate_checkpoint(trained["last"], device="cpu")["images"] == 500
-    step1 = evaluate_checkpoint(trained["last"], device="cpu", subset=128)
+    assert evaluate_checkpoint(trained["last"], device="cpu", threads=1)["images"] == 500
+    step1 = evaluate_checkpoint(trained["last"], device="cpu", subset=128, threads=1)
     assert step1["kind"] == "train" and step1["weights"] == "real"
     assert step1["top1"] == pytest.approx(trained["final_val_top1"])
     assert 0 <= step1["top1"] <= step1["top5"] <= 100
-    binar = evaluate_checkpoint(result["last"], device="cpu", subset=128, return_predictions=True)
-    packed = evaluate_checkpoint(result["packed"], device="cpu", subset=128, return_predictions=True)
+    binar = evaluate_checkpoint(result["last"], device="cpu", subset=128, threads=1,
+                                return_predictions=True)
+    packed = evaluate_checkpoint(result["packed"], device="cpu", subset=128, threads=1,
+                                 return_predictions=True)
     assert packed["kind"] == "packed" and packed["weights"] == "binary"
     assert binar["images"] == packed["images"] == 128
     assert torch.equal(binar["predictions"], packed["predictions"])
@@ -136,6 +139,10 @@ def test_resume_mid_epoch_gives_identical_weights(tmp_path):
     for k in keys:
         assert torch.equal(a[k], b[k]), k
     assert resumed["final_val_top1"] == full["final_val_top1"]
+    # Resuming a finished run trains nothing and reports what it recorded.
+    again = train(TrainConfig(genotype="bats_c10"), genotype=g, out=tmp_path / "cut", resume=True,
+                  quiet=True, overrides={})
+    assert again["final_val_top1"] == full["final_val_top1"] and again["best_epoch"] == full["best_epoch"]
     assert (tmp_path / "cut" / "metrics.csv").read_text() .count("\n") == 3
     ra = (tmp_path / "full" / "metrics.csv").read_text().splitlines()
     rb = (tmp_path / "cut" / "metrics.csv").read_text().splitlines()
@@ -188,7 +195,7 @@ def test_cli_eval_json(pipeline, capsys):
     from bats_cli.cli import main
 
     root, _, result = pipeline
-    main(["eval", result["packed"], "--json", "--device", "cpu", "--subset", "128"])
+    main(["eval", result["packed"], "--json", "--device", "cpu", "--subset", "128", "--threads", "1"])
     out = capsys.readouterr().out
     data = json.loads(out)
     assert out.count("\n") == 1
@@ -245,6 +252,7 @@ def test_train_sigterm_saves_and_exits_130(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "bats_cli", "train", "bats_c10", "--layers", "3", "--channels",
          "6", "--batch-size", "8", "--subset", "400", "--epochs", "3", "--device", "cpu",
+         "--threads", "1",
          "--out", str(out)],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

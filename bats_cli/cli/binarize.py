@@ -67,7 +67,7 @@ def binarize_command(
         typer.Argument(metavar="CHECKPOINT", help="A `bats train` checkpoint (last.safetensors or best.safetensors)."),
     ],
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=0, rich_help_panel=FT, help="Fine-tuning epochs with binary weights; 0 = binarize only. Default 1.")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", rich_help_panel=FT, help="Adam learning rate for fine-tuning (cosine to 0). Default 2e-4.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", rich_help_panel=FT, help="Adam learning rate for fine-tuning (cosine to 0). Default: the training run's (1e-3).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, rich_help_panel=FT, help="Default: the training run's.")] = None,
     calibration_batches: Annotated[Optional[int], typer.Option("--calibration-batches", min=0, rich_help_panel=FT, help="Training batches to re-estimate BatchNorm statistics on after binarizing; 0 = off. Default 20.")] = None,
     packed: Annotated[Optional[Path], typer.Option("-o", "--output", dir_okay=False, rich_help_panel=OUTPUT, help="Where to write the packed 1-bit artifact. Default OUT/model.packed.safetensors.")] = None,
@@ -80,6 +80,7 @@ def binarize_command(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = None,
     num_workers: NumWorkersOpt = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, rich_help_panel=RUN, help="CPU threads (default: torch's choice; 1 is often faster on a busy machine).")] = None,
     preset: BinarizePresetOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -99,7 +100,7 @@ def binarize_command(
         "calibration_batches": calibration_batches, "seed": seed,
         "data_dir": str(data_dir) if data_dir is not None else None, "subset": subset,
         "keep_aux": keep_aux, "device": device, "precision": precision,
-        "num_workers": num_workers,
+        "num_workers": num_workers, "threads": threads,
     }
     cfg = resolve_config(BinarizeConfig, preset=preset, presets=BINARIZE_PRESETS, overrides=overrides)
     result = binarize(cfg, out=out, packed=packed, resume=resume, quiet=quiet, preset=preset,

@@ -57,6 +57,7 @@ def eval_command(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = None,
     num_workers: NumWorkersOpt = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, rich_help_panel=RUN, help="CPU threads (default: torch's choice).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Top-1 / top-5 of a checkpoint on the test split (default: the data set it was trained on).
@@ -68,6 +69,6 @@ def eval_command(
     result = evaluate_checkpoint(
         checkpoint, dataset=dataset, data_dir=data_dir, download=bool(download),
         image_size=image_size, subset=subset, batch_size=batch_size, device=device,
-        precision=precision or "fp32", num_workers=num_workers or 0,
+        precision=precision or "fp32", num_workers=num_workers or 0, threads=threads,
     )
     emit_result(result, as_json=as_json, table_fn=result_table)

@@ -107,6 +107,7 @@ def train_command(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = None,
     num_workers: NumWorkersOpt = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, rich_help_panel=RUN, help="CPU threads (default: torch's choice; 1 is often faster on a busy machine).")] = None,
     preset: TrainPresetOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -131,7 +132,7 @@ def train_command(
         "group_policy": group_policy, "epochs": epochs, "batch_size": batch_size, "lr": lr,
         "lr_min": lr_min, "weight_decay": weight_decay, "aux_weight": aux_weight,
         "drop_path": drop_path, "cutout": cutout, "mixup": mixup, "autoaugment": autoaugment,
-        "seed": seed, "device": device, "precision": precision, "num_workers": num_workers,
+        "seed": seed, "device": device, "precision": precision, "num_workers": num_workers, "threads": threads,
     }
     cfg = resolve_config(TrainConfig, preset=preset, presets=TRAIN_PRESETS, overrides=overrides)
     result = train(cfg, genotype=g, out=out, resume=resume, quiet=quiet, preset=preset,
