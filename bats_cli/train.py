@@ -292,6 +292,12 @@ def _broadcast_buffers(model: nn.Module, dist_info: Dist) -> None:
         dist.broadcast(buf, 0)
 
 
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
 def _agree(ok: bool, dist_info: Dist, device: torch.device) -> bool:
     """True on every rank only if ``ok`` is true on every rank."""
     if not dist_info.enabled:
@@ -775,10 +781,16 @@ def train(
 
     spec0 = describe_spec(cfg.dataset, cfg.data_dir, cfg.image_size)
     augment = resolve_augment(cfg, spec0.name)
+    # With --download under torchrun, rank 0 downloads while the others wait for it.
+    wait_for_download = cfg.download and dist_info.enabled
+    if wait_for_download and not dist_info.is_main:
+        _barrier()
     data = build_datasets(
         cfg.dataset, data_dir=cfg.data_dir, download=cfg.download and dist_info.is_main,
         subset=cfg.subset, image_size=cfg.image_size, augment=augment, seed=cfg.seed,
     )
+    if wait_for_download and dist_info.is_main:
+        _barrier()
     dspec = data.spec
     epochs = cfg.epochs or PAPER_EPOCHS[dspec.network]
     cfg = cfg.model_copy(update={"epochs": epochs, "cutout": augment.cutout or 0,
