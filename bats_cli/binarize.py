@@ -113,6 +113,28 @@ def binarize(
     handle_signals: bool = True,
 ) -> dict[str, Any]:
     """Run ``bats binarize`` and return its JSON-ready result."""
+    from bats_cli.runtime import GracefulInterrupt
+    from bats_cli.train import _maybe
+
+    # Installed first, so that a signal during set-up stops the run too (after one step).
+    with _maybe(GracefulInterrupt() if handle_signals else None) as stop:
+        return _binarize(cfg, out=out, packed=packed, resume=resume, quiet=quiet, preset=preset,
+                         overrides=overrides, stop_after_steps=stop_after_steps, stop=stop)
+
+
+def _binarize(
+    cfg: BinarizeConfig,
+    *,
+    out: str | Path | None = None,
+    packed: str | Path | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+    preset: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    stop_after_steps: int | None = None,
+    stop=None,
+) -> dict[str, Any]:
+    """Run ``bats binarize`` and return its JSON-ready result."""
     from bats_cli.checkpoint import check_kind, load_checkpoint, read_metadata
     from bats_cli.config import resolve_resume_config
     from bats_cli.data import AugmentConfig, build_datasets
@@ -255,7 +277,7 @@ def binarize(
                       f"lr {cfg.lr:g} (cosine), batch {batch_size}")
         summary = fit(spec, data.train, data.test, device=device, dist_info=dist_info,
                       run_dir=run_dir, reporter=reporter, resume_from=resume_from,
-                      stop_after_steps=stop_after_steps, handle_signals=handle_signals)
+                      stop_after_steps=stop_after_steps, handle_signals=False, stop=stop)
         final = summary["final"]
         final_top1, final_top5 = final["val_top1"], final["val_top5"]
         best_top1 = summary["best_top1"]

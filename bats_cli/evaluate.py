@@ -109,7 +109,7 @@ class LoadedModel:
 def load_model(path: str | Path, *, command: str = "eval", kinds=EVAL_KINDS) -> LoadedModel:
     """Rebuild the network a ``train`` / ``binarize`` / ``packed`` file describes, weights loaded."""
     from bats_cli.checkpoint import check_kind, load_checkpoint, read_metadata
-    from bats_cli.train import build_from_settings, load_genotype_from_meta, load_model_tensors
+    from bats_cli.train import load_genotype_from_meta, load_model_tensors
 
     meta = read_metadata(path)
     check_kind(meta, kinds, command)

@@ -450,9 +450,12 @@ def fit(
     resume_from: Path | None = None,
     stop_after_steps: int | None = None,
     handle_signals: bool = True,
+    stop=None,
 ) -> dict[str, Any]:
     """Train ``spec.model`` and return a summary; writes ``last`` / ``best`` / ``metrics.csv``.
 
+    ``stop``: a :class:`~bats_cli.runtime.GracefulInterrupt` already entered by the caller (so a
+    signal during set-up counts too); without one, ``handle_signals`` installs its own.
     ``stop_after_steps`` simulates a Ctrl-C after that many optimizer steps of this call (tests).
     """
     from bats_cli.checkpoint import (
@@ -542,7 +545,11 @@ def fit(
         return None
 
     steps_this_call = 0
-    with _maybe(GracefulInterrupt() if handle_signals else None) as stop:
+    own = GracefulInterrupt() if handle_signals and stop is None else None
+    with _maybe(own) as own_stop:
+        stop = stop if stop is not None else own_stop
+        if stop is None and stop_after_steps is not None:
+            stop = GracefulInterrupt()  # a flag only (not entered: no handlers installed)
         while state.epoch < spec.epochs:
             epoch = state.epoch
             loader = train_loader(
@@ -741,6 +748,32 @@ def train(
     With ``resume`` and an existing ``<out>/last.safetensors`` the saved config is used; ``preset``
     and ``overrides`` (the flags given) must then agree with it.
     """
+    from bats_cli.runtime import GracefulInterrupt
+
+    # Installed first, so that a signal during set-up stops the run too (after one step).
+    with _maybe(GracefulInterrupt() if handle_signals else None) as stop:
+        return _train(cfg, genotype=genotype, out=out, resume=resume, quiet=quiet,
+                      stop_after_steps=stop_after_steps, preset=preset, overrides=overrides,
+                      stop=stop)
+
+
+def _train(
+    cfg: TrainConfig,
+    *,
+    genotype,
+    out: str | Path | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+    stop_after_steps: int | None = None,
+    stop=None,
+    preset: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run ``bats train``: returns the JSON-ready result (rank 0's is the one to print).
+
+    With ``resume`` and an existing ``<out>/last.safetensors`` the saved config is used; ``preset``
+    and ``overrides`` (the flags given) must then agree with it.
+    """
     from bats_cli.config import resolve_resume_config
     from bats_cli.data import build_datasets
     from bats_cli.runtime import Reporter, check_precision, seed_everything, select_device
@@ -835,7 +868,7 @@ def train(
     summary = fit(
         fit_spec, data.train, data.test, device=device, dist_info=dist_info, run_dir=run_dir,
         reporter=reporter, resume_from=resume_from, stop_after_steps=stop_after_steps,
-        handle_signals=handle_signals,
+        handle_signals=False, stop=stop,
     )
     result = {
         "command": "train",

@@ -15,7 +15,7 @@ import torch
 
 from bats_cli.binarize import BinarizeConfig, binarize
 from bats_cli.checkpoint import load_checkpoint, read_metadata, save_checkpoint
-from bats_cli.errors import Interrupted, UserInputError
+from bats_cli.errors import Interrupted
 from bats_cli.evaluate import evaluate_checkpoint, load_model
 from bats_cli.genotype import resolve_genotype
 from bats_cli.quant import effective_weight, quant_convs
@@ -278,3 +278,30 @@ def test_learns_on_real_images(cifar10_mini_dir, tmp_path):
                  subset=3200, epochs=1, batch_size=16, lr=2e-3)
     assert res["steps_per_epoch"] == 200 and res["test_images"] == 2000
     assert res["final_val_top1"] > 20.0, res
+
+
+def test_mixup_cutout_autoaugment_and_bf16_run(tmp_path):
+    """The optional paths run: MixUp soft targets, Cutout, AutoAugment, bf16 autocast on CPU."""
+    res = _train(tmp_path / "aug", subset=64, mixup=0.2, cutout=8, autoaugment=True,
+                 precision="bf16")
+    assert res["steps_per_epoch"] == 2 and 0 <= res["final_val_top1"] <= 100
+    meta = read_metadata(tmp_path / "aug" / "last.safetensors")
+    assert meta.config["data"]["augment"] == {"cutout": 8, "mixup": 0.2, "autoaugment": True}
+    assert meta.config["run"]["precision"] == "bf16"
+
+
+def test_binarize_resume_mid_epoch_matches(pipeline):
+    root, trained, result = pipeline
+    cfg = BinarizeConfig(checkpoint=trained["last"], epochs=1, device="cpu",
+                         calibration_batches=2, threads=1)
+    with pytest.raises(Interrupted):
+        binarize(cfg, out=root / "bin_cut", quiet=True, stop_after_steps=2)
+    assert read_metadata(root / "bin_cut" / "last.safetensors").step == 2
+    resumed = binarize(BinarizeConfig(checkpoint=trained["last"]), out=root / "bin_cut",
+                       resume=True, quiet=True, overrides={})
+    assert resumed["step1_top1"] == result["step1_top1"]
+    assert resumed["final_top1"] == result["final_top1"]
+    a, _ = load_checkpoint(result["last"])
+    b, _ = load_checkpoint(root / "bin_cut" / "last.safetensors")
+    for k in (k for k in a if k.startswith("model.")):
+        assert torch.equal(a[k], b[k]), k

@@ -9,7 +9,6 @@ import typer
 
 from bats_cli.cli.app import app
 from bats_cli.cli.options import (
-    DATA,
     OUTPUT,
     RUN,
     DataDirOpt,

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any, Mapping, Optional
 
 import typer
 
 from bats_cli.cli.app import app
 from bats_cli.cli.options import (
-    DATA,
-    OUTPUT,
     RUN,
     DataDirOpt,
     DatasetOpt,
