@@ -18,3 +18,17 @@ def cifar10_mini_dir() -> Path:
     if not (path / "train").is_dir() or not (path / "val").is_dir():
         pytest.skip(f"cifar10-mini not found at {path}")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: with tiny convolutions a second only adds contention on a shared CPU.
+
+    Use as ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,13 +20,8 @@ from bats_cli.networks import build_network
 from bats_cli.quant import STE_SIGN, QuantConv2d
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convolutions: a second thread only adds contention on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny convolutions: one torch thread for the whole module (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _meta_network(name: str, **kwargs) -> nn.Module:

@@ -12,13 +12,8 @@ from bats_cli.networks import PAPER_DEFAULTS, WIDTHS, ImageNetStem, build_networ
 from bats_cli.ops import GroupConvOp
 from bats_cli.quant import quant_convs
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convolutions: a second thread only adds contention on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny convolutions: one torch thread for the whole module (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ZOO = ("amoebanet_a", "bats_c10", "darts_v1", "darts_v2", "nasnet_a", "pdarts")

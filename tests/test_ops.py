@@ -12,13 +12,8 @@ from bats_cli.ops import OPS, OpContext, build_op
 from bats_cli.quant import REAL, BinarySpec, QuantConv2d
 from bats_cli.spaces import SPACES
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convolutions: a second thread only adds contention on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny convolutions: one torch thread for the whole module (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 C = 12  # 4 groups of 3 channels, the CIFAR channels-per-group
