@@ -21,6 +21,8 @@ from bats_cli.derive import (
 from bats_cli.errors import UserInputError
 from bats_cli.genotype import Genotype, load_genotype, load_zoo_genotype
 from bats_cli.spaces import SPACES
+from helpers import cli as _cli
+from helpers import one_line_error as _one_line_error
 
 OPS = list(SPACES["bats"].candidates)  # none, max, avg, skip, g3, g5, dg3, dg5
 
@@ -157,26 +159,6 @@ def test_entropy_and_parameter_free_share():
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-def _cli(argv, capsys):
-    from bats_cli.cli import main
-
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_cli_random_with_plots(tmp_path, capsys):

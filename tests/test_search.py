@@ -27,6 +27,8 @@ from bats_cli.search import (
     run_search,
 )
 from bats_cli.spaces import SPACES
+from helpers import cli as _cli
+from helpers import one_line_error as _one_line_error
 
 # Small enough for CPU tests: 8 px images, 2 steps per epoch, 3 cells (the least with a normal cell).
 TINY = dict(
@@ -40,27 +42,6 @@ def _one_thread():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
-
-
-def _cli(argv, capsys):
-    from bats_cli.cli import main
-
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 # --------------------------------------------------------------------------- config
