@@ -74,14 +74,24 @@ def resolve_config(
     overrides: Mapping[str, Any],
 ) -> M:
     """Build ``model_cls`` from its defaults, then ``presets[preset]``, then non-None overrides."""
-    data: dict[str, Any] = {}
+    return validate_config(model_cls, _layered({}, preset=preset, presets=presets, overrides=overrides))
+
+
+def _layered(
+    data: dict[str, Any],
+    *,
+    preset: str | None,
+    presets: Mapping[str, Mapping[str, Any]],
+    overrides: Mapping[str, Any],
+) -> dict[str, Any]:
+    """``data`` updated with ``presets[preset]`` (checked to exist), then the non-None overrides."""
     if preset is not None:
         if preset not in presets:
             choices = ", ".join(sorted(presets)) or "(none)"
             raise UserInputError(f"unknown --preset {preset!r}; choose one of: {choices}")
         data.update(presets[preset])
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return validate_config(model_cls, data)
+    return data
 
 
 def validate_config(model_cls: type[M], data: Mapping[str, Any]) -> M:
@@ -107,12 +117,7 @@ def resolve_resume_config(
     changing e.g. ``--epochs`` is refused by :func:`check_resume_config`.
     """
     data = {k: v for k, v in saved.items() if k in model_cls.model_fields}
-    if preset is not None:
-        if preset not in presets:
-            choices = ", ".join(sorted(presets)) or "(none)"
-            raise UserInputError(f"unknown --preset {preset!r}; choose one of: {choices}")
-        data.update(presets[preset])
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    data = _layered(data, preset=preset, presets=presets, overrides=overrides)
     cfg = validate_config(model_cls, data)
     check_resume_config(saved, cfg, ignore=ignore)
     return cfg
