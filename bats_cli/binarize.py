@@ -141,7 +141,7 @@ def _binarize(
     from bats_cli.evaluate import evaluate_model
     from bats_cli.pack import packed_size_report, save_packed
     from bats_cli.quant import binarize_weights_
-    from bats_cli.runtime import Reporter, check_precision, seed_everything, select_device
+    from bats_cli.runtime import Reporter, seed_everything
     from bats_cli.train import (
         FitSpec,
         build_from_settings,
@@ -151,7 +151,7 @@ def _binarize(
         open_run_dir,
         set_threads,
         fit,
-        init_distributed,
+        init_run_device,
         load_genotype_from_meta,
         load_model_tensors,
     )
@@ -171,11 +171,7 @@ def _binarize(
     train_run: dict[str, Any] = meta.config.get("run") or {}
     data_rec: dict[str, Any] = meta.config.get("data") or {}
 
-    dist_info = init_distributed(cfg.device)
-    device = select_device(cfg.device)
-    if device.type == "cuda" and dist_info.enabled:
-        device = torch.device("cuda", dist_info.local_rank)
-    check_precision(device, cfg.precision)
+    dist_info, device = init_run_device(cfg.device, cfg.precision)
     if resume and out is None:
         raise UserInputError("--resume needs --out: the run directory to continue")
     out = Path(out) if out is not None else src.parent / "binarize"

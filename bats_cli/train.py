@@ -272,6 +272,18 @@ def init_distributed(device_name: str) -> Dist:
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank)
 
 
+def init_run_device(device_name: str, precision: str) -> tuple[Dist, torch.device]:
+    """:func:`init_distributed`, then this process's device (its own GPU under torchrun), precision checked."""
+    from bats_cli.runtime import check_precision, select_device
+
+    dist_info = init_distributed(device_name)
+    device = select_device(device_name)
+    if device.type == "cuda" and dist_info.enabled:
+        device = torch.device("cuda", dist_info.local_rank)
+    check_precision(device, precision)
+    return dist_info, device
+
+
 def _all_sum(values: list[float], dist_info: Dist, device: torch.device) -> list[float]:
     if not dist_info.enabled:
         return values
@@ -776,13 +788,9 @@ def _train(
     """
     from bats_cli.config import resolve_resume_config
     from bats_cli.data import build_datasets
-    from bats_cli.runtime import Reporter, check_precision, seed_everything, select_device
+    from bats_cli.runtime import Reporter, seed_everything
 
-    dist_info = init_distributed(cfg.device)
-    device = select_device(cfg.device)
-    if device.type == "cuda" and dist_info.enabled:
-        device = torch.device("cuda", dist_info.local_rank)
-    check_precision(device, cfg.precision)
+    dist_info, device = init_run_device(cfg.device, cfg.precision)
     if resume and out is None:
         raise UserInputError("--resume needs --out: the run directory to continue")
     out = Path(out) if out is not None else default_run_dir("train", genotype.name)
@@ -934,6 +942,7 @@ __all__ = [
     "data_info",
     "fit",
     "init_distributed",
+    "init_run_device",
     "load_genotype_from_meta",
     "load_model_tensors",
     "network_settings",
