@@ -10,7 +10,6 @@ import typer
 from bats_cli.cli.app import app
 from bats_cli.cli.options import (
     OUTPUT,
-    RUN,
     DataDirOpt,
     DeviceOpt,
     JsonOpt,
@@ -20,7 +19,12 @@ from bats_cli.cli.options import (
     ResumeOpt,
     SeedOpt,
     SubsetOpt,
+    ThreadsOpt,
     emit_result,
+    is_main_process,
+    key_value_table,
+    path_or_none,
+    pct,
     preset_option,
 )
 
@@ -29,14 +33,6 @@ BinarizePresetOpt = preset_option(("paper", "tiny"))
 
 
 def result_table(result: Mapping[str, Any]) -> Any:
-    from rich.table import Table
-
-    def pct(v):
-        return "-" if v is None else f"{v:.2f} %"
-
-    t = Table(show_header=False, box=None, pad_edge=False)
-    t.add_column(style="bold")
-    t.add_column()
     rows = [
         ("source", result["source"]),
         ("binary convs", result["binary_convs"]),
@@ -54,9 +50,7 @@ def result_table(result: Mapping[str, Any]) -> Any:
                                f"{size['binary_convs_ratio']:.1f}x smaller than fp32, whole model "
                                f"{size['total_ratio']:.1f}x)"))
         rows.append(("next", f"bats eval {result['packed']}"))
-    for k, v in rows:
-        t.add_row(k, str(v))
-    return t
+    return key_value_table(rows)
 
 
 @app.command("binarize")
@@ -79,7 +73,7 @@ def binarize_command(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = None,
     num_workers: NumWorkersOpt = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, rich_help_panel=RUN, help="CPU threads (default: torch's choice; 1 is often faster on a busy machine).")] = None,
+    threads: ThreadsOpt = None,
     preset: BinarizePresetOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -97,14 +91,12 @@ def binarize_command(
     overrides = {
         "checkpoint": str(checkpoint), "epochs": epochs, "lr": lr, "batch_size": batch_size,
         "calibration_batches": calibration_batches, "seed": seed,
-        "data_dir": str(data_dir) if data_dir is not None else None, "subset": subset,
+        "data_dir": path_or_none(data_dir), "subset": subset,
         "keep_aux": keep_aux, "device": device, "precision": precision,
         "num_workers": num_workers, "threads": threads,
     }
     cfg = resolve_config(BinarizeConfig, preset=preset, presets=BINARIZE_PRESETS, overrides=overrides)
     result = binarize(cfg, out=out, packed=packed, resume=resume, quiet=quiet, preset=preset,
                       overrides=overrides)
-    import os
-
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         emit_result(result, as_json=as_json, table_fn=result_table)

@@ -20,15 +20,11 @@ from bats_cli.cli.options import (
     PrecisionOpt,
     SubsetOpt,
     emit_result,
+    key_value_table,
 )
 
 
 def result_table(result: Mapping[str, Any]) -> Any:
-    from rich.table import Table
-
-    t = Table(show_header=False, box=None, pad_edge=False)
-    t.add_column(style="bold")
-    t.add_column()
     rows = [
         ("checkpoint", f"{result['checkpoint']} ({result['kind']}: {result['activations']} "
                        f"activations, {result['weights']} weights)"),
@@ -37,9 +33,7 @@ def result_table(result: Mapping[str, Any]) -> Any:
         ("top-5", f"{result['top5']:.2f} %"),
         ("loss", f"{result['loss']:.4f}"),
     ]
-    for k, v in rows:
-        t.add_row(k, v)
-    return t
+    return key_value_table(rows)
 
 
 @app.command("eval")

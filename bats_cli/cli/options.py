@@ -128,6 +128,15 @@ PresetOpt = Annotated[
     Optional[str],
     typer.Option("--preset", help="Named set of settings; explicit flags override it.", rich_help_panel=RUN),
 ]
+ThreadsOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--threads",
+        min=1,
+        rich_help_panel=RUN,
+        help="CPU threads (default: torch's choice; 1 is often faster on a busy machine).",
+    ),
+]
 JsonOpt = Annotated[
     bool,
     typer.Option("--json", help="Print the result as one JSON object on stdout.", rich_help_panel=OUTPUT),
@@ -136,6 +145,23 @@ QuietOpt = Annotated[
     bool,
     typer.Option("--quiet", "-q", help="No progress output; errors only.", rich_help_panel=OUTPUT),
 ]
+
+
+def opt(*names: str, panel: str, **kw: Any) -> Any:
+    """``typer.Option(*names, rich_help_panel=panel, **kw)``: a command's own option, in a help panel."""
+    return typer.Option(*names, rich_help_panel=panel, **kw)
+
+
+def path_or_none(path: Path | None) -> str | None:
+    """A path option as a config value (configs hold plain strings)."""
+    return str(path) if path is not None else None
+
+
+def is_main_process() -> bool:
+    """False on the other ranks under torchrun: only rank 0 prints the result."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def preset_option(presets: Iterable[str] | Mapping[str, Any]) -> Any:
@@ -151,15 +177,25 @@ def preset_option(presets: Iterable[str] | Mapping[str, Any]) -> Any:
     ]
 
 
-def _default_table(result: Mapping[str, Any]) -> Any:
+def key_value_table(rows: Iterable[tuple[str, Any]], *, fold: bool = False) -> Any:
+    """A borderless two-column rich table: bold keys, values as ``str`` (wrapped with ``fold``)."""
     from rich.table import Table
 
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
-    table.add_column()
-    for key, value in _flat(to_jsonable(result)).items():
-        table.add_row(key, _cell(value))
+    table.add_column(overflow="fold" if fold else "ellipsis")
+    for key, value in rows:
+        table.add_row(key, str(value))
     return table
+
+
+def pct(value: float | None) -> str:
+    """A percentage for a result table; ``-`` when there is none."""
+    return "-" if value is None else f"{value:.2f} %"
+
+
+def _default_table(result: Mapping[str, Any]) -> Any:
+    return key_value_table((key, _cell(value)) for key, value in _flat(to_jsonable(result)).items())
 
 
 def _flat(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -6,8 +6,6 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, Mapping, Optional
 
-import typer
-
 from bats_cli.cli.app import app
 from bats_cli.cli.options import (
     DataDirOpt,
@@ -24,6 +22,9 @@ from bats_cli.cli.options import (
     SeedOpt,
     SubsetOpt,
     emit_result,
+    key_value_table,
+    opt,
+    path_or_none,
     preset_option,
 )
 from bats_cli.errors import UserInputError
@@ -33,10 +34,6 @@ SCHED = "Progressive schedule (§6.1)"
 OPTIM = "Optimisation (§6.1; Appendix B with --real)"
 
 SearchPresetOpt = preset_option(("tiny", "small", "paper"))
-
-
-def _opt(*names: str, panel: str, **kw: Any) -> Any:
-    return typer.Option(*names, rich_help_panel=panel, **kw)
 
 
 def _int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
@@ -62,26 +59,21 @@ def _betas(text: str | None, flag: str) -> tuple[float, float] | None:
 
 
 def result_table(result: Mapping[str, Any]) -> Any:
-    from rich.table import Table
-
     from bats_cli.genotype import Genotype
 
     g = Genotype.from_dict(result["genotype"])
-    t = Table(show_header=False, box=None, pad_edge=False)
-    t.add_column(style="bold")
-    t.add_column(overflow="fold")
-    t.add_row("genotype", f"{result['genotype_path']} ({g.name})")
+    rows = [("genotype", f"{result['genotype_path']} ({g.name})")]
     for cell in ("normal", "reduce"):
-        t.add_row(cell, " ".join(f"{op}<{src}" for op, src in g.cell(cell)))
+        rows.append((cell, " ".join(f"{op}<{src}" for op, src in g.cell(cell))))
     share = result["parameter_free_share"]
-    t.add_row("parameter-free", f"normal {share['normal']:.2f}, reduce {share['reduce']:.2f}")
+    rows.append(("parameter-free", f"normal {share['normal']:.2f}, reduce {share['reduce']:.2f}"))
     for s in result["stages"]:
-        t.add_row(f"stage {s['stage']}", f"{s['layers']} cells, {s['ops']} ops, {s['epochs']} epochs: "
-                                         f"{s['seconds']:.1f} s")
-    t.add_row("total", f"{result['total_seconds']:.1f} s")
-    t.add_row("checkpoint", result["checkpoint"])
-    t.add_row("next", f"bats train {result['genotype_path']}")
-    return t
+        rows.append((f"stage {s['stage']}", f"{s['layers']} cells, {s['ops']} ops, {s['epochs']} epochs: "
+                                            f"{s['seconds']:.1f} s"))
+    rows.append(("total", f"{result['total_seconds']:.1f} s"))
+    rows.append(("checkpoint", result["checkpoint"]))
+    rows.append(("next", f"bats train {result['genotype_path']}"))
+    return key_value_table(rows, fold=True)
 
 
 @app.command("search")
@@ -91,34 +83,34 @@ def search_command(
     download: DownloadOpt = None,
     subset: SubsetOpt = None,
     image_size: ImageSizeOpt = None,
-    space: Annotated[Optional[str], _opt("--space", panel=SPACE, help="bats (default, Table 1) or darts.")] = None,
-    weights: Annotated[Optional[str], _opt("--weights", panel=SPACE, help="real (default) or binary weights during the search.")] = None,
-    activations: Annotated[Optional[str], _opt("--activations", panel=SPACE, help="binary (default) or real activations during the search.")] = None,
-    real: Annotated[bool, _opt("--real", panel=SPACE, help="Real weights and activations (Appendix B): SGD lr 0.1, momentum 0.9, cosine.")] = False,
-    temp_normal: Annotated[Optional[float], _opt("--temp-normal", panel=SPACE, help="Softmax temperature of normal cells (default 0.2; 1 = DARTS).")] = None,
-    temp_reduce: Annotated[Optional[float], _opt("--temp-reduce", panel=SPACE, help="Softmax temperature of reduction cells (default 0.15).")] = None,
-    layers: Annotated[Optional[str], _opt("--layers", panel=SCHED, metavar="L1,L2,..", help="Cells per stage (default 5,11,17).")] = None,
-    ops: Annotated[Optional[str], _opt("--ops", panel=SCHED, metavar="K1,K2,..", help="Candidate ops per edge per stage (default 8,5,3).")] = None,
-    epochs: Annotated[Optional[int], _opt("--epochs", panel=SCHED, min=1, help="Epochs per stage (default 25).")] = None,
-    warmup: Annotated[Optional[int], _opt("--warmup", panel=SCHED, min=0, help="First epochs of each stage that train weights only (default 10).")] = None,
-    batch_size: Annotated[Optional[int], _opt("--batch-size", panel=SCHED, min=1, help="Default 96.")] = None,
-    channels: Annotated[Optional[int], _opt("--channels", panel=SCHED, min=2, help="Supernet width (default 18 = 6 groups x 3 channels).")] = None,
-    nodes: Annotated[Optional[int], _opt("--nodes", panel=SCHED, min=1, help="Intermediate nodes per cell (default 4).")] = None,
-    arch_lr: Annotated[Optional[float], _opt("--arch-lr", panel=OPTIM, help="Adam lr for alpha (default 6e-4).")] = None,
-    arch_wd: Annotated[Optional[float], _opt("--arch-wd", panel=OPTIM, help="Weight decay for alpha (default 1e-3).")] = None,
-    arch_betas: Annotated[Optional[str], _opt("--arch-betas", panel=OPTIM, metavar="B1,B2", help="Adam betas for alpha (default 0.5,0.999).")] = None,
-    optimizer: Annotated[Optional[str], _opt("--optimizer", panel=OPTIM, help="Weights: adam (default) or sgd (default with --real).")] = None,
-    lr: Annotated[Optional[float], _opt("--lr", panel=OPTIM, help="Weights lr (default 1e-3 Adam; 0.1 SGD).")] = None,
-    wd: Annotated[Optional[float], _opt("--wd", panel=OPTIM, help="Weights weight decay (default 3e-4).")] = None,
-    betas: Annotated[Optional[str], _opt("--betas", panel=OPTIM, metavar="B1,B2", help="Adam betas for the weights (default 0.9,0.999).")] = None,
-    momentum: Annotated[Optional[float], _opt("--momentum", panel=OPTIM, help="SGD momentum (default 0.9).")] = None,
-    lr_schedule: Annotated[Optional[str], _opt("--lr-schedule", panel=OPTIM, help="constant (default with Adam) or cosine per stage (default with SGD).")] = None,
-    lr_min: Annotated[Optional[float], _opt("--lr-min", panel=OPTIM, help="Cosine floor (default 1e-3).")] = None,
-    grad_clip: Annotated[Optional[float], _opt("--grad-clip", panel=OPTIM, help="Clip the weights' gradient norm (default 5, as DARTS).")] = None,
-    max_skip: Annotated[Optional[int], _opt("--max-skip", panel=SPACE, min=0, help="Cap skip connections in the final normal cell (P-DARTS; off by default).")] = None,
-    name: Annotated[Optional[str], _opt("--name", panel="Output", help="Genotype name (default: the run directory's name).")] = None,
-    mixed_op: Annotated[Optional[str], _opt("--mixed-op", panel="Run", help="fast (default) or reference implementation of the mixed op.")] = None,
-    threads: Annotated[Optional[int], _opt("--threads", panel="Run", min=1, help="CPU threads (default: torch's; presets tiny/small use 1, faster on a busy shared CPU).")] = None,
+    space: Annotated[Optional[str], opt("--space", panel=SPACE, help="bats (default, Table 1) or darts.")] = None,
+    weights: Annotated[Optional[str], opt("--weights", panel=SPACE, help="real (default) or binary weights during the search.")] = None,
+    activations: Annotated[Optional[str], opt("--activations", panel=SPACE, help="binary (default) or real activations during the search.")] = None,
+    real: Annotated[bool, opt("--real", panel=SPACE, help="Real weights and activations (Appendix B): SGD lr 0.1, momentum 0.9, cosine.")] = False,
+    temp_normal: Annotated[Optional[float], opt("--temp-normal", panel=SPACE, help="Softmax temperature of normal cells (default 0.2; 1 = DARTS).")] = None,
+    temp_reduce: Annotated[Optional[float], opt("--temp-reduce", panel=SPACE, help="Softmax temperature of reduction cells (default 0.15).")] = None,
+    layers: Annotated[Optional[str], opt("--layers", panel=SCHED, metavar="L1,L2,..", help="Cells per stage (default 5,11,17).")] = None,
+    ops: Annotated[Optional[str], opt("--ops", panel=SCHED, metavar="K1,K2,..", help="Candidate ops per edge per stage (default 8,5,3).")] = None,
+    epochs: Annotated[Optional[int], opt("--epochs", panel=SCHED, min=1, help="Epochs per stage (default 25).")] = None,
+    warmup: Annotated[Optional[int], opt("--warmup", panel=SCHED, min=0, help="First epochs of each stage that train weights only (default 10).")] = None,
+    batch_size: Annotated[Optional[int], opt("--batch-size", panel=SCHED, min=1, help="Default 96.")] = None,
+    channels: Annotated[Optional[int], opt("--channels", panel=SCHED, min=2, help="Supernet width (default 18 = 6 groups x 3 channels).")] = None,
+    nodes: Annotated[Optional[int], opt("--nodes", panel=SCHED, min=1, help="Intermediate nodes per cell (default 4).")] = None,
+    arch_lr: Annotated[Optional[float], opt("--arch-lr", panel=OPTIM, help="Adam lr for alpha (default 6e-4).")] = None,
+    arch_wd: Annotated[Optional[float], opt("--arch-wd", panel=OPTIM, help="Weight decay for alpha (default 1e-3).")] = None,
+    arch_betas: Annotated[Optional[str], opt("--arch-betas", panel=OPTIM, metavar="B1,B2", help="Adam betas for alpha (default 0.5,0.999).")] = None,
+    optimizer: Annotated[Optional[str], opt("--optimizer", panel=OPTIM, help="Weights: adam (default) or sgd (default with --real).")] = None,
+    lr: Annotated[Optional[float], opt("--lr", panel=OPTIM, help="Weights lr (default 1e-3 Adam; 0.1 SGD).")] = None,
+    wd: Annotated[Optional[float], opt("--wd", panel=OPTIM, help="Weights weight decay (default 3e-4).")] = None,
+    betas: Annotated[Optional[str], opt("--betas", panel=OPTIM, metavar="B1,B2", help="Adam betas for the weights (default 0.9,0.999).")] = None,
+    momentum: Annotated[Optional[float], opt("--momentum", panel=OPTIM, help="SGD momentum (default 0.9).")] = None,
+    lr_schedule: Annotated[Optional[str], opt("--lr-schedule", panel=OPTIM, help="constant (default with Adam) or cosine per stage (default with SGD).")] = None,
+    lr_min: Annotated[Optional[float], opt("--lr-min", panel=OPTIM, help="Cosine floor (default 1e-3).")] = None,
+    grad_clip: Annotated[Optional[float], opt("--grad-clip", panel=OPTIM, help="Clip the weights' gradient norm (default 5, as DARTS).")] = None,
+    max_skip: Annotated[Optional[int], opt("--max-skip", panel=SPACE, min=0, help="Cap skip connections in the final normal cell (P-DARTS; off by default).")] = None,
+    name: Annotated[Optional[str], opt("--name", panel="Output", help="Genotype name (default: the run directory's name).")] = None,
+    mixed_op: Annotated[Optional[str], opt("--mixed-op", panel="Run", help="fast (default) or reference implementation of the mixed op.")] = None,
+    threads: Annotated[Optional[int], opt("--threads", panel="Run", min=1, help="CPU threads (default: torch's; presets tiny/small use 1, faster on a busy shared CPU).")] = None,
     seed: SeedOpt = None,
     out: OutOpt = None,
     resume: ResumeOpt = False,
@@ -150,7 +142,7 @@ def search_command(
                 raise UserInputError(f"--real contradicts {flag} {value}")
         weights = activations = "real"
     overrides = {
-        "dataset": dataset, "data_dir": str(data_dir) if data_dir is not None else None,
+        "dataset": dataset, "data_dir": path_or_none(data_dir),
         "download": download, "subset": subset, "image_size": image_size, "space": space,
         "weights": weights, "activations": activations, "temp_normal": temp_normal,
         "temp_reduce": temp_reduce, "layers": _int_list(layers, "--layers"),

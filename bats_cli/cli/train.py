@@ -8,7 +8,6 @@ import typer
 
 from bats_cli.cli.app import app
 from bats_cli.cli.options import (
-    RUN,
     DataDirOpt,
     DatasetOpt,
     DeviceOpt,
@@ -22,7 +21,13 @@ from bats_cli.cli.options import (
     ResumeOpt,
     SeedOpt,
     SubsetOpt,
+    ThreadsOpt,
     emit_result,
+    is_main_process,
+    key_value_table,
+    opt,
+    path_or_none,
+    pct,
     preset_option,
 )
 
@@ -33,16 +38,7 @@ AUG = "Augmentation"
 TrainPresetOpt = preset_option(("paper", "tiny"))
 
 
-def _opt(*names: str, panel: str, **kw: Any) -> Any:
-    return typer.Option(*names, rich_help_panel=panel, **kw)
-
-
 def result_table(result: Mapping[str, Any]) -> Any:
-    from rich.table import Table
-
-    t = Table(show_header=False, box=None, pad_edge=False)
-    t.add_column(style="bold")
-    t.add_column()
     net = result["network"]
     kind = "real" if not net["binary_activations"] else (
         "binary weights and activations" if net["binary_weights"] else "binary activations, real weights")
@@ -54,21 +50,15 @@ def result_table(result: Mapping[str, Any]) -> Any:
                     f"{result['parameters']:,} parameters"),
         ("epochs", f"{result['epochs']} x {result['steps_per_epoch']} steps"
                    + (f" on {result['world_size']} processes" if result["world_size"] > 1 else "")),
-        ("train top-1", _pct(result["final_train_top1"])),
-        ("val top-1", _pct(result["final_val_top1"]) + f"  (best {_pct(result['best_val_top1'])}, "
+        ("train top-1", pct(result["final_train_top1"])),
+        ("val top-1", pct(result["final_val_top1"]) + f"  (best {pct(result['best_val_top1'])}, "
                       f"epoch {result['best_epoch']})"),
-        ("val top-5", _pct(result["final_val_top5"])),
+        ("val top-5", pct(result["final_val_top5"])),
         ("time", f"{result['seconds']:.0f} s"),
         ("checkpoints", f"{result['last']}, {result['best']}"),
         ("next", f"bats binarize {result['last']}"),
     ]
-    for k, v in rows:
-        t.add_row(k, str(v))
-    return t
-
-
-def _pct(v: Any) -> str:
-    return "-" if v is None else f"{v:.2f} %"
+    return key_value_table(rows)
 
 
 @app.command("train")
@@ -82,29 +72,29 @@ def train_command(
     download: DownloadOpt = None,
     subset: SubsetOpt = None,
     image_size: ImageSizeOpt = None,
-    width: Annotated[Optional[str], _opt("--width", panel=NET, help="Width preset: 1x, medium, large or 2x (§6.2).")] = None,
-    layers: Annotated[Optional[int], _opt("--layers", panel=NET, min=3, help="Cells (default 20 CIFAR / 14 ImageNet).")] = None,
-    channels: Annotated[Optional[int], _opt("--channels", panel=NET, min=1, help="Initial channels C (overrides --width; default 36 / 80).")] = None,
-    real: Annotated[Optional[bool], _opt("--real", panel=NET, help="Real-valued activations too (no binarization at all).")] = None,
-    activation: Annotated[Optional[str], _opt("--activation", panel=NET, help="After each binary conv: prelu (default), relu or none.")] = None,
-    group_policy: Annotated[Optional[str], _opt("--group-policy", panel=NET, help="groups (fixed number of groups, default) or channels (fixed channels per group).")] = None,
-    epochs: Annotated[Optional[int], _opt("--epochs", panel=OPTIM, min=1, help="Default 600 (CIFAR-sized data) / 75 (ImageNet-sized).")] = None,
-    batch_size: Annotated[Optional[int], _opt("--batch-size", panel=OPTIM, min=1, help="Global batch (split over processes under torchrun). Default 256.")] = None,
-    lr: Annotated[Optional[float], _opt("--lr", panel=OPTIM, help="Adam learning rate, cosine-decayed every step to --lr-min. Default 1e-3.")] = None,
-    lr_min: Annotated[Optional[float], _opt("--lr-min", panel=OPTIM, help="Final learning rate. Default 0.")] = None,
-    weight_decay: Annotated[Optional[float], _opt("--weight-decay", panel=OPTIM, help="Default 0.")] = None,
-    aux_weight: Annotated[Optional[float], _opt("--aux-weight", panel=OPTIM, help="Auxiliary tower loss weight. Default 0.4.")] = None,
-    drop_path: Annotated[Optional[float], _opt("--drop-path", panel=OPTIM, help="Drop-path probability. Default 0.")] = None,
-    cutout: Annotated[Optional[int], _opt("--cutout", panel=AUG, metavar="PX", help="Cutout hole side; 0 = off. Default 16 on cifar10, else off.")] = None,
-    mixup: Annotated[Optional[float], _opt("--mixup", panel=AUG, metavar="ALPHA", help="MixUp alpha; 0 = off. Default 0.2 on cifar100, else off.")] = None,
-    autoaugment: Annotated[Optional[bool], _opt("--autoaugment", panel=AUG, help="torchvision AutoAugment (CIFAR / ImageNet policy).")] = None,
+    width: Annotated[Optional[str], opt("--width", panel=NET, help="Width preset: 1x, medium, large or 2x (§6.2).")] = None,
+    layers: Annotated[Optional[int], opt("--layers", panel=NET, min=3, help="Cells (default 20 CIFAR / 14 ImageNet).")] = None,
+    channels: Annotated[Optional[int], opt("--channels", panel=NET, min=1, help="Initial channels C (overrides --width; default 36 / 80).")] = None,
+    real: Annotated[Optional[bool], opt("--real", panel=NET, help="Real-valued activations too (no binarization at all).")] = None,
+    activation: Annotated[Optional[str], opt("--activation", panel=NET, help="After each binary conv: prelu (default), relu or none.")] = None,
+    group_policy: Annotated[Optional[str], opt("--group-policy", panel=NET, help="groups (fixed number of groups, default) or channels (fixed channels per group).")] = None,
+    epochs: Annotated[Optional[int], opt("--epochs", panel=OPTIM, min=1, help="Default 600 (CIFAR-sized data) / 75 (ImageNet-sized).")] = None,
+    batch_size: Annotated[Optional[int], opt("--batch-size", panel=OPTIM, min=1, help="Global batch (split over processes under torchrun). Default 256.")] = None,
+    lr: Annotated[Optional[float], opt("--lr", panel=OPTIM, help="Adam learning rate, cosine-decayed every step to --lr-min. Default 1e-3.")] = None,
+    lr_min: Annotated[Optional[float], opt("--lr-min", panel=OPTIM, help="Final learning rate. Default 0.")] = None,
+    weight_decay: Annotated[Optional[float], opt("--weight-decay", panel=OPTIM, help="Default 0.")] = None,
+    aux_weight: Annotated[Optional[float], opt("--aux-weight", panel=OPTIM, help="Auxiliary tower loss weight. Default 0.4.")] = None,
+    drop_path: Annotated[Optional[float], opt("--drop-path", panel=OPTIM, help="Drop-path probability. Default 0.")] = None,
+    cutout: Annotated[Optional[int], opt("--cutout", panel=AUG, metavar="PX", help="Cutout hole side; 0 = off. Default 16 on cifar10, else off.")] = None,
+    mixup: Annotated[Optional[float], opt("--mixup", panel=AUG, metavar="ALPHA", help="MixUp alpha; 0 = off. Default 0.2 on cifar100, else off.")] = None,
+    autoaugment: Annotated[Optional[bool], opt("--autoaugment", panel=AUG, help="torchvision AutoAugment (CIFAR / ImageNet policy).")] = None,
     seed: SeedOpt = None,
     out: OutOpt = None,
     resume: ResumeOpt = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = None,
     num_workers: NumWorkersOpt = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, rich_help_panel=RUN, help="CPU threads (default: torch's choice; 1 is often faster on a busy machine).")] = None,
+    threads: ThreadsOpt = None,
     preset: TrainPresetOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -123,7 +113,7 @@ def train_command(
     g = resolve_genotype(genotype)
     overrides = {
         "genotype": genotype, "dataset": dataset,
-        "data_dir": str(data_dir) if data_dir is not None else None, "download": download,
+        "data_dir": path_or_none(data_dir), "download": download,
         "subset": subset, "image_size": image_size, "width": width, "layers": layers,
         "channels": channels, "real": real, "activation": activation,
         "group_policy": group_policy, "epochs": epochs, "batch_size": batch_size, "lr": lr,
@@ -134,11 +124,5 @@ def train_command(
     cfg = resolve_config(TrainConfig, preset=preset, presets=TRAIN_PRESETS, overrides=overrides)
     result = train(cfg, genotype=g, out=out, resume=resume, quiet=quiet, preset=preset,
                    overrides=overrides)
-    if _is_main():
+    if is_main_process():
         emit_result(result, as_json=as_json, table_fn=result_table)
-
-
-def _is_main() -> bool:
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
