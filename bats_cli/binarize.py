@@ -252,7 +252,9 @@ def _binarize(
         load_model_tensors(model, load_checkpoint(resume_from)[0], resume_from)
 
     run_config = cfg.model_dump(mode="json")
-    data_record = {**data_rec, "name": data.spec.name}
+    # The data directory goes with the data record so `bats eval` finds it with no flags.
+    data_record = {**data_rec, "name": data.spec.name,
+                   "data_dir": None if data_dir is None else str(data_dir)}
     run_record = {**train_run, "data_dir": data_dir}
     if run_dir is not None and resume_from is None:
         run_dir.write_config(run_config, source=str(src), network=bin_settings, data=data_record)

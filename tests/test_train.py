@@ -305,3 +305,26 @@ def test_binarize_resume_mid_epoch_matches(pipeline):
     b, _ = load_checkpoint(root / "bin_cut" / "last.safetensors")
     for k in (k for k in a if k.startswith("model.")):
         assert torch.equal(a[k], b[k]), k
+
+
+def test_eval_finds_the_data_dir_of_every_kind_without_flags(tmp_path):
+    """A run on an ImageFolder tree: eval of the step-1, binarized and packed files needs no --data-dir."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split, n in (("train", 16), ("val", 8)):
+        for cls in ("a", "b"):
+            folder = tmp_path / "data" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = torch.randint(0, 256, (32, 32, 3), generator=gen, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    trained = _train(tmp_path / "train", dataset="imagefolder", data_dir=str(tmp_path / "data"),
+                     subset=None, batch_size=8)
+    packed = tmp_path / "m.packed.safetensors"
+    binarize(BinarizeConfig(checkpoint=trained["last"], epochs=0, device="cpu",
+                            calibration_batches=1, threads=1),
+             out=tmp_path / "bin", packed=packed, quiet=True, handle_signals=False)
+    for path in (trained["last"], tmp_path / "bin" / "last.safetensors", packed):
+        result = evaluate_checkpoint(path, device="cpu")
+        assert result["images"] == 16, path
