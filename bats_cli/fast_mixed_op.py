@@ -1,31 +1,34 @@
 """A mixed op that computes what :class:`~bats_cli.supernet.ReferenceMixedOp` computes, fast.
 
 :class:`FastMixedOp` holds the very same modules (``self.ops``, built by the same code), so one
-``state_dict`` loads into either; only ``forward`` differs. Everything it exploits is exact (the
-results agree up to float rounding; ``tests/test_supernet.py`` checks outputs, gradients and
-running statistics against the reference):
+``state_dict`` loads into either; only the forward differs. Everything exploited is exact: the
+results agree up to float rounding (``tests/test_supernet.py`` checks outputs, gradients of
+weights and α, and running statistics against the reference, in float64).
 
-* Search BatchNorms have no affine parameters, so all grouped-conv candidates of an edge (and
-  its factorized-reduce skip) normalise and binarise their common input identically: BatchNorm
-  and sign run once per edge. Every op's running statistics are still updated, as its own
-  BatchNorm would have; in eval mode the shared path runs only while they are all equal.
-* The convs of an edge become one grouped conv per dilation: smaller kernels are zero-padded to
-  the largest one and stacked as extra output channels of every group, with the XNOR-Net++
-  output scale folded into the kernel. The activation (PReLU) is nonlinear, so the mixing
-  weights are applied after it, per op: ``sum_i w_i * act_i(z_i)``, as one matrix product over
-  channels-last memory.
-* The identity connection of every conv op is the same tensor: ``sum(w_i) * x`` once. A
-  factorized-reduce skip's two stride-2 1×1 convs are one 2×2 stride-2 conv.
-* 'none' adds exactly zero (and gets zero gradient), so it is not computed.
-* Two custom autograd functions save only what backward needs: the edge input (alive anyway),
-  one ``bool`` per input value for the signs, and the raw conv outputs. The normalised and
-  binarised input and the activations are recomputed in backward. Under
-  ``torch.autograd.grad(loss, arch_parameters)`` they skip conv weight gradients, as built-in
+* Search BatchNorms have no affine parameters, so every grouped-conv candidate (and
+  factorized-reduce skip) that reads a given tensor normalises and binarises it identically --
+  on one edge, and on every edge leaving the same node of a cell. BatchNorm + sign run once per
+  node (:func:`fast_cell_forward`), or once per edge when a :class:`FastMixedOp` is called alone.
+  Every op's running statistics are still updated as its own BatchNorm would have; in eval mode
+  the sharing happens only while they are all equal.
+* The convs reading that tensor become one grouped conv per dilation: smaller kernels are
+  zero-padded to the largest one and stacked as extra output channels of every group, with the
+  XNOR-Net++ output scale folded into the kernel. The activation (PReLU) is nonlinear, so the
+  mixing weights are applied after it, per op: ``sum_i w_i * act_i(z_i)``, one small matrix
+  product per edge over channels-last memory.
+* Likewise each pool (with its BatchNorm) runs once per node, and the identity connection of
+  all conv ops of an edge is one ``sum(w_i) * x``. A factorized-reduce skip's two stride-2 1×1
+  convs are one 2×2 stride-2 conv. 'none' adds exactly zero (and gets zero gradient): skipped.
+* Two custom autograd functions save only what backward needs: the input (alive anyway), one
+  ``bool`` per input value for the signs, and the raw conv outputs; the normalised and binarised
+  input and the activations are recomputed in backward. Under ``torch.autograd.grad(loss,
+  arch_parameters)`` (the architecture step) they skip the conv weight gradients, as built-in
   ops do.
 
-Pools (each with its own BatchNorm on a different input) and ops it does not know (DARTS-space
-convs) run as their own modules. :func:`fast_block_forward` applies the same fusion to a cell's
-preprocessing blocks. The cell runs channels-last on CPU, where grouped convs are much faster.
+Ops it does not know (DARTS-space convs) run as their own modules. :func:`fast_block_forward`
+fuses a cell's preprocessing blocks the same way. The fast cell runs channels-last on CPU, where
+grouped convs with 3 channels per group are several times faster. Under autocast the fused
+path computes in float32.
 """
 
 from __future__ import annotations
@@ -39,13 +42,31 @@ from torch import nn
 from bats_cli.ops import FactorizedReduce, GroupConvOp, Zero
 from bats_cli.quant import STE_SIGN, BinaryConvBlock, QuantConv2d
 
-__all__ = ["FastMixedOp", "fast_block_forward"]
+__all__ = ["FastMixedOp", "fast_block_forward", "fast_cell_forward"]
 
 _CL = torch.channels_last
 
 
 def _per_channel(t: torch.Tensor) -> torch.Tensor:
     return t.view(1, -1, 1, 1)
+
+
+def _without_autocast(fn):
+    """Run the fused path in float32 when autocast is on: the custom autograd functions pick
+    their own dtypes, and mixing them with autocast's per-op casts would not match up."""
+
+    def wrapper(*args):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        device = tensors[0].device.type
+        if not torch.is_autocast_enabled(device):
+            return fn(*args)
+        with torch.autocast(device, enabled=False):
+            return fn(*(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                        for a in args))
+
+    wrapper.__doc__ = fn.__doc__
+    wrapper.__name__ = fn.__name__
+    return wrapper
 
 
 def _engine_needs(ctx, arg: int, tensor_arg: int) -> bool:
@@ -436,6 +457,7 @@ def _even(x: torch.Tensor) -> bool:
     return x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0
 
 
+@_without_autocast
 def fast_block_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` for a cell's preprocessing block, fused where it is a plain binary block."""
     if _fusable_block(module):
@@ -568,6 +590,7 @@ def _edges_forward(edges: list["FastMixedOp"], weights: list[torch.Tensor], x: t
     return outs
 
 
+@_without_autocast
 def fast_cell_forward(cell, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """A search cell's forward where the edges are :class:`FastMixedOp`: everything the edges
     leaving one node share (see :func:`_edges_forward`) is computed once for all of them."""
@@ -632,4 +655,9 @@ class FastMixedOp(nn.Module):
         self.shortcut_is_identity = bool(convs) and isinstance(ops[convs[0]].shortcut, nn.Identity)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return _edges_forward([self], [weights], x)[0]
+        return _single_edge(self, x, weights)
+
+
+@_without_autocast
+def _single_edge(edge: FastMixedOp, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return _edges_forward([edge], [weights], x)[0]

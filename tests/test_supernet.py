@@ -188,3 +188,15 @@ def test_float32_search_step_runs():
     w_opt.step()
     assert torch.isfinite(loss)
     assert not torch.equal(before, net.alpha_normal.detach())
+
+
+def test_fast_supernet_under_autocast():
+    """bf16 autocast (``bats search --precision bf16``): the fused path runs in float32."""
+    torch.manual_seed(0)
+    net = SuperNet(TINY)
+    x, y = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(net(x.float()).float(), y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
