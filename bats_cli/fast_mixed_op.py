@@ -599,9 +599,10 @@ def fast_cell_forward(cell, s0: torch.Tensor, s1: torch.Tensor, weights: torch.T
         s0 = s0.contiguous(memory_format=_CL)
         s1 = s1.contiguous(memory_format=_CL)
     states = [fast_block_forward(cell.preprocess0, s0), fast_block_forward(cell.preprocess1, s1)]
+    from bats_cli.supernet import edge_endpoints
+
     steps = cell.steps
-    # Edge e goes from state src to node state dst; edges are ordered by destination.
-    endpoints = [(src, node + 2) for node in range(steps) for src in range(node + 2)]
+    endpoints = edge_endpoints(steps)  # edge e: (source state, destination node state)
     nodes: list[torch.Tensor | None] = [None] * (steps + 2)
     for src in range(steps + 1):
         out_edges = [e for e, (s, _) in enumerate(endpoints) if s == src]
