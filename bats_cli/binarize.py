@@ -24,7 +24,7 @@ from torch import nn
 
 from bats_cli.config import RunConfig
 from bats_cli.errors import UserInputError
-from bats_cli.train import restores_threads
+from bats_cli.runloop import interrupt_guard, restores_threads
 
 # Measured (docs/pipeline.md, cifar10-mini): binarizing a 2-epoch step-1 network's weights takes
 # top-1 from 44.2 % to 12.1 % (22.9 % with BatchNorm re-estimated); one fine-tuning epoch at the
@@ -113,11 +113,8 @@ def binarize(
     handle_signals: bool = True,
 ) -> dict[str, Any]:
     """Run ``bats binarize`` and return its JSON-ready result."""
-    from bats_cli.runtime import GracefulInterrupt
-    from bats_cli.train import _maybe
-
     # Installed first, so that a signal during set-up stops the run too (after one step).
-    with _maybe(GracefulInterrupt() if handle_signals else None) as stop:
+    with interrupt_guard(handle_signals=handle_signals) as stop:
         return _binarize(cfg, out=out, packed=packed, resume=resume, quiet=quiet, preset=preset,
                          overrides=overrides, stop_after_steps=stop_after_steps, stop=stop)
 
@@ -138,23 +135,19 @@ def _binarize(
     from bats_cli.checkpoint import check_kind, load_checkpoint, read_metadata
     from bats_cli.config import resolve_resume_config
     from bats_cli.data import AugmentConfig, build_datasets
+    from bats_cli.distributed import broadcast_buffers, init_run_device
     from bats_cli.evaluate import evaluate_model
-    from bats_cli.pack import packed_size_report, save_packed
-    from bats_cli.quant import binarize_weights_
-    from bats_cli.runtime import Reporter, seed_everything
-    from bats_cli.train import (
-        FitSpec,
+    from bats_cli.modelio import (
         build_from_settings,
-        check_batch,
-        check_out_dir,
-        TRAIN_RESUME_IGNORED,
-        open_run_dir,
-        set_threads,
-        fit,
-        init_run_device,
+        check_dataset,
         load_genotype_from_meta,
         load_model_tensors,
     )
+    from bats_cli.pack import packed_size_report, save_packed
+    from bats_cli.quant import binarize_weights_
+    from bats_cli.runloop import check_out_dir, open_run_dir, set_threads
+    from bats_cli.runtime import Reporter, seed_everything
+    from bats_cli.train import TRAIN_RESUME_IGNORED, FitSpec, check_batch, fit
 
     src = Path(cfg.checkpoint)
     meta = read_metadata(src)
@@ -206,8 +199,6 @@ def _binarize(
         name, data_dir=data_dir, download=False, subset=subset,
         image_size=data_rec.get("image_size"), augment=augment, seed=seed,
     )
-    from bats_cli.evaluate import check_dataset
-
     check_dataset(data.spec, settings, src)
     check_batch(len(data.train), batch_size, dist_info)
     run_dir = open_run_dir(out, resume, dist_info, device)
@@ -231,9 +222,7 @@ def _binarize(
             model, data.train, batches=cfg.calibration_batches, batch_size=batch_size, seed=seed,
             device=device, precision=cfg.precision,
         )
-        from bats_cli.train import _broadcast_buffers
-
-        _broadcast_buffers(model, dist_info)
+        broadcast_buffers(model, dist_info)
         binarized = evaluate_model(model, data.test, batch_size=eval_bs, device=device,
                                    precision=cfg.precision, dist_info=dist_info)
         carried = {
@@ -283,7 +272,7 @@ def _binarize(
         final_top1, final_top5 = carried["binarized_top1"], carried["binarized_top5"]
         best_top1 = final_top1
         if run_dir is not None:
-            _save_plain(spec, run_dir)
+            _save_plain(spec, run_dir, data, device=device, dist_info=dist_info)
 
     result: dict[str, Any] = {
         "command": "binarize",
@@ -325,15 +314,15 @@ def _binarize(
     return result
 
 
-def _save_plain(spec, run_dir) -> None:
+def _save_plain(spec, run_dir, data, *, device, dist_info) -> None:
     """last / best for a run without fine-tuning (the binarized, calibrated weights)."""
-    from bats_cli.checkpoint import save_checkpoint
-    from bats_cli.train import model_tensors
+    from bats_cli.runloop import RunLoop
+    from bats_cli.train import TrainJob
 
-    config = {"run": spec.run_config, "network": spec.settings, "data": spec.data}
+    loop = RunLoop(TrainJob(spec, data.train, data.test, device=device, dist_info=dist_info),
+                   run_dir=run_dir, dist_info=dist_info, device=device)
     for path in (run_dir.last, run_dir.best):
-        save_checkpoint(path, model_tensors(spec.model), kind="binarize", config=config, epoch=0,
-                        genotype_json=spec.genotype_json, extra=spec.extra)
+        loop.save(path, with_state=False)
 
 
 __all__ = [

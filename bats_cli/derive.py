@@ -28,7 +28,7 @@ import torch
 
 from bats_cli.errors import UserInputError
 from bats_cli.genotype import CELLS, Genotype
-from bats_cli.spaces import get_space
+from bats_cli.spaces import edge_endpoints, get_space
 
 NONE_OP = "none"
 SKIP_OP = "skip_connect"
@@ -42,11 +42,6 @@ def _as_matrix(weights: Any) -> list[list[float]]:
     if isinstance(weights, torch.Tensor):
         return weights.detach().float().cpu().tolist()
     return [[float(w) for w in row] for row in weights]
-
-
-def edge_endpoints(steps: int) -> list[tuple[int, int]]:
-    """(input, node) of every edge in the order architecture weights use (node i has i + 2 inputs)."""
-    return [(src, node + 2) for node in range(steps) for src in range(node + 2)]
 
 
 def _check_shapes(weights: list[list[float]], candidates: Sequence[Sequence[str]], steps: int,

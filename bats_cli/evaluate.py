@@ -8,7 +8,6 @@ and a ``packed`` artifact (1-bit weights; unpacked into an exactly equivalent mo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bats_cli.errors import UserInputError
-
-EVAL_KINDS = ("train", "binarize", "packed")
+from bats_cli.modelio import LoadedModel, check_dataset, load_model
 
 
 @torch.no_grad()
@@ -77,9 +75,9 @@ def evaluate_model(
     finally:
         model.train(was_training)
     if dist_info is not None and dist_info.enabled:
-        from bats_cli.train import _all_sum
+        from bats_cli.distributed import all_sum
 
-        loss_sum, correct1, correct5, seen = _all_sum(
+        loss_sum, correct1, correct5, seen = all_sum(
             [loss_sum, correct1, correct5, seen], dist_info, device
         )
     denom = max(seen, 1.0)
@@ -92,73 +90,6 @@ def evaluate_model(
     if return_predictions:
         out["predictions"] = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
     return out
-
-
-@dataclass
-class LoadedModel:
-    """A model rebuilt from a checkpoint or packed artifact, with what the file records."""
-
-    model: nn.Module
-    meta: Any
-    settings: dict[str, Any]
-    data: dict[str, Any]
-    run: dict[str, Any]
-    genotype: Any
-
-
-def load_model(path: str | Path, *, command: str = "eval", kinds=EVAL_KINDS) -> LoadedModel:
-    """Rebuild the network a ``train`` / ``binarize`` / ``packed`` file describes, weights loaded."""
-    from bats_cli.checkpoint import check_kind, load_checkpoint, read_metadata
-    from bats_cli.train import load_genotype_from_meta, load_model_tensors
-
-    meta = read_metadata(path)
-    check_kind(meta, kinds, command)
-    settings = meta.config.get("network")
-    if not isinstance(settings, dict):
-        raise UserInputError(f"{meta.path}: the checkpoint records no network settings")
-    genotype = load_genotype_from_meta(meta)
-    if meta.kind == "packed":
-        from bats_cli.pack import unpack
-
-        model, meta = unpack(meta.path)
-    else:
-        model = _build(genotype, settings, meta.path)
-        tensors, _ = load_checkpoint(meta.path)
-        load_model_tensors(model, tensors, meta.path)
-    model.eval()
-    return LoadedModel(
-        model=model, meta=meta, settings=settings, data=meta.config.get("data") or {},
-        run=meta.config.get("run") or {}, genotype=genotype,
-    )
-
-
-def _build(genotype, settings, path):
-    from bats_cli.train import build_from_settings
-
-    try:
-        return build_from_settings(genotype, settings)
-    except UserInputError as exc:
-        raise UserInputError(f"{path}: cannot rebuild its network: {exc}") from None
-
-
-def check_dataset(spec, settings: dict[str, Any], path: Path | str) -> None:
-    """UserInputError (one line) when the data set cannot feed the checkpoint's network."""
-    problems = []
-    if spec.num_classes != settings["num_classes"]:
-        problems.append(f"{spec.num_classes} classes, the network predicts {settings['num_classes']}")
-    if spec.in_channels != settings["in_channels"]:
-        problems.append(
-            f"{spec.in_channels}-channel images, the network takes {settings['in_channels']}"
-        )
-    if spec.network != settings["kind"]:
-        problems.append(
-            f"{spec.image_size} px images need the {spec.network} network, the checkpoint is a "
-            f"{settings['kind']} network"
-        )
-    if problems:
-        raise UserInputError(
-            f"dataset {spec.name} does not fit {path}: " + "; ".join(problems)
-        )
 
 
 def resolve_eval_data(loaded: LoadedModel, *, dataset: str | None, data_dir, image_size, path):
@@ -193,7 +124,7 @@ def evaluate_checkpoint(
     return_predictions: bool = False,
 ) -> dict[str, Any]:
     """``bats eval``: top-1 / top-5 of a checkpoint or packed artifact on a test split."""
-    from bats_cli.train import restores_threads, set_threads
+    from bats_cli.runloop import restores_threads, set_threads
 
     @restores_threads
     def run() -> dict[str, Any]:
@@ -251,11 +182,7 @@ def _evaluate_checkpoint(path, *, dataset, data_dir, download, image_size, subse
 
 
 __all__ = [
-    "EVAL_KINDS",
-    "LoadedModel",
-    "check_dataset",
     "evaluate_checkpoint",
     "evaluate_model",
-    "load_model",
     "resolve_eval_data",
 ]

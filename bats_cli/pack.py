@@ -12,7 +12,7 @@ Layout (metadata ``bats_kind = "packed"``):
 
 ``bats_config`` holds ``network`` (settings to rebuild the net, with ``binary_weights`` true),
 ``data``, ``packing`` (layout and per-conv shapes) and ``source``; ``bats_genotype`` the genotype.
-:func:`unpack` rebuilds a model whose binary convs apply exactly ``sign(W) * α``, the same
+:func:`bats_cli.modelio.unpack` rebuilds a model whose binary convs apply exactly ``sign(W) * α``, the same
 arithmetic as the binarized checkpoint, so predictions are identical.
 """
 
@@ -118,32 +118,6 @@ def save_packed(
                            genotype_json=genotype_json)
 
 
-def unpack(path: str | Path):
-    """``(model, meta)``: the network of a packed artifact with ±1 weights, in eval mode."""
-    from bats_cli.checkpoint import load_checkpoint
-    from bats_cli.train import build_from_settings, load_genotype_from_meta, load_model_tensors
-
-    tensors, meta = load_checkpoint(path, expect_kind="packed", command="unpack")
-    info = meta.config.get("packing") or {}
-    if info.get("layout") != LAYOUT:
-        raise UserInputError(f"{meta.path}: unknown packing layout {info.get('layout')!r}")
-    genotype = load_genotype_from_meta(meta)
-    try:
-        model = build_from_settings(genotype, meta.config["network"])
-    except (KeyError, UserInputError) as exc:
-        raise UserInputError(f"{meta.path}: cannot rebuild its network: {exc}") from None
-    state = {k: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
-    shapes = info.get("binary_convs") or {}
-    for name, shape in shapes.items():
-        key = f"{BITS_PREFIX}{name}.weight"
-        if key not in tensors:
-            raise UserInputError(f"{meta.path}: missing packed weight {key}")
-        state[f"{MODEL_PREFIX}{name}.weight"] = unpack_bits(tensors[key], shape)
-    load_model_tensors(model, state, meta.path)
-    model.eval()
-    return model, meta
-
-
 def packed_size_report(path: str | Path) -> dict[str, Any]:
     """Sizes of a packed artifact against the same model stored as fp32 (header-only read).
 
@@ -209,6 +183,5 @@ __all__ = [
     "pack_model",
     "packed_size_report",
     "save_packed",
-    "unpack",
     "unpack_bits",
 ]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,17 @@ from bats_cli.derive import (
 from bats_cli.errors import RunFailure, UserInputError
 from bats_cli.genotype import Genotype
 from bats_cli.quant import BinarySpec
-from bats_cli.spaces import get_space
+from bats_cli.runloop import (
+    Checkpoint,
+    RunJob,
+    RunLoop,
+    interrupt_guard,
+    open_run_dir,
+    restores_threads,
+    set_threads,
+)
+from bats_cli.schedule import cosine_lr
+from bats_cli.spaces import edge_endpoints, get_space
 
 SEARCH_STATE_KEY = "search_state"
 OPTIM_W_KEY = "optim_w"
@@ -238,10 +247,6 @@ def drop_weakest_ops(
     return out
 
 
-def cosine_lr(base: float, minimum: float, epoch: int, epochs: int) -> float:
-    return minimum + 0.5 * (base - minimum) * (1 + math.cos(math.pi * epoch / epochs))
-
-
 # ---- results -----------------------------------------------------------------------------------
 
 
@@ -294,13 +299,6 @@ class SearchResult:
 # ---- the searcher ------------------------------------------------------------------------------
 
 
-class _NoInterrupt:
-    requested = False
-
-    def raise_if_requested(self, save_fn=None) -> None:
-        return None
-
-
 @dataclass
 class _Accum:
     """Running sums of the current epoch (kept in checkpoints so a resumed epoch reports all of it)."""
@@ -311,7 +309,6 @@ class _Accum:
     a_loss: float = 0.0
     a_correct: int = 0
     a_count: int = 0
-    seconds: float = 0.0
 
     def metrics(self) -> dict[str, float | None]:
         return {
@@ -321,16 +318,23 @@ class _Accum:
             "arch_acc": self.a_correct / self.a_count if self.a_count else None,
         }
 
+    def progress(self) -> dict[str, float]:
+        return {_short(k): v for k, v in self.metrics().items() if v is not None}
 
-class Searcher:
-    """One search run: stages, epochs, steps, checkpoints. Use :func:`run_search`."""
 
-    def __init__(self, config: SearchConfig, *, run, reporter, interrupt, device: torch.device,
-                 data, in_channels: int, num_classes: int) -> None:
+class Searcher(RunJob):
+    """The search as a :class:`~bats_cli.runloop.RunJob`: stages are the loop's segments, the
+    search step is one architecture step then one weight step. Use :func:`run_search`."""
+
+    kind = "search"
+
+    def __init__(self, config: SearchConfig, *, run, device: torch.device, data, in_channels: int,
+                 num_classes: int, reporter=None) -> None:
+        from bats_cli.runtime import Reporter
+
         self.cfg = config
         self.run = run
-        self.reporter = reporter
-        self.interrupt = interrupt
+        self.reporter = reporter or Reporter(quiet=True)
         self.device = device
         self.weight_half, self.arch_half = data
         self.space = get_space(config.space)
@@ -341,11 +345,13 @@ class Searcher:
         self.step = 0
         self.accum = _Accum()
         self.stage_seconds: list[float] = [0.0] * config.stages
+        self.stage_started = 0.0
+        self.stage_results: list[StageResult] = []
         self.finished = False
         self.model = None
         self.opt_w = None
         self.opt_a = None
-        n_edges = len(_edge_list(config.nodes))
+        n_edges = len(edge_endpoints(config.nodes))
         full = [list(self.space.candidates) for _ in range(n_edges)]
         self.candidates_normal = full
         self.candidates_reduce = [list(ops) for ops in full]
@@ -357,13 +363,13 @@ class Searcher:
                 f"({len(self.arch_half)} images for the architecture, {len(self.weight_half)} for the "
                 "weights); lower --batch-size or raise --subset"
             )
-        self._segment_start = time.perf_counter()
 
     # -- building ---------------------------------------------------------------------------
     def build_stage(self, in_channels: int, num_classes: int) -> None:
         """A fresh supernet and optimisers for the current stage and candidate lists."""
-        from bats_cli.supernet import SuperNet, SupernetConfig
         from bats_cli.data import derive_seed
+        from bats_cli.runtime import make_grad_scaler
+        from bats_cli.supernet import SuperNet, SupernetConfig
 
         cfg = self.cfg
         # Each stage's initialisation depends on (seed, stage) only, so resuming never shifts it.
@@ -390,11 +396,9 @@ class Searcher:
                                          momentum=cfg.momentum, weight_decay=cfg.wd)
         self.opt_a = torch.optim.Adam(self.model.arch_parameters(), lr=cfg.arch_lr,
                                       betas=cfg.arch_betas, weight_decay=cfg.arch_wd)
-        from bats_cli.runtime import make_grad_scaler
-
         self.scaler_w = make_grad_scaler(self.device, cfg.precision)
         self.scaler_a = make_grad_scaler(self.device, cfg.precision)
-        self._segment_start = time.perf_counter()
+        self.stage_started = self.clock()
 
     # -- steps ------------------------------------------------------------------------------
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -437,7 +441,13 @@ class Searcher:
         self.opt_w.zero_grad(set_to_none=True)
         return float(loss.detach()), correct
 
-    # -- loop -------------------------------------------------------------------------------
+    # -- an epoch (RunJob) ------------------------------------------------------------------
+    def segment_done(self) -> bool:
+        return self.epoch >= self.cfg.epochs
+
+    def metrics_epoch(self) -> int:
+        return self.global_epoch()
+
     def _loaders(self, search: bool):
         from bats_cli.data import derive_seed, make_loader
 
@@ -451,57 +461,93 @@ class Searcher:
 
     def _set_lr(self) -> float:
         cfg = self.cfg
-        lr = cfg.lr if cfg.lr_schedule == "constant" else cosine_lr(cfg.lr, cfg.lr_min, self.epoch, cfg.epochs)
+        lr = cfg.lr if cfg.lr_schedule == "constant" else cosine_lr(self.epoch, cfg.epochs, cfg.lr, cfg.lr_min)
         for group in self.opt_w.param_groups:
             group["lr"] = lr
         return lr
 
-    def train_epoch(self) -> None:
+    def begin_epoch(self):
         cfg = self.cfg
-        search = self.epoch >= cfg.warmup
-        lr = self._set_lr()
+        if self.epoch == 0 and self.step == 0 and not self.finished:
+            # The stage's starting point: initial α (for before/after comparisons, Fig. 1).
+            self.write_alphas(self.current_genotype(name=f"{self.run_name}_{self._tag(0)}"), "init")
+        self._search_phase = self.epoch >= cfg.warmup
+        self._lr = self._set_lr()
         stage_txt = f"stage {self.stage + 1}/{cfg.stages} ({cfg.layers[self.stage]} cells, {cfg.ops[self.stage]} ops)"
-        desc = f"{stage_txt} epoch {self.epoch + 1}/{cfg.epochs}" + ("" if search else " warm-up")
+        desc = f"{stage_txt} epoch {self.epoch + 1}/{cfg.epochs}" + ("" if self._search_phase else " warm-up")
         self.model.train()
-        w_loader, a_loader = self._loaders(search)
+        return desc, self._batches(*self._loaders(self._search_phase))
+
+    def _batches(self, w_loader, a_loader):
         a_iter = iter(a_loader) if a_loader is not None else None
-        with self.reporter.epoch(desc, self.steps_per_epoch) as bar:
-            if self.step:  # resumed mid-epoch: the bar and its metrics continue from the checkpoint
-                done = {_short(k): v for k, v in self.accum.metrics().items() if v is not None}
-                bar.update(self.step, **done)
-            for xw, yw in w_loader:
-                if self.step >= self.steps_per_epoch:
-                    break
-                if a_iter is not None:
-                    xa, ya = next(a_iter)
-                    xa, ya = xa.to(self.device, non_blocking=True), ya.to(self.device, non_blocking=True)
-                    a_loss, a_correct = self.arch_step(xa, ya)
-                    self.accum.a_loss += a_loss * len(ya)
-                    self.accum.a_correct += a_correct
-                    self.accum.a_count += len(ya)
-                xw, yw = xw.to(self.device, non_blocking=True), yw.to(self.device, non_blocking=True)
-                w_loss, w_correct = self.weight_step(xw, yw)
-                self.accum.w_loss += w_loss * len(yw)
-                self.accum.w_correct += w_correct
-                self.accum.w_count += len(yw)
-                self.step += 1
-                metrics = {k: v for k, v in self.accum.metrics().items() if v is not None}
-                bar.update(1, **{_short(k): v for k, v in metrics.items()})
-                self.interrupt.raise_if_requested(save_fn=self._save_interrupted)
-            bar.set(lr=lr)
-        self._flush_time()
-        self.end_epoch(lr, search)
+        for xw, yw in w_loader:
+            if self.step >= self.steps_per_epoch:
+                break
+            yield xw, yw, (next(a_iter) if a_iter is not None else None)
 
-    def _flush_time(self) -> None:
-        now = time.perf_counter()
-        elapsed = now - self._segment_start
-        self.accum.seconds += elapsed
-        self.stage_seconds[self.stage] += elapsed
-        self._segment_start = now
+    def running_metrics(self) -> dict[str, float]:
+        return self.accum.progress()
 
-    def _save_interrupted(self) -> Path:
-        self._flush_time()
-        return self.save(self.run.last)
+    def train_step(self, batch) -> dict[str, float]:
+        xw, yw, arch_batch = batch
+        if arch_batch is not None:
+            xa, ya = arch_batch
+            xa, ya = xa.to(self.device, non_blocking=True), ya.to(self.device, non_blocking=True)
+            a_loss, a_correct = self.arch_step(xa, ya)
+            self.accum.a_loss += a_loss * len(ya)
+            self.accum.a_correct += a_correct
+            self.accum.a_count += len(ya)
+        xw, yw = xw.to(self.device, non_blocking=True), yw.to(self.device, non_blocking=True)
+        w_loss, w_correct = self.weight_step(xw, yw)
+        self.accum.w_loss += w_loss * len(yw)
+        self.accum.w_correct += w_correct
+        self.accum.w_count += len(yw)
+        return self.accum.progress()
+
+    def end_epoch(self, bar) -> dict[str, Any]:
+        cfg = self.cfg
+        bar.set(lr=self._lr)
+        phase = "search" if self._search_phase else "warm-up"
+        genotype = self.current_genotype(name=f"{self.run_name}_{self._tag()}")
+        genotype.save(self.run.path / "genotypes" / f"{self._tag()}.json")
+        doc = self.write_alphas(genotype, phase)
+        wn, wr = self.current_weights()
+        ent_n, ent_r = edge_entropy(wn), edge_entropy(wr)
+        hmax = math.log(len(self.candidates_normal[0]))
+        row: dict[str, Any] = {
+            "epoch": self.global_epoch(),
+            "stage": self.stage + 1,
+            "stage_epoch": self.epoch,
+            "layers": cfg.layers[self.stage],
+            "ops": len(self.candidates_normal[0]),
+            "phase": phase,
+            "lr": self._lr,
+            **self.accum.metrics(),
+            "seconds": None,  # the run's wall time, filled in by the loop
+            "entropy_normal": float(ent_n.mean()),
+            "entropy_reduce": float(ent_r.mean()),
+            "entropy_normal_rel": float(ent_n.mean()) / hmax if hmax else 0.0,
+            "entropy_reduce_rel": float(ent_r.mean()) / hmax if hmax else 0.0,
+            "param_free_normal": doc["parameter_free_share"]["normal"],
+            "param_free_reduce": doc["parameter_free_share"]["reduce"],
+            "skip_normal": doc["skip_connections"]["normal"],
+            "skip_reduce": doc["skip_connections"]["reduce"],
+            "genotype": genotype_summary(genotype),
+        }
+        for e, (src, dst) in enumerate(edge_endpoints(cfg.nodes)):
+            row[f"entropy_normal_{src}_{dst}"] = round(float(ent_n[e]), 6)
+        for e, (src, dst) in enumerate(edge_endpoints(cfg.nodes)):
+            row[f"entropy_reduce_{src}_{dst}"] = round(float(ent_r[e]), 6)
+        self.accum = _Accum()
+        return row
+
+    def after_epoch(self, row) -> tuple[str, ...]:
+        self.reporter.line(
+            f"  H(normal)={row['entropy_normal']:.3f} H(reduce)={row['entropy_reduce']:.3f} "
+            f"param-free={row['param_free_normal']:.2f}/{row['param_free_reduce']:.2f}  "
+            f"{row['genotype']}"
+        )
+        return ()
 
     # -- per-epoch outputs ------------------------------------------------------------------
     def current_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -561,58 +607,33 @@ class Searcher:
         self.run.write_json(f"alphas/{self._tag()}.json", doc)
         return doc
 
-    def end_epoch(self, lr: float, search: bool) -> None:
-        cfg = self.cfg
-        self.epoch += 1
-        self.step = 0
-        genotype = self.current_genotype(name=f"{self.run_name}_{self._tag()}")
-        genotype.save(self.run.path / "genotypes" / f"{self._tag()}.json")
-        doc = self.write_alphas(genotype, "search" if search else "warm-up")
-        wn, wr = self.current_weights()
-        ent_n, ent_r = edge_entropy(wn), edge_entropy(wr)
-        hmax = math.log(len(self.candidates_normal[0]))
-        row: dict[str, Any] = {
-            "epoch": self.global_epoch(),
-            "stage": self.stage + 1,
-            "stage_epoch": self.epoch,
-            "layers": cfg.layers[self.stage],
-            "ops": len(self.candidates_normal[0]),
-            "phase": "search" if search else "warm-up",
-            "lr": lr,
-            **self.accum.metrics(),
-            "seconds": round(self.accum.seconds, 3),
-            "entropy_normal": float(ent_n.mean()),
-            "entropy_reduce": float(ent_r.mean()),
-            "entropy_normal_rel": float(ent_n.mean()) / hmax if hmax else 0.0,
-            "entropy_reduce_rel": float(ent_r.mean()) / hmax if hmax else 0.0,
-            "param_free_normal": doc["parameter_free_share"]["normal"],
-            "param_free_reduce": doc["parameter_free_share"]["reduce"],
-            "skip_normal": doc["skip_connections"]["normal"],
-            "skip_reduce": doc["skip_connections"]["reduce"],
-            "genotype": genotype_summary(genotype),
-        }
-        for e, (src, dst) in enumerate(_edge_list(cfg.nodes)):
-            row[f"entropy_normal_{src}_{dst}"] = round(float(ent_n[e]), 6)
-        for e, (src, dst) in enumerate(_edge_list(cfg.nodes)):
-            row[f"entropy_reduce_{src}_{dst}"] = round(float(ent_r[e]), 6)
-        self.run.append_metrics(row)
-        self.accum = _Accum()
-        self._flush_time()  # the stage's time includes derivation and file writing
-        self.save(self.run.last)
-        self.reporter.line(
-            f"  H(normal)={row['entropy_normal']:.3f} H(reduce)={row['entropy_reduce']:.3f} "
-            f"param-free={row['param_free_normal']:.2f}/{row['param_free_reduce']:.2f}  "
-            f"{genotype_summary(genotype)}"
-        )
-        self.interrupt.raise_if_requested(save_fn=lambda: self.run.last)
-
     def global_epoch(self) -> int:
         return self.stage * self.cfg.epochs + self.epoch
 
-    # -- stages -----------------------------------------------------------------------------
+    # -- stages (the loop's segments) -------------------------------------------------------
+    def past_stages(self) -> list[StageResult]:
+        """Results of the stages a resumed run finished before."""
+        cfg = self.cfg
+        return [
+            StageResult(stage=past + 1, layers=cfg.layers[past], ops=cfg.ops[past], epochs=cfg.epochs,
+                        seconds=self.stage_seconds[past],
+                        genotype_path=str(self.run.path / "genotypes" / f"stage{past + 1}.json"))
+            for past in range(self.stage)
+        ]
+
+    def next_segment(self) -> bool:
+        self.stage_results.append(self.end_stage())
+        if self.stage + 1 >= self.cfg.stages:
+            return False
+        self.advance_stage()
+        self.build_stage(self.in_channels, self.num_classes)
+        return True
+
     def end_stage(self) -> StageResult:
         """Stage outputs; then the weakest ops of every edge are dropped for the next stage."""
         cfg = self.cfg
+        if not self.finished:
+            self.stage_seconds[self.stage] = self.clock() - self.stage_started
         genotype = self.current_genotype(name=f"{self.run_name}_stage{self.stage + 1}")
         gpath = self.run.path / "genotypes" / f"stage{self.stage + 1}.json"
         genotype.save(gpath)
@@ -644,23 +665,21 @@ class Searcher:
             f"stage {self.stage + 1}/{cfg.stages}: {cfg.layers[self.stage]} cells, {keep} ops per edge"
         )
 
-    # -- checkpoints ------------------------------------------------------------------------
+    # -- checkpoints (RunJob) ---------------------------------------------------------------
     def arch_state(self) -> dict[str, Any]:
         state = self.model.arch_state()
         state["stage"] = self.stage
         state["run_name"] = self.run_name
         return state
 
-    def save(self, path: Path) -> Path:
-        from bats_cli.checkpoint import optimizer_state_tensors, save_checkpoint, state_to_json
-        from bats_cli.runtime import rng_state_tensors
+    def checkpoint(self, *, with_state: bool = True) -> Checkpoint:
+        from bats_cli.checkpoint import optimizer_state_tensors, state_to_json
 
         named = dict(self.model.named_parameters())
         tensors = {f"model.{k}": v.detach().cpu() for k, v in self.model.state_dict().items()}
         ow, ow_json = optimizer_state_tensors(self.opt_w, named, prefix="optim_w.")
         oa, oa_json = optimizer_state_tensors(self.opt_a, named, prefix="optim_a.")
         tensors.update({k: v.detach().cpu() for k, v in {**ow, **oa}.items()})
-        tensors.update(rng_state_tensors())
         state = {
             "stage": self.stage,
             "epoch": self.epoch,
@@ -668,6 +687,7 @@ class Searcher:
             "global_epoch": self.global_epoch(),
             "steps_per_epoch": self.steps_per_epoch,
             "stage_seconds": self.stage_seconds,
+            "stage_started": self.stage_started,
             "accum": self.accum.__dict__,
             "finished": self.finished,
             "in_channels": self.in_channels,
@@ -676,9 +696,9 @@ class Searcher:
             "scaler_a": state_to_json(self.scaler_a.state_dict()),
         }
         genotype = self.current_genotype()
-        return save_checkpoint(
-            path, tensors, kind="search", config=self.cfg.model_dump(mode="json"),
-            epoch=self.epoch, step=self.step, genotype_json=json.dumps(genotype.to_dict()),
+        return Checkpoint(
+            tensors=tensors, config=self.cfg.model_dump(mode="json"), epoch=self.epoch,
+            step=self.step, genotype_json=json.dumps(genotype.to_dict()),
             extra={
                 ARCH_STATE_KEY: json.dumps(self.arch_state()),
                 SEARCH_STATE_KEY: json.dumps(state),
@@ -688,11 +708,10 @@ class Searcher:
             },
         )
 
-    def load(self, path: Path) -> None:
-        from bats_cli.checkpoint import load_checkpoint, load_optimizer_state, state_from_json
-        from bats_cli.runtime import restore_rng_state
+    def restore(self, tensors, meta) -> None:
+        from bats_cli.checkpoint import load_optimizer_state, state_from_json
 
-        tensors, meta = load_checkpoint(path, expect_kind="search", command="search")
+        path = meta.path
         check_resume_config(meta.config, self.cfg, ignore=SEARCH_RESUME_IGNORED)
         try:
             state = json.loads(meta.extra[SEARCH_STATE_KEY])
@@ -701,13 +720,15 @@ class Searcher:
             self.epoch = int(state["epoch"])
             self.step = int(state["step"])
             self.stage_seconds = [float(s) for s in state["stage_seconds"]]
-            self.accum = _Accum(**state["accum"])
+            accum_keys = set(_Accum.__dataclass_fields__)
+            self.accum = _Accum(**{k: v for k, v in state["accum"].items() if k in accum_keys})
             self.finished = bool(state.get("finished", False))
             self.candidates_normal = [list(ops) for ops in arch["candidates_normal"]]
             self.candidates_reduce = [list(ops) for ops in arch["candidates_reduce"]]
             in_channels, num_classes = int(state["in_channels"]), int(state["num_classes"])
             saved_steps = int(state["steps_per_epoch"])
-        except (KeyError, ValueError, TypeError) as exc:
+            stage_started = float(state.get("stage_started", 0.0))
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise UserInputError(f"{path}: cannot resume, incomplete search state ({exc})") from None
         if saved_steps != self.steps_per_epoch:
             raise UserInputError(
@@ -720,6 +741,7 @@ class Searcher:
                 f"the run had {in_channels} / {num_classes}"
             )
         self.build_stage(in_channels, num_classes)
+        self.stage_started = stage_started
         model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         try:
             self.model.load_state_dict(model_sd)
@@ -730,18 +752,10 @@ class Searcher:
         load_optimizer_state(self.opt_a, named, tensors, meta.extra[OPTIM_A_KEY], prefix="optim_a.")
         self.scaler_w.load_state_dict(state_from_json(state["scaler_w"]))
         self.scaler_a.load_state_dict(state_from_json(state["scaler_a"]))
-        restore_rng_state(tensors)
-        self.run.resumed_at(self.global_epoch())
 
 
 def _short(key: str) -> str:
     return {"train_loss": "w_loss", "train_acc": "w_acc", "arch_loss": "a_loss", "arch_acc": "a_acc"}.get(key, key)
-
-
-def _edge_list(steps: int) -> list[tuple[int, int]]:
-    from bats_cli.derive import edge_endpoints
-
-    return edge_endpoints(steps)
 
 
 def load_search_data(config: SearchConfig):
@@ -763,6 +777,7 @@ def load_search_data(config: SearchConfig):
     return weight_half, arch_half, data.spec
 
 
+@restores_threads
 def run_search(
     config: SearchConfig,
     *,
@@ -777,10 +792,10 @@ def run_search(
     :class:`~bats_cli.runtime.GracefulInterrupt` turning SIGINT/SIGTERM into a saved checkpoint and
     :class:`~bats_cli.errors.Interrupted`).
     """
-    from bats_cli.runtime import GracefulInterrupt, Reporter, RunDir, check_precision, select_device
+    from bats_cli.runtime import Reporter, check_precision, select_device
 
     reporter = reporter or Reporter(quiet=True)
-    run = RunDir(out_dir, resume=resume)
+    run = open_run_dir(Path(out_dir), resume)
     ckpt = run.checkpoint_to_resume()
     if ckpt is not None:
         from bats_cli.checkpoint import read_metadata
@@ -794,20 +809,15 @@ def run_search(
     weight_half, arch_half, spec = load_search_data(config)
     if ckpt is None:
         run.write_config(config.model_dump(mode="json"), command="search")
-    own_interrupt = interrupt is None
-    guard = GracefulInterrupt() if own_interrupt else None
-    threads_before = torch.get_num_threads()
     if config.threads and device.type == "cpu":
-        torch.set_num_threads(config.threads)
-    if guard is not None:
-        guard.__enter__()
-    try:
-        searcher = Searcher(config, run=run, reporter=reporter,
-                            interrupt=guard if own_interrupt else interrupt, device=device,
+        set_threads(config.threads)
+    with interrupt_guard(interrupt) as stop:
+        searcher = Searcher(config, run=run, reporter=reporter, device=device,
                             data=(weight_half, arch_half), in_channels=spec.in_channels,
                             num_classes=spec.num_classes)
+        loop = RunLoop(searcher, run_dir=run, reporter=reporter, interrupt=stop, device=device)
         if ckpt is not None:
-            searcher.load(ckpt)
+            loop.resume(ckpt)
             reporter.line(
                 f"resuming {run.path}: stage {searcher.stage + 1}, epoch {searcher.epoch + 1}, "
                 f"step {searcher.step}"
@@ -819,43 +829,16 @@ def run_search(
                 f"{len(weight_half)}+{len(arch_half)} images, {searcher.steps_per_epoch} steps per epoch, "
                 f"stages {','.join(map(str, config.layers))} cells / {','.join(map(str, config.ops))} ops"
             )
-        return _search_loop(searcher, run)
-    finally:
-        if guard is not None:
-            guard.__exit__(None, None, None)
-        torch.set_num_threads(threads_before)
-
-
-def _search_loop(s: Searcher, run) -> SearchResult:
-    cfg = s.cfg
-    stages: list[StageResult] = []
-    for past in range(s.stage):
-        gpath = run.path / "genotypes" / f"stage{past + 1}.json"
-        stages.append(StageResult(stage=past + 1, layers=cfg.layers[past], ops=cfg.ops[past],
-                                  epochs=cfg.epochs, seconds=s.stage_seconds[past],
-                                  genotype_path=str(gpath)))
-    while True:
-        if s.epoch == 0 and s.step == 0 and not s.finished:
-            # The stage's starting point: initial α (for before/after comparisons, Fig. 1).
-            g0 = s.current_genotype(name=f"{s.run_name}_{s._tag(0)}")
-            s.write_alphas(g0, "init")
-        while s.epoch < cfg.epochs:
-            s.train_epoch()
-        stages.append(s.end_stage())
-        if s.stage + 1 >= cfg.stages:
-            break
-        s.advance_stage()
-        s.build_stage(s.in_channels, s.num_classes)
-        s.save(run.last)
-        s.interrupt.raise_if_requested(save_fn=lambda: run.last)
-    final = s.current_genotype(final=True)
-    s.finished = True
-    s.save(run.last)
+        searcher.stage_results = searcher.past_stages()
+        loop.run()
+        final = searcher.current_genotype(final=True)
+        searcher.finished = True
+        loop.save_last()
     gpath = final.save(run.path / GENOTYPE_NAME)
     result = SearchResult(
-        out_dir=run.path, genotype=final, genotype_path=gpath, checkpoint=run.last, stages=stages,
-        total_seconds=sum(s.stage_seconds), parameter_free_share=parameter_free_share(final),
-        skips=skip_count(final),
+        out_dir=run.path, genotype=final, genotype_path=gpath, checkpoint=run.last,
+        stages=searcher.stage_results, total_seconds=sum(searcher.stage_seconds),
+        parameter_free_share=parameter_free_share(final), skips=skip_count(final),
     )
     run.write_json(RESULT_NAME, result.to_dict())
     return result

@@ -1,4 +1,5 @@
-"""Op names of each search space (names only; implementations live in :mod:`bats_cli.ops`).
+"""Op names of each search space (names only; implementations live in :mod:`bats_cli.ops`) and
+the topology of a cell's edges, which the architecture weights, the supernet and derivation share.
 
 ``candidates`` are the ops the supernet searches over, in a fixed order that the architecture
 weights of a search checkpoint follow; ``ops`` are all names a genotype of that space may use
@@ -65,3 +66,13 @@ def get_space(name: str) -> SearchSpace:
         raise UserInputError(
             f"unknown search space {name!r}; choose one of: {', '.join(SPACES)}"
         ) from None
+
+
+def edge_count(steps: int) -> int:
+    """Edges of a cell with ``steps`` intermediate nodes (node i has i + 2 inputs)."""
+    return sum(2 + i for i in range(steps))
+
+
+def edge_endpoints(steps: int) -> list[tuple[int, int]]:
+    """(source state, target node) of every edge, in the order the architecture weights use."""
+    return [(src, node + 2) for node in range(steps) for src in range(node + 2)]

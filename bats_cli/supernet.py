@@ -18,21 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bats_cli.errors import UserInputError
-from bats_cli.ops import OpContext, build_op
+from bats_cli.mixed_op import fast_cell_forward, make_mixed_op
+from bats_cli.ops import OpContext
 from bats_cli.quant import BinarySpec
-from bats_cli.spaces import get_space
-
-MIXED_OPS = ("fast", "reference")
-
-
-def edge_count(steps: int) -> int:
-    """Edges of a cell with ``steps`` intermediate nodes (node i has i + 2 inputs)."""
-    return sum(2 + i for i in range(steps))
-
-
-def edge_endpoints(steps: int) -> list[tuple[int, int]]:
-    """(source, target node) of every edge, in the order the architecture weights use."""
-    return [(src, node + 2) for node in range(steps) for src in range(node + 2)]
+from bats_cli.spaces import edge_count, edge_endpoints, get_space
 
 
 @dataclass(frozen=True)
@@ -56,35 +45,6 @@ class SupernetConfig:
     mixed_op: str = "fast"
 
 
-class ReferenceMixedOp(nn.Module):
-    """The textbook DARTS mixed op: every candidate its own module, summed in a Python loop."""
-
-    def __init__(self, C: int, stride: int, op_names: list[str], ctx: OpContext) -> None:
-        super().__init__()
-        self.op_names = list(op_names)
-        ops = []
-        for name in op_names:
-            op = build_op(name, C, stride, ctx)
-            if "pool" in name:
-                # DARTS: a parameter-free BatchNorm after pooling keeps scales comparable.
-                op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
-            ops.append(op)
-        self.ops = nn.ModuleList(ops)
-
-    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return sum(w * op(x) for w, op in zip(weights, self.ops))
-
-
-def make_mixed_op(kind: str, C: int, stride: int, op_names: list[str], ctx: OpContext) -> nn.Module:
-    if kind == "reference":
-        return ReferenceMixedOp(C, stride, op_names, ctx)
-    if kind == "fast":
-        from bats_cli.fast_mixed_op import FastMixedOp
-
-        return FastMixedOp(C, stride, op_names, ctx)
-    raise UserInputError(f"mixed op must be one of {', '.join(MIXED_OPS)}, got {kind!r}")
-
-
 class SearchCell(nn.Module):
     def __init__(
         self,
@@ -102,7 +62,7 @@ class SearchCell(nn.Module):
         super().__init__()
         self.reduction = reduction
         self.steps = steps
-        # The fast path computes what the edges leaving one node share once (fast_mixed_op).
+        # The fast path computes what the edges leaving one node share once (mixed_op.fast).
         self.fast = mixed_op == "fast"
         self.preprocess0 = (
             ctx.factorized_reduce(c_prev_prev, C) if reduction_prev else ctx.preprocess(c_prev_prev, C)
@@ -115,8 +75,6 @@ class SearchCell(nn.Module):
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.fast:
-            from bats_cli.fast_mixed_op import fast_cell_forward
-
             return fast_cell_forward(self, s0, s1, weights)
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         offset = 0

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from bats_cli.spaces import get_space
-from bats_cli.supernet import SuperNet, SupernetConfig, edge_count
+from bats_cli.spaces import edge_count
+from bats_cli.supernet import SuperNet, SupernetConfig
 
 # §6.1: depth 5 -> 11 -> 17 cells while the candidates shrink 8 -> 5 -> 3 ops per edge; batch 96.
 STAGES = {"stage1": (5, 8), "stage2": (11, 5), "stage3": (17, 3)}

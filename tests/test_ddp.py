@@ -12,7 +12,9 @@ import torch
 
 from bats_cli.checkpoint import load_checkpoint
 from bats_cli.genotype import resolve_genotype
-from bats_cli.train import Dist, TrainConfig, train, train_loader
+from bats_cli.data import sharded_loader
+from bats_cli.distributed import Dist
+from bats_cli.train import TrainConfig, train
 
 ARGS = ["--layers", "3", "--channels", "6", "--batch-size", "32", "--subset", "128",
         "--epochs", "1", "--device", "cpu"]
@@ -20,16 +22,16 @@ ARGS = ["--layers", "3", "--channels", "6", "--batch-size", "32", "--subset", "1
 
 def test_shards_cover_the_single_process_batches():
     data = list(range(100))
-    single = [b for b in train_loader(data, batch_size=8, seed=3, epoch=2, skip=0, dist_info=Dist())]
-    ranks = [list(train_loader(data, batch_size=8, seed=3, epoch=2, skip=0, dist_info=Dist(r, 2)))
+    single = [b for b in sharded_loader(data, batch_size=8, seed=3, epoch=2, skip=0, dist_info=Dist())]
+    ranks = [list(sharded_loader(data, batch_size=8, seed=3, epoch=2, skip=0, dist_info=Dist(r, 2)))
              for r in range(2)]
     assert len(single) == 12 == len(ranks[0]) == len(ranks[1])  # 100 // 8, last partial dropped
     for s, a, b in zip(single, *ranks):
         assert torch.equal(torch.cat([a, b]), s)
     # set_epoch semantics: another epoch, another order; skip resumes mid-epoch
-    other = list(train_loader(data, batch_size=8, seed=3, epoch=3, skip=0, dist_info=Dist()))
+    other = list(sharded_loader(data, batch_size=8, seed=3, epoch=3, skip=0, dist_info=Dist()))
     assert not torch.equal(other[0], single[0])
-    later = list(train_loader(data, batch_size=8, seed=3, epoch=2, skip=5, dist_info=Dist(1, 2)))
+    later = list(sharded_loader(data, batch_size=8, seed=3, epoch=2, skip=5, dist_info=Dist(1, 2)))
     assert all(torch.equal(x, y) for x, y in zip(later, ranks[1][5:])) and len(later) == 7
 
 

@@ -13,14 +13,13 @@ from bats_cli.checkpoint import save_checkpoint
 from bats_cli.derive import (
     derive_from_checkpoint,
     derive_genotype,
-    edge_endpoints,
     edge_entropy,
     parameter_free_share,
     random_genotype,
 )
 from bats_cli.errors import UserInputError
 from bats_cli.genotype import Genotype, load_genotype, load_zoo_genotype
-from bats_cli.spaces import SPACES
+from bats_cli.spaces import SPACES, edge_endpoints
 from helpers import cli as _cli
 from helpers import one_line_error as _one_line_error
 

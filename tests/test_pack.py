@@ -13,11 +13,10 @@ from bats_cli.pack import (
     pack_bits,
     packed_size_report,
     save_packed,
-    unpack,
     unpack_bits,
 )
 from bats_cli.quant import binarize_weights_, effective_weight, quant_convs
-from bats_cli.train import network_settings
+from bats_cli.modelio import network_settings, unpack
 
 
 def test_bits_round_trip_and_zero_is_plus_one():

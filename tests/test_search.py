@@ -199,12 +199,10 @@ class _Data(torch.utils.data.Dataset):
 
 def _searcher(tmp_path, **kw):
     from bats_cli.runtime import Reporter, RunDir
-    from bats_cli.search import _NoInterrupt
 
     cfg = SearchConfig(**{**TINY, **kw})
     s = Searcher(cfg, run=RunDir(tmp_path / "run", resume=False), reporter=Reporter(quiet=True),
-                 interrupt=_NoInterrupt(), device=torch.device("cpu"), data=(_Data(), _Data()),
-                 in_channels=1, num_classes=10)
+                 device=torch.device("cpu"), data=(_Data(), _Data()), in_channels=1, num_classes=10)
     s.build_stage(1, 10)
     return s
 

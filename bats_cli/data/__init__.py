@@ -15,6 +15,8 @@ from bats_cli.data.loader import (
     epoch_order,
     make_loader,
     search_split,
+    sharded_loader,
+    steps_per_epoch,
     targets_of,
 )
 from bats_cli.data.spec import DATASETS, AugmentConfig, DataSpec
@@ -43,6 +45,8 @@ __all__ = [
     "make_loader",
     "mixup",
     "search_split",
+    "sharded_loader",
+    "steps_per_epoch",
     "targets_of",
     "eval_transform",
     "train_transform",

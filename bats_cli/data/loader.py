@@ -101,6 +101,57 @@ def make_loader(
     )
 
 
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Optimizer steps per epoch: full global batches only (the incomplete last one is dropped,
+    a different remainder every epoch since the order is reshuffled)."""
+    if n_train < batch_size:
+        raise UserInputError(
+            f"--batch-size {batch_size} is larger than the {n_train} training images; "
+            "use a smaller --batch-size (or a larger --subset)"
+        )
+    return n_train // batch_size
+
+
+class _ShardedBatches(Sampler[list[int]]):
+    """Index lists of one epoch: step ``s`` of rank ``r`` is its slice of global batch ``s``."""
+
+    def __init__(self, order: list[int], *, batch: int, world: int, rank: int, start: int, stop: int):
+        self.order, self.batch, self.world, self.rank = order, batch, world, rank
+        self.start, self.stop = start, stop
+        self.per_rank = batch // world
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            lo = step * self.batch + self.rank * self.per_rank
+            yield self.order[lo : lo + self.per_rank]
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+def sharded_loader(dataset: Dataset, *, batch_size: int, seed: int, epoch: int, skip: int,
+                   dist_info, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """Deterministic epoch loader (same order and augmentation as :func:`make_loader`), sharded
+    like DistributedSampler with ``set_epoch``: the union of the ranks' step-``s`` batches is the
+    single-process step-``s`` batch. ``dist_info`` is a :class:`bats_cli.distributed.Dist`."""
+    if batch_size % dist_info.world:
+        raise UserInputError(
+            f"--batch-size {batch_size} must be divisible by the number of processes "
+            f"({dist_info.world})"
+        )
+    order = epoch_order(len(dataset), shuffle=True, seed=seed, epoch=epoch)
+    sampler = _ShardedBatches(order, batch=batch_size, world=dist_info.world, rank=dist_info.rank,
+                              start=skip, stop=steps_per_epoch(len(dataset), batch_size))
+    return DataLoader(
+        SeededView(dataset, seed=seed, epoch=epoch),
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        # Worker seeds come from here, not the global RNG (augmentation is seeded per sample).
+        generator=torch.Generator().manual_seed(derive_seed(_LOADER, seed, epoch)),
+    )
+
+
 def targets_of(dataset: Dataset) -> np.ndarray | None:
     """Class labels of every sample without loading images, or None if the data set hides them."""
     if isinstance(dataset, Subset):

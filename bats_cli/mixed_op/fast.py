@@ -1,4 +1,4 @@
-"""A mixed op that computes what :class:`~bats_cli.supernet.ReferenceMixedOp` computes, fast.
+"""A mixed op that computes what :class:`~bats_cli.mixed_op.reference.ReferenceMixedOp` computes, fast.
 
 :class:`FastMixedOp` holds the very same modules (``self.ops``, built by the same code), so one
 ``state_dict`` loads into either; only the forward differs. Everything exploited is exact: the
@@ -39,8 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bats_cli.mixed_op.reference import ReferenceMixedOp
 from bats_cli.ops import FactorizedReduce, GroupConvOp, Zero
 from bats_cli.quant import STE_SIGN, BinaryConvBlock, QuantConv2d
+from bats_cli.spaces import edge_endpoints
 
 __all__ = ["FastMixedOp", "fast_block_forward", "fast_cell_forward"]
 
@@ -599,8 +601,6 @@ def fast_cell_forward(cell, s0: torch.Tensor, s1: torch.Tensor, weights: torch.T
         s0 = s0.contiguous(memory_format=_CL)
         s1 = s1.contiguous(memory_format=_CL)
     states = [fast_block_forward(cell.preprocess0, s0), fast_block_forward(cell.preprocess1, s1)]
-    from bats_cli.supernet import edge_endpoints
-
     steps = cell.steps
     endpoints = edge_endpoints(steps)  # edge e: (source state, destination node state)
     nodes: list[torch.Tensor | None] = [None] * (steps + 2)
@@ -626,8 +626,6 @@ class FastMixedOp(nn.Module):
 
     def __init__(self, C: int, stride: int, op_names: list[str], ctx) -> None:
         super().__init__()
-        from bats_cli.supernet import ReferenceMixedOp
-
         # The very same modules (and state_dict keys) as the reference op.
         self.op_names = list(op_names)
         self.ops = ReferenceMixedOp(C, stride, op_names, ctx).ops

@@ -1,0 +1,105 @@
+"""Distributed plumbing for the long commands: process group, device, all-reduce, barrier.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank runs the same command; rank 0 alone logs and
+writes files (see :mod:`bats_cli.runloop`). A single process is ``Dist()``: every helper here is
+then a no-op, so callers need no special case.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a (possibly single-process) run."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> Dist:
+    """Join the process group torchrun describes (env vars) when WORLD_SIZE > 1.
+
+    Backend: NCCL on CUDA, gloo on CPU. Already-initialised groups are reused.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        use_cuda = device_name != "cpu" and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank)
+
+
+def init_run_device(device_name: str, precision: str) -> tuple[Dist, torch.device]:
+    """:func:`init_distributed`, then this process's device (its own GPU under torchrun), precision checked."""
+    from bats_cli.runtime import check_precision, select_device
+
+    dist_info = init_distributed(device_name)
+    device = select_device(device_name)
+    if device.type == "cuda" and dist_info.enabled:
+        device = torch.device("cuda", dist_info.local_rank)
+    check_precision(device, precision)
+    return dist_info, device
+
+
+def all_sum(values: list[float], dist_info: Dist, device: torch.device) -> list[float]:
+    """Element-wise sum over ranks (float64, so counts of images stay exact)."""
+    if not dist_info.enabled:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_buffers(model: nn.Module, dist_info: Dist) -> None:
+    """Rank 0's BatchNorm statistics everywhere (each rank updated its own in the last step)."""
+    if not dist_info.enabled:
+        return
+    import torch.distributed as dist
+
+    for buf in model.buffers():
+        dist.broadcast(buf, 0)
+
+
+def barrier(dist_info: Dist | None = None) -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if dist_info is not None and not dist_info.enabled:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def agree(ok: bool, dist_info: Dist, device: torch.device) -> bool:
+    """True on every rank only if ``ok`` is true on every rank."""
+    if not dist_info.enabled:
+        return ok
+    return all_sum([0.0 if ok else 1.0], dist_info, device)[0] == 0
+
+
+__all__ = ["Dist", "agree", "all_sum", "barrier", "broadcast_buffers", "init_distributed",
+           "init_run_device"]
