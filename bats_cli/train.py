@@ -38,7 +38,7 @@ from pydantic import Field
 from torch import nn
 
 from bats_cli.config import RESUME_IGNORED_KEYS, RunConfig
-from bats_cli.data.loader import sharded_loader, steps_per_epoch
+from bats_cli.data.loader import check_batch, sharded_loader, steps_per_epoch
 from bats_cli.distributed import Dist, all_sum, barrier, broadcast_buffers, init_run_device
 from bats_cli.errors import RunFailure, UserInputError
 from bats_cli.modelio import (
@@ -411,16 +411,6 @@ def _row_numbers(row: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def check_batch(n_train: int, batch_size: int, dist_info: Dist) -> None:
-    """Refuse a batch size that gives no step or cannot be split over the ranks, up front."""
-    steps_per_epoch(n_train, batch_size)
-    if batch_size % dist_info.world:
-        raise UserInputError(
-            f"--batch-size {batch_size} must be divisible by the number of processes "
-            f"({dist_info.world})"
-        )
-
-
 # --------------------------------------------------------------------------- bats train
 
 
@@ -592,7 +582,6 @@ __all__ = [
     "TRAIN_RESUME_IGNORED",
     "TrainConfig",
     "TrainJob",
-    "check_batch",
     "fit",
     "resolve_augment",
     "train",

@@ -112,6 +112,16 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
     return n_train // batch_size
 
 
+def check_batch(n_train: int, batch_size: int, dist_info) -> None:
+    """Refuse, up front, a batch size that gives no step or cannot be split over the ranks."""
+    steps_per_epoch(n_train, batch_size)
+    if batch_size % dist_info.world:
+        raise UserInputError(
+            f"--batch-size {batch_size} must be divisible by the number of processes "
+            f"({dist_info.world})"
+        )
+
+
 class _ShardedBatches(Sampler[list[int]]):
     """Index lists of one epoch: step ``s`` of rank ``r`` is its slice of global batch ``s``."""
 
@@ -134,11 +144,7 @@ def sharded_loader(dataset: Dataset, *, batch_size: int, seed: int, epoch: int, 
     """Deterministic epoch loader (same order and augmentation as :func:`make_loader`), sharded
     like DistributedSampler with ``set_epoch``: the union of the ranks' step-``s`` batches is the
     single-process step-``s`` batch. ``dist_info`` is a :class:`bats_cli.distributed.Dist`."""
-    if batch_size % dist_info.world:
-        raise UserInputError(
-            f"--batch-size {batch_size} must be divisible by the number of processes "
-            f"({dist_info.world})"
-        )
+    check_batch(len(dataset), batch_size, dist_info)
     order = epoch_order(len(dataset), shuffle=True, seed=seed, epoch=epoch)
     sampler = _ShardedBatches(order, batch=batch_size, world=dist_info.world, rank=dist_info.rank,
                               start=skip, stop=steps_per_epoch(len(dataset), batch_size))
