@@ -1,18 +1,34 @@
 """Command-line interface: thin commands that parse, validate, call the library and print.
 
-Every :class:`bats_cli.errors.BatsError` becomes one line on stderr and its exit code (2 for bad
-input, 1 for a failed run); Ctrl-C exits 130 (long commands save a checkpoint first).
+Exit codes scripts can rely on: 0 success; 2 bad input (one ``error:`` line, click usage errors
+included); 1 a failed run; 130 interrupted (Ctrl-C / SIGTERM, at any point: start-up, training,
+the final save, evaluation, a second signal). An unexpected internal error is one line naming
+a file that holds its traceback, never a traceback on the terminal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import signal
 import sys
-
-from bats_cli.cli.app import app
+import threading
+from typing import Any
 
 # One module per command; each registers itself on ``app`` when imported.
 COMMAND_MODULES = ("genotype", "search", "derive", "flops", "train", "binarize", "eval")
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def __getattr__(name: str) -> Any:
+    # ``app`` is imported lazily so that `bats` reaches main() (and its handlers) quickly.
+    if name == "app":
+        from bats_cli.cli.app import app
+
+        return app
+    raise AttributeError(name)
 
 
 def _load_commands() -> None:
@@ -20,35 +36,154 @@ def _load_commands() -> None:
         importlib.import_module(f"bats_cli.cli.{name}")
 
 
-def _click_module():
-    # typer >= 0.26 vendors click as typer._click; older typer depends on click itself.
+def _click_exceptions() -> tuple[type, type, type]:
+    """(ClickException, UsageError, Abort) of the click that typer uses.
+
+    typer >= 0.26 vendors click as ``typer._click`` and keeps ``Abort``/``Exit`` in
+    ``typer.exceptions``; older typer depends on click itself, which has all three.
+    """
     try:
         from typer import _click as click
+        from typer.exceptions import Abort
     except ImportError:  # pragma: no cover - depends on the installed typer
         import click
-    return click
+        from click.exceptions import Abort
+    return click.exceptions.ClickException, click.exceptions.UsageError, Abort
+
+
+def _print_error(text: str) -> None:
+    from bats_cli.names import safe_text
+
+    with contextlib.suppress(OSError, ValueError):
+        print(f"error: {safe_text(text)}", file=sys.stderr, flush=True)
+
+
+def _interrupted(message: str = "interrupted") -> None:
+    from bats_cli.names import safe_text
+
+    with contextlib.suppress(OSError, ValueError):
+        print(safe_text(message), file=sys.stderr, flush=True)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    # Outside a run's own handler (start-up, final output, `eval`), SIGTERM stops like Ctrl-C.
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def save_traceback(exc: BaseException) -> str | None:
+    """Write ``exc``'s traceback to a private file in the temp directory; its path, or None."""
+    import tempfile
+    import time
+    import traceback
+
+    try:
+        fd, path = tempfile.mkstemp(
+            prefix=f"bats-crash-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".txt"
+        )
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(f"bats {' '.join(sys.argv)}\n\n")
+            fh.write("".join(traceback.format_exception(exc)))
+        return path
+    except (OSError, ValueError):
+        return None
+
+
+def _usage_error(exc: Any) -> str:
+    """A click usage error as one line (click's own text spans several lines with hints)."""
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    return " ".join(message.split()) + where
+
+
+def _quiet_broken_pipe() -> None:
+    # stdout was closed by the reader (`bats ... | head`): drop further output silently.
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; returns on success, otherwise ``sys.exit`` with 1, 2 or 130."""
+    try:
+        with _terminate_as_interrupt():
+            code = _run(argv)
+    except KeyboardInterrupt:
+        _interrupted()
+    if code == EXIT_INTERRUPTED:
+        _interrupted()
+    if code:
+        sys.exit(code)
+
+
+def _run(argv: list[str] | None) -> int:
     from bats_cli.errors import BatsError
 
-    _load_commands()
+    click_exception, usage_error, abort = _click_exceptions()
     try:
-        app(args=argv, standalone_mode=False)
+        from bats_cli.cli.app import app
+
+        _load_commands()
+        # Non-standalone: typer *returns* 130 on Ctrl-C (and an Exit's code) instead of exiting.
+        rv = app(args=argv, standalone_mode=False)
+        return rv if isinstance(rv, int) and not isinstance(rv, bool) else EXIT_OK
     except BatsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        if exc.exit_code == EXIT_INTERRUPTED:
+            from bats_cli.names import safe_text
+
+            print(safe_text(str(exc)), file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
+        _print_error(str(exc))
+        return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        return EXIT_INTERRUPTED
+    except abort:
+        return EXIT_INTERRUPTED
+    except click_exception as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            exc.show()  # `bats` alone prints the help, as click does
+            return EXIT_BAD_INPUT
+        if isinstance(exc, usage_error):
+            _print_error(_usage_error(exc))
+            return EXIT_BAD_INPUT
+        _print_error(exc.format_message())
+        return exc.exit_code or EXIT_FAILED
     except SystemExit:
         raise
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        click = _click_module()
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(2 if isinstance(exc, click.exceptions.UsageError) else exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            print("aborted", file=sys.stderr)
-            sys.exit(130)
-        raise
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+        return EXIT_FAILED
+    except MemoryError:
+        _print_error("out of memory; use a smaller --batch-size, network or data set")
+        return EXIT_FAILED
+    except Exception as exc:
+        return _internal_error(exc)
+
+
+def _internal_error(exc: BaseException) -> int:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        first = str(exc).splitlines()[0] if str(exc) else "out of memory"
+        _print_error(f"{first}; use a smaller --batch-size or network")
+        return EXIT_FAILED
+    path = save_traceback(exc)
+    where = f"; traceback saved to {path}" if path else ""
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    _print_error(
+        f"internal error: {type(exc).__name__}: {first}{where}; please report it"
+    )
+    return EXIT_FAILED
