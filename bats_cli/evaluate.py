@@ -45,7 +45,9 @@ def evaluate_model(
     n = len(dataset)
     lo, hi = n * rank // world, n * (rank + 1) // world
     shard = dataset if world == 1 else torch.utils.data.Subset(dataset, range(lo, hi))
-    loader = torch.utils.data.DataLoader(
+    from bats_cli.data import ShieldedDataLoader
+
+    loader = ShieldedDataLoader(
         shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )

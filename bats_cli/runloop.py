@@ -64,13 +64,10 @@ def set_threads(threads: int | None) -> None:
 
 
 def check_out_dir(out: Path, resume: bool) -> None:
-    """Refuse an --out that RunDir would refuse, before any work is done."""
-    if out.exists() and not out.is_dir():
-        raise UserInputError(f"--out {out} is a file, not a directory")
-    if not resume and out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
-        raise UserInputError(
-            f"{out} already holds a run; use --resume to continue it or choose another --out"
-        )
+    """Refuse an --out that RunDir would refuse (including one locked by a run), before any work."""
+    from bats_cli.runtime import check_run_dir_path
+
+    check_run_dir_path(out, resume)
 
 
 def open_run_dir(out: Path, resume: bool, dist_info: Dist = Dist(), device: torch.device | None = None):

@@ -7,6 +7,7 @@ writes only to stderr (so ``--json`` output on stdout stays clean).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import csv
@@ -27,7 +28,7 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
-from bats_cli.errors import Interrupted, UserInputError
+from bats_cli.errors import Interrupted, RunFailure, UserInputError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -366,12 +367,49 @@ WORKER_SIGTERM_GRACE_S = 10.0
 def shield_worker_from_signals(worker_id: int = 0) -> None:
     """``DataLoader(worker_init_fn=...)``: keep workers alive through Ctrl-C / SIGTERM to the group.
 
-    Ctrl-C and SLURM's SIGTERM reach every process of the job; a worker that dies at once makes
-    the main process fail with "DataLoader worker exited unexpectedly" instead of saving.
-    Workers ignore SIGINT and exit cleanly ``WORKER_SIGTERM_GRACE_S`` after a SIGTERM.
+    Ctrl-C, SLURM, systemd and ``kill -- -PGID`` signal every process of the job; a worker that
+    dies at once makes the main process fail with "DataLoader worker exited unexpectedly"
+    instead of saving. So the main process owns shutdown: workers ignore SIGINT, and a thread
+    takes SIGTERM synchronously (``sigtimedwait``) and exits only when it comes from the parent
+    (the DataLoader terminating a stuck worker) or when the parent is gone. torch's own worker
+    handler is replaced; it kills the worker on any SIGTERM not sent by the parent.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _exit_soon)
+    if not (hasattr(signal, "pthread_sigmask") and hasattr(signal, "sigtimedwait")):
+        signal.signal(signal.SIGTERM, _exit_soon)  # pragma: no cover - not POSIX
+        return
+    # Blocked in this (the worker's only) thread, so in every thread started later too.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    parent = os.getppid()
+    threading.Thread(
+        target=_watch_worker_signals, args=(parent,), daemon=True, name="bats-worker-signals"
+    ).start()
+
+
+def _watch_worker_signals(parent: int) -> None:
+    while True:
+        info = signal.sigtimedwait({signal.SIGTERM}, 1.0)
+        if os.getppid() != parent:
+            os._exit(0)  # the main process is gone (even kill -9): nobody will read our batches
+        if info is not None and info.si_pid == parent:
+            os._exit(0)  # the DataLoader shuts this worker down (it was stuck, e.g. on a FIFO)
+
+
+@contextlib.contextmanager
+def signals_blocked(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Hold ``signals`` back in this thread (delivered on exit); children forked inside start
+    with them blocked, so a signal cannot reach a DataLoader worker before it is shielded."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(
+        signal, "pthread_sigmask"
+    ):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(signals))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 _exit_timer: threading.Timer | None = None
@@ -454,6 +492,245 @@ def _as_number(text: str | None) -> float | None:
         return None
 
 
+
+LOCK_NAME = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    except OSError:
+        return False
+    return True
+
+
+def _read_lock(path: Path) -> tuple[int | None, str]:
+    """(pid, host) recorded in a lock file; (None, "") when unreadable or empty."""
+    try:
+        with open(path, "rb") as fh:
+            text = fh.read(256).decode("utf-8", "replace")
+    except OSError:
+        return None, ""
+    fields = dict(part.split("=", 1) for part in text.split() if "=" in part)
+    try:
+        pid = int(fields.get("pid", ""))
+    except ValueError:
+        pid = None
+    return pid, fields.get("host", "")
+
+
+class RunLock:
+    """An exclusive lock on a run directory: ``<dir>/.lock`` holding ``pid=N host=H``.
+
+    ``fcntl.flock`` does the locking, so the kernel releases it when the holder dies (kill -9
+    included); the pid in the file then names a dead process and is reported as a stale lock
+    taken over. A second process is refused with the holder's pid. Within one process the lock
+    is re-entrant (a resumed run in the same Python session reuses it). Where the file system
+    has no flock, an exclusively created file with a pid liveness check stands in.
+    """
+
+    _held: dict[str, tuple["RunLock", int]] = {}
+    _guard = threading.Lock()
+
+    def __init__(self, directory: Path, fd: int | None, path: Path) -> None:
+        self.directory = directory
+        self.path = path
+        self._fd = fd
+
+    @classmethod
+    def acquire(cls, directory: str | os.PathLike[str], *, warn: Callable[[str], None] | None = None) -> RunLock:
+        directory = Path(directory)
+        key = os.path.realpath(directory)
+        with cls._guard:
+            held = cls._held.get(key)
+            if held is not None:
+                cls._held[key] = (held[0], held[1] + 1)
+                return held[0]
+            lock = cls._acquire_new(directory, warn or _warn_stderr)
+            cls._held[key] = (lock, 1)
+            return lock
+
+    @classmethod
+    def _acquire_new(cls, directory: Path, warn: Callable[[str], None]) -> RunLock:
+        path = directory / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise UserInputError(
+                f"--out {directory} is not writable ({exc.strerror or exc}); choose another --out"
+            ) from None
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - not POSIX
+            os.close(fd)
+            return cls._acquire_exclusive_file(directory, path, warn)
+        except BlockingIOError:
+            os.close(fd)
+            pid, host = _read_lock(path)
+            raise UserInputError(_in_use_message(directory, pid, host)) from None
+        except OSError as exc:
+            os.close(fd)
+            import errno
+
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return cls._acquire_exclusive_file(directory, path, warn)
+            raise RunFailure(f"cannot lock {path}: {exc.strerror or exc}") from None
+        old_pid, old_host = _read_lock(path)
+        if old_pid is not None and old_pid != os.getpid():
+            where = f" on {old_host}" if old_host and old_host != _host() else ""
+            warn(
+                f"{directory}: taking over the stale lock of pid {old_pid}{where} "
+                "(that run ended without releasing it, e.g. killed)"
+            )
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid={os.getpid()} host={_host()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise UserInputError(
+                f"--out {directory} is not writable ({exc.strerror or exc}); choose another --out"
+            ) from None
+        return cls(directory, fd, path)
+
+    @classmethod
+    def _acquire_exclusive_file(cls, directory: Path, path: Path, warn: Callable[[str], None]) -> RunLock:
+        content = f"pid={os.getpid()} host={_host()}\n".encode()
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except FileExistsError:
+                pid, host = _read_lock(path)
+                if pid is None or host != _host() or _pid_alive(pid):
+                    raise UserInputError(_in_use_message(directory, pid, host)) from None
+                warn(f"{directory}: taking over the stale lock of pid {pid} (no longer running)")
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            except OSError as exc:
+                raise UserInputError(
+                    f"--out {directory} is not writable ({exc.strerror or exc}); choose another --out"
+                ) from None
+            os.write(fd, content)
+            os.close(fd)
+            return cls(directory, None, path)
+        raise UserInputError(_in_use_message(directory, None, ""))
+
+    def release(self) -> None:
+        """Drop one hold; the last one removes the lock file and unlocks."""
+        key = os.path.realpath(self.directory)
+        with self._guard:
+            lock, count = self._held.get(key, (None, 0))
+            if lock is not self:
+                return
+            if count > 1:
+                self._held[key] = (lock, count - 1)
+                return
+            del self._held[key]
+        self._release_now()
+
+    def _release_now(self) -> None:
+        # Unlink while still holding the lock, so no other run ever sees our pid in a free lock.
+        with contextlib.suppress(OSError):
+            pid, _ = _read_lock(self.path)
+            if pid == os.getpid():
+                self.path.unlink()
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    @classmethod
+    def release_all(cls) -> None:
+        """Release every lock this process holds (at exit)."""
+        with cls._guard:
+            locks = [lock for lock, _ in cls._held.values()]
+            cls._held.clear()
+        for lock in locks:
+            lock._release_now()
+
+
+def check_run_dir_free(directory: str | os.PathLike[str]) -> None:
+    """UserInputError naming the holder's pid if another process holds ``directory``'s lock.
+
+    A quick early check (before data is loaded); :class:`RunDir` takes the lock for real.
+    """
+    directory = Path(directory)
+    path = directory / LOCK_NAME
+    if not path.is_file() or os.path.realpath(directory) in RunLock._held:
+        return
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (ImportError, OSError):
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid, host = _read_lock(path)
+        raise UserInputError(_in_use_message(directory, pid, host)) from None
+    except OSError:
+        return
+    finally:
+        os.close(fd)
+
+
+def _host() -> str:
+    from bats_cli.names import safe_name
+
+    return safe_name(platform.node() or "localhost", default="localhost")
+
+
+def _in_use_message(directory: Path, pid: int | None, host: str) -> str:
+    from bats_cli.names import safe_text
+
+    who = f"pid {pid}" if pid is not None else "another process"
+    if host and host != _host():
+        who += f" on {safe_text(host, max_chars=64)}"
+    return (
+        f"{directory} is in use by another bats run ({who}); wait for it to finish, "
+        "or choose another --out"
+    )
+
+
+def _warn_stderr(text: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+atexit.register(RunLock.release_all)
+
+
+def check_run_dir_path(path: str | os.PathLike[str], resume: bool) -> None:
+    """Refuse an ``--out`` that is a file, holds a run (without ``--resume``), holds files that
+    are not a bats run (with ``--resume``: nothing there may be overwritten), or is locked."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserInputError(f"--out {path} is a file, not a directory")
+    if not path.is_dir():
+        return
+    try:
+        entries = [p.name for p in path.iterdir() if not p.name.startswith(".")]
+    except OSError as exc:
+        raise UserInputError(f"--out {path}: cannot read it ({exc.strerror or exc})") from None
+    if entries and not resume:
+        raise UserInputError(
+            f"{path} already holds a run; use --resume to continue it or choose another --out"
+        )
+    if entries and resume and not (path / CONFIG_NAME).is_file() and not (path / LAST_NAME).is_file():
+        raise UserInputError(
+            f"--out {path} holds files but no bats run (no {CONFIG_NAME} or {LAST_NAME}); "
+            "--resume would overwrite them: choose another --out"
+        )
+    check_run_dir_free(path)
+
+
 class RunDir:
     """The ``--out`` directory of a long run: ``config.json``, ``metrics.csv``, checkpoints.
 
@@ -466,24 +743,51 @@ class RunDir:
     lose the row for good).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, resume: bool) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        resume: bool,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
         self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            raise UserInputError(f"--out {self.path} is a file, not a directory")
-        existing = self.path.is_dir() and any(
-            not p.name.startswith(".") for p in self.path.iterdir()
-        )
-        if existing and not resume:
+        self._lock: RunLock | None = None
+        check_run_dir_path(self.path, resume)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
             raise UserInputError(
-                f"{self.path} already holds a run; use --resume to continue it "
-                "or choose another --out"
-            )
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.resuming = resume and self.last.exists()
-        self.metrics = MetricsCSV(self.path / METRICS_NAME)
-        if not self.resuming:
-            # --resume without a checkpoint starts over: rows of the lost attempt would mislead.
-            self.metrics.path.unlink(missing_ok=True)
+                f"--out {self.path}: cannot create it ({exc.strerror or exc}); choose another --out"
+            ) from None
+        # Locked before anything is read or written: two runs never share a directory.
+        self._lock = RunLock.acquire(self.path, warn=warn)
+        try:
+            # Checked again under the lock: another run may have filled it meanwhile.
+            check_run_dir_path(self.path, resume)
+            self.resuming = resume and self.last.exists()
+            self.metrics = MetricsCSV(self.path / METRICS_NAME)
+            if not self.resuming:
+                # --resume without a checkpoint starts over: rows of the lost attempt would mislead.
+                self.metrics.path.unlink(missing_ok=True)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run directory's lock (also done at exit and when garbage-collected)."""
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.release()
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
     @property
     def last(self) -> Path:

@@ -58,11 +58,15 @@ def _print_error(text: str) -> None:
         print(f"error: {safe_text(text)}", file=sys.stderr, flush=True)
 
 
-def _interrupted(message: str = "interrupted") -> None:
+def _say(message: str) -> None:
     from bats_cli.names import safe_text
 
     with contextlib.suppress(OSError, ValueError):
         print(safe_text(message), file=sys.stderr, flush=True)
+
+
+def _interrupted(message: str = "interrupted") -> None:
+    _say(message)
     sys.exit(EXIT_INTERRUPTED)
 
 
@@ -123,8 +127,6 @@ def main(argv: list[str] | None = None) -> None:
             code = _run(argv)
     except KeyboardInterrupt:
         _interrupted()
-    if code == EXIT_INTERRUPTED:
-        _interrupted()
     if code:
         sys.exit(code)
 
@@ -139,18 +141,21 @@ def _run(argv: list[str] | None) -> int:
         _load_commands()
         # Non-standalone: typer *returns* 130 on Ctrl-C (and an Exit's code) instead of exiting.
         rv = app(args=argv, standalone_mode=False)
-        return rv if isinstance(rv, int) and not isinstance(rv, bool) else EXIT_OK
+        code = rv if isinstance(rv, int) and not isinstance(rv, bool) else EXIT_OK
+        if code == EXIT_INTERRUPTED:
+            _say("interrupted")
+        return code
     except BatsError as exc:
         if exc.exit_code == EXIT_INTERRUPTED:
-            from bats_cli.names import safe_text
-
-            print(safe_text(str(exc)), file=sys.stderr, flush=True)
+            _say(str(exc))
             return EXIT_INTERRUPTED
         _print_error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
+        _say("interrupted")
         return EXIT_INTERRUPTED
     except abort:
+        _say("aborted")
         return EXIT_INTERRUPTED
     except click_exception as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":

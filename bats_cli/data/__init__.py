@@ -9,6 +9,7 @@
 from bats_cli.data.build import Datasets, build_datasets, describe_spec
 from bats_cli.data.loader import (
     SeededView,
+    ShieldedDataLoader,
     balanced_subset,
     batch_seed,
     derive_seed,
@@ -35,6 +36,7 @@ __all__ = [
     "Datasets",
     "MixUp",
     "SeededView",
+    "ShieldedDataLoader",
     "balanced_subset",
     "batch_seed",
     "build_datasets",

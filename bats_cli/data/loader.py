@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from bats_cli.data.rng import derive_seed, seeded_cpu_rng
 from bats_cli.errors import UserInputError
+from bats_cli.runtime import shield_worker_from_signals, signals_blocked
 
 # Domain tags keep the seed streams of different uses apart.
 _ORDER, _SAMPLE, _LOADER, _SPLIT, _SUBSET, _BATCH = range(6)
@@ -54,6 +55,39 @@ class SeededView(Dataset):
             return self.dataset[index]
 
 
+class ShieldedDataLoader(DataLoader):
+    """A DataLoader whose workers survive SIGINT/SIGTERM sent to the whole process group.
+
+    Every DataLoader of the project is one of these: the main process alone decides to stop
+    (save a checkpoint, exit 130); see :func:`bats_cli.runtime.shield_worker_from_signals`.
+    """
+
+    def __init__(self, *args, **kwargs):
+        own = kwargs.pop("worker_init_fn", None)
+        kwargs["worker_init_fn"] = (
+            shield_worker_from_signals if own is None else _ShieldThen(own)
+        )
+        super().__init__(*args, **kwargs)
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        # Workers are forked here; with the signals held back they start shielded.
+        with signals_blocked():
+            return super()._get_iterator()
+
+
+class _ShieldThen:
+    """worker_init_fn: shield the worker, then run the caller's own init function."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, worker_id: int) -> None:
+        shield_worker_from_signals(worker_id)
+        self.fn(worker_id)
+
+
 class _FixedOrder(Sampler[int]):
     """Yields a precomputed list of indices."""
 
@@ -89,7 +123,7 @@ def make_loader(
     if skip_batches < 0:
         raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
     order = epoch_order(len(dataset), shuffle=shuffle, seed=seed, epoch=epoch)
-    return DataLoader(
+    return ShieldedDataLoader(
         SeededView(dataset, seed=seed, epoch=epoch),
         batch_size=batch_size,
         sampler=_FixedOrder(order[skip_batches * batch_size :]),
@@ -148,7 +182,7 @@ def sharded_loader(dataset: Dataset, *, batch_size: int, seed: int, epoch: int, 
     order = epoch_order(len(dataset), shuffle=True, seed=seed, epoch=epoch)
     sampler = _ShardedBatches(order, batch=batch_size, world=dist_info.world, rank=dist_info.rank,
                               start=skip, stop=steps_per_epoch(len(dataset), batch_size))
-    return DataLoader(
+    return ShieldedDataLoader(
         SeededView(dataset, seed=seed, epoch=epoch),
         batch_sampler=sampler,
         num_workers=num_workers,
