@@ -16,6 +16,8 @@ FASHION_FILES = {
 }
 # IDX magic numbers of unsigned-byte arrays with 3 (images) and 1 (labels) dimensions.
 _MAGIC = {3: 0x00000803, 1: 0x00000801}
+# Fashion-MNIST's largest file is 47 MB; four times that is still far from a bomb.
+MAX_IDX_BYTES = 200 * 1024 * 1024
 
 
 def find_idx_file(folder: Path, stem: str) -> Path | None:
@@ -28,10 +30,16 @@ def find_idx_file(folder: Path, stem: str) -> Path | None:
 
 def read_idx(path: Path, *, ndim: int) -> np.ndarray:
     """A uint8 array from an IDX file; a malformed file is a UserInputError naming it."""
+    if not path.is_file():
+        raise UserInputError(f"{path} is not a regular file (a FIFO or device?); expected an IDX file")
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as fh:
+            # Bounded by bytes actually read: a gzip bomb stops here, not in memory.
+            raw = fh.read(MAX_IDX_BYTES + 1)
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise UserInputError(f"cannot read {path}: {exc}") from None
+    if len(raw) > MAX_IDX_BYTES:
+        raise UserInputError(f"{path} holds more than {MAX_IDX_BYTES:,} bytes; not a (Fashion-)MNIST file")
     header = 4 + 4 * ndim
     if len(raw) < header or int.from_bytes(raw[:4], "big") != _MAGIC[ndim]:
         raise UserInputError(f"{path} is not an IDX file of {ndim}-d unsigned bytes")
@@ -48,4 +56,9 @@ def read_fashion_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray
     labels = read_idx(find_idx_file(folder, label_stem), ndim=1)
     if len(images) != len(labels):
         raise UserInputError(f"{folder}: {len(images)} {split} images but {len(labels)} labels")
+    if len(labels) and int(labels.max()) >= 10:
+        raise UserInputError(
+            f"{find_idx_file(folder, label_stem)}: label {int(labels.max())} is not a Fashion-MNIST "
+            "class (0-9)"
+        )
     return images, labels

@@ -6,16 +6,26 @@ what was expected there.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
 from bats_cli.data.idx import FASHION_FILES, find_idx_file, read_fashion_split
+from bats_cli.data.scan import (
+    IMAGE_EXTENSIONS,
+    BadImage,
+    FolderImages,
+    check_image_file,
+    class_folders,
+    scan_split,
+    warn_skipped,
+)
 from bats_cli.data.spec import FASHION_CLASSES
 from bats_cli.errors import RunFailure, UserInputError
 
@@ -165,33 +175,55 @@ def _cifar_missing(root: Path, cls) -> list[str]:
 # --- imagenet / imagefolder --------------------------------------------------------------------
 
 
-class _ClassFolder(tvd.ImageFolder):
-    """ImageFolder whose class list is given (the train one), so val labels match train labels."""
-
-    def __init__(self, root: Path, classes: list[str], transform: Transform):
-        self._given_classes = list(classes)
-        super().__init__(str(root), transform=transform, allow_empty=True)
-
-    def find_classes(self, directory):
-        return self._given_classes, {c: i for i, c in enumerate(self._given_classes)}
-
-
 def load_image_folders(
     data_dir, dataset: str, train_tf: Transform, test_tf: Transform
 ) -> tuple[Dataset, Dataset]:
-    """ImageFolder over DIR/train and DIR/val, with val labelled by the train class list."""
+    """The images of DIR/train and DIR/val after the up-front scan (see ``data/scan.py``).
+
+    val/ is labelled by the train class list. Unusable files are skipped with a warning naming
+    each; a split without images, an empty training class or fewer than two classes is refused.
+    """
     root = require_split_dirs(data_dir, dataset)
-    train = _image_folder(root / "train", lambda p: tvd.ImageFolder(str(p), transform=train_tf))
-    extra = sorted(set(_class_dirs(root / "val")) - set(train.classes))
+    train_classes = class_folders(root / "train")
+    extra = sorted(set(class_folders(root / "val")) - set(train_classes))
     if extra:
         raise UserInputError(
             f"{root / 'val'} has class folders that train/ lacks ({', '.join(extra[:5])}); "
             f"{IMAGEFOLDER_EXPECTED}"
         )
-    test = _image_folder(root / "val", lambda p: _ClassFolder(p, train.classes, test_tf))
-    if len(test) == 0:
-        raise UserInputError(f"{root / 'val'} holds no images; {IMAGEFOLDER_EXPECTED}")
-    return train, test
+    train_scan = scan_split(root / "train", train_classes)
+    warn_skipped(train_scan)
+    _check_train_scan(train_scan)
+    test_scan = scan_split(root / "val", train_classes)
+    warn_skipped(test_scan)
+    if not test_scan.samples:
+        raise UserInputError(
+            f"{root / 'val'} holds no usable images{_skipped_note(test_scan)}; {IMAGEFOLDER_EXPECTED}"
+        )
+    return FolderImages(train_scan, train_tf), FolderImages(test_scan, test_tf)
+
+
+def _skipped_note(scan) -> str:
+    return f" ({len(scan.skipped)} unusable file(s) skipped)" if scan.skipped else ""
+
+
+def _check_train_scan(scan) -> None:
+    if not scan.samples:
+        raise UserInputError(
+            f"{scan.root} holds no usable images{_skipped_note(scan)}; {IMAGEFOLDER_EXPECTED}"
+        )
+    empty = [c for i, c in enumerate(scan.classes) if scan.count(i) == 0]
+    if empty:
+        raise UserInputError(
+            f"{scan.root / empty[0]}: a class folder without usable images"
+            + (f" ({len(empty) - 1} more like it)" if len(empty) > 1 else "")
+            + "; add images or remove the folder"
+        )
+    if len(scan.classes) < 2:
+        raise UserInputError(
+            f"{scan.root} has {len(scan.classes)} class folder(s); classification needs at "
+            f"least two; {IMAGEFOLDER_EXPECTED}"
+        )
 
 
 def require_split_dirs(data_dir, dataset: str) -> Path:
@@ -204,44 +236,37 @@ def require_split_dirs(data_dir, dataset: str) -> Path:
 
 
 def count_classes(data_dir, dataset: str) -> int:
-    """Number of class folders under DIR/train."""
+    """Number of class folders under DIR/train (at least two)."""
     root = require_split_dirs(data_dir, dataset)
-    classes = _class_dirs(root / "train")
+    classes = class_folders(root / "train")
     if not classes:
         raise UserInputError(f"{root / 'train'} has no class folders; {IMAGEFOLDER_EXPECTED}")
+    if len(classes) < 2:
+        raise UserInputError(
+            f"{root / 'train'} has one class folder ({classes[0]}); classification needs at "
+            f"least two; {IMAGEFOLDER_EXPECTED}"
+        )
     return len(classes)
 
 
 def probe_image_folder(data_dir, dataset: str) -> tuple[int, int]:
-    """(number of classes, longer side of the first training image), reading one image header."""
+    """(number of classes, longer side of the first usable training image), reading headers only."""
     num_classes = count_classes(data_dir, dataset)
     train_dir = Path(data_dir).expanduser() / "train"
-    first = _first_image(train_dir)
-    try:
-        with Image.open(first) as image:
-            return num_classes, max(image.size)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UserInputError(f"cannot read image {first}: {exc}") from None
-
-
-def _first_image(train_dir: Path) -> Path:
-    for class_dir in sorted(train_dir / c for c in _class_dirs(train_dir)):
-        for entry in sorted(class_dir.iterdir()):
-            if entry.is_file() and entry.suffix.lower() in tvd.folder.IMG_EXTENSIONS:
-                return entry
-    raise UserInputError(f"{train_dir} holds no images; {IMAGEFOLDER_EXPECTED}")
-
-
-def _class_dirs(folder: Path) -> list[str]:
-    return sorted(e.name for e in folder.iterdir() if e.is_dir() and not e.name.startswith("."))
-
-
-def _image_folder(path: Path, make):
-    # ImageFolder reports empty trees as FileNotFoundError; turn that into the one-line error.
-    try:
-        return make(path)
-    except FileNotFoundError as exc:
-        raise UserInputError(f"{path}: {exc}; {IMAGEFOLDER_EXPECTED}") from None
+    for class_name in class_folders(train_dir):
+        try:
+            entries = sorted(os.scandir(train_dir / class_name), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            try:
+                width, height = check_image_file(entry.path, decode=False)
+            except BadImage:
+                continue  # the scan names it when the data set is loaded
+            return num_classes, max(width, height)
+    raise UserInputError(f"{train_dir} holds no usable images; {IMAGEFOLDER_EXPECTED}")
 
 
 # --- helpers -----------------------------------------------------------------------------------
