@@ -351,8 +351,9 @@ def load_arch_snapshot(path: str | Path, *, command: str | None = "derive") -> A
 
 
 def safe_name(text: str, default: str = "searched") -> str:
-    name = _NAME_RE.sub("_", text).strip("._-")
-    return name or default
+    from bats_cli.names import safe_name as _safe
+
+    return _safe(text, default=default)
 
 
 def derive_from_checkpoint(

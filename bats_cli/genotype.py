@@ -37,6 +37,7 @@ from pydantic import (
 )
 
 from bats_cli.errors import RunFailure, UserInputError
+from bats_cli.names import has_control_chars
 from bats_cli.spaces import SPACES
 
 CellName = Literal["normal", "reduce"]
@@ -44,6 +45,8 @@ CELLS: tuple[CellName, CellName] = ("normal", "reduce")
 
 # A pasted genotype is a few hundred bytes; the cap keeps a stray multi-GB file from being parsed.
 MAX_TEXT_BYTES = 1 << 20
+# A name is an identifier (file names are made from it after safe_name), not a paragraph.
+MAX_NAME_LENGTH = 128
 
 
 class Edge(NamedTuple):
@@ -59,7 +62,9 @@ class Genotype(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: StrictStr = Field(min_length=1, description="Short identifier, e.g. 'bats_c10'.")
+    name: StrictStr = Field(
+        min_length=1, max_length=MAX_NAME_LENGTH, description="Short identifier, e.g. 'bats_c10'."
+    )
     space: Literal["bats", "darts"] = Field(
         description="Search space whose op names the cells use (see bats_cli.spaces)."
     )
@@ -83,6 +88,13 @@ class Genotype(BaseModel):
     @model_validator(mode="after")
     def _check_cells(self) -> Genotype:
         problems: list[str] = []
+        # Names and notes reach terminals and (sanitised) file names: no escape sequences.
+        if has_control_chars(self.name):
+            problems.append("name: control characters are not allowed")
+        for key in ("source", "notes"):
+            value = getattr(self, key)
+            if value is not None and has_control_chars(value, allow_newlines=True):
+                problems.append(f"{key}: control characters are not allowed")
         valid_ops = SPACES[self.space].ops
         for cell in CELLS:
             entries = getattr(self, cell)

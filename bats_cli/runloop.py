@@ -87,8 +87,11 @@ def open_run_dir(out: Path, resume: bool, dist_info: Dist = Dist(), device: torc
 
 def default_run_dir(prefix: str, name: str) -> Path:
     """``runs/<prefix>-<name>-<timestamp>``: where a run goes without ``--out``."""
+    from bats_cli.names import safe_name
+
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{prefix}-{name}-{stamp}"
+    # The name comes from a file (a genotype's name): never a separator or "..".
+    return Path("runs") / f"{safe_name(prefix)}-{safe_name(name)}-{stamp}"
 
 
 @contextlib.contextmanager

@@ -964,7 +964,10 @@ class Reporter:
         """One plain line on stderr (nothing when quiet)."""
         if self.quiet:
             return
-        print(text, file=self.stream, flush=True)
+        from bats_cli.names import safe_text
+
+        # Lines carry names read from files: no escape sequence reaches the terminal.
+        print(safe_text(text), file=self.stream, flush=True)
 
     def warn(self, text: str) -> None:
         self.line(f"warning: {text}")

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Mapping, Optional
 import typer
 
 from bats_cli.cli.app import app
-from bats_cli.cli.options import JsonOpt, emit_result
+from bats_cli.cli.options import JsonOpt, console_text, emit_result
 from bats_cli.errors import UserInputError
 
 
@@ -20,7 +20,7 @@ def _table(result: Mapping[str, Any]) -> Any:
     t.add_column(style="bold")
     t.add_column(overflow="fold")
     g = result["genotype"]
-    t.add_row("genotype", f"{g['name']} ({g['space']})" + (f" -> {result['output']}" if result.get("output") else ""))
+    t.add_row("genotype", console_text(f"{g['name']} ({g['space']})" + (f" -> {result['output']}" if result.get("output") else "")))
     for cell in ("normal", "reduce"):
         t.add_row(cell, " ".join(f"{op}<{src}" for op, src in g[cell]))
     share = result["parameter_free_share"]
@@ -30,7 +30,7 @@ def _table(result: Mapping[str, Any]) -> Any:
         t.add_row("edge entropy", f"normal {e['normal']:.3f}, reduce {e['reduce']:.3f} nats (mean)")
     for key in ("plot", "dot"):
         if result.get(key):
-            t.add_row(key, result[key])
+            t.add_row(key, console_text(result[key]))
     return t
 
 

@@ -278,13 +278,15 @@ def _print_tables(result: dict[str, Any], *, verbose: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from bats_cli.cli.options import console_text
+
     console = Console(file=sys.stdout, highlight=False)
     net = result["network"]
     c, h, w = net["input_size"]
     width = f"width {net['width']}, " if net["width"] else ""
     mode = "real-valued" if net["real"] else "binary"
     console.print(
-        f"[bold]{result['genotype']}[/bold] on {result['dataset']} ({h}x{w}x{c}, "
+        f"[bold]{console_text(result['genotype'])}[/bold] on {console_text(result['dataset'])} ({h}x{w}x{c}, "
         f"{net['num_classes']} classes): {mode} {net['kind']} network, {width}C={net['channels']}, "
         f"{net['layers']} cells; batch 1, auxiliary head excluded"
     )
@@ -301,7 +303,7 @@ def _print_tables(result: dict[str, Any], *, verbose: bool) -> None:
                   f"1-bit binary weights; {result['compression']:.1f}x smaller")
     ckpt = result.get("checkpoint")
     if ckpt is not None:
-        table.add_row("file", _mb(ckpt["file_bytes"]), f"{ckpt['kind']} checkpoint {ckpt['path']}")
+        table.add_row("file", _mb(ckpt["file_bytes"]), console_text(f"{ckpt['kind']} checkpoint {ckpt['path']}"))
         if "compression" in ckpt:
             table.add_row("packed vs fp32", f"{ckpt['compression']:.1f}x",
                           f"fp32 model {_mb(ckpt['fp32_bytes'])} vs this file")

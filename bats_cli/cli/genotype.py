@@ -11,6 +11,7 @@ import typer
 
 from bats_cli.cli.app import app
 from bats_cli.errors import UserInputError
+from bats_cli.names import safe_text
 
 genotype_app = typer.Typer(
     help=(
@@ -55,14 +56,16 @@ def show(
         sys.stdout.write(g.to_json())
         return
     console = Console(highlight=False)
+    from bats_cli.cli.options import console_text
+
     console.print(
-        f"[bold]{g.name}[/bold]  space={g.space}  "
+        f"[bold]{console_text(g.name)}[/bold]  space={g.space}  "
         f"nodes: normal {g.steps('normal')}, reduce {g.steps('reduce')}"
     )
     if g.source:
-        console.print(f"source: {g.source}", markup=False)
+        console.print(f"source: {safe_text(g.source)}", markup=False)
     if g.notes:
-        console.print(f"notes:  {g.notes}", markup=False)
+        console.print(f"notes:  {safe_text(g.notes)}", markup=False)
     for cell in CELLS:
         table = Table(title=f"{cell} cell", title_justify="left", show_edge=False)
         table.add_column("node", justify="right")
@@ -100,7 +103,7 @@ def validate(
         except UserInputError as exc:
             errors.append(str(exc))
             continue
-        print(f"ok {f}: {g.name} ({g.space}, {g.steps('normal')}+{g.steps('reduce')} nodes)")
+        print(safe_text(f"ok {f}: {g.name} ({g.space}, {g.steps('normal')}+{g.steps('reduce')} nodes)"))
     if len(errors) == 1:
         raise UserInputError(errors[0])
     if errors:
@@ -129,6 +132,7 @@ def list_() -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from bats_cli.cli.options import console_text
     from bats_cli.genotype import load_zoo_genotype, zoo_names
 
     table = Table(show_edge=False)
@@ -136,7 +140,7 @@ def list_() -> None:
         table.add_column(col, overflow="fold")
     for name in zoo_names():
         g = load_zoo_genotype(name)
-        table.add_row(g.name, g.space, f"{g.steps('normal')}/{g.steps('reduce')}", g.source or "")
+        table.add_row(*(console_text(v) for v in (g.name, g.space, f"{g.steps('normal')}/{g.steps('reduce')}", g.source or "")))
     Console(highlight=False).print(table)
 
 
@@ -203,6 +207,6 @@ def import_(
     else:
         g.save(output)
         print(
-            f"wrote {output} ({g.name}, {g.space}, {g.steps('normal')}+{g.steps('reduce')} nodes)",
+            safe_text(f"wrote {output} ({g.name}, {g.space}, {g.steps('normal')}+{g.steps('reduce')} nodes)"),
             file=sys.stderr,
         )

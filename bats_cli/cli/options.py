@@ -185,8 +185,17 @@ def key_value_table(rows: Iterable[tuple[str, Any]], *, fold: bool = False) -> A
     table.add_column(style="bold")
     table.add_column(overflow="fold" if fold else "ellipsis")
     for key, value in rows:
-        table.add_row(key, str(value))
+        table.add_row(console_text(key), console_text(value))
     return table
+
+
+def console_text(value: Any) -> str:
+    """``value`` for a rich table or markup string: no escapes, no markup from file contents."""
+    from rich.markup import escape
+
+    from bats_cli.names import safe_text
+
+    return escape(safe_text(value))
 
 
 def pct(value: float | None) -> str:
