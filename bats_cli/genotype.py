@@ -330,14 +330,33 @@ def load_genotype(path: str | os.PathLike[str]) -> Genotype:
         raise UserInputError(f"{name}: no such file{hint}")
     if p.is_dir():
         raise UserInputError(f"{name}: is a directory; expected a genotype .json file")
-    try:
-        size = p.stat().st_size
-        if size > MAX_TEXT_BYTES:
-            raise UserInputError(f"{name}: {size} bytes is far too large for a genotype file")
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise UserInputError(f"{name}: cannot read ({exc.strerror or exc})") from None
+    raw = read_bounded(p, MAX_TEXT_BYTES, what="a genotype file")
     return Genotype.from_json(raw, origin=name)
+
+
+def read_bounded(path: str | os.PathLike[str], limit: int, *, what: str) -> bytes:
+    """At most ``limit`` bytes of a regular file; larger files, FIFOs and devices are refused.
+
+    Bounded by the bytes actually read, not by ``stat().st_size`` (which devices and /proc
+    report as 0); non-regular files are refused before they are opened (a FIFO would block).
+    """
+    import stat as stat_
+
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except OSError as exc:
+        raise UserInputError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    if not stat_.S_ISREG(st.st_mode):
+        raise UserInputError(f"{p}: not a regular file (a FIFO, device or socket); expected {what}")
+    try:
+        with open(p, "rb") as fh:
+            raw = fh.read(limit + 1)
+    except OSError as exc:
+        raise UserInputError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    if len(raw) > limit:
+        raise UserInputError(f"{p}: more than {limit:,} bytes is far too large for {what}")
+    return raw
 
 
 def genotype_json_schema() -> dict[str, Any]:

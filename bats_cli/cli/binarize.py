@@ -65,6 +65,7 @@ def binarize_command(
     calibration_batches: Annotated[Optional[int], typer.Option("--calibration-batches", min=0, rich_help_panel=FT, help="Training batches to re-estimate BatchNorm statistics on after binarizing; 0 = off. Default 20.")] = None,
     packed: Annotated[Optional[Path], typer.Option("-o", "--output", dir_okay=False, rich_help_panel=OUTPUT, help="Where to write the packed 1-bit artifact. Default OUT/model.packed.safetensors.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", file_okay=False, rich_help_panel=OUTPUT, help="Run directory. Default: a 'binarize' folder next to CHECKPOINT.")] = None,
+    force: Annotated[bool, typer.Option("--force", rich_help_panel=OUTPUT, help="Overwrite an existing -o file (never the input checkpoint).")] = False,
     keep_aux: Annotated[Optional[bool], typer.Option("--keep-aux", rich_help_panel=OUTPUT, help="Keep the auxiliary tower in the packed artifact (training only; dropped by default).")] = None,
     data_dir: DataDirOpt = None,
     subset: SubsetOpt = None,
@@ -87,6 +88,16 @@ def binarize_command(
     """
     from bats_cli.binarize import BINARIZE_PRESETS, BinarizeConfig, binarize
     from bats_cli.config import resolve_config
+    from bats_cli.outputs import check_output_file
+
+    if packed is not None:
+        run_out = out if out is not None else checkpoint.parent / "binarize"
+        # Checked before the run: the packed file must never replace a checkpoint.
+        check_output_file(
+            packed, flag="-o", force=force, inputs=[checkpoint],
+            reserved=[run_out / name for name in (
+                "last.safetensors", "best.safetensors", "config.json", "metrics.csv", "result.json")],
+        )
 
     overrides = {
         "checkpoint": str(checkpoint), "epochs": epochs, "lr": lr, "batch_size": batch_size,

@@ -49,7 +49,7 @@ def derive_command(
     nodes: Annotated[int, typer.Option("--nodes", min=1, help="Intermediate nodes for --random.")] = 4,
     plot: Annotated[Optional[Path], typer.Option("--plot", metavar="FILE.svg|FILE.png", help="Draw both cells (no graphviz needed).")] = None,
     dot: Annotated[Optional[Path], typer.Option("--dot", metavar="FILE.dot", help="Also write Graphviz DOT text.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --output file.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing --output / --plot / --dot files.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Derive a genotype: the DARTS rule on a search checkpoint's softmax(alpha/T), or --random.
@@ -72,10 +72,15 @@ def derive_command(
         raise UserInputError("give either a CHECKPOINT or --random, not both")
     if not random and checkpoint is None:
         raise UserInputError("give a search CHECKPOINT (or run directory), or --random")
-    if output is not None and output.exists() and not force:
-        raise UserInputError(f"{output}: already exists; pass --force to overwrite")
     if plot is not None and plot.suffix.lower() not in (".svg", ".png"):
         raise UserInputError(f"--plot {plot}: choose a .svg or .png file name")
+    from bats_cli.outputs import check_distinct, check_output_file
+
+    inputs = [checkpoint, checkpoint / "last.safetensors"] if checkpoint is not None else []
+    check_distinct({"--output": output, "--plot": plot, "--dot": dot})
+    for flag, path in (("--output", output), ("--plot", plot), ("--dot", dot)):
+        if path is not None:
+            check_output_file(path, flag=flag, force=force, inputs=inputs)
     entropy = None
     if random:
         g = random_genotype(space, seed, nodes, name=name)

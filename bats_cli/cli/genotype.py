@@ -188,19 +188,23 @@ def import_(
 
     Example: bats genotype import darts/cnn/genotypes.py --pick DARTS_V2 -o darts_v2.json
     """
-    from bats_cli.genotype import MAX_TEXT_BYTES, parse_darts_genotype
+    from bats_cli.genotype import MAX_TEXT_BYTES, parse_darts_genotype, read_bounded
 
     if text == "-":
         body = sys.stdin.read(MAX_TEXT_BYTES + 1)
-    elif "Genotype" not in text and Path(text).is_file():
+    elif "Genotype" not in text and Path(text).exists():
+        raw = read_bounded(text, MAX_TEXT_BYTES, what="a DARTS genotypes.py file")
         try:
-            body = Path(text).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserInputError(f"{text}: cannot read ({exc})") from None
+            body = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise UserInputError(f"{text}: not a UTF-8 text file") from None
     else:
         body = text
-    if output is not None and output.exists() and not force:
-        raise UserInputError(f"{output}: already exists; pass --force to overwrite")
+    if output is not None:
+        from bats_cli.outputs import check_output_file
+
+        check_output_file(output, flag="--output", force=force,
+                          inputs=[text] if text != "-" and "Genotype" not in text else [])
     g = parse_darts_genotype(body, space=space, name=name, pick=pick, source=source)
     if output is None:
         sys.stdout.write(g.to_json())
