@@ -151,10 +151,21 @@ def _open_error(path: Path, exc: BaseException) -> UserInputError:
 
 
 def _check_file(path: Path) -> None:
+    import stat
+
     if not path.exists():
         raise UserInputError(f"{path}: no such checkpoint file")
     if path.is_dir():
         raise UserInputError(f"{path} is a directory; give a .safetensors checkpoint file")
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise UserInputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        # A FIFO would block the read forever; a device has no end.
+        raise UserInputError(f"{path}: not a regular file (a FIFO, device or socket); give a checkpoint file")
+    if not os.access(path, os.R_OK):
+        raise UserInputError(f"{path}: cannot read (permission denied)")
 
 
 def read_metadata(path: str | os.PathLike[str]) -> CheckpointMeta:
@@ -172,35 +183,43 @@ def read_metadata(path: str | os.PathLike[str]) -> CheckpointMeta:
 
 
 def _parse_metadata(path: Path, raw: Mapping[str, str]) -> CheckpointMeta:
+    """Every value validated (bats_cli.metadata) before anything acts on it."""
+    from bats_cli.metadata import load_json, parse_extra, parse_header
+    from bats_cli.names import safe_text
+
     if "bats_format" not in raw or "bats_kind" not in raw:
         raise UserInputError(f"{path}: a safetensors file, but not a bats checkpoint")
     try:
         fmt = int(raw["bats_format"])
-        config = json.loads(raw.get("bats_config", "{}"))
-        versions = json.loads(raw.get("bats_versions", "{}"))
-        epoch = int(raw.get("bats_epoch", "0"))
-        step = int(raw.get("bats_step", "0"))
-    except ValueError as exc:
-        raise UserInputError(f"{path}: corrupt bats metadata ({exc})") from None
+    except (TypeError, ValueError):
+        raise UserInputError(f"{path}: corrupt bats metadata (bats_format is not a number)") from None
     if fmt > FORMAT_VERSION:
+        try:
+            versions = load_json(raw.get("bats_versions", "{}"), where=str(path))
+        except UserInputError:
+            versions = {}
         written_by = versions.get("bats", "?") if isinstance(versions, dict) else "?"
         raise UserInputError(
-            f"{path}: written by a newer bats ({written_by}, checkpoint format {fmt}); "
-            f"this bats reads format {FORMAT_VERSION} or older; upgrade bats"
+            f"{path}: written by a newer bats ({safe_text(written_by, max_chars=40)}, checkpoint "
+            f"format {fmt}); this bats reads format {FORMAT_VERSION} or older; upgrade bats"
         )
-    kind = raw["bats_kind"]
-    if kind not in KINDS:
-        raise UserInputError(f"{path}: unknown checkpoint kind {kind!r}")
+    header = parse_header(path, raw)
+    if header.kind not in KINDS:
+        raise UserInputError(f"{path}: unknown checkpoint kind {safe_text(repr(header.kind), max_chars=40)}")
     extra = {k: v for k, v in raw.items() if k not in RESERVED_KEYS}
+    parse_extra(path, extra)
+    genotype_json = raw.get("bats_genotype")
+    if genotype_json is not None and len(genotype_json) > (1 << 20):
+        raise UserInputError(f"{path}: the recorded genotype is far too large")
     return CheckpointMeta(
         path=path,
-        kind=kind,
-        config=config if isinstance(config, dict) else {},
-        genotype_json=raw.get("bats_genotype"),
-        epoch=epoch,
-        step=step,
-        versions=versions if isinstance(versions, dict) else {},
-        format=fmt,
+        kind=header.kind,
+        config=header.config,
+        genotype_json=genotype_json,
+        epoch=header.epoch,
+        step=header.step,
+        versions=header.versions,
+        format=header.format,
         extra=extra,
     )
 
@@ -243,6 +262,9 @@ def load_checkpoint(
         tensors = load_file(str(meta.path), device=str(device))
     except Exception as exc:
         raise _open_error(meta.path, exc) from None
+    from bats_cli.metadata import check_tensors
+
+    check_tensors(meta.path, tensors)
     return tensors, meta
 
 
@@ -281,7 +303,11 @@ def _decode(obj: Any) -> Any:
         return [_decode(v) for v in obj]
     if isinstance(obj, dict):
         if "__tensor__" in obj:
-            return torch.tensor(obj["__tensor__"], dtype=getattr(torch, obj["dtype"]))
+            from bats_cli.metadata import dtype_from_name
+
+            # An allowlist, never getattr(torch, <string from the file>).
+            dtype = dtype_from_name(obj.get("dtype"), where="checkpoint state")
+            return torch.tensor(obj["__tensor__"], dtype=dtype)
         if "__tuple__" in obj:
             return tuple(_decode(v) for v in obj["__tuple__"])
         if "__dict__" in obj:
@@ -296,7 +322,16 @@ def state_to_json(state: Mapping[str, Any]) -> str:
 
 def state_from_json(text: str) -> dict[str, Any]:
     """Inverse of :func:`state_to_json` (tuples, int keys and scalar tensors come back)."""
-    return _decode(json.loads(text))
+    from bats_cli.metadata import load_json
+
+    data = load_json(text, where="checkpoint state")
+    try:
+        decoded = _decode(data)
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        raise UserInputError(f"checkpoint state: malformed ({exc})") from None
+    if not isinstance(decoded, dict):
+        raise UserInputError("checkpoint state: expected an object")
+    return decoded
 
 
 def scheduler_state_json(scheduler: Any) -> str:
@@ -365,16 +400,24 @@ def load_optimizer_state(
     prefix: str = "optim.",
 ) -> None:
     """Inverse of :func:`optimizer_state_tensors`; UserInputError if the parameters differ."""
-    try:
-        saved = json.loads(json_str)
-        saved_groups = saved["param_groups"]
-        saved_state = saved["state"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UserInputError(f"cannot resume: corrupt optimizer state ({exc})") from None
+    from bats_cli.metadata import OptimizerState, check_encoded, load_json, validate
+
+    saved = load_json(json_str, where="cannot resume: optimizer state")
+    validate(OptimizerState, saved, where="cannot resume: optimizer state")
+    check_encoded(saved, where="cannot resume: optimizer state")
+    saved_groups = saved["param_groups"]
+    saved_state = saved["state"]
+    if not all(isinstance(g.get("params"), list) for g in saved_groups):
+        raise UserInputError("cannot resume: corrupt optimizer state (a group without params)")
     names = _index_names(optimizer, named_parameters)
     index_of = {name: i for i, name in enumerate(names)}
     by_id = {id(p): name for name, p in named_parameters.items()}
     _check_same_groups(saved_groups, optimizer, named_parameters)
+    unknown = sorted(set(saved_state) - set(index_of))
+    if unknown:
+        raise UserInputError(
+            f"cannot resume: optimizer state for parameters the network lacks (e.g. {unknown[0][:80]})"
+        )
     state: dict[int, dict[str, Any]] = {}
     for name, entry in saved_state.items():
         per_param = {}
@@ -384,6 +427,8 @@ def load_optimizer_state(
                 if tensor_name not in tensors:
                     raise UserInputError(f"cannot resume: checkpoint lacks tensor {tensor_name}")
                 per_param[key] = tensors[tensor_name]
+                if not per_param[key].is_floating_point():
+                    raise UserInputError(f"cannot resume: {tensor_name} is not a float tensor")
             else:
                 per_param[key] = _decode(value)
         state[index_of[name]] = per_param

@@ -155,6 +155,9 @@ def load_model_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], pa
             f"{path}: weights do not match the network its genotype and settings describe: "
             + "; ".join(detail)
         )
+    from bats_cli.metadata import check_state_dtypes
+
+    check_state_dtypes(path, own, state)  # float weights only: an int tensor would be cast silently
     model.load_state_dict(state, strict=True)
 
 

@@ -723,9 +723,10 @@ def check_run_dir_path(path: str | os.PathLike[str], resume: bool) -> None:
         raise UserInputError(
             f"{path} already holds a run; use --resume to continue it or choose another --out"
         )
-    if entries and resume and not (path / CONFIG_NAME).is_file() and not (path / LAST_NAME).is_file():
+    markers = (CONFIG_NAME, LAST_NAME, METRICS_NAME)
+    if entries and resume and not any((path / m).is_file() for m in markers):
         raise UserInputError(
-            f"--out {path} holds files but no bats run (no {CONFIG_NAME} or {LAST_NAME}); "
+            f"--out {path} holds files but no bats run (no {', '.join(markers)}); "
             "--resume would overwrite them: choose another --out"
         )
     check_run_dir_free(path)

@@ -743,6 +743,9 @@ class Searcher(RunJob):
         self.build_stage(in_channels, num_classes)
         self.stage_started = stage_started
         model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        from bats_cli.metadata import check_state_dtypes
+
+        check_state_dtypes(path, self.model.state_dict(), model_sd)
         try:
             self.model.load_state_dict(model_sd)
         except RuntimeError as exc:

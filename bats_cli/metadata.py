@@ -1,0 +1,340 @@
+"""Strict validation of what a checkpoint's header says, before anything acts on it.
+
+A checkpoint is a file from anywhere, like a genotype: its metadata JSON is parsed with size
+and depth limits and validated by pydantic models (types, ranges), dtypes come from an allowlist
+(never ``getattr(torch, <string from the file>)``), and every floating tensor must be finite.
+Unknown keys inside the known records are allowed (newer writers add some) but must be plain
+JSON; every problem is one :class:`~bats_cli.errors.UserInputError` line naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bats_cli.errors import UserInputError
+from bats_cli.names import safe_text
+
+# One metadata value: optimizer state of a 20-cell network is ~100 kB; 16 MB is far beyond.
+MAX_JSON_BYTES = 16 * 1024 * 1024
+# Deepest nesting a bats checkpoint writes is ~6 levels.
+MAX_JSON_DEPTH = 32
+# Sizes a network record may name; preflight.py refuses what does not fit this machine.
+MAX_CHANNELS = 16384
+MAX_LAYERS = 1000
+MAX_CLASSES = 1_000_000
+MAX_IMAGE_SIZE = 16384
+
+# Tensor dtypes a bats checkpoint holds (names as torch prints them, without "torch.").
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_ALLOWED = frozenset(DTYPES.values())
+
+
+def dtype_from_name(name: object, *, where: str) -> torch.dtype:
+    """A torch dtype from the allowlist; UserInputError for anything else."""
+    if not isinstance(name, str) or name not in DTYPES:
+        raise UserInputError(f"{where}: dtype {safe_text(repr(name), max_chars=40)} is not allowed")
+    return DTYPES[name]
+
+
+# --------------------------------------------------------------------------- bounded JSON
+
+
+def _depth(text: str) -> int:
+    """Deepest bracket nesting of JSON ``text`` (strings skipped), in one pass."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def load_json(text: object, *, where: str, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Parse metadata JSON with size and depth limits; NaN/Infinity refused."""
+    if not isinstance(text, str):
+        raise UserInputError(f"{where}: expected JSON text")
+    if len(text) > max_bytes:
+        raise UserInputError(f"{where}: {len(text):,} characters of JSON is far too large")
+    if _depth(text) > MAX_JSON_DEPTH:
+        raise UserInputError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        reason = safe_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, max_chars=120)
+        raise UserInputError(f"{where}: corrupt JSON ({reason})") from None
+
+
+def _format_errors(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False)[:3]:
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else str(err.get("msg")))
+    more = len(exc.errors()) - 3
+    return safe_text("; ".join(parts) + (f" (+{more} more)" if more > 0 else ""), max_chars=400)
+
+
+def validate(model: type[BaseModel], data: Any, *, where: str) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise UserInputError(f"{where}: {_format_errors(exc)}") from None
+
+
+# --------------------------------------------------------------------------- records
+
+
+class _Record(BaseModel):
+    # Unknown keys may come from newer writers; the known ones are checked strictly.
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+Name = Field(default=None, max_length=200)
+
+
+class NetworkRecord(_Record):
+    """``config.network``: what rebuilds the network (see ``network_settings``)."""
+
+    kind: Optional[Literal["cifar", "imagenet"]] = None
+    num_classes: Optional[int] = Field(default=None, ge=1, le=MAX_CLASSES)
+    in_channels: Optional[int] = Field(default=None, ge=1, le=64)
+    channels: Optional[int] = Field(default=None, ge=1, le=MAX_CHANNELS)
+    layers: Optional[int] = Field(default=None, ge=1, le=MAX_LAYERS)
+    channels_per_group: Optional[int] = Field(default=None, ge=1, le=MAX_CHANNELS)
+    stem_groups: Optional[int] = Field(default=None, ge=1, le=MAX_CHANNELS)
+    image_size: Optional[int] = Field(default=None, ge=1, le=MAX_IMAGE_SIZE)
+    drop_path: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    auxiliary: Optional[bool] = None
+    real: Optional[bool] = None
+    binary_activations: Optional[bool] = None
+    binary_weights: Optional[bool] = None
+    width: Optional[str] = Name
+    activation: Optional[str] = Name
+    group_policy: Optional[str] = Name
+    reduce_shortcut: Optional[str] = Name
+    space: Optional[str] = Name
+    dataset: Optional[str] = Name
+
+
+class DataRecord(_Record):
+    """``config.data``: the data set a network was trained on."""
+
+    name: Optional[str] = Name
+    num_classes: Optional[int] = Field(default=None, ge=1, le=MAX_CLASSES)
+    image_size: Optional[int] = Field(default=None, ge=1, le=MAX_IMAGE_SIZE)
+    in_channels: Optional[int] = Field(default=None, ge=1, le=64)
+    network: Optional[str] = Name
+    data_dir: Optional[str] = Field(default=None, max_length=4096)
+    augment: Optional[dict[str, Any]] = None
+
+
+class RunningState(BaseModel):
+    """``bats_running``: the running sums of an epoch in progress."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    loss_sum: float = Field(ge=0.0, allow_inf_nan=False)
+    correct: float = Field(ge=0.0, allow_inf_nan=False)
+    seen: float = Field(ge=0.0, allow_inf_nan=False)
+    best_top1: float = Field(ge=-1.0, le=100.0, allow_inf_nan=False)
+    best_epoch: int = Field(ge=0)
+
+
+class OptimizerState(BaseModel):
+    """``bats_optimizer`` (and a search's ``optim_w`` / ``optim_a``): optimizer state by name."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    state: dict[str, dict[str, Any]]
+    param_groups: list[dict[str, Any]] = Field(min_length=1, max_length=64)
+
+
+class SearchState(_Record):
+    """A search checkpoint's ``search_state``."""
+
+    stage: int = Field(ge=0, le=64)
+    epoch: int = Field(ge=0, le=10**7)
+    step: int = Field(ge=0, le=10**9)
+    steps_per_epoch: int = Field(ge=0, le=10**9)
+    stage_seconds: list[float]
+    finished: bool = False
+    in_channels: int = Field(ge=1, le=64)
+    num_classes: int = Field(ge=1, le=MAX_CLASSES)
+    accum: dict[str, Any] = Field(default_factory=dict)
+    scaler_w: str = ""
+    scaler_a: str = ""
+
+
+class ArchState(_Record):
+    """A search checkpoint's ``arch_state``: temperatures and candidate op lists per edge."""
+
+    space: str = Field(max_length=64)
+    steps: int = Field(ge=1, le=64)
+    temperature_normal: float = Field(gt=0.0, allow_inf_nan=False)
+    temperature_reduce: float = Field(gt=0.0, allow_inf_nan=False)
+    candidates_normal: list[list[str]] = Field(max_length=10_000)
+    candidates_reduce: list[list[str]] = Field(max_length=10_000)
+    run_name: Optional[str] = Field(default=None, max_length=200)
+
+
+class Header(BaseModel):
+    """The reserved keys every bats checkpoint has."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    format: int = Field(ge=1)
+    kind: str = Field(max_length=32)
+    epoch: int = Field(ge=0, le=10**7)
+    step: int = Field(ge=0, le=10**9)
+    versions: dict[str, str]
+    config: dict[str, Any]
+
+
+# Extra keys whose JSON has a schema; others must merely be bounded JSON or plain text.
+_EXTRA_MODELS: dict[str, type[BaseModel]] = {
+    "bats_running": RunningState,
+    "bats_optimizer": OptimizerState,
+    "optim_w": OptimizerState,
+    "optim_a": OptimizerState,
+    "search_state": SearchState,
+    "arch_state": ArchState,
+}
+
+
+def _int(text: object, *, where: str) -> int:
+    if not isinstance(text, str) or not text.strip().lstrip("-").isdigit() or len(text) > 20:
+        raise UserInputError(f"{where}: expected an integer, got {safe_text(repr(text), max_chars=40)}")
+    return int(text)
+
+
+def parse_header(path: Path, raw: Mapping[str, str]) -> Header:
+    """Validated reserved keys of a checkpoint's metadata (config and versions parsed)."""
+    where = f"{path}: bats metadata"
+    config = load_json(raw.get("bats_config", "{}"), where=f"{where} bats_config")
+    versions = load_json(raw.get("bats_versions", "{}"), where=f"{where} bats_versions")
+    header = validate(
+        Header,
+        {
+            "format": _int(raw["bats_format"], where=f"{where} bats_format"),
+            "kind": raw["bats_kind"],
+            "epoch": _int(raw.get("bats_epoch", "0"), where=f"{where} bats_epoch"),
+            "step": _int(raw.get("bats_step", "0"), where=f"{where} bats_step"),
+            "versions": versions,
+            "config": config,
+        },
+        where=where,
+    )
+    for key, model in (("network", NetworkRecord), ("data", DataRecord)):
+        if key in config and config[key] is not None:
+            validate(model, config[key], where=f"{path}: config.{key}")
+    run = config.get("run")
+    if run is not None and not isinstance(run, dict):
+        raise UserInputError(f"{path}: config.run: expected an object")
+    _check_finite(config, where=f"{path}: config")
+    return header
+
+
+def parse_extra(path: Path, extra: Mapping[str, str]) -> None:
+    """Size limits on every extra value; schema checks on the ones bats reads as state."""
+    for key, value in extra.items():
+        if not isinstance(value, str) or len(value) > MAX_JSON_BYTES:
+            raise UserInputError(f"{path}: metadata {safe_text(key, max_chars=60)} is far too large")
+        if key in _EXTRA_MODELS:
+            data = load_json(value, where=f"{path}: {key}")
+            validate(_EXTRA_MODELS[key], data, where=f"{path}: {key}")
+            if isinstance(data, dict) and key in ("bats_optimizer", "optim_w", "optim_a"):
+                check_encoded(data, where=f"{path}: {key}")
+        elif value[:1] in ("{", "["):
+            load_json(value, where=f"{path}: {safe_text(key, max_chars=60)}")
+
+
+def _check_finite(obj: Any, *, where: str, depth: int = 0) -> None:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise UserInputError(f"{where}: holds a non-finite number")
+    if isinstance(obj, dict):
+        for v in obj.values():
+            _check_finite(v, where=where, depth=depth + 1)
+    elif isinstance(obj, list):
+        for v in obj:
+            _check_finite(v, where=where, depth=depth + 1)
+
+
+def check_encoded(obj: Any, *, where: str) -> None:
+    """Encoded optimizer / scaler state: scalar tensors only with allowlisted dtypes."""
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            dtype_from_name(obj.get("dtype"), where=where)
+            if not isinstance(obj["__tensor__"], (int, float, bool)):
+                raise UserInputError(f"{where}: a scalar tensor holds a non-number")
+        for value in obj.values():
+            check_encoded(value, where=where)
+    elif isinstance(obj, list):
+        for value in obj:
+            check_encoded(value, where=where)
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def check_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Allowlisted dtypes only; every floating tensor finite (NaN/Inf weights are refused)."""
+    for name, t in tensors.items():
+        if t.dtype not in _ALLOWED:
+            raise UserInputError(
+                f"{path}: tensor {safe_text(name, max_chars=120)} has dtype "
+                f"{str(t.dtype).removeprefix('torch.')}, which bats never writes"
+            )
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise UserInputError(
+                f"{path}: tensor {safe_text(name, max_chars=120)} holds NaN or infinite values "
+                "(a corrupt file, or saved from a diverged run); refusing to use it"
+            )
+
+
+def check_state_dtypes(path: Path, own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
+    """Where the network holds floats the file must too (an int tensor would be cast silently)."""
+    for key, expected in own.items():
+        got = state.get(key)
+        if got is None:
+            continue
+        if expected.is_floating_point() != got.is_floating_point() or (
+            expected.dtype == torch.bool
+        ) != (got.dtype == torch.bool):
+            raise UserInputError(
+                f"{path}: tensor {safe_text(key, max_chars=120)} is "
+                f"{str(got.dtype).removeprefix('torch.')}, the network needs "
+                f"{str(expected.dtype).removeprefix('torch.')}"
+            )
