@@ -317,4 +317,11 @@ def build_network(
         layers=layers or defaults["layers"], auxiliary=auxiliary, drop_path=drop_path,
         stem_groups=stem_groups,
     )
+    from bats_cli.preflight import check_fits, estimate_network_bytes, estimating
+
+    if not estimating():
+        # Sized on the meta device first: an absurd size is one error line, not an OOM kill.
+        estimate = estimate_network_bytes(lambda: Network(genotype, config=config, ctx=ctx), training=False)
+        check_fits(estimate, what=f"the network (C={channels}, {config.layers} cells)",
+                   advice="use fewer --channels or --layers, or a smaller --width")
     return Network(genotype, config=config, ctx=ctx)

@@ -381,6 +381,10 @@ class Searcher(RunJob):
             activation=cfg.activation, channels_per_group=cfg.channels_per_group,
             mixed_op=cfg.mixed_op,
         )
+        from bats_cli.preflight import check_supernet_fits
+
+        check_supernet_fits(lambda: SuperNet(sconf, candidates_normal=self.candidates_normal,
+                                             candidates_reduce=self.candidates_reduce), self.device)
         try:
             model = SuperNet(sconf, candidates_normal=self.candidates_normal,
                              candidates_reduce=self.candidates_reduce)
