@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bats_cli"
 # Bottom-up; a module may import from its layer and the layers below. Keep in step with
 # docs/ARCHITECTURE.md. A module missing here fails test_every_module_has_a_layer.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("bats_cli", "bats_cli.errors", "bats_cli.spaces", "bats_cli.genotype",
+    ("foundation", ("bats_cli", "bats_cli.errors", "bats_cli.names", "bats_cli.metadata",
+                    "bats_cli.outputs", "bats_cli.preflight", "bats_cli.spaces", "bats_cli.genotype",
                     "bats_cli.config", "bats_cli.runtime", "bats_cli.checkpoint",
                     "bats_cli.distributed", "bats_cli.schedule", "bats_cli.data*")),
     ("binary layers and ops", ("bats_cli.quant", "bats_cli.ops")),
