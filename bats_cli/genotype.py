@@ -47,6 +47,8 @@ CELLS: tuple[CellName, CellName] = ("normal", "reduce")
 MAX_TEXT_BYTES = 1 << 20
 # A name is an identifier (file names are made from it after safe_name), not a paragraph.
 MAX_NAME_LENGTH = 128
+# DARTS-style cells have 4-5 intermediate nodes; a huge cell would be a memory bomb when built.
+MAX_CELL_NODES = 64
 
 
 class Edge(NamedTuple):
@@ -100,6 +102,11 @@ class Genotype(BaseModel):
             entries = getattr(self, cell)
             if not entries:
                 problems.append(f"{cell}: empty; a cell needs at least one node (two entries)")
+                continue
+            if len(entries) > 2 * MAX_CELL_NODES:
+                problems.append(
+                    f"{cell}: {len(entries) // 2} nodes; at most {MAX_CELL_NODES} are supported"
+                )
                 continue
             if len(entries) % 2:
                 problems.append(

@@ -20,14 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bats_cli.errors import UserInputError
 from bats_cli.names import safe_text
+from bats_cli.preflight import MAX_CHANNELS, MAX_LAYERS
 
 # One metadata value: optimizer state of a 20-cell network is ~100 kB; 16 MB is far beyond.
 MAX_JSON_BYTES = 16 * 1024 * 1024
 # Deepest nesting a bats checkpoint writes is ~6 levels.
 MAX_JSON_DEPTH = 32
-# Sizes a network record may name; preflight.py refuses what does not fit this machine.
-MAX_CHANNELS = 16384
-MAX_LAYERS = 1000
+# Sizes a network record may name (MAX_CHANNELS / MAX_LAYERS from preflight.py, which also
+# refuses what does not fit this machine).
 MAX_CLASSES = 1_000_000
 MAX_IMAGE_SIZE = 16384
 

@@ -317,9 +317,11 @@ def build_network(
         layers=layers or defaults["layers"], auxiliary=auxiliary, drop_path=drop_path,
         stem_groups=stem_groups,
     )
-    from bats_cli.preflight import check_fits, estimate_network_bytes, estimating
+    from bats_cli.preflight import check_fits, check_sizes, estimate_network_bytes, estimating
 
     if not estimating():
+        check_sizes(channels=channels, layers=config.layers,
+                    nodes=max(len(genotype.normal), len(genotype.reduce)) // 2)
         # Sized on the meta device first: an absurd size is one error line, not an OOM kill.
         estimate = estimate_network_bytes(lambda: Network(genotype, config=config, ctx=ctx), training=False)
         check_fits(estimate, what=f"the network (C={channels}, {config.layers} cells)",

@@ -20,6 +20,12 @@ from torch import nn
 
 from bats_cli.errors import UserInputError
 
+# Sizes far beyond any BATS/DARTS network (20 cells, C <= 256, 4-5 nodes); checked before even
+# the meta-device build, whose Python objects alone would exhaust memory for a million cells.
+MAX_CHANNELS = 16384
+MAX_LAYERS = 1000
+MAX_NODES = 64
+
 # Bytes per parameter while training with Adam in fp32: weight, gradient, two moment buffers.
 TRAIN_BYTES_PER_PARAM = 16
 # Bytes per parameter when only evaluating (or counting): the fp32 weight.
@@ -40,6 +46,17 @@ class MemoryEstimate:
     @property
     def total_bytes(self) -> int:
         return self.param_bytes + self.activation_bytes
+
+
+def check_sizes(*, channels: int | None = None, layers: int | None = None,
+                nodes: int | None = None, what: str = "the network") -> None:
+    """UserInputError for sizes no network here can have (before anything is built)."""
+    for value, limit, flag in ((channels, MAX_CHANNELS, "--channels"), (layers, MAX_LAYERS, "--layers"),
+                               (nodes, MAX_NODES, "--nodes")):
+        if value is not None and value > limit:
+            raise UserInputError(
+                f"{what}: {flag.lstrip('-')} {value:,} is absurd (at most {limit:,}); use fewer {flag}"
+            )
 
 
 def estimating() -> bool:
@@ -157,8 +174,11 @@ def check_fits(
     )
 
 
-def check_supernet_fits(build: Callable[[], nn.Module], device: torch.device | str = "cpu") -> None:
+def check_supernet_fits(build: Callable[[], nn.Module], device: torch.device | str = "cpu", *,
+                        channels: int | None = None, layers: int | None = None,
+                        nodes: int | None = None) -> None:
     """The search supernet's parameters (trained with Adam) must fit the device."""
+    check_sizes(channels=channels, layers=layers, nodes=nodes, what="the search supernet")
     try:
         estimate = estimate_network_bytes(build, training=True)
     except ImportError:

@@ -384,7 +384,8 @@ class Searcher(RunJob):
         from bats_cli.preflight import check_supernet_fits
 
         check_supernet_fits(lambda: SuperNet(sconf, candidates_normal=self.candidates_normal,
-                                             candidates_reduce=self.candidates_reduce), self.device)
+                                             candidates_reduce=self.candidates_reduce), self.device,
+                            channels=sconf.channels, layers=sconf.layers, nodes=sconf.steps)
         try:
             model = SuperNet(sconf, candidates_normal=self.candidates_normal,
                              candidates_reduce=self.candidates_reduce)

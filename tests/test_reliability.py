@@ -542,7 +542,20 @@ def test_special_files_as_inputs_are_refused_without_blocking(tmp_path, capsys, 
 
 
 def test_absurd_network_sizes_are_refused_before_allocation(capsys):
-    one_line_error(*cli(["flops", "bats_c10", "--channels", "60000"], capsys)[::2], "needs about")
+    # Bigger than this machine: refused from the meta-device estimate.
+    one_line_error(*cli(["flops", "bats_c10", "--channels", "9999"], capsys)[::2], "needs about")
+    # Bigger than any network: refused before even the estimate is built.
+    one_line_error(*cli(["flops", "bats_c10", "--channels", "60000"], capsys)[::2], "absurd")
+    one_line_error(*cli(["flops", "bats_c10", "--layers", "1000000"], capsys)[::2], "absurd")
+
+
+def test_huge_cells_are_refused(tmp_path, capsys):
+    data = json.loads((REPO / "genotypes" / "bats_c10.json").read_text())
+    data["normal"] = [["skip_connect", 0], ["skip_connect", 1]] * 500
+    data["normal_concat"] = [2]
+    path = tmp_path / "huge.json"
+    path.write_text(json.dumps(data))
+    one_line_error(*cli(["flops", str(path)], capsys)[::2], "at most 64")
 
 
 def test_huge_supernet_is_refused_before_allocation():
