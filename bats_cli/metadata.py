@@ -149,6 +149,32 @@ class NetworkRecord(_Record):
     dataset: Optional[str] = Name
 
 
+class AugmentRecord(BaseModel):
+    """``config.data.augment``: rebuilt as ``AugmentConfig(**record)``, so no unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    cutout: Optional[int] = Field(default=None, ge=1, le=MAX_IMAGE_SIZE)
+    mixup: Optional[float] = Field(default=None, gt=0.0, allow_inf_nan=False)
+    autoaugment: bool = False
+
+
+class RunRecord(_Record):
+    """``config.run``: the settings a run was started with (values later runs reuse)."""
+
+    seed: Optional[int] = Field(default=None, ge=0)
+    batch_size: Optional[int] = Field(default=None, ge=1, le=10**7)
+    epochs: Optional[int] = Field(default=None, ge=0, le=10**7)
+    subset: Optional[int] = Field(default=None, ge=1)
+    lr: Optional[float] = Field(default=None, ge=0.0, allow_inf_nan=False)
+    lr_min: Optional[float] = Field(default=None, ge=0.0, allow_inf_nan=False)
+    beta1: Optional[float] = Field(default=None, ge=0.0, lt=1.0)
+    beta2: Optional[float] = Field(default=None, ge=0.0, lt=1.0)
+    aux_weight: Optional[float] = Field(default=None, ge=0.0, allow_inf_nan=False)
+    dataset: Optional[str] = Name
+    data_dir: Optional[str] = Field(default=None, max_length=4096)
+
+
 class DataRecord(_Record):
     """``config.data``: the data set a network was trained on."""
 
@@ -158,7 +184,7 @@ class DataRecord(_Record):
     in_channels: Optional[int] = Field(default=None, ge=1, le=64)
     network: Optional[str] = Name
     data_dir: Optional[str] = Field(default=None, max_length=4096)
-    augment: Optional[dict[str, Any]] = None
+    augment: Optional[AugmentRecord] = None
 
 
 class RunningState(BaseModel):
@@ -257,12 +283,9 @@ def parse_header(path: Path, raw: Mapping[str, str]) -> Header:
         },
         where=where,
     )
-    for key, model in (("network", NetworkRecord), ("data", DataRecord)):
+    for key, model in (("network", NetworkRecord), ("data", DataRecord), ("run", RunRecord)):
         if key in config and config[key] is not None:
             validate(model, config[key], where=f"{path}: config.{key}")
-    run = config.get("run")
-    if run is not None and not isinstance(run, dict):
-        raise UserInputError(f"{path}: config.run: expected an object")
     _check_finite(config, where=f"{path}: config")
     return header
 

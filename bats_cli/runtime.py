@@ -710,9 +710,13 @@ atexit.register(RunLock.release_all)
 def check_run_dir_path(path: str | os.PathLike[str], resume: bool) -> None:
     """Refuse an ``--out`` that is a file, holds a run (without ``--resume``), holds files that
     are not a bats run (with ``--resume``: nothing there may be overwritten), or is locked."""
+    from bats_cli.outputs import check_writable_dir
+
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserInputError(f"--out {path} is a file, not a directory")
+    # Checked before the work starts, not when the first checkpoint is due.
+    check_writable_dir(path, flag=f"--out {path}")
     if not path.is_dir():
         return
     try:

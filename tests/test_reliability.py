@@ -477,6 +477,8 @@ def test_valid_tiny_checkpoint_loads(tmp_path):
         ({"config": {"network": {"channels": "6"}}}, "config.network"),
         ({"config": {"network": {"channels": 60000, "layers": 3}}}, "config.network"),
         ({"config": {"data": {"image_size": -1}}}, "config.data"),
+        ({"config": {"data": {"augment": {"cutout": 4, "evil": 1}}}}, "config.data"),
+        ({"config": {"run": {"seed": "abc"}}}, "config.run"),
         ({"extra": {"bats_running": json.dumps({"loss_sum": "x"})}}, "bats_running"),
         ({"extra": {"bats_optimizer": json.dumps({"state": {"w": {"step": {"__tensor__": 1, "dtype": "load"}}},
                                                   "param_groups": [{"params": ["w"]}]})}}, "not allowed"),
