@@ -190,7 +190,16 @@ def restore_rng_state(tensors: Mapping[str, torch.Tensor]) -> None:
     """Restore what :func:`rng_state_tensors` captured; other keys in ``tensors`` are ignored.
 
     CUDA states are restored for the devices present now (a CPU-only resume skips them).
+    A malformed state (a tampered or truncated checkpoint) is one UserInputError.
     """
+    try:
+        _restore_rng_state(tensors)
+    except (ValueError, TypeError, RuntimeError, IndexError, OverflowError, KeyError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserInputError(f"cannot resume: the checkpoint's random-number state is corrupt ({reason})") from None
+
+
+def _restore_rng_state(tensors: Mapping[str, torch.Tensor]) -> None:
     if "rng.torch_cpu" in tensors:
         torch.set_rng_state(tensors["rng.torch_cpu"].cpu().to(torch.uint8))
     if "rng.python_mt" in tensors:

@@ -584,3 +584,12 @@ def test_estimate_matches_the_real_network():
     assert est.param_bytes == 16 * est.params and est.activation_bytes > 0
     assert estimate_network_bytes(build, input_shape=(1, 32, 32), batch_size=16).activation_bytes == (
         2 * est.activation_bytes)
+
+
+def test_corrupt_rng_state_in_a_checkpoint_is_one_line():
+    from bats_cli.runtime import restore_rng_state, rng_state_tensors
+
+    state = rng_state_tensors()
+    state["rng.python_mt"] = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(UserInputError, match="random-number state is corrupt"):
+        restore_rng_state(state)
