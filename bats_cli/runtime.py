@@ -390,19 +390,28 @@ def shield_worker_from_signals(worker_id: int = 0) -> None:
     # Blocked in this (the worker's only) thread, so in every thread started later too.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    parent = os.getppid()
     threading.Thread(
-        target=_watch_worker_signals, args=(parent,), daemon=True, name="bats-worker-signals"
+        target=_watch_worker_signals, args=(_loader_pid(), os.getppid()), daemon=True,
+        name="bats-worker-signals",
     ).start()
 
 
-def _watch_worker_signals(parent: int) -> None:
+def _loader_pid() -> int:
+    # The process that started this worker; with forkserver/spawn that is not os.getppid().
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    return parent.pid if parent is not None and parent.pid else os.getppid()
+
+
+def _watch_worker_signals(owner: int, parent: int) -> None:
     while True:
         info = signal.sigtimedwait({signal.SIGTERM}, 1.0)
-        if os.getppid() != parent:
-            os._exit(0)  # the main process is gone (even kill -9): nobody will read our batches
-        if info is not None and info.si_pid == parent:
+        if info is not None and info.si_pid == owner:
             os._exit(0)  # the DataLoader shuts this worker down (it was stuck, e.g. on a FIFO)
+        # The main process is gone (even kill -9; a zombie still answers kill 0, hence ppid too).
+        if os.getppid() != parent or not _pid_alive(owner):
+            os._exit(0)
 
 
 @contextlib.contextmanager
