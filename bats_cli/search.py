@@ -803,6 +803,10 @@ def run_search(
     from bats_cli.runtime import Reporter, check_precision, select_device
 
     reporter = reporter or Reporter(quiet=True)
+    from bats_cli.preflight import check_sizes
+
+    check_sizes(channels=config.channels, layers=max(config.layers), nodes=config.nodes,
+                what="the search supernet")  # before the run directory is created
     run = open_run_dir(Path(out_dir), resume)
     ckpt = run.checkpoint_to_resume()
     if ckpt is not None:
