@@ -12,7 +12,7 @@ import sys
 from bats_cli.cli.app import app
 
 # One module per command; each registers itself on ``app`` when imported.
-COMMAND_MODULES = ("genotype", "search", "derive", "flops", "train", "binarize", "eval")
+COMMAND_MODULES = ("genotype", "search", "derive", "flops", "train", "binarize", "eval", "export")
 
 
 def _load_commands() -> None:

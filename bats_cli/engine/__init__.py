@@ -4,10 +4,11 @@ from bats_cli.engine.bitwise import (
     ENGINES,
     BitwiseConv2d,
     EngineUnavailable,
+    apply_engine,
     binary_conv_names,
     engine_available,
     to_bitwise,
 )
 
-__all__ = ["BitwiseConv2d", "ENGINES", "EngineUnavailable", "binary_conv_names", "engine_available",
-           "to_bitwise"]
+__all__ = ["BitwiseConv2d", "ENGINES", "EngineUnavailable", "apply_engine", "binary_conv_names",
+           "engine_available", "to_bitwise"]

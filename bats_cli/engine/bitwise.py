@@ -46,6 +46,9 @@ class BitwiseConv2d(nn.Module):
         dh, dw = _pair(conv.dilation)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.params = [conv.groups, kh, kw, sh, sw, ph, pw, dh, dw]
+        # Run the model in the memory format the float path picks for it (runtime.memory_format),
+        # so the float layers around the convs round exactly as they do there.
+        self.grouped_conv = conv.groups > 1
         ext = load_extension()
         self.register_buffer("packed_weight",
                              ext.pack_weight(conv.weight.detach().cpu(), conv.in_channels, self.params))
@@ -70,6 +73,8 @@ def binary_conv_names(model: nn.Module) -> list[str]:
 def to_bitwise(model: nn.Module) -> nn.Module:
     """Replace every binary conv of ``model`` (in place) by a :class:`BitwiseConv2d`; eval mode.
 
+    Returns the model (a :class:`BitwiseConv2d` when ``model`` is itself one binary conv).
+
     Raises :class:`EngineUnavailable` (one line) when the kernel cannot be compiled, and
     :class:`UserInputError` when the model has real weights or no binary conv at all.
     """
@@ -77,11 +82,38 @@ def to_bitwise(model: nn.Module) -> nn.Module:
     if not names:
         raise UserInputError("the model has no binary convolutions; nothing for the bitwise engine")
     load_extension()
+    if names == [""]:  # the model is a single binary conv
+        return BitwiseConv2d(model).eval()
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, BitwiseConv2d(getattr(parent, leaf)))
     return model.eval()
+
+
+def apply_engine(model: nn.Module, engine: str, *, device: torch.device | str = "cpu",
+                 warn=None) -> tuple[nn.Module, str]:
+    """``(model, engine used)`` for ``--engine float|bitwise|auto``.
+
+    ``bitwise`` is what the user asked for explicitly, so a missing compiler is an error (one
+    line, exit 2) rather than a silent float run labelled bitwise; ``auto`` uses the bitwise
+    engine where it can (CPU, binary weights, a compiler) and otherwise says why in one line
+    through ``warn`` and keeps the float path.
+    """
+    if engine not in ENGINES:
+        raise UserInputError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "float":
+        return model, "float"
+    try:
+        if torch.device(device).type != "cpu":
+            raise UserInputError("the bitwise engine runs on the CPU; use --device cpu")
+        return to_bitwise(model), "bitwise"
+    except UserInputError as exc:
+        if engine == "bitwise":
+            raise
+        if warn is not None:
+            warn(f"note: bitwise engine not used ({exc}); running the float path")
+        return model, "float"
 
 
 def engine_available() -> bool:
@@ -92,5 +124,5 @@ def engine_available() -> bool:
     return True
 
 
-__all__ = ["BitwiseConv2d", "ENGINES", "EngineUnavailable", "binary_conv_names", "engine_available",
-           "to_bitwise"]
+__all__ = ["BitwiseConv2d", "ENGINES", "EngineUnavailable", "apply_engine", "binary_conv_names",
+           "engine_available", "to_bitwise"]
