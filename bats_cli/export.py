@@ -116,7 +116,7 @@ def export_model(
     After writing, the file is checked with ``onnx.checker`` and run once with onnxruntime on a
     random batch of ``verify_batch`` images against PyTorch (``max_abs_diff`` in the result).
     """
-    from bats_cli.evaluate import load_model
+    from bats_cli.modelio import load_model
     from bats_cli.runtime import atomic_write_bytes, software_versions
 
     onnx, ort = require_onnx("export")

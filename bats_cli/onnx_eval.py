@@ -53,7 +53,7 @@ class OnnxModule(nn.Module):
 
 def load_onnx(path: str | Path, *, threads: int | None = None):
     """A :class:`bats_cli.evaluate.LoadedModel` whose model runs ``path`` with onnxruntime."""
-    from bats_cli.evaluate import LoadedModel
+    from bats_cli.modelio import LoadedModel
     from bats_cli.export import make_session
     from bats_cli.genotype import Genotype
 
@@ -88,7 +88,8 @@ def evaluate_onnx(
 ) -> dict[str, Any]:
     """Top-1 / top-5 / loss of an exported ONNX model on a test split (CPU, onnxruntime)."""
     from bats_cli.data import AugmentConfig, build_datasets, describe_spec
-    from bats_cli.evaluate import check_dataset, evaluate_model, resolve_eval_data
+    from bats_cli.evaluate import evaluate_model, resolve_eval_data
+    from bats_cli.modelio import check_dataset
 
     path = Path(path)
     loaded = load_onnx(path, threads=threads)

@@ -42,9 +42,9 @@ from bats_cli.engine import to_bitwise
 from bats_cli.engine.profile import profile_layers
 from bats_cli.genotype import resolve_genotype
 from bats_cli.networks import build_network
-from bats_cli.pack import save_packed, unpack
+from bats_cli.modelio import network_settings, unpack
+from bats_cli.pack import save_packed
 from bats_cli.quant import binarize_weights_, quant_convs
-from bats_cli.train import network_settings
 
 NETWORKS = {
     # name: (build_network kwargs, input size)

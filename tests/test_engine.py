@@ -195,7 +195,7 @@ def real_image_artifact(cifar10_mini_dir, tmp_path_factory):
     """A tiny binarized network with BatchNorm statistics from real CIFAR-10 images, packed."""
     from bats_cli.data import AugmentConfig, build_datasets
     from bats_cli.pack import save_packed
-    from bats_cli.train import network_settings
+    from bats_cli.modelio import network_settings
 
     torch.manual_seed(0)
     genotype = resolve_genotype("bats_c10")

@@ -13,7 +13,7 @@ from bats_cli.genotype import resolve_genotype
 from bats_cli.networks import build_network
 from bats_cli.pack import save_packed
 from bats_cli.quant import STE_SIGN, binarize_weights_, quant_convs
-from bats_cli.train import model_tensors, network_settings
+from bats_cli.modelio import model_tensors, network_settings
 
 from helpers import cli, one_line_error
 
@@ -87,7 +87,7 @@ def test_export_is_standard_ops_with_metadata_and_dynamic_batch(artifacts, capsy
     assert config["data"]["name"] == "fashion-mini" and config["network"]["auxiliary"] is False
     assert result["max_abs_diff"] < 1e-4
     # Dynamic batch: 1 and 3 images through onnxruntime agree with PyTorch's arg-max.
-    from bats_cli.pack import unpack
+    from bats_cli.modelio import unpack
 
     torch_model, _ = unpack(packed)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])

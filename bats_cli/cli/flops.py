@@ -138,7 +138,7 @@ def flops(
         result["by_op"] = report.breakdown("op")
     if profile:
         from bats_cli.engine.profile import profile_network
-        from bats_cli.train import restores_threads, set_threads
+        from bats_cli.runloop import restores_threads, set_threads
 
         @restores_threads
         def measure():
