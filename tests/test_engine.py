@@ -248,3 +248,36 @@ def test_cli_engine(real_image_artifact, capsys, monkeypatch):
     finally:
         monkeypatch.undo()
         _build.load_extension.cache_clear()
+
+
+def test_flops_profile(capsys):
+    code, out, err = cli(["flops", "bats_c10", "--layers", "3", "--channels", "6", "--profile",
+                          "--threads", "1", "--json"], capsys)
+    assert code == 0, err
+    prof = json.loads(out)["profile"]
+    for engine in ("float", "bitwise"):
+        shares = prof[engine]["share"]
+        assert set(shares) == {"binary conv", "batchnorm", "activation", "pool",
+                               "real conv/linear", "other"}
+        assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)
+        assert shares["binary conv"] > 0
+    assert prof["float"]["layers"] == prof["bitwise"]["layers"]  # the same layers, swapped convs
+    code, out, err = cli(["flops", "bats_c10", "--layers", "3", "--channels", "6", "--profile",
+                          "--threads", "1"], capsys)
+    assert code == 0 and "binary conv" in out and "bitwise ms" in out
+
+
+def test_bench_quick_smoke():
+    """bench/infer.py --quick runs and its last line is the JSON with both speedups."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "infer.py"
+    proc = subprocess.run([sys.executable, str(bench), "--quick", "--networks", "cifar",
+                           "--no-onnx", "--threads", "1", "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["binary_conv_speedup"] > 0 and result["end_to_end_speedup"] > 0
+    assert result["networks"][0]["batch1"]["binary_convs_s"]["bitwise"] > 0
