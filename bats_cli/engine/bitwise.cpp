@@ -50,6 +50,12 @@ Geometry make_geometry(int64_t C, int64_t O, const std::vector<int64_t>& p) {
   return g;
 }
 
+// The memory format PyTorch's own conv would give its output (it follows the input's suggested
+// format), so the float layers after the engine's convs see the same layouts as on the float path.
+inline bool wants_nhwc(const torch::Tensor& x) {
+  return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
 inline uint64_t low_bits(int64_t n) { return n >= 64 ? ~uint64_t(0) : ((uint64_t(1) << n) - 1); }
 
 }  // namespace
@@ -90,8 +96,8 @@ torch::Tensor pack_weight(torch::Tensor weight, int64_t C, std::vector<int64_t> 
 // x: [N, C, H, W] float, NCHW or channels-last (read in place). Returns [N, H, W, G, fw] words.
 torch::Tensor pack_activations(torch::Tensor x, int64_t groups) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat, "x must be a 4-d float tensor");
-  const bool nhwc = x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  auto xc = nhwc ? x : x.contiguous();
+  const bool nhwc = wants_nhwc(x);
+  auto xc = x.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const int64_t N = xc.size(0), C = xc.size(1), H = xc.size(2), W = xc.size(3);
   TORCH_CHECK(C % groups == 0, "channels not divisible by groups");
   const int64_t cg = C / groups, fw = (cg + 63) / 64, HW = H * W;
@@ -233,8 +239,8 @@ torch::Tensor conv_packed(torch::Tensor act, torch::Tensor wpack, torch::Tensor 
 
 // Channel bits of every pixel, one plane per group: [N, G, H, W] words (cg <= 64).
 static torch::Tensor pack_planar(const torch::Tensor& x, int64_t groups) {
-  const bool nhwc = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
-  auto xc = nhwc ? x : x.contiguous();
+  const bool nhwc = wants_nhwc(x);
+  auto xc = x.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const int64_t N = xc.size(0), C = xc.size(1), H = xc.size(2), W = xc.size(3), HW = H * W;
   const int64_t cg = C / groups;
   auto out = torch::empty({N, groups, H, W}, torch::kLong);
@@ -270,7 +276,7 @@ static torch::Tensor pack_planar(const torch::Tensor& x, int64_t groups) {
 // XORs it with each output channel's weight words and popcounts, vectorised over the row.
 static torch::Tensor conv_strips(const torch::Tensor& x, const torch::Tensor& wpack,
                                  const torch::Tensor& scale, const Geometry& g) {
-  const bool nhwc = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+  const bool nhwc = wants_nhwc(x);
   auto planes = pack_planar(x, g.G);
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3), O = g.O;
   const int64_t OH = (H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
@@ -308,8 +314,7 @@ static torch::Tensor conv_strips(const torch::Tensor& x, const torch::Tensor& wp
         int64_t last = (W - 1 - off) >= 0 ? (W - 1 - off) / g.sw : -1;
         if (last > OW - 1) last = OW - 1;
         if (g.sw == 1) {
-          const uint64_t* src = in_row + off;
-          for (int64_t ow = first; ow <= last; ++ow) srow[ow] |= src[ow] << shift;
+          for (int64_t ow = first; ow <= last; ++ow) srow[ow] |= in_row[ow + off] << shift;
         } else {
           for (int64_t ow = first; ow <= last; ++ow) srow[ow] |= in_row[ow * g.sw + off] << shift;
         }
@@ -377,6 +382,6 @@ torch::Tensor binary_conv(torch::Tensor x, torch::Tensor wpack, torch::Tensor sc
               "scale must be a contiguous float tensor with one value per output channel");
   if (g.strip) return conv_strips(x, wpack.contiguous(), scale, g);
   // The output keeps the input's memory format, so the float layers around it do too.
-  const bool nhwc = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+  const bool nhwc = wants_nhwc(x);
   return conv_packed(pack_activations(x, params[0]), wpack, scale, x.size(1), params, nhwc);
 }
