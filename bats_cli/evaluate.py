@@ -124,8 +124,12 @@ def evaluate_checkpoint(
     num_workers: int = 0,
     threads: int | None = None,
     return_predictions: bool = False,
+    engine: str = "float",
 ) -> dict[str, Any]:
-    """``bats eval``: top-1 / top-5 of a checkpoint or packed artifact on a test split."""
+    """``bats eval``: top-1 / top-5 of a checkpoint or packed artifact on a test split.
+
+    ``engine``: ``float`` (PyTorch), ``bitwise`` or ``auto`` (:func:`bats_cli.engine.apply_engine`).
+    """
     from bats_cli.runloop import restores_threads, set_threads
 
     @restores_threads
@@ -134,14 +138,15 @@ def evaluate_checkpoint(
         return _evaluate_checkpoint(
             path, dataset=dataset, data_dir=data_dir, download=download, image_size=image_size,
             subset=subset, batch_size=batch_size, device=device, precision=precision,
-            num_workers=num_workers, return_predictions=return_predictions,
+            num_workers=num_workers, return_predictions=return_predictions, engine=engine,
         )
 
     return run()
 
 
 def _evaluate_checkpoint(path, *, dataset, data_dir, download, image_size, subset, batch_size,
-                         device, precision, num_workers, return_predictions) -> dict[str, Any]:
+                         device, precision, num_workers, return_predictions,
+                         engine="float") -> dict[str, Any]:
     from bats_cli.data import AugmentConfig, build_datasets, describe_spec
     from bats_cli.runtime import check_precision, select_device
 
@@ -159,6 +164,13 @@ def _evaluate_checkpoint(path, *, dataset, data_dir, download, image_size, subse
         augment=AugmentConfig(), seed=int(loaded.run.get("seed", 0) or 0),
     )
     model = loaded.model.to(dev)
+    if engine != "float":
+        import sys
+
+        from bats_cli.engine import apply_engine
+
+        model, engine = apply_engine(model, engine, device=dev,
+                                     warn=lambda line: print(line, file=sys.stderr))
     metrics = evaluate_model(
         model, data.test, batch_size=batch_size, device=dev, precision=precision,
         num_workers=num_workers, return_predictions=return_predictions,
@@ -177,6 +189,7 @@ def _evaluate_checkpoint(path, *, dataset, data_dir, download, image_size, subse
         "loss": metrics["loss"],
         "activations": "binary" if s.get("binary_activations") else "real",
         "weights": "binary" if s.get("binary_weights") or loaded.meta.kind == "packed" else "real",
+        "engine": engine,
     }
     if return_predictions:
         result["predictions"] = metrics["predictions"]

@@ -42,7 +42,18 @@ class Quantizer:
     precision: int
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _SignSTE.apply(x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _SignSTE.apply(x)
+        # No gradient to shape: plain ops, so tracers and ONNX export see Where(x >= 0, 1, -1)
+        # instead of an opaque autograd Function. Same values as the STE's forward.
+        return sign_pm1(x)
+
+
+def sign_pm1(x: torch.Tensor) -> torch.Tensor:
+    """sign with 0 -> +1 (binary tensors are exactly ±1), without a gradient rule."""
+    out = torch.where(x >= 0, 1.0, -1.0)
+    # Checked here rather than always cast, so a traced graph holds no no-op Cast.
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 STE_SIGN = Quantizer(name="ste_sign", precision=1)
@@ -272,4 +283,5 @@ __all__ = [
     "get_quantizer",
     "make_activation",
     "quant_convs",
+    "sign_pm1",
 ]

@@ -288,8 +288,10 @@ def memory_format(
     grouped convs on CPU; on CUDA it pays off with tensor cores (bf16/fp16).
     """
     if isinstance(model_kind, torch.nn.Module):
+        # ``grouped_conv``: modules that stand in for grouped convs (the bitwise engine's).
         grouped = any(
-            isinstance(m, torch.nn.Conv2d) and m.groups > 1 for m in model_kind.modules()
+            (isinstance(m, torch.nn.Conv2d) and m.groups > 1) or getattr(m, "grouped_conv", False)
+            for m in model_kind.modules()
         )
     elif model_kind in ("grouped", "dense"):
         grouped = model_kind == "grouped"

@@ -23,8 +23,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("binary layers and ops", ("bats_cli.quant", "bats_cli.ops")),
     ("networks and supernet", ("bats_cli.networks", "bats_cli.mixed_op*", "bats_cli.supernet")),
     ("counting, model I/O, derivation", ("bats_cli.counting", "bats_cli.pack", "bats_cli.modelio",
-                                         "bats_cli.derive", "bats_cli.plot")),
-    ("run loop and evaluation", ("bats_cli.runloop", "bats_cli.evaluate")),
+                                         "bats_cli.derive", "bats_cli.plot", "bats_cli.engine*")),
+    ("run loop and evaluation", ("bats_cli.runloop", "bats_cli.evaluate", "bats_cli.export",
+                                 "bats_cli.onnx_eval")),
     ("pipeline stages", ("bats_cli.search", "bats_cli.train", "bats_cli.binarize")),
     ("command line", ("bats_cli.cli*", "bats_cli.__main__")),
 ]

@@ -28,6 +28,7 @@ def result_table(result: Mapping[str, Any]) -> Any:
     rows = [
         ("checkpoint", f"{result['checkpoint']} ({result['kind']}: {result['activations']} "
                        f"activations, {result['weights']} weights)"),
+        ("engine", str(result.get("engine", "float"))),
         ("dataset", f"{result['dataset']} test split, {result['images']} images"),
         ("top-1", f"{result['top1']:.2f} %"),
         ("top-5", f"{result['top5']:.2f} %"),
@@ -40,7 +41,7 @@ def result_table(result: Mapping[str, Any]) -> Any:
 def eval_command(
     checkpoint: Annotated[
         Path,
-        typer.Argument(metavar="CHECKPOINT", help="A train or binarize checkpoint, or a packed artifact."),
+        typer.Argument(metavar="CHECKPOINT", help="A train or binarize checkpoint, a packed artifact, or an exported .onnx file."),
     ],
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
@@ -52,17 +53,45 @@ def eval_command(
     precision: PrecisionOpt = None,
     num_workers: NumWorkersOpt = None,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, rich_help_panel=RUN, help="CPU threads (default: torch's choice).")] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine", metavar="float|bitwise|auto", rich_help_panel=RUN,
+            help="float: PyTorch. bitwise: binary convs as XNOR + popcount (CPU; binary weights; "
+            "needs a C++ compiler, else exit 2). auto: bitwise where possible, else float.",
+        ),
+    ] = "float",
     as_json: JsonOpt = False,
 ) -> None:
     """Top-1 / top-5 of a checkpoint on the test split (default: the data set it was trained on).
 
     Example: bats eval runs/tiny/binarize/model.packed.safetensors --json
-    """
-    from bats_cli.evaluate import evaluate_checkpoint
 
-    result = evaluate_checkpoint(
-        checkpoint, dataset=dataset, data_dir=data_dir, download=bool(download),
-        image_size=image_size, subset=subset, batch_size=batch_size, device=device,
-        precision=precision or "fp32", num_workers=num_workers or 0, threads=threads,
-    )
+    Example: bats eval runs/tiny.packed.safetensors --engine bitwise
+
+    Example: bats eval tiny.onnx   (onnxruntime; needs the `export` extra)
+    """
+    from bats_cli.onnx_eval import is_onnx_file
+
+    if is_onnx_file(checkpoint):
+        from bats_cli.errors import UserInputError
+        from bats_cli.onnx_eval import evaluate_onnx
+
+        if engine != "float" or device not in ("auto", "cpu") or precision not in (None, "fp32"):
+            raise UserInputError("an .onnx file runs on onnxruntime's CPU path in fp32; "
+                                 "drop --engine/--device/--precision")
+        result = evaluate_onnx(
+            checkpoint, dataset=dataset, data_dir=data_dir, download=bool(download),
+            image_size=image_size, subset=subset, batch_size=batch_size,
+            num_workers=num_workers or 0, threads=threads,
+        )
+    else:
+        from bats_cli.evaluate import evaluate_checkpoint
+
+        result = evaluate_checkpoint(
+            checkpoint, dataset=dataset, data_dir=data_dir, download=bool(download),
+            image_size=image_size, subset=subset, batch_size=batch_size, device=device,
+            precision=precision or "fp32", num_workers=num_workers or 0, threads=threads,
+            engine=engine,
+        )
     emit_result(result, as_json=as_json, table_fn=result_table)

@@ -63,6 +63,19 @@ def flops(
         bool,
         typer.Option("--verbose", "-v", help="Add per-stage and per-op-kind breakdowns."),
     ] = False,
+    profile: Annotated[
+        bool,
+        typer.Option(
+            "--profile",
+            help="Also measure (batch 1, this CPU) the share of inference time in binary convs "
+            "vs BatchNorm, activations, pools, real layers and the rest, on PyTorch fp32 and on "
+            "the bitwise engine (random weights: time does not depend on their values).",
+        ),
+    ] = False,
+    threads: Annotated[
+        Optional[int],
+        typer.Option("--threads", min=1, help="CPU threads for --profile (default: torch's choice)."),
+    ] = None,
 ) -> None:
     """Count params, FLOPs, BOPs and OPs of one inference (batch 1, auxiliary head excluded).
 
@@ -123,6 +136,17 @@ def flops(
     if verbose:
         result["by_stage"] = report.breakdown("stage")
         result["by_op"] = report.breakdown("op")
+    if profile:
+        from bats_cli.engine.profile import profile_network
+        from bats_cli.runloop import restores_threads, set_threads
+
+        @restores_threads
+        def measure():
+            set_threads(threads)
+            return profile_network(model, tuple(shape.input_size),
+                                   warn=lambda line: print(line, file=sys.stderr))
+
+        result["profile"] = measure()
     if checkpoint is not None:
         if checkpoint["kind"] == "packed" and checkpoint["file_bytes"]:
             # The packed file against the same network stored at fp32.
@@ -318,6 +342,9 @@ def _print_tables(result: dict[str, Any], *, verbose: bool) -> None:
                  _mb(result["size_packed_bytes"]))
     console.print(prec)
 
+    if "profile" in result:
+        _print_profile(console, result["profile"])
+
     if verbose:
         for key, title in (("by_stage", "stage"), ("by_op", "op")):
             t = Table(title=f"per {title}", title_justify="left", show_edge=False)
@@ -327,3 +354,27 @@ def _print_tables(result: dict[str, Any], *, verbose: bool) -> None:
                 t.add_row(row[title], str(row["layers"]), f"{row['params']:,}", _num(row["flops"]),
                           _num(row["bops"]), _num(row["ops"]))
             console.print(t)
+
+
+def _print_profile(console, prof: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from bats_cli.engine.profile import CATEGORIES
+
+    engines = [e for e in ("float", "bitwise") if e in prof]
+    t = Table(title=f"measured time per image (batch {prof['batch']}, {prof['threads']} threads, "
+                    f"mean of {prof['reps']}; --profile)", title_justify="left", show_edge=False)
+    t.add_column("layers")
+    for e in engines:
+        t.add_column(f"{e} ms", justify="right")
+        t.add_column("share", justify="right")
+    for cat in CATEGORIES:
+        row = [cat]
+        for e in engines:
+            row += [f"{prof[e]['seconds'][cat] * 1e3:.2f}", f"{100 * prof[e]['share'][cat]:.1f} %"]
+        t.add_row(*row)
+    total = ["total"]
+    for e in engines:
+        total += [f"{prof[e]['total_s'] * 1e3:.2f}", "100 %"]
+    t.add_row(*total)
+    console.print(t)

@@ -1,0 +1,93 @@
+"""Compile (once, cached) and load the bitwise kernel of ``bitwise.cpp``."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+from bats_cli.errors import UserInputError
+
+SOURCE = Path(__file__).with_name("bitwise.cpp")
+FUNCTIONS = ["window_words", "pack_weight", "pack_activations", "conv_packed", "binary_conv"]
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+
+
+class EngineUnavailable(UserInputError):
+    """The bitwise engine cannot be built here (no C++ compiler, no ninja, compile error)."""
+
+
+def _cpu_tag() -> str:
+    # -march=native code is only valid on the CPU it was built for: key the cache by it.
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+def extension_name(source: str) -> str:
+    digest = hashlib.sha256(
+        "\0".join([source, *CFLAGS, *LDFLAGS, _cpu_tag(), sys.version]).encode()
+    ).hexdigest()[:12]
+    return f"bats_bitwise_{digest}"
+
+
+def _ensure_ninja_on_path() -> None:
+    # The `ninja` wheel puts its binary in the venv's bin/, which is not on PATH when a venv's
+    # `bats` is run without activating it; torch looks for it on PATH.
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    os.environ["PATH"] = str(ninja.BIN_DIR) + os.pathsep + os.environ.get("PATH", "")
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+@lru_cache(maxsize=1)
+def load_extension():
+    """The compiled kernel module; :class:`EngineUnavailable` (one line) when it cannot be built.
+
+    Built with torch's ``cpp_extension.load_inline`` into ``$TORCH_EXTENSIONS_DIR`` (default
+    ``~/.cache/torch_extensions``) under a name that hashes source, flags and CPU, so later
+    processes load the cached library in well under a second.
+    """
+    if _compiler() is None:
+        raise EngineUnavailable(
+            "the bitwise engine needs a C++ compiler (set CXX or install g++/clang++)"
+        )
+    _ensure_ninja_on_path()
+    if not shutil.which("ninja"):
+        raise EngineUnavailable(
+            "the bitwise engine needs ninja to build its kernel: pip install ninja "
+            "(or pip install -e '.[export]')"
+        )
+    # Importing cpp_extension logs a CUDA_HOME warning on CPU-only machines; it is noise here.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils import cpp_extension
+
+    source = SOURCE.read_text()
+    try:
+        return cpp_extension.load_inline(
+            name=extension_name(source),
+            cpp_sources=[source],
+            functions=FUNCTIONS,
+            extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
+            verbose=False,
+        )
+    except (RuntimeError, OSError, ImportError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EngineUnavailable(f"the bitwise engine's kernel did not build: {first}") from None

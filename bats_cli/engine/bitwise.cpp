@@ -1,0 +1,387 @@
+// Bitwise binary convolution for the bats engine: XNOR + popcount on bit-packed signs.
+//
+// A binary conv computes sum_k sign(x_k) * sign(w_k) over its window. With x and w as bits
+// (1 = +1, 0 = -1), each valid term is +1 when the bits agree and -1 when they differ, so the
+// sum is  valid_bits - 2 * popcount(x XOR w)  (XNOR-Net). A padded position is 0, neither +1 nor
+// -1: it is masked out of the XOR and not counted in valid_bits. The result is an exact integer;
+// the XNOR-Net++ scale is applied after, as the float model does.
+//
+// Layouts (uint64 words stored in int64 tensors):
+// * activations: channels-last, per pixel and group one "field" of cg bits (channel c of the
+//   group at bit c), fw = ceil(cg / 64) words per field;
+// * a window of T = kh * kw taps: with fw == 1, fpw = 64 / cg fields share a word (tap t in
+//   word t / fpw at bit (t % fpw) * cg); otherwise tap t owns words t * fw .. t * fw + fw - 1;
+// * weights: [group][window word][output channel of the group], packed once at load time.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+struct Geometry {
+  int64_t C, G, cg, O, og, kh, kw, sh, sw, ph, pw, dh, dw, T, fw, fpw, nw;
+  // Row-strip layout: a window row of kw taps is S = kw * cg <= 64 bits, rpw rows per word.
+  bool strip;
+  int64_t S, rpw;
+};
+
+Geometry make_geometry(int64_t C, int64_t O, const std::vector<int64_t>& p) {
+  // p = {groups, kh, kw, sh, sw, ph, pw, dh, dw}
+  TORCH_CHECK(p.size() == 9, "geometry needs 9 values");
+  Geometry g;
+  g.C = C; g.O = O; g.G = p[0];
+  TORCH_CHECK(g.G >= 1 && C % g.G == 0 && O % g.G == 0, "channels not divisible by groups");
+  g.cg = C / g.G; g.og = O / g.G;
+  g.kh = p[1]; g.kw = p[2]; g.sh = p[3]; g.sw = p[4];
+  g.ph = p[5]; g.pw = p[6]; g.dh = p[7]; g.dw = p[8];
+  g.T = g.kh * g.kw;
+  g.fw = (g.cg + 63) / 64;
+  g.fpw = g.fw == 1 ? 64 / g.cg : 1;
+  g.nw = g.fw == 1 ? (g.T + g.fpw - 1) / g.fpw : g.T * g.fw;
+  g.S = g.kw * g.cg;
+  g.strip = g.fw == 1 && g.S <= 64;
+  g.rpw = g.strip ? 64 / g.S : 0;
+  if (g.strip) g.nw = (g.kh + g.rpw - 1) / g.rpw;
+  return g;
+}
+
+// The memory format PyTorch's own conv would give its output (it follows the input's suggested
+// format), so the float layers after the engine's convs see the same layouts as on the float path.
+inline bool wants_nhwc(const torch::Tensor& x) {
+  return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+inline uint64_t low_bits(int64_t n) { return n >= 64 ? ~uint64_t(0) : ((uint64_t(1) << n) - 1); }
+
+}  // namespace
+
+// Number of uint64 words of one packed window (for callers that size buffers).
+int64_t window_words(int64_t C, int64_t O, std::vector<int64_t> params) {
+  return make_geometry(C, O, params).nw;
+}
+
+// weight: [O, cg, kh, kw] float (its sign is used: >= 0 -> bit 1). Returns [G, nw, og] words.
+torch::Tensor pack_weight(torch::Tensor weight, int64_t C, std::vector<int64_t> params) {
+  TORCH_CHECK(weight.dim() == 4, "weight must be 4-d");
+  auto w = weight.to(torch::kFloat).contiguous();
+  const Geometry g = make_geometry(C, w.size(0), params);
+  TORCH_CHECK(w.size(1) == g.cg && w.size(2) == g.kh && w.size(3) == g.kw, "weight shape mismatch");
+  auto out = torch::zeros({g.G, g.nw, g.og}, torch::kLong);
+  auto* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
+  const float* src = w.data_ptr<float>();
+  for (int64_t o = 0; o < g.O; ++o) {
+    const int64_t grp = o / g.og, oi = o % g.og;
+    for (int64_t c = 0; c < g.cg; ++c) {
+      for (int64_t i = 0; i < g.kh; ++i) {
+        for (int64_t j = 0; j < g.kw; ++j) {
+          if (src[((o * g.cg + c) * g.kh + i) * g.kw + j] < 0) continue;
+          const int64_t t = i * g.kw + j;
+          int64_t word, bit;
+          if (g.strip) { word = i / g.rpw; bit = (i % g.rpw) * g.S + j * g.cg + c; }
+          else if (g.fw == 1) { word = t / g.fpw; bit = (t % g.fpw) * g.cg + c; }
+          else { word = t * g.fw + c / 64; bit = c % 64; }
+          dst[(grp * g.nw + word) * g.og + oi] |= uint64_t(1) << bit;
+        }
+      }
+    }
+  }
+  return out;
+}
+
+// x: [N, C, H, W] float, NCHW or channels-last (read in place). Returns [N, H, W, G, fw] words.
+torch::Tensor pack_activations(torch::Tensor x, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat, "x must be a 4-d float tensor");
+  const bool nhwc = wants_nhwc(x);
+  auto xc = x.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const int64_t N = xc.size(0), C = xc.size(1), H = xc.size(2), W = xc.size(3);
+  TORCH_CHECK(C % groups == 0, "channels not divisible by groups");
+  const int64_t cg = C / groups, fw = (cg + 63) / 64, HW = H * W;
+  auto out = torch::empty({N, H, W, groups, fw}, torch::kLong);
+  auto* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
+  const float* src = xc.data_ptr<float>();
+  if (nhwc) {
+    at::parallel_for(0, N * HW, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
+                     [&](int64_t lo, int64_t hi) {
+      for (int64_t p = lo; p < hi; ++p) {
+        const float* px = src + p * C;
+        uint64_t* out_px = dst + p * groups * fw;
+        for (int64_t grp = 0; grp < groups; ++grp) {
+          const float* gx = px + grp * cg;
+          for (int64_t f = 0; f < fw; ++f) {
+            const int64_t c0 = f * 64, n = std::min<int64_t>(64, cg - c0);
+            uint64_t word = 0;
+            for (int64_t c = 0; c < n; ++c) word |= uint64_t(gx[c0 + c] >= 0.0f) << c;
+            out_px[grp * fw + f] = word;
+          }
+        }
+      }
+    });
+  } else {
+    // NCHW: channel-outer so the inner loop runs over contiguous pixels (vectorizes).
+    const int64_t words = groups * fw;
+    at::parallel_for(0, N * words, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const int64_t n = r / words, k = r % words, grp = k / fw, f = k % fw;
+        const int64_t c0 = grp * cg + f * 64, cn = std::min<int64_t>(64, cg - f * 64);
+        uint64_t* o = dst + n * HW * words + k;
+        const float* xs = src + (n * C + c0) * HW;
+        for (int64_t p = 0; p < HW; ++p) o[p * words] = 0;
+        for (int64_t c = 0; c < cn; ++c) {
+          const float* xc_ = xs + c * HW;
+          for (int64_t p = 0; p < HW; ++p) o[p * words] |= uint64_t(xc_[p] >= 0.0f) << c;
+        }
+      }
+    });
+  }
+  return out;
+}
+
+// Binary conv of packed activations [N, H, W, G, fw] with packed weights [G, nw, og]; returns
+// (valid_bits - 2 * popcount) * scale as a float [N, O, OH, OW] channels-last tensor.
+torch::Tensor conv_packed(torch::Tensor act, torch::Tensor wpack, torch::Tensor scale, int64_t C,
+                          std::vector<int64_t> params, bool channels_last) {
+  TORCH_CHECK(act.dim() == 5 && act.scalar_type() == torch::kLong, "packed activations expected");
+  TORCH_CHECK(wpack.dim() == 3 && wpack.scalar_type() == torch::kLong, "packed weights expected");
+  const int64_t O = wpack.size(0) * wpack.size(2);
+  const Geometry g = make_geometry(C, O, params);
+  TORCH_CHECK(!g.strip, "conv_packed is the field layout; this geometry uses row strips");
+  TORCH_CHECK(act.size(3) == g.G && act.size(4) == g.fw, "activation packing does not match");
+  TORCH_CHECK(wpack.size(0) == g.G && wpack.size(1) == g.nw, "weight packing does not match");
+  auto sc = scale.to(torch::kFloat).contiguous();
+  TORCH_CHECK(sc.numel() == O, "scale needs one value per output channel");
+  auto a = act.contiguous();
+  auto wp = wpack.contiguous();
+  const int64_t N = a.size(0), H = a.size(1), W = a.size(2);
+  const int64_t OH = (H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  const int64_t OW = (W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  TORCH_CHECK(OH > 0 && OW > 0, "input smaller than the kernel");
+  auto out = torch::empty({N, O, OH, OW},
+                          torch::TensorOptions().dtype(torch::kFloat).memory_format(
+                              channels_last ? at::MemoryFormat::ChannelsLast
+                                            : at::MemoryFormat::Contiguous));
+  float* dst = out.data_ptr<float>();
+  const auto* A = reinterpret_cast<const uint64_t*>(a.data_ptr<int64_t>());
+  const auto* Wt = reinterpret_cast<const uint64_t*>(wp.data_ptr<int64_t>());
+  const float* S = sc.data_ptr<float>();
+  const uint64_t field_mask = low_bits(g.cg);
+  const int64_t rows = N * OH;
+  // Enough popcounts per chunk that threading pays for itself on small maps.
+  const int64_t per_row = std::max<int64_t>(1, OW * O * g.nw);
+  const int64_t grain = std::max<int64_t>(1, 32768 / per_row);
+
+  at::parallel_for(0, rows, grain, [&](int64_t lo, int64_t hi) {
+    std::vector<uint64_t> win(g.nw * g.G), mask(g.nw);
+    std::vector<int32_t> acc(g.og);
+    // NCHW output: a row is computed channels-last here, then written out per channel.
+    std::vector<float> row(channels_last ? 0 : OW * O);
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t n = r / OH, oh = r % OH;
+      float* row_out = channels_last ? dst + (n * OH + oh) * OW * O : row.data();
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        std::fill(win.begin(), win.end(), 0);
+        std::fill(mask.begin(), mask.end(), 0);
+        int64_t valid_bits = 0;
+        for (int64_t i = 0; i < g.kh; ++i) {
+          const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+          if (ih < 0 || ih >= H) continue;
+          for (int64_t j = 0; j < g.kw; ++j) {
+            const int64_t iw = ow * g.sw - g.pw + j * g.dw;
+            if (iw < 0 || iw >= W) continue;
+            const int64_t t = i * g.kw + j;
+            const uint64_t* src = A + ((n * H + ih) * W + iw) * g.G * g.fw;
+            valid_bits += g.cg;
+            if (g.fw == 1) {
+              const int64_t word = t / g.fpw, shift = (t % g.fpw) * g.cg;
+              uint64_t* wrow = win.data() + word * g.G;
+              for (int64_t grp = 0; grp < g.G; ++grp) wrow[grp] |= src[grp] << shift;
+              mask[word] |= field_mask << shift;
+            } else {
+              for (int64_t f = 0; f < g.fw; ++f) {
+                uint64_t* wrow = win.data() + (t * g.fw + f) * g.G;
+                for (int64_t grp = 0; grp < g.G; ++grp) wrow[grp] = src[grp * g.fw + f];
+                mask[t * g.fw + f] = ~uint64_t(0);  // bits past cg are 0 in both operands
+              }
+            }
+          }
+        }
+        float* out_px = row_out + ow * O;
+        for (int64_t grp = 0; grp < g.G; ++grp) {
+          std::fill(acc.begin(), acc.end(), 0);
+          const uint64_t* wg = Wt + grp * g.nw * g.og;
+          for (int64_t k = 0; k < g.nw; ++k) {
+            const uint64_t xw = win[k * g.G + grp], m = mask[k];
+            const uint64_t* wk = wg + k * g.og;
+            for (int64_t o = 0; o < g.og; ++o)
+              acc[o] += __builtin_popcountll((xw ^ wk[o]) & m);
+          }
+          const float* sg = S + grp * g.og;
+          float* og_out = out_px + grp * g.og;
+          for (int64_t o = 0; o < g.og; ++o)
+            og_out[o] = float(valid_bits - 2 * int64_t(acc[o])) * sg[o];
+        }
+      }
+      if (!channels_last) {
+        for (int64_t o = 0; o < O; ++o) {
+          float* plane = dst + ((n * O + o) * OH + oh) * OW;
+          for (int64_t ow = 0; ow < OW; ++ow) plane[ow] = row[ow * O + o];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+
+// Channel bits of every pixel, one plane per group: [N, G, H, W] words (cg <= 64).
+static torch::Tensor pack_planar(const torch::Tensor& x, int64_t groups) {
+  const bool nhwc = wants_nhwc(x);
+  auto xc = x.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const int64_t N = xc.size(0), C = xc.size(1), H = xc.size(2), W = xc.size(3), HW = H * W;
+  const int64_t cg = C / groups;
+  auto out = torch::empty({N, groups, H, W}, torch::kLong);
+  auto* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
+  const float* src = xc.data_ptr<float>();
+  at::parallel_for(0, N * groups, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t n = r / groups, grp = r % groups;
+      uint64_t* o = dst + r * HW;
+      if (nhwc) {
+        const float* xs = src + n * HW * C + grp * cg;
+        for (int64_t p = 0; p < HW; ++p) {
+          uint64_t word = 0;
+          for (int64_t c = 0; c < cg; ++c) word |= uint64_t(xs[p * C + c] >= 0.0f) << c;
+          o[p] = word;
+        }
+      } else {
+        const float* xs = src + (n * C + grp * cg) * HW;
+        for (int64_t p = 0; p < HW; ++p) o[p] = uint64_t(xs[p] >= 0.0f);
+        for (int64_t c = 1; c < cg; ++c) {
+          const float* xr = xs + c * HW;
+          for (int64_t p = 0; p < HW; ++p) o[p] |= uint64_t(xr[p] >= 0.0f) << c;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// Row-strip conv (every op whose window row fits a word: all CIFAR grouped convs). Phase 1
+// builds, for every input row and output column, the strip of the kw taps of that row; each
+// strip serves the kh output rows that read the input row. Phase 2 ORs kh strips into a window,
+// XORs it with each output channel's weight words and popcounts, vectorised over the row.
+static torch::Tensor conv_strips(const torch::Tensor& x, const torch::Tensor& wpack,
+                                 const torch::Tensor& scale, const Geometry& g) {
+  const bool nhwc = wants_nhwc(x);
+  auto planes = pack_planar(x, g.G);
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), O = g.O;
+  const int64_t OH = (H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  const int64_t OW = (W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  TORCH_CHECK(OH > 0 && OW > 0, "input smaller than the kernel");
+  auto out = torch::empty({N, O, OH, OW},
+                          torch::TensorOptions().dtype(torch::kFloat).memory_format(
+                              nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  float* dst = out.data_ptr<float>();
+  const auto* P = reinterpret_cast<const uint64_t*>(planes.data_ptr<int64_t>());
+  const auto* Wt = reinterpret_cast<const uint64_t*>(wpack.data_ptr<int64_t>());
+  const float* Sc = scale.data_ptr<float>();
+  const uint64_t field_mask = low_bits(g.cg);
+
+  // Column validity per output column (padding), shared by every row and group.
+  std::vector<uint64_t> cmask(OW, 0);
+  std::vector<int32_t> cbits(OW, 0);
+  for (int64_t ow = 0; ow < OW; ++ow)
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const int64_t iw = ow * g.sw - g.pw + j * g.dw;
+      if (iw >= 0 && iw < W) { cmask[ow] |= field_mask << (j * g.cg); cbits[ow] += g.cg; }
+    }
+
+  auto strips_t = torch::empty({N, g.G, H, OW}, torch::kLong);
+  auto* strips = reinterpret_cast<uint64_t*>(strips_t.data_ptr<int64_t>());
+  at::parallel_for(0, N * g.G * H, std::max<int64_t>(1, 4096 / (OW * g.kw)), [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const uint64_t* in_row = P + r * W;
+      uint64_t* srow = strips + r * OW;
+      for (int64_t ow = 0; ow < OW; ++ow) srow[ow] = 0;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t off = j * g.dw - g.pw, shift = j * g.cg;
+        // Output columns whose tap j lands inside the row.
+        int64_t first = off < 0 ? (-off + g.sw - 1) / g.sw : 0;
+        int64_t last = (W - 1 - off) >= 0 ? (W - 1 - off) / g.sw : -1;
+        if (last > OW - 1) last = OW - 1;
+        if (g.sw == 1) {
+          for (int64_t ow = first; ow <= last; ++ow) srow[ow] |= in_row[ow + off] << shift;
+        } else {
+          for (int64_t ow = first; ow <= last; ++ow) srow[ow] |= in_row[ow * g.sw + off] << shift;
+        }
+      }
+    }
+  });
+
+  const int64_t items = N * OH * g.G;
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, OW * g.og * g.nw));
+  at::parallel_for(0, items, grain, [&](int64_t lo, int64_t hi) {
+    std::vector<uint64_t> win(g.nw * OW), mask(g.nw * OW);
+    std::vector<int32_t> acc(OW), vbits(OW);
+    for (int64_t it = lo; it < hi; ++it) {
+      const int64_t grp = it % g.G, oh = (it / g.G) % OH, n = it / (g.G * OH);
+      std::fill(win.begin(), win.end(), 0);
+      std::fill(mask.begin(), mask.end(), 0);
+      int64_t rows = 0;
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+        if (ih < 0 || ih >= H) continue;
+        ++rows;
+        const int64_t k = i / g.rpw, shift = (i % g.rpw) * g.S;
+        const uint64_t* srow = strips + ((n * g.G + grp) * H + ih) * OW;
+        uint64_t* wk = win.data() + k * OW;
+        uint64_t* mk = mask.data() + k * OW;
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          wk[ow] |= srow[ow] << shift;
+          mk[ow] |= cmask[ow] << shift;
+        }
+      }
+      for (int64_t ow = 0; ow < OW; ++ow) vbits[ow] = int32_t(rows) * cbits[ow];
+      const uint64_t* wg = Wt + grp * g.nw * g.og;
+      for (int64_t oi = 0; oi < g.og; ++oi) {
+        for (int64_t ow = 0; ow < OW; ++ow) acc[ow] = 0;
+        for (int64_t k = 0; k < g.nw; ++k) {
+          const uint64_t wbits = wg[k * g.og + oi];
+          const uint64_t* wk = win.data() + k * OW;
+          const uint64_t* mk = mask.data() + k * OW;
+          for (int64_t ow = 0; ow < OW; ++ow)
+            acc[ow] += int32_t(__builtin_popcountll((wk[ow] ^ wbits) & mk[ow]));
+        }
+        const int64_t o = grp * g.og + oi;
+        const float so = Sc[o];
+        if (nhwc) {
+          float* base = dst + (n * OH + oh) * OW * O + o;
+          for (int64_t ow = 0; ow < OW; ++ow) base[ow * O] = float(vbits[ow] - 2 * acc[ow]) * so;
+        } else {
+          float* base = dst + ((n * O + o) * OH + oh) * OW;
+          for (int64_t ow = 0; ow < OW; ++ow) base[ow] = float(vbits[ow] - 2 * acc[ow]) * so;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// pack + conv in one call (one Python round trip per layer).
+torch::Tensor binary_conv(torch::Tensor x, torch::Tensor wpack, torch::Tensor scale,
+                          std::vector<int64_t> params) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat, "x must be a 4-d float tensor");
+  const int64_t O = wpack.size(0) * wpack.size(2);
+  const Geometry g = make_geometry(x.size(1), O, params);
+  TORCH_CHECK(wpack.size(0) == g.G && wpack.size(1) == g.nw, "weight packing does not match");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.numel() == O && scale.is_contiguous(),
+              "scale must be a contiguous float tensor with one value per output channel");
+  if (g.strip) return conv_strips(x, wpack.contiguous(), scale, g);
+  // The output keeps the input's memory format, so the float layers around it do too.
+  const bool nhwc = wants_nhwc(x);
+  return conv_packed(pack_activations(x, params[0]), wpack, scale, x.size(1), params, nhwc);
+}

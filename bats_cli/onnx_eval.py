@@ -1,0 +1,128 @@
+"""`bats eval FILE.onnx`: top-1 / top-5 of an exported model, run by onnxruntime.
+
+The data set, its directory and image size come from the file's ``bats_config`` metadata (what
+``bats export`` copied from the checkpoint) unless given; the metrics are computed exactly as
+for a checkpoint (:func:`bats_cli.evaluate.evaluate_model` drives an onnxruntime session), so the
+two numbers can be compared directly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bats_cli.errors import UserInputError
+
+
+def is_onnx_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".onnx"
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file (one line on a missing or malformed file)."""
+    from bats_cli.export import require_onnx
+
+    onnx, _ = require_onnx("eval")
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path}: no such ONNX file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise UserInputError(f"{path}: not a valid ONNX file ({type(exc).__name__})") from None
+    return {p.key: p.value for p in model.metadata_props}
+
+
+class OnnxModule(nn.Module):
+    """An onnxruntime session behind an ``nn.Module`` interface (CPU, float32 logits)."""
+
+    def __init__(self, session) -> None:
+        super().__init__()
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+        self.output_name = session.get_outputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feed = {self.input_name: x.detach().cpu().float().contiguous().numpy()}
+        return torch.from_numpy(self.session.run([self.output_name], feed)[0])
+
+
+def load_onnx(path: str | Path, *, threads: int | None = None):
+    """A :class:`bats_cli.evaluate.LoadedModel` whose model runs ``path`` with onnxruntime."""
+    from bats_cli.modelio import LoadedModel
+    from bats_cli.export import make_session
+    from bats_cli.genotype import Genotype
+
+    path = Path(path)
+    props = read_onnx_metadata(path)
+    if props.get("bats_kind") != "onnx" or "bats_config" not in props:
+        raise UserInputError(f"{path}: an ONNX file without bats metadata (not written by bats export)")
+    try:
+        config = json.loads(props["bats_config"])
+    except ValueError:
+        raise UserInputError(f"{path}: corrupt bats_config metadata") from None
+    genotype = Genotype.from_json(props.get("bats_genotype", ""), origin=f"{path} (bats_genotype)")
+    session = make_session(path, threads=threads)
+    return LoadedModel(
+        model=OnnxModule(session), meta=props, settings=config.get("network") or {},
+        data=config.get("data") or {}, run=config.get("run") or {}, genotype=genotype,
+    )
+
+
+def evaluate_onnx(
+    path: str | Path,
+    *,
+    dataset: str | None = None,
+    data_dir: str | Path | None = None,
+    download: bool = False,
+    image_size: int | None = None,
+    subset: int | None = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    threads: int | None = None,
+    return_predictions: bool = False,
+) -> dict[str, Any]:
+    """Top-1 / top-5 / loss of an exported ONNX model on a test split (CPU, onnxruntime)."""
+    from bats_cli.data import AugmentConfig, build_datasets, describe_spec
+    from bats_cli.evaluate import evaluate_model, resolve_eval_data
+    from bats_cli.modelio import check_dataset
+
+    path = Path(path)
+    loaded = load_onnx(path, threads=threads)
+    name, data_dir, image_size = resolve_eval_data(
+        loaded, dataset=dataset, data_dir=data_dir, image_size=image_size, path=path
+    )
+    spec = describe_spec(name, data_dir, image_size)
+    check_dataset(spec, loaded.settings, path)
+    data = build_datasets(
+        name, data_dir=data_dir, download=download, subset=subset, image_size=image_size,
+        augment=AugmentConfig(), seed=int(loaded.run.get("seed", 0) or 0),
+    )
+    metrics = evaluate_model(loaded.model, data.test, batch_size=batch_size, device="cpu",
+                             num_workers=num_workers, return_predictions=return_predictions)
+    s = loaded.settings
+    result = {
+        "command": "eval",
+        "checkpoint": str(path),
+        "kind": "onnx",
+        "genotype": loaded.genotype.name,
+        "dataset": data.spec.name,
+        "split": "test",
+        "images": metrics["images"],
+        "top1": metrics["top1"],
+        "top5": metrics["top5"],
+        "loss": metrics["loss"],
+        "activations": "binary" if s.get("binary_activations") else "real",
+        "weights": "binary" if s.get("binary_weights") else "real",
+        "engine": "onnxruntime",
+    }
+    if return_predictions:
+        result["predictions"] = metrics["predictions"]
+    return result
+
+
+__all__ = ["OnnxModule", "evaluate_onnx", "is_onnx_file", "load_onnx", "read_onnx_metadata"]

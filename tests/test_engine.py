@@ -1,0 +1,278 @@
+"""The bitwise engine: XNOR + popcount convs equal the float-emulated binary model exactly.
+
+The kernel is compiled once per test session (then cached on disk by torch's extension cache).
+Binary convs sum ±1 products, which are exact integers in float32 as well, so every comparison
+here is exact equality, not a tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+import json
+
+import pytest
+import torch
+
+from bats_cli.engine import BitwiseConv2d, EngineUnavailable, apply_engine, to_bitwise
+from bats_cli.engine import _build
+from bats_cli.errors import UserInputError
+from bats_cli.genotype import resolve_genotype
+from bats_cli.networks import build_network
+from bats_cli.ops import OpContext, build_op
+from bats_cli.quant import STE_SIGN, BinarySpec, QuantConv2d, binarize_weights_, quant_convs
+from bats_cli.spaces import SPACES
+
+from helpers import cli, one_line_error
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BINARY = BinarySpec(activations=True, weights=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+    try:
+        return _build.load_extension()
+    except EngineUnavailable as exc:  # pragma: no cover - CI machines have a compiler
+        pytest.fail(f"the bitwise kernel must build where the tests run: {exc}")
+
+
+def _randomize_bn(module: torch.nn.Module, gen: torch.Generator) -> None:
+    """Non-trivial BatchNorm statistics and affine terms, so signs depend on all of them."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            if m.affine:
+                m.weight.data.copy_(torch.randn(m.num_features, generator=gen))
+                m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
+        if isinstance(m, QuantConv2d) and m.scale is not None:
+            m.scale.data.uniform_(0.5, 1.5, generator=gen)
+
+
+def _check_same(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """Float-emulated vs bitwise outputs are identical; returns the number of convs swapped.
+
+    Exact for whole networks too: the kernel gives its output the memory format PyTorch's conv
+    would, so every float layer after it sums in the same order.
+    """
+    module.eval()
+    with torch.no_grad():
+        want = module(x)
+        fast = to_bitwise(copy.deepcopy(module))
+        got = fast(x)
+    swapped = sum(isinstance(m, BitwiseConv2d) for m in fast.modules())
+    assert got.shape == want.shape
+    assert torch.equal(got, want), (got - want).abs().max()
+    return swapped
+
+
+@pytest.mark.parametrize("k,stride,dilation,groups,c_in,c_out", [
+    (3, 1, 1, 4, 12, 12),   # 3 channels per group, 3x3: 27-bit windows
+    (5, 1, 1, 4, 12, 12),   # 5x5: 75 bits, two words
+    (3, 1, 2, 4, 12, 12),   # dilated
+    (5, 2, 2, 4, 12, 12),   # dilated, stride 2
+    (5, 2, 1, 2, 24, 24),   # 12 channels per group: 300-bit windows
+    (3, 1, 1, 12, 12, 12),  # depthwise (DARTS)
+    (1, 1, 1, 1, 130, 20),  # dense 1x1 over more than 64 channels: multi-word fields
+    (1, 2, 1, 1, 18, 8),    # dense 1x1, stride 2 (factorized reduce)
+    (7, 2, 1, 1, 70, 10),   # dense 7x7 over 70 channels: the field layout with padding
+])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_kernel_equals_float_conv(k, stride, dilation, groups, c_in, c_out, channels_last):
+    gen = torch.Generator().manual_seed(k * 100 + stride * 10 + dilation + groups)
+    conv = QuantConv2d(c_in, c_out, k, stride=stride, padding=dilation * (k // 2),
+                       dilation=dilation, groups=groups, input_quantizer=STE_SIGN,
+                       kernel_quantizer=STE_SIGN)
+    _randomize_bn(conv, gen)
+    for h, w in ((9, 11), (16, 16)):
+        x = torch.randn(2, c_in, h, w, generator=gen)
+        x[0, :, 0, 0] = 0.0  # sign(0) = +1 on both paths
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        assert _check_same(conv, x) == 1
+
+
+def test_asymmetric_kernel_stride_and_padding():
+    """NASNet's 1x7 / 7x1 convs: non-square kernel, stride and padding."""
+    gen = torch.Generator().manual_seed(1)
+    for k, s, p in (((1, 7), (1, 2), (0, 3)), ((7, 1), (2, 1), (3, 0))):
+        conv = QuantConv2d(12, 12, k, stride=s, padding=p, input_quantizer=STE_SIGN,
+                           kernel_quantizer=STE_SIGN)
+        _randomize_bn(conv, gen)
+        assert _check_same(conv, torch.randn(2, 12, 10, 9, generator=gen)) == 1
+
+
+def _binary_ops():
+    for space in ("bats", "darts"):
+        for name in SPACES[space].ops:
+            for stride in (1, 2):
+                yield space, name, stride
+
+
+@pytest.mark.parametrize("space,name,stride", list(_binary_ops()))
+def test_every_op_of_both_spaces(space, name, stride):
+    """Each op, stride 1 and 2 (odd sizes: padding and factorized reduce's odd path)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{space}{name}{stride}".encode()))
+    C = 12
+    ctx = OpContext(spec=BINARY, channels_per_group=3, base_channels=C, space=space,
+                    reduce_shortcut="factorized" if stride == 2 and name.startswith("group") else "avgpool")
+    op = build_op(name, C, stride, ctx)
+    _randomize_bn(op, gen)
+    has_binary = bool(quant_convs(op))
+    x = torch.randn(2, C, 11, 11, generator=gen)
+    if not has_binary:
+        with pytest.raises(UserInputError, match="no binary"):
+            to_bitwise(copy.deepcopy(op))
+        return
+    assert _check_same(op, x) == len(quant_convs(op))
+    assert _check_same(op, x.contiguous(memory_format=torch.channels_last)) >= 1
+
+
+def test_preprocess_and_factorized_reduce():
+    gen = torch.Generator().manual_seed(3)
+    ctx = OpContext(spec=BINARY, channels_per_group=3, base_channels=6)
+    for module in (ctx.preprocess(18, 6), ctx.factorized_reduce(18, 6)):
+        _randomize_bn(module, gen)
+        assert _check_same(module, torch.randn(2, 18, 9, 9, generator=gen)) >= 1
+
+
+@pytest.mark.parametrize("genotype,kind,size", [("bats_c10", "cifar", 32), ("darts_v2", "cifar", 16),
+                                                ("bats_c10", "imagenet", 64)])
+def test_whole_network_outputs_equal(genotype, kind, size):
+    torch.manual_seed(0)
+    kw = {"channels": 40, "layers": 3} if kind == "imagenet" else {"channels": 6, "layers": 3}
+    net = build_network(resolve_genotype(genotype), kind=kind, in_channels=3, num_classes=10,
+                        auxiliary=False, **kw)
+    binarize_weights_(net)
+    _randomize_bn(net, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, size, size)
+    assert _check_same(net, x) == len(quant_convs(net))
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    assert _check_same(net, x_cl) == len(quant_convs(net))
+
+
+def test_step1_model_is_refused_and_auto_falls_back():
+    torch.manual_seed(0)
+    net = build_network(resolve_genotype("bats_c10"), in_channels=1, layers=3, channels=6).eval()
+    with pytest.raises(UserInputError, match="binary weights"):
+        to_bitwise(copy.deepcopy(net))
+    notes = []
+    model, used = apply_engine(net, "auto", warn=notes.append)
+    assert model is net and used == "float" and len(notes) == 1 and "float" in notes[0]
+    with pytest.raises(UserInputError, match="--engine"):
+        apply_engine(net, "gpu")
+
+
+def test_no_compiler_is_one_line(monkeypatch):
+    monkeypatch.setattr(_build, "_compiler", lambda: None)
+    _build.load_extension.cache_clear()
+    try:
+        with pytest.raises(EngineUnavailable, match="C\\+\\+ compiler"):
+            _build.load_extension()
+        torch.manual_seed(0)
+        net = build_network(resolve_genotype("bats_c10"), in_channels=1, layers=3, channels=6)
+        binarize_weights_(net)
+        notes = []
+        model, used = apply_engine(net.eval(), "auto", warn=notes.append)
+        assert used == "float" and "C++ compiler" in notes[0]
+        with pytest.raises(EngineUnavailable):
+            apply_engine(net, "bitwise")
+    finally:
+        monkeypatch.undo()
+        _build.load_extension.cache_clear()
+    _build.load_extension()
+
+
+@pytest.fixture(scope="module")
+def real_image_artifact(cifar10_mini_dir, tmp_path_factory):
+    """A tiny binarized network with BatchNorm statistics from real CIFAR-10 images, packed."""
+    from bats_cli.data import AugmentConfig, build_datasets
+    from bats_cli.pack import save_packed
+    from bats_cli.modelio import network_settings
+
+    torch.manual_seed(0)
+    genotype = resolve_genotype("bats_c10")
+    net = build_network(genotype, in_channels=3, num_classes=10, layers=3, channels=6)
+    binarize_weights_(net)
+    data = build_datasets("imagefolder", data_dir=cifar10_mini_dir, subset=64,
+                          augment=AugmentConfig())
+    x = torch.stack([data.train[i][0] for i in range(64)])
+    net.train()
+    with torch.no_grad():
+        net(x)
+    path = tmp_path_factory.mktemp("engine") / "c10.packed.safetensors"
+    save_packed(net.eval(), path, settings=network_settings(net),
+                data={"name": "imagefolder", "image_size": 32, "num_classes": 10,
+                      "in_channels": 3, "network": "cifar"},
+                run={"data_dir": str(cifar10_mini_dir)}, genotype_json=genotype.to_json(),
+                source={"test": "engine"})
+    return path
+
+
+def test_same_predictions_on_real_images(real_image_artifact, cifar10_mini_dir):
+    from bats_cli.evaluate import evaluate_checkpoint
+
+    runs = {
+        engine: evaluate_checkpoint(real_image_artifact, subset=200, batch_size=50, device="cpu",
+                                    engine=engine, return_predictions=True, threads=1)
+        for engine in ("float", "bitwise")
+    }
+    assert runs["bitwise"]["engine"] == "bitwise" and runs["float"]["engine"] == "float"
+    assert runs["float"]["images"] == 200
+    assert torch.equal(runs["float"]["predictions"], runs["bitwise"]["predictions"])
+    assert runs["float"]["top1"] == runs["bitwise"]["top1"]
+    assert runs["float"]["loss"] == pytest.approx(runs["bitwise"]["loss"], abs=1e-6)
+
+
+def test_cli_engine(real_image_artifact, capsys, monkeypatch):
+    code, out, err = cli(["eval", str(real_image_artifact), "--engine", "bitwise", "--subset", "50",
+                          "--threads", "1", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["engine"] == "bitwise" and result["images"] == 50
+    code, out, err = cli(["eval", str(real_image_artifact), "--engine", "fast"], capsys)
+    one_line_error(code, err, "--engine")
+    monkeypatch.setattr(_build, "_compiler", lambda: None)
+    _build.load_extension.cache_clear()
+    try:
+        code, out, err = cli(["eval", str(real_image_artifact), "--engine", "bitwise",
+                              "--subset", "50"], capsys)
+        one_line_error(code, err, "C++ compiler")
+    finally:
+        monkeypatch.undo()
+        _build.load_extension.cache_clear()
+
+
+def test_flops_profile(capsys):
+    code, out, err = cli(["flops", "bats_c10", "--layers", "3", "--channels", "6", "--profile",
+                          "--threads", "1", "--json"], capsys)
+    assert code == 0, err
+    prof = json.loads(out)["profile"]
+    for engine in ("float", "bitwise"):
+        shares = prof[engine]["share"]
+        assert set(shares) == {"binary conv", "batchnorm", "activation", "pool",
+                               "real conv/linear", "other"}
+        assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)
+        assert shares["binary conv"] > 0
+    assert prof["float"]["layers"] == prof["bitwise"]["layers"]  # the same layers, swapped convs
+    code, out, err = cli(["flops", "bats_c10", "--layers", "3", "--channels", "6", "--profile",
+                          "--threads", "1"], capsys)
+    assert code == 0 and "binary conv" in out and "bitwise ms" in out
+
+
+def test_bench_quick_smoke():
+    """bench/infer.py --quick runs and its last line is the JSON with both speedups."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "infer.py"
+    proc = subprocess.run([sys.executable, str(bench), "--quick", "--networks", "cifar",
+                           "--no-onnx", "--threads", "1", "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["binary_conv_speedup"] > 0 and result["end_to_end_speedup"] > 0
+    assert result["networks"][0]["batch1"]["binary_convs_s"]["bitwise"] > 0
