@@ -121,10 +121,10 @@ def export_model(
 
     onnx, ort = require_onnx("export")
     path, out = Path(path), Path(out)
-    if out.is_dir():
-        raise UserInputError(f"-o {out} is a directory; give a file name such as model.onnx")
-    if out.exists() and not force:
-        raise UserInputError(f"{out} exists; give --force to overwrite it")
+    from bats_cli.outputs import check_output_file
+
+    # Never onto the model it reads (not even with --force); existing files need --force.
+    check_output_file(out, flag="-o", force=force, inputs=[path])
     loaded = load_model(path, command="export", kinds=EXPORT_KINDS)
     model = inference_copy(loaded.model)
     shape = input_shape(loaded.settings, loaded.data)

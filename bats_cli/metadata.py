@@ -283,11 +283,19 @@ def parse_header(path: Path, raw: Mapping[str, str]) -> Header:
         },
         where=where,
     )
+    validate_config(path, config)
+    return header
+
+
+def validate_config(path: Path | str, config: Any) -> dict[str, Any]:
+    """A recorded config (checkpoint or ONNX metadata): an object whose known records check out."""
+    if not isinstance(config, dict):
+        raise UserInputError(f"{path}: config: expected an object")
     for key, model in (("network", NetworkRecord), ("data", DataRecord), ("run", RunRecord)):
         if key in config and config[key] is not None:
             validate(model, config[key], where=f"{path}: config.{key}")
     _check_finite(config, where=f"{path}: config")
-    return header
+    return config
 
 
 def parse_extra(path: Path, extra: Mapping[str, str]) -> None:

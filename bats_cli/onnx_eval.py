@@ -8,7 +8,6 @@ two numbers can be compared directly.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +26,14 @@ def read_onnx_metadata(path: str | Path) -> dict[str, str]:
     from bats_cli.export import require_onnx
 
     onnx, _ = require_onnx("eval")
+    import stat
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserInputError(f"{path}: no such ONNX file")
+    if not stat.S_ISREG(path.stat().st_mode):
+        # A FIFO would block the read forever; a device has no end.
+        raise UserInputError(f"{path}: not a regular file (a FIFO, device or socket); give an ONNX file")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends
@@ -61,10 +65,10 @@ def load_onnx(path: str | Path, *, threads: int | None = None):
     props = read_onnx_metadata(path)
     if props.get("bats_kind") != "onnx" or "bats_config" not in props:
         raise UserInputError(f"{path}: an ONNX file without bats metadata (not written by bats export)")
-    try:
-        config = json.loads(props["bats_config"])
-    except ValueError:
-        raise UserInputError(f"{path}: corrupt bats_config metadata") from None
+    from bats_cli.metadata import load_json, validate_config
+
+    # Validated like a checkpoint's: the file may come from anywhere.
+    config = validate_config(path, load_json(props["bats_config"], where=f"{path}: bats_config"))
     genotype = Genotype.from_json(props.get("bats_genotype", ""), origin=f"{path} (bats_genotype)")
     session = make_session(path, threads=threads)
     return LoadedModel(

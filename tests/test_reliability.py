@@ -593,3 +593,30 @@ def test_corrupt_rng_state_in_a_checkpoint_is_one_line():
     state["rng.python_mt"] = torch.zeros(3, dtype=torch.int64)
     with pytest.raises(UserInputError, match="random-number state is corrupt"):
         restore_rng_state(state)
+
+
+def test_export_never_replaces_its_input(tmp_path, capsys):
+    model = tmp_path / "model.packed.safetensors"
+    model.write_bytes(b"precious")
+    one_line_error(*cli(["export", str(model), "-o", str(model), "--force"], capsys)[::2], "own input")
+    assert model.read_bytes() == b"precious"
+
+
+def test_onnx_inputs_are_validated_like_checkpoints(tmp_path, capsys, alarm):
+    fifo = tmp_path / "m.onnx"
+    os.mkfifo(fifo)
+    one_line_error(*cli(["eval", str(fifo)], capsys)[::2], "not a regular file")
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph)
+    g = (REPO / "genotypes" / "bats_c10.json").read_text()
+    for key, value in {"bats_kind": "onnx", "bats_genotype": g,
+                       "bats_config": json.dumps({"network": {"channels": -5}})}.items():
+        model.metadata_props.add(key=key, value=value)
+    path = tmp_path / "evil.onnx"
+    onnx.save(model, str(path))
+    one_line_error(*cli(["eval", str(path)], capsys)[::2], "config.network")
