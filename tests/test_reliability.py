@@ -549,6 +549,7 @@ def test_absurd_network_sizes_are_refused_before_allocation(capsys):
     # Bigger than any network: refused before even the estimate is built.
     one_line_error(*cli(["flops", "bats_c10", "--channels", "60000"], capsys)[::2], "absurd")
     one_line_error(*cli(["flops", "bats_c10", "--layers", "1000000"], capsys)[::2], "absurd")
+    one_line_error(*cli(["train", "bats_c10", "--image-size", "100000"], capsys)[::2], "absurd")
 
 
 def test_huge_cells_are_refused(tmp_path, capsys):

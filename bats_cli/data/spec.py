@@ -115,7 +115,13 @@ def imagefolder_spec(num_classes: int, image_size: int) -> DataSpec:
     return DataSpec("imagefolder", num_classes, image_size, 3, network_for(image_size), *IMAGENET_STATS)
 
 
+MAX_IMAGE_SIZE = 4096
+
+
 def check_image_size(image_size: int | None) -> None:
     """Raise UserInputError for an image size no network can take."""
     if image_size is not None and image_size < 8:
         raise UserInputError(f"image size must be at least 8 px, got {image_size}")
+    if image_size is not None and image_size > MAX_IMAGE_SIZE:
+        # 18x ImageNet's 224: beyond it one image's activations alone exhaust any machine.
+        raise UserInputError(f"image size {image_size} px is absurd; at most {MAX_IMAGE_SIZE} px")
