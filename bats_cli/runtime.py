@@ -577,8 +577,10 @@ class RunLock:
     @classmethod
     def _acquire_new(cls, directory: Path, warn: Callable[[str], None]) -> RunLock:
         path = directory / LOCK_NAME
+        _refuse_symlink(path)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # O_NOFOLLOW: a planted .lock -> ~/.bashrc must not be truncated.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as exc:
             raise UserInputError(
                 f"--out {directory} is not writable ({exc.strerror or exc}); choose another --out"
@@ -673,6 +675,25 @@ class RunLock:
             cls._held.clear()
         for lock in locks:
             lock._release_now()
+
+
+def _refuse_symlink(path: Path) -> None:
+    # Files a run appends to or locks in place: a link would redirect the write elsewhere, and
+    # a FIFO or device is no file to write.
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UserInputError(f"{path}: cannot inspect it ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+        raise UserInputError(
+            f"{path} is {what}; a run writes this file in place, so it must be a plain file "
+            "(remove it)"
+        )
 
 
 def check_run_dir_free(directory: str | os.PathLike[str]) -> None:
@@ -789,6 +810,7 @@ class RunDir:
         try:
             # Checked again under the lock: another run may have filled it meanwhile.
             check_run_dir_path(self.path, resume)
+            _refuse_symlink(self.path / METRICS_NAME)
             self.resuming = resume and self.last.exists()
             self.metrics = MetricsCSV(self.path / METRICS_NAME)
             if not self.resuming:

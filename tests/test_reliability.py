@@ -621,3 +621,18 @@ def test_onnx_inputs_are_validated_like_checkpoints(tmp_path, capsys, alarm):
     path = tmp_path / "evil.onnx"
     onnx.save(model, str(path))
     one_line_error(*cli(["eval", str(path)], capsys)[::2], "config.network")
+
+
+@pytest.mark.parametrize("name", [".lock", "metrics.csv"])
+def test_planted_links_in_a_run_directory_redirect_no_write(tmp_path, name):
+    from bats_cli.runtime import RunDir
+
+    victim = tmp_path / "bashrc"
+    victim.write_text("keep me\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / name).symlink_to(victim)
+    with pytest.raises(UserInputError, match="symbolic link"):
+        RunDir(run, resume=True)
+    assert victim.read_text() == "keep me\n"
