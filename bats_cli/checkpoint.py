@@ -207,7 +207,7 @@ def _parse_metadata(path: Path, raw: Mapping[str, str]) -> CheckpointMeta:
     if header.kind not in KINDS:
         raise UserInputError(f"{path}: unknown checkpoint kind {safe_text(repr(header.kind), max_chars=40)}")
     extra = {k: v for k, v in raw.items() if k not in RESERVED_KEYS}
-    parse_extra(path, extra)
+    parse_extra(path, extra, config=header.config)
     genotype_json = raw.get("bats_genotype")
     if genotype_json is not None and len(genotype_json) > (1 << 20):
         raise UserInputError(f"{path}: the recorded genotype is far too large")

@@ -298,8 +298,16 @@ def validate_config(path: Path | str, config: Any) -> dict[str, Any]:
     return config
 
 
-def parse_extra(path: Path, extra: Mapping[str, str]) -> None:
+def parse_extra(path: Path, extra: Mapping[str, str], *, config: Mapping[str, Any] | None = None) -> None:
     """Size limits on every extra value; schema checks on the ones bats reads as state."""
+    stages = (config or {}).get("layers")
+    if "search_state" in extra and isinstance(stages, list):
+        state = load_json(extra["search_state"], where=f"{path}: search_state")
+        stage = state.get("stage") if isinstance(state, dict) else None
+        if isinstance(stage, int) and not 0 <= stage < len(stages):
+            raise UserInputError(
+                f"{path}: search_state: stage {stage} does not exist in a {len(stages)}-stage search"
+            )
     for key, value in extra.items():
         if not isinstance(value, str) or len(value) > MAX_JSON_BYTES:
             raise UserInputError(f"{path}: metadata {safe_text(key, max_chars=60)} is far too large")

@@ -636,3 +636,15 @@ def test_planted_links_in_a_run_directory_redirect_no_write(tmp_path, name):
     with pytest.raises(UserInputError, match="symbolic link"):
         RunDir(run, resume=True)
     assert victim.read_text() == "keep me\n"
+
+
+def test_search_state_pointing_past_the_last_stage_is_refused(tmp_path):
+    from bats_cli.checkpoint import read_metadata, save_checkpoint
+
+    state = {"stage": 63, "epoch": 0, "step": 0, "steps_per_epoch": 5, "stage_seconds": [],
+             "in_channels": 1, "num_classes": 10}
+    path = save_checkpoint(tmp_path / "s.safetensors", {"x": torch.zeros(1)}, kind="search",
+                           config={"layers": [5, 11, 17]}, epoch=0,
+                           extra={"search_state": json.dumps(state)})
+    with pytest.raises(UserInputError, match="stage 63 does not exist"):
+        read_metadata(path)
