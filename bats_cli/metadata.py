@@ -171,6 +171,9 @@ class RunRecord(_Record):
     beta1: Optional[float] = Field(default=None, ge=0.0, lt=1.0)
     beta2: Optional[float] = Field(default=None, ge=0.0, lt=1.0)
     aux_weight: Optional[float] = Field(default=None, ge=0.0, allow_inf_nan=False)
+    # Reused on resume: processes and threads, so an absurd value would be a fork bomb.
+    num_workers: Optional[int] = Field(default=None, ge=0, le=256)
+    threads: Optional[int] = Field(default=None, ge=1, le=1024)
     dataset: Optional[str] = Name
     data_dir: Optional[str] = Field(default=None, max_length=4096)
 
@@ -294,6 +297,10 @@ def validate_config(path: Path | str, config: Any) -> dict[str, Any]:
     for key, model in (("network", NetworkRecord), ("data", DataRecord), ("run", RunRecord)):
         if key in config and config[key] is not None:
             validate(model, config[key], where=f"{path}: config.{key}")
+    # A search checkpoint keeps its run settings at the top level.
+    top = {k: config[k] for k in ("num_workers", "threads", "seed", "batch_size") if k in config}
+    if top:
+        validate(RunRecord, top, where=f"{path}: config")
     _check_finite(config, where=f"{path}: config")
     return config
 

@@ -479,6 +479,7 @@ def test_valid_tiny_checkpoint_loads(tmp_path):
         ({"config": {"data": {"image_size": -1}}}, "config.data"),
         ({"config": {"data": {"augment": {"cutout": 4, "evil": 1}}}}, "config.data"),
         ({"config": {"run": {"seed": "abc"}}}, "config.run"),
+        ({"config": {"run": {"num_workers": 100000}}}, "config.run"),
         ({"extra": {"bats_running": json.dumps({"loss_sum": "x"})}}, "bats_running"),
         ({"extra": {"bats_optimizer": json.dumps({"state": {"w": {"step": {"__tensor__": 1, "dtype": "load"}}},
                                                   "param_groups": [{"params": ["w"]}]})}}, "not allowed"),
@@ -550,6 +551,8 @@ def test_absurd_network_sizes_are_refused_before_allocation(capsys):
     one_line_error(*cli(["flops", "bats_c10", "--channels", "60000"], capsys)[::2], "absurd")
     one_line_error(*cli(["flops", "bats_c10", "--layers", "1000000"], capsys)[::2], "absurd")
     one_line_error(*cli(["train", "bats_c10", "--image-size", "100000"], capsys)[::2], "absurd")
+    one_line_error(*cli(["train", "bats_c10", "--num-workers", "100000"], capsys)[::2], "--num-workers")
+    one_line_error(*cli(["eval", "x", "--threads", "99999"], capsys)[::2], "--threads")
 
 
 def test_huge_cells_are_refused(tmp_path, capsys):

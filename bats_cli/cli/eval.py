@@ -18,6 +18,7 @@ from bats_cli.cli.options import (
     JsonOpt,
     NumWorkersOpt,
     PrecisionOpt,
+    MAX_THREADS,
     SubsetOpt,
     emit_result,
     key_value_table,
@@ -52,7 +53,7 @@ def eval_command(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = None,
     num_workers: NumWorkersOpt = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, rich_help_panel=RUN, help="CPU threads (default: torch's choice).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, max=MAX_THREADS, rich_help_panel=RUN, help="CPU threads (default: torch's choice).")] = None,
     engine: Annotated[
         str,
         typer.Option(

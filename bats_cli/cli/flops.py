@@ -74,7 +74,7 @@ def flops(
     ] = False,
     threads: Annotated[
         Optional[int],
-        typer.Option("--threads", min=1, help="CPU threads for --profile (default: torch's choice)."),
+        typer.Option("--threads", min=1, max=1024, help="CPU threads for --profile (default: torch's choice)."),
     ] = None,
 ) -> None:
     """Count params, FLOPs, BOPs and OPs of one inference (batch 1, auxiliary head excluded).

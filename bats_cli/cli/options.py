@@ -27,6 +27,10 @@ DATA = "Data"
 RUN = "Run"
 OUTPUT = "Output"
 
+# Far beyond any machine: each is a process / thread, so an absurd value is a fork bomb.
+MAX_WORKERS = 256
+MAX_THREADS = 1024
+
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -121,7 +125,7 @@ PrecisionOpt = Annotated[
 NumWorkersOpt = Annotated[
     Optional[int],
     typer.Option(
-        "--num-workers", min=0, metavar="N", help="Data-loading worker processes.", rich_help_panel=RUN
+        "--num-workers", min=0, max=MAX_WORKERS, metavar="N", help="Data-loading worker processes.", rich_help_panel=RUN
     ),
 ]
 PresetOpt = Annotated[
@@ -133,6 +137,7 @@ ThreadsOpt = Annotated[
     typer.Option(
         "--threads",
         min=1,
+        max=MAX_THREADS,
         rich_help_panel=RUN,
         help="CPU threads (default: torch's choice; 1 is often faster on a busy machine).",
     ),

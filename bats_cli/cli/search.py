@@ -110,7 +110,7 @@ def search_command(
     max_skip: Annotated[Optional[int], opt("--max-skip", panel=SPACE, min=0, help="Cap skip connections in the final normal cell (P-DARTS; off by default).")] = None,
     name: Annotated[Optional[str], opt("--name", panel="Output", help="Genotype name (default: the run directory's name).")] = None,
     mixed_op: Annotated[Optional[str], opt("--mixed-op", panel="Run", help="fast (default) or reference implementation of the mixed op.")] = None,
-    threads: Annotated[Optional[int], opt("--threads", panel="Run", min=1, help="CPU threads (default: torch's; presets tiny/small use 1, faster on a busy shared CPU).")] = None,
+    threads: Annotated[Optional[int], opt("--threads", panel="Run", min=1, max=1024, help="CPU threads (default: torch's; presets tiny/small use 1, faster on a busy shared CPU).")] = None,
     seed: SeedOpt = None,
     out: OutOpt = None,
     resume: ResumeOpt = False,
