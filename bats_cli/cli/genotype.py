@@ -124,23 +124,38 @@ def schema() -> None:
 
 
 @genotype_app.command("list")
-def list_() -> None:
+def list_(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON list of {name, space, nodes, source}.")
+    ] = False,
+) -> None:
     """List the bundled genotypes (usable by name wherever a genotype file is expected).
 
-    Example: bats genotype list
+    Example: bats genotype list --json
     """
+    from bats_cli.genotype import load_zoo_genotype, zoo_names
+
+    rows = []
+    for name in zoo_names():
+        g = load_zoo_genotype(name)
+        rows.append({"name": name, "space": g.space,
+                     "nodes": {"normal": g.steps("normal"), "reduce": g.steps("reduce")},
+                     "source": g.source or None})
+    if as_json:
+        sys.stdout.write(json.dumps(rows) + "\n")
+        return
     from rich.console import Console
     from rich.table import Table
 
     from bats_cli.cli.options import console_text
-    from bats_cli.genotype import load_zoo_genotype, zoo_names
 
     table = Table(show_edge=False)
     for col in ("name", "space", "nodes", "source"):
         table.add_column(col, overflow="fold")
-    for name in zoo_names():
-        g = load_zoo_genotype(name)
-        table.add_row(*(console_text(v) for v in (g.name, g.space, f"{g.steps('normal')}/{g.steps('reduce')}", g.source or "")))
+    for row in rows:
+        nodes = row["nodes"]
+        table.add_row(*(console_text(v) for v in (row["name"], row["space"],
+                                                  f"{nodes['normal']}/{nodes['reduce']}", row["source"] or "")))
     Console(highlight=False).print(table)
 
 

@@ -21,7 +21,6 @@ from typing import Annotated, Any, Literal, Optional
 
 import typer
 
-from bats_cli.runtime import to_jsonable
 
 DATA = "Data"
 RUN = "Run"
@@ -209,6 +208,8 @@ def pct(value: float | None) -> str:
 
 
 def _default_table(result: Mapping[str, Any]) -> Any:
+    from bats_cli.runtime import to_jsonable
+
     return key_value_table((key, _cell(value)) for key, value in _flat(to_jsonable(result)).items())
 
 
@@ -243,6 +244,9 @@ def emit_result(
     ``table_fn(result)`` may return any rich renderable (or a str) for a custom human view.
     """
     if as_json:
+        # Imported here: bats_cli.runtime imports torch, which `--help` must not pay for.
+        from bats_cli.runtime import to_jsonable
+
         sys.stdout.write(json.dumps(to_jsonable(result), allow_nan=False) + "\n")
         sys.stdout.flush()
         return
