@@ -55,10 +55,7 @@ class BinarizeConfig(RunConfig):
     threads: Optional[int] = Field(None, ge=1)
 
 
-BINARIZE_PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {},
-    "tiny": {"epochs": 1, "threads": 1},
-}
+from bats_cli.presets import BINARIZE_PRESETS  # noqa: E402  (torch-free, shown by --help)
 
 
 @torch.no_grad()
@@ -111,12 +108,14 @@ def binarize(
     overrides: Mapping[str, Any] | None = None,
     stop_after_steps: int | None = None,
     handle_signals: bool = True,
+    preflight=None,
 ) -> dict[str, Any]:
     """Run ``bats binarize`` and return its JSON-ready result."""
     # Installed first, so that a signal during set-up stops the run too (after one step).
     with interrupt_guard(handle_signals=handle_signals) as stop:
         return _binarize(cfg, out=out, packed=packed, resume=resume, quiet=quiet, preset=preset,
-                         overrides=overrides, stop_after_steps=stop_after_steps, stop=stop)
+                         overrides=overrides, stop_after_steps=stop_after_steps, stop=stop,
+                         preflight=preflight)
 
 
 def _binarize(
@@ -130,6 +129,7 @@ def _binarize(
     overrides: Mapping[str, Any] | None = None,
     stop_after_steps: int | None = None,
     stop=None,
+    preflight=None,
 ) -> dict[str, Any]:
     """Run ``bats binarize`` and return its JSON-ready result."""
     from bats_cli.checkpoint import check_kind, load_checkpoint, read_metadata
@@ -202,6 +202,15 @@ def _binarize(
     )
     check_dataset(data.spec, settings, src)
     check_batch(len(data.train), batch_size, dist_info)
+    if preflight is not None and dist_info.is_main:
+        preflight(
+            command="binarize", model=build_from_settings(genotype, settings), device=device,
+            dataset=data.spec.name, train_images=len(data.train), test_images=len(data.test),
+            input_shape=(data.spec.in_channels, data.spec.image_size, data.spec.image_size),
+            num_classes=data.spec.num_classes, batch_size=batch_size // dist_info.world,
+            eval_batch_size=cfg.eval_batch_size or max(batch_size, 256),
+            steps_per_epoch=len(data.train) // batch_size, epochs=cfg.epochs, precision=cfg.precision,
+        )
     run_dir = open_run_dir(out, resume, dist_info, device)
     reporter = Reporter(quiet=quiet or not dist_info.is_main)
     eval_bs = cfg.eval_batch_size or max(batch_size, 256)
@@ -247,7 +256,7 @@ def _binarize(
                    "data_dir": None if data_dir is None else str(data_dir)}
     run_record = {**train_run, "data_dir": data_dir}
     if run_dir is not None and resume_from is None:
-        run_dir.write_config(run_config, source=str(src), network=bin_settings, data=data_record)
+        run_dir.write_config(run_config, device=device, source=str(src), network=bin_settings, data=data_record)
     aux_weight = float(train_run.get("aux_weight", 0.4)) if settings.get("auxiliary") else 0.0
     spec = FitSpec(
         kind="binarize", model=model, run_config=run_config, settings=bin_settings,

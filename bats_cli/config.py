@@ -72,9 +72,12 @@ def resolve_config(
     preset: str | None,
     presets: Mapping[str, Mapping[str, Any]],
     overrides: Mapping[str, Any],
+    file_config: Mapping[str, Any] | None = None,
 ) -> M:
-    """Build ``model_cls`` from its defaults, then ``presets[preset]``, then non-None overrides."""
-    return validate_config(model_cls, _layered({}, preset=preset, presets=presets, overrides=overrides))
+    """Build ``model_cls`` from its defaults, then ``presets[preset]``, then ``file_config``
+    (``--config FILE``), then the non-None overrides (the flags)."""
+    return validate_config(model_cls, _layered({}, preset=preset, presets=presets,
+                                               overrides=overrides, file_config=file_config))
 
 
 def _layered(
@@ -83,15 +86,44 @@ def _layered(
     preset: str | None,
     presets: Mapping[str, Mapping[str, Any]],
     overrides: Mapping[str, Any],
+    file_config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``data`` updated with ``presets[preset]`` (checked to exist), then the non-None overrides."""
+    """``data`` updated with ``presets[preset]`` (checked to exist), the file's, then the flags."""
     if preset is not None:
         if preset not in presets:
             choices = ", ".join(sorted(presets)) or "(none)"
             raise UserInputError(f"unknown --preset {preset!r}; choose one of: {choices}")
         data.update(presets[preset])
+    if file_config:
+        data.update(file_config)
     data.update({k: v for k, v in overrides.items() if v is not None})
     return data
+
+
+# Keys of a run's config.json that describe the run, not settings (ignored by --config FILE).
+_RECORD_ONLY = frozenset({"genotype"})
+
+
+def load_config_file(path, model_cls: type[BaseModel]) -> dict[str, Any]:
+    """The settings in a ``--config`` JSON file: a flat object, or a run's ``config.json``
+    (whose ``config`` member holds them). Unknown keys are one error naming them."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserInputError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserInputError(f"--config {path}: not readable JSON ({exc})") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):
+        data = data["config"]
+    if not isinstance(data, dict):
+        raise UserInputError(f"--config {path}: expected a JSON object of settings")
+    unknown = sorted(k for k in data if k not in model_cls.model_fields)
+    if unknown:
+        raise UserInputError(f"--config {path}: unknown setting(s) {', '.join(unknown)}")
+    return {k: v for k, v in data.items() if k not in _RECORD_ONLY}
 
 
 def validate_config(model_cls: type[M], data: Mapping[str, Any]) -> M:

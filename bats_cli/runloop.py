@@ -156,6 +156,11 @@ class RunJob:
         """Completed epochs as ``metrics.csv`` counts them (rows beyond it are stale on resume)."""
         return self.epoch
 
+    def run_steps(self) -> tuple[int, int, int] | None:
+        """(steps of the whole run, steps of completed epochs, images per step) for the run-level
+        progress and ETA; None if unknown."""
+        return None
+
     # -- an epoch
     def begin_epoch(self) -> tuple[str, Iterable[Any]]:
         """(progress description, the batches still to run in this epoch)."""
@@ -317,6 +322,12 @@ class RunLoop:
 
     def run(self) -> None:
         """Every remaining epoch of every remaining segment."""
+        steps = self.job.run_steps()
+        if steps is not None:
+            total, done, images = steps
+            # Elapsed time counts from the run's start, across resumes.
+            self.reporter.start_run(total, done=done, images_per_step=images,
+                                    started=time.perf_counter() - self.elapsed())
         while True:
             while not self.job.segment_done():
                 self.run_epoch()

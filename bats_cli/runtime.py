@@ -155,6 +155,47 @@ def _dist_version(name: str) -> str:
         return "absent"
 
 
+def run_record(device: Any = None) -> dict[str, Any]:
+    """What ``config.json`` records about the start of a run: the command line as typed, start
+    time, host, package version, git commit of the source (when it is a checkout) and device."""
+    import shlex
+    import socket
+
+    import bats_cli
+
+    return {
+        "command_line": shlex.join([_program_name(), *sys.argv[1:]]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": socket.gethostname(),
+        "bats_version": bats_cli.__version__,
+        "git_commit": git_commit(),
+        "device": None if device is None else str(device),
+    }
+
+
+def _program_name() -> str:
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "bats"
+    # `python -m bats_cli` shows as __main__.py; the command a user retypes is `bats`.
+    return "bats" if name in ("__main__.py", "-c", "") else name
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The commit of the checkout this package runs from, or None (installed copy, no git)."""
+    import subprocess
+
+    source = Path(__file__).resolve().parent.parent
+    if not (source / ".git").exists():
+        return None
+    try:
+        proc = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = proc.stdout.strip()
+    return commit if proc.returncode == 0 and commit else None
+
+
 # --------------------------------------------------------------------------- seeding / RNG state
 
 
@@ -799,6 +840,7 @@ class RunDir:
         self.path = Path(path)
         self._lock: RunLock | None = None
         check_run_dir_path(self.path, resume)
+        self.created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -836,6 +878,24 @@ class RunDir:
         with contextlib.suppress(Exception):
             self.close()
 
+    @staticmethod
+    def check(path: str | os.PathLike[str], *, resume: bool) -> None:
+        """Refuse what ``RunDir(path, resume=resume)`` would refuse, without creating anything."""
+        check_run_dir_path(path, resume)
+
+    def discard_if_unstarted(self) -> bool:
+        """Remove the directory if this RunDir created it and no checkpoint was saved yet.
+
+        Call on a failed start so that failures leave no empty run directories behind.
+        """
+        if not getattr(self, "created", False) or self.last.exists() or not self.path.is_dir():
+            return False
+        import shutil
+
+        self.close()  # the lock lives inside the directory
+        shutil.rmtree(self.path, ignore_errors=True)
+        return True
+
     @property
     def last(self) -> Path:
         return self.path / LAST_NAME
@@ -852,10 +912,12 @@ class RunDir:
         """``last.safetensors`` when resuming, else None."""
         return self.last if self.resuming else None
 
-    def write_config(self, config: Any, **extra: Any) -> Path:
-        """``config.json``: the full resolved config plus software versions (and ``extra``)."""
+    def write_config(self, config: Any, *, device: Any = None, **extra: Any) -> Path:
+        """``config.json``: the full resolved config, software versions, how and where the run
+        started (:func:`run_record`, with the resolved ``device``), and ``extra``."""
         return self.write_json(
-            CONFIG_NAME, {"config": config, "versions": software_versions(), **extra}
+            CONFIG_NAME,
+            {"config": config, "versions": software_versions(), "run": run_record(device), **extra},
         )
 
     def read_config(self) -> dict[str, Any] | None:
@@ -917,9 +979,11 @@ class EpochBar:
     def update(self, n: int = 1, **metrics: Any) -> None:
         """Advance ``n`` steps and set the live metrics shown next to the bar."""
         self.done += n
-        self.set(**metrics)
+        self.metrics.update(metrics)
+        self.reporter._advance(self, n)
         if self._progress is not None:
-            self._progress.update(self._task, advance=n, metrics=format_metrics(self.metrics))
+            self._progress.update(self._task, advance=n, metrics=format_metrics(self.metrics),
+                                  run=self.reporter.run_text())
 
     def set(self, **metrics: Any) -> None:
         """Set metrics without advancing (e.g. validation results for the epoch's line)."""
@@ -941,12 +1005,17 @@ class EpochBar:
 class Reporter:
     """Progress on stderr: a live rich bar per epoch on a TTY, plain lines otherwise.
 
-    Each ``epoch`` context prints exactly one line when it ends (on a TTY the transient bar is
-    replaced by it), so logs look the same under CI, nohup and SLURM. ``quiet`` prints nothing.
+    Each ``epoch`` context prints one line when it ends (on a TTY the transient bar is replaced
+    by it), so logs look the same under CI, nohup and SLURM. Without a TTY a plain progress
+    line also comes every ``every_steps`` steps or ``every_seconds`` seconds, whichever is first.
+    After :meth:`start_run` the lines and the bar carry the whole run's step count, images/s,
+    elapsed time and ETA, and one line reports the measured speed after the first steps.
+    ``quiet`` prints nothing.
     """
 
     def __init__(
-        self, *, quiet: bool = False, stream: TextIO | None = None, tty: bool | None = None
+        self, *, quiet: bool = False, stream: TextIO | None = None, tty: bool | None = None,
+        every_steps: int = 100, every_seconds: float = 60.0,
     ) -> None:
         self.quiet = quiet
         self.stream = stream if stream is not None else sys.stderr
@@ -954,7 +1023,113 @@ class Reporter:
             tty = bool(getattr(self.stream, "isatty", lambda: False)())
             tty = tty and os.environ.get("TERM") != "dumb"
         self.tty = tty
+        self.every_steps = max(1, every_steps)
+        self.every_seconds = every_seconds
         self._console: Any = None
+        self._live: Any = None
+        # run-level progress (start_run)
+        self.run_total: int | None = None
+        self.run_done = 0
+        self.images_per_step: int | None = None
+        self.started = time.perf_counter()
+        self._rate_t0: float | None = None
+        self._rate_base = 0
+        self._last_line_t = time.perf_counter()
+        self._last_line_step = 0
+        self._speed_reported = False
+        self.seconds_per_step: float | None = None
+
+    # -- run-level progress ---------------------------------------------------------------
+    def start_run(self, total_steps: int, *, done: int = 0, images_per_step: int | None = None,
+                  started: float | None = None) -> None:
+        """Declare the whole run: ``total_steps`` optimizer steps, ``done`` already taken.
+
+        ``started`` (a ``time.perf_counter()`` value) is when the command started, so elapsed
+        time includes start-up; default: when this Reporter was made.
+        """
+        self.run_total = int(total_steps)
+        self.run_done = int(done)
+        self.images_per_step = images_per_step
+        if started is not None:
+            self.started = started
+        self._rate_t0 = None
+        self._last_line_step = self.run_done
+
+    def _advance(self, bar: EpochBar, n: int) -> None:
+        if self.run_total is None:
+            return
+        self.run_done += n
+        now = time.perf_counter()
+        if self._rate_t0 is None or n != 1:
+            # The speed is timed from the first real step on: the first call may be a resumed
+            # epoch's skip, and the first step pays one-off costs.
+            self._rate_t0, self._rate_base = now, self.run_done
+            return
+        steps = self.run_done - self._rate_base
+        if steps > 0:
+            self.seconds_per_step = (now - self._rate_t0) / steps
+        if not self._speed_reported and steps >= 5 and (steps >= 20 or now - self._rate_t0 >= 5):
+            self._speed_reported = True
+            self._emit(self.speed_line())
+        if not self.tty and (now - self._last_line_t >= self.every_seconds
+                             or self.run_done - self._last_line_step >= self.every_steps):
+            self._last_line_t, self._last_line_step = now, self.run_done
+            line = self.step_line(bar)
+            if line:
+                self._emit(line)
+
+    def eta_seconds(self) -> float | None:
+        if self.run_total is None or self.seconds_per_step is None:
+            return None
+        return max(0, self.run_total - self.run_done) * self.seconds_per_step
+
+    def images_per_second(self) -> float | None:
+        if not self.images_per_step or not self.seconds_per_step:
+            return None
+        return self.images_per_step / self.seconds_per_step
+
+    def run_text(self) -> str:
+        """``run 120/9000  512 img/s  eta 1:23:00`` (empty before start_run)."""
+        if self.run_total is None:
+            return ""
+        parts = [f"run {self.run_done}/{self.run_total}"]
+        ips = self.images_per_second()
+        if ips is not None:
+            parts.append(f"{ips:.0f} img/s")
+        eta = self.eta_seconds()
+        parts.append(f"eta {_fmt_seconds(eta)}" if eta is not None else "eta -")
+        return "  ".join(parts)
+
+    def step_line(self, bar: EpochBar) -> str:
+        """The periodic plain line: step/total, metrics, images/s, elapsed and ETA of the run."""
+        if self.run_total is None:
+            return ""
+        parts = [f"step {self.run_done}/{self.run_total}", f"({bar.desc} {bar.done}/{bar.total})"]
+        if bar.metrics:
+            parts.append(format_metrics(bar.metrics))
+        ips = self.images_per_second()
+        if ips is not None:
+            parts.append(f"{ips:.0f} img/s")
+        parts.append(f"elapsed {_fmt_seconds(time.perf_counter() - self.started)}")
+        eta = self.eta_seconds()
+        parts.append(f"eta {_fmt_seconds(eta)}" if eta is not None else "eta -")
+        return "  ".join(parts)
+
+    def speed_line(self) -> str:
+        sps = self.seconds_per_step or 0.0
+        eta = self.eta_seconds() or 0.0
+        ips = self.images_per_second()
+        speed = f"{sps:.3g} s/step" + (f" ({ips:.0f} images/s)" if ips is not None else "")
+        finish = time.strftime("%Y-%m-%d %H:%M", time.localtime(time.time() + eta))
+        return f"measured: {speed}; ETA of the run {_fmt_seconds(eta)} (about {finish})"
+
+    def _emit(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self._live is not None:
+            self._live.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=self.stream, flush=True)
 
     def _rich_console(self) -> Any:
         if self._console is None:
@@ -985,24 +1160,33 @@ class Reporter:
             TimeElapsedColumn,
             TimeRemainingColumn,
         )
+        from rich.table import Column
 
+        # Clocks and counts never wrap or shrink; only the metrics text gives way (ellipsis).
+        fixed = Column(no_wrap=True)
         progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[metrics]}"),
+            TextColumn("{task.description}", table_column=Column(no_wrap=True)),
+            BarColumn(bar_width=20),
+            MofNCompleteColumn(table_column=Column(no_wrap=True)),
+            TimeElapsedColumn(table_column=fixed),
+            TextColumn("eta", table_column=Column(no_wrap=True)),
+            TimeRemainingColumn(table_column=Column(no_wrap=True)),
+            TextColumn("{task.fields[run]}", table_column=Column(no_wrap=True)),
+            TextColumn("{task.fields[metrics]}",
+                       table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1, min_width=0)),
             console=self._rich_console(),
             transient=True,
         )
         bar._progress = progress
-        bar._task = progress.add_task(desc, total=total_steps, metrics="")
+        bar._task = progress.add_task(desc, total=total_steps, metrics="", run=self.run_text())
         ok = False
         try:
             with progress:
-                yield bar
+                self._live = progress
+                try:
+                    yield bar
+                finally:
+                    self._live = None
             ok = True
         finally:
             self.line(bar.summary_line(interrupted=not ok))

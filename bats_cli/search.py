@@ -19,6 +19,7 @@ Library entry point: :func:`run_search`. A run directory holds ``config.json``, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -49,6 +50,7 @@ from bats_cli.runloop import (
     Checkpoint,
     RunJob,
     RunLoop,
+    check_out_dir,
     interrupt_guard,
     open_run_dir,
     restores_threads,
@@ -65,35 +67,7 @@ GENOTYPE_NAME = "genotype.json"
 # Settings that may change when a run is resumed (where/how it runs, not what it searches).
 SEARCH_RESUME_IGNORED = RESUME_IGNORED_KEYS | {"threads"}
 
-# Presets: paper defaults < preset < explicit flags.
-SEARCH_PRESETS: dict[str, dict[str, Any]] = {
-    # The whole 3-stage search on the embedded fashion-mini in about a minute on 2 CPU cores.
-    "tiny": {
-        "subset": 320,
-        "image_size": 16,
-        "batch_size": 32,
-        "epochs": 2,
-        "warmup": 1,
-        "channels": 6,
-        "layers": (3, 4, 5),
-        # Tiny tensors gain nothing from more threads, and lose a lot on a busy shared CPU.
-        "threads": 1,
-    },
-    # About 5 minutes on 2 busy CPU cores: e.g. --dataset imagefolder --data-dir
-    # ../shared/datasets/cifar10-mini (960 images at 16 px, 15 steps per epoch).
-    "small": {
-        "subset": 960,
-        "image_size": 16,
-        "batch_size": 32,
-        "epochs": 4,
-        "warmup": 1,
-        "channels": 6,
-        "layers": (5, 6, 8),
-        "threads": 1,
-    },
-    # The paper's numbers (§6.1), spelled out.
-    "paper": {},
-}
+from bats_cli.presets import SEARCH_PRESETS  # noqa: E402  (torch-free, shown by --help)
 
 
 def _default_mixed_op() -> str:
@@ -106,9 +80,9 @@ class SearchConfig(RunConfig):
     """Every number of the search; defaults are the paper's (§6.1, §4.3, Appendix B for --real)."""
 
     # data
-    dataset: str = "fashion-mini"
+    dataset: str = "cifar10"  # the paper searches on CIFAR-10 (§6.1)
     data_dir: str | None = None
-    download: bool = False
+    download: bool | None = None  # None: fetch torchvision data sets when missing
     subset: int | None = Field(None, ge=4)
     image_size: int | None = Field(None, ge=8)
     seed: int = Field(0, ge=0)
@@ -313,9 +287,10 @@ class _Accum:
     def metrics(self) -> dict[str, float | None]:
         return {
             "train_loss": self.w_loss / self.w_count if self.w_count else None,
-            "train_acc": self.w_correct / self.w_count if self.w_count else None,
+            # Percentages, as every other accuracy this project writes.
+            "train_acc": 100.0 * self.w_correct / self.w_count if self.w_count else None,
             "arch_loss": self.a_loss / self.a_count if self.a_count else None,
-            "arch_acc": self.a_correct / self.a_count if self.a_count else None,
+            "arch_acc": 100.0 * self.a_correct / self.a_count if self.a_count else None,
         }
 
     def progress(self) -> dict[str, float]:
@@ -452,6 +427,11 @@ class Searcher(RunJob):
 
     def metrics_epoch(self) -> int:
         return self.global_epoch()
+
+    def run_steps(self) -> tuple[int, int, int]:
+        cfg = self.cfg
+        return (cfg.stages * cfg.epochs * self.steps_per_epoch,
+                self.global_epoch() * self.steps_per_epoch, cfg.batch_size)
 
     def _loaders(self, search: bool):
         from bats_cli.data import derive_seed, make_loader
@@ -785,6 +765,16 @@ def load_search_data(config: SearchConfig):
     return weight_half, arch_half, data.spec
 
 
+@contextlib.contextmanager
+def _discard_if_unstarted(run):
+    """A start refused after the run directory was made (e.g. the batch) leaves no directory."""
+    try:
+        yield
+    except UserInputError:
+        run.discard_if_unstarted()
+        raise
+
+
 @restores_threads
 def run_search(
     config: SearchConfig,
@@ -793,6 +783,7 @@ def run_search(
     resume: bool = False,
     reporter=None,
     interrupt=None,
+    preflight=None,
 ) -> SearchResult:
     """Run (or continue) the 3-stage search in ``out_dir``; returns the final genotype and timings.
 
@@ -806,9 +797,11 @@ def run_search(
     from bats_cli.preflight import check_sizes
 
     check_sizes(channels=config.channels, layers=max(config.layers), nodes=config.nodes,
-                what="the search supernet")  # before the run directory is created
-    run = open_run_dir(Path(out_dir), resume)
-    ckpt = run.checkpoint_to_resume()
+                what="the search supernet")
+    # Everything that can be refused is checked before the run directory exists.
+    check_out_dir(Path(out_dir), resume)
+    ckpt = Path(out_dir) / "last.safetensors" if resume else None
+    ckpt = ckpt if ckpt is not None and ckpt.is_file() else None
     if ckpt is not None:
         from bats_cli.checkpoint import read_metadata
 
@@ -819,11 +812,16 @@ def run_search(
     device = select_device(config.device)
     check_precision(device, config.precision)
     weight_half, arch_half, spec = load_search_data(config)
+    if preflight is not None:
+        from bats_cli.plan import search_plan_args
+
+        preflight(**search_plan_args(config, spec, device, len(weight_half), len(arch_half)))
+    run = open_run_dir(Path(out_dir), resume)
     if ckpt is None:
-        run.write_config(config.model_dump(mode="json"), command="search")
+        run.write_config(config.model_dump(mode="json"), device=device, command="search")
     if config.threads and device.type == "cpu":
         set_threads(config.threads)
-    with interrupt_guard(interrupt) as stop:
+    with interrupt_guard(interrupt) as stop, _discard_if_unstarted(run):
         searcher = Searcher(config, run=run, reporter=reporter, device=device,
                             data=(weight_half, arch_half), in_channels=spec.in_channels,
                             num_classes=spec.num_classes)

@@ -66,7 +66,8 @@ from bats_cli.schedule import cosine_lr
 
 # §6.2: 600 epochs on CIFAR-10/100, 75 on ImageNet; keyed by network family.
 PAPER_EPOCHS = {"cifar": 600, "imagenet": 75}
-DEFAULT_DATASET = "fashion-mini"
+# The paper's data (§6.2); --preset tiny uses the embedded fashion-mini instead.
+DEFAULT_DATASET = "cifar10"
 
 
 class TrainConfig(RunConfig):
@@ -76,7 +77,7 @@ class TrainConfig(RunConfig):
     # data
     dataset: str = DEFAULT_DATASET
     data_dir: Optional[str] = None
-    download: bool = False
+    download: Optional[bool] = Field(None, description="None: fetch torchvision data sets when missing")
     subset: Optional[int] = Field(None, ge=1)
     image_size: Optional[int] = Field(None, ge=8)
     # network
@@ -115,15 +116,7 @@ class TrainConfig(RunConfig):
 # Settings that may differ when a run is resumed: where and how it runs, not what it trains.
 TRAIN_RESUME_IGNORED = RESUME_IGNORED_KEYS | {"threads"}
 
-TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's recipe is the default; "paper" only names it.
-    "paper": {},
-    # About a minute on a CPU: the smallest network (3 cells, 6 channels), 2 epochs of at most
-    # 2,500 images (all of fashion-mini), lr 2e-3 (measured: 53.8 % top-1 vs 44.4 % at 1e-3).
-    # One thread: tiny tensors gain nothing from more, and lose a lot on a busy shared CPU.
-    "tiny": {"layers": 3, "channels": 6, "epochs": 2, "batch_size": 32, "subset": 2500,
-             "lr": 2e-3, "threads": 1},
-}
+from bats_cli.presets import TRAIN_PRESETS  # noqa: E402  (torch-free, shown by --help)
 
 
 def resolve_augment(cfg: TrainConfig, dataset_name: str):
@@ -238,6 +231,9 @@ class TrainJob(RunJob):
     # -- position
     def segment_done(self) -> bool:
         return self.epoch >= self.spec.epochs
+
+    def run_steps(self) -> tuple[int, int, int]:
+        return self.total_steps, self.epoch * self.steps_per_epoch, self.spec.batch_size
 
     # -- an epoch
     def begin_epoch(self):
@@ -426,17 +422,19 @@ def train(
     handle_signals: bool = True,
     preset: str | None = None,
     overrides: Mapping[str, Any] | None = None,
+    preflight=None,
 ) -> dict[str, Any]:
     """Run ``bats train``: returns the JSON-ready result (rank 0's is the one to print).
 
     With ``resume`` and an existing ``<out>/last.safetensors`` the saved config is used; ``preset``
-    and ``overrides`` (the flags given) must then agree with it.
+    and ``overrides`` (the flags given) must then agree with it. ``preflight(**plan)`` (see
+    :func:`bats_cli.plan.make_preflight`) runs before the run directory is created.
     """
     # Installed first, so that a signal during set-up stops the run too (after one step).
     with interrupt_guard(handle_signals=handle_signals) as stop:
         return _train(cfg, genotype=genotype, out=out, resume=resume, quiet=quiet,
                       stop_after_steps=stop_after_steps, preset=preset, overrides=overrides,
-                      stop=stop)
+                      stop=stop, preflight=preflight)
 
 
 def _train(
@@ -450,6 +448,7 @@ def _train(
     stop=None,
     preset: str | None = None,
     overrides: Mapping[str, Any] | None = None,
+    preflight=None,
 ) -> dict[str, Any]:
     """Run ``bats train``: returns the JSON-ready result (rank 0's is the one to print).
 
@@ -493,11 +492,11 @@ def _train(
     spec0 = describe_spec(cfg.dataset, cfg.data_dir, cfg.image_size)
     augment = resolve_augment(cfg, spec0.name)
     # With --download under torchrun, rank 0 downloads while the others wait for it.
-    wait_for_download = cfg.download and dist_info.enabled
+    wait_for_download = cfg.download is not False and dist_info.enabled
     if wait_for_download and not dist_info.is_main:
         barrier(dist_info)
     data = build_datasets(
-        cfg.dataset, data_dir=cfg.data_dir, download=cfg.download and dist_info.is_main,
+        cfg.dataset, data_dir=cfg.data_dir, download=cfg.download if dist_info.is_main else False,
         subset=cfg.subset, image_size=cfg.image_size, augment=augment, seed=cfg.seed,
     )
     if wait_for_download and dist_info.is_main:
@@ -520,16 +519,29 @@ def _train(
     )
     settings = network_settings(model, width=cfg.width, data_spec=dspec)
     run_config = cfg.model_dump(mode="json")
+    if preflight is not None and dist_info.is_main:
+        preflight(
+            command="train", model=model, device=device, dataset=dspec.name,
+            train_images=len(data.train), test_images=len(data.test),
+            input_shape=(dspec.in_channels, dspec.image_size, dspec.image_size),
+            num_classes=dspec.num_classes, batch_size=cfg.batch_size // dist_info.world,
+            eval_batch_size=cfg.eval_batch_size or max(cfg.batch_size, 256),
+            steps_per_epoch=steps_per_epoch(len(data.train), cfg.batch_size), epochs=epochs,
+            precision=cfg.precision, network=f"{settings['layers']} cells, C={settings['channels']}",
+        )
     run_dir = open_run_dir(out, resume, dist_info, device)
     if run_dir is not None and not resuming:
-        run_dir.write_config(run_config, network=settings, data=data_info(dspec, augment),
+        run_dir.write_config(run_config, device=device, network=settings, data=data_info(dspec, augment),
                              genotype=genotype.to_dict())
     reporter = Reporter(quiet=quiet or not dist_info.is_main)
     n_params = sum(p.numel() for p in model.parameters())
+    # `bats flops` counts the inference network: without the auxiliary head (training only).
+    n_infer = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("auxiliary_head."))
     reporter.line(
         f"train {genotype.name} on {dspec.name} ({len(data.train)} train / {len(data.test)} test "
         f"images): {settings['layers']} cells, C={settings['channels']}, "
-        f"{'real' if cfg.real else 'binary activations, real weights'}, {n_params:,} parameters, "
+        f"{'real' if cfg.real else 'binary activations, real weights'}, {n_params:,} parameters "
+        f"({n_infer:,} without the auxiliary head, as bats flops counts), "
         f"{epochs} epochs, batch {cfg.batch_size}"
         + (f" over {dist_info.world} processes" if dist_info.enabled else "")
         + f", device {device}" + (" (resuming)" if resuming else "")
@@ -556,6 +568,7 @@ def _train(
         "test_images": len(data.test),
         "network": settings,
         "parameters": n_params,
+        "parameters_without_aux": n_infer,
         "epochs": epochs,
         "steps_per_epoch": summary["steps_per_epoch"],
         "world_size": dist_info.world,

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Mapping, Optional
 import typer
 
 from bats_cli.cli.app import app
+from bats_cli.presets import BINARIZE_PRESETS
 from bats_cli.cli.options import (
     OUTPUT,
     DataDirOpt,
@@ -25,11 +26,19 @@ from bats_cli.cli.options import (
     key_value_table,
     path_or_none,
     pct,
+    ConfigFileOpt,
+    DryRunOpt,
+    PrintConfigOpt,
+    ResumeOrStartOpt,
+    preflight_hook,
     preset_option,
+    print_config,
+    resume_mode,
+    run_planned,
 )
 
 FT = "Fine-tuning"
-BinarizePresetOpt = preset_option(("paper", "tiny"))
+BinarizePresetOpt = preset_option(BINARIZE_PRESETS)
 
 
 def result_table(result: Mapping[str, Any]) -> Any:
@@ -65,7 +74,7 @@ def binarize_command(
     calibration_batches: Annotated[Optional[int], typer.Option("--calibration-batches", min=0, rich_help_panel=FT, help="Training batches to re-estimate BatchNorm statistics on after binarizing; 0 = off. Default 20.")] = None,
     packed: Annotated[Optional[Path], typer.Option("-o", "--output", dir_okay=False, rich_help_panel=OUTPUT, help="Where to write the packed 1-bit artifact. Default OUT/model.packed.safetensors.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", file_okay=False, rich_help_panel=OUTPUT, help="Run directory. Default: a 'binarize' folder next to CHECKPOINT.")] = None,
-    force: Annotated[bool, typer.Option("--force", rich_help_panel=OUTPUT, help="Overwrite an existing -o file (never the input checkpoint).")] = False,
+    force: Annotated[bool, typer.Option("--force", rich_help_panel=OUTPUT, help="Overwrite an existing -o file (never the input checkpoint), and start even when the plan's peak memory exceeds what is available.")] = False,
     keep_aux: Annotated[Optional[bool], typer.Option("--keep-aux", rich_help_panel=OUTPUT, help="Keep the auxiliary tower in the packed artifact (training only; dropped by default).")] = None,
     data_dir: DataDirOpt = None,
     subset: SubsetOpt = None,
@@ -75,7 +84,11 @@ def binarize_command(
     precision: PrecisionOpt = None,
     num_workers: NumWorkersOpt = None,
     threads: ThreadsOpt = None,
+    resume_or_start: ResumeOrStartOpt = False,
     preset: BinarizePresetOpt = None,
+    config_file: ConfigFileOpt = None,
+    print_config_: PrintConfigOpt = False,
+    dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -87,7 +100,7 @@ def binarize_command(
     Example: bats binarize runs/tiny/last.safetensors -o tiny.packed.safetensors
     """
     from bats_cli.binarize import BINARIZE_PRESETS, BinarizeConfig, binarize
-    from bats_cli.config import resolve_config
+    from bats_cli.config import load_config_file, resolve_config
     from bats_cli.outputs import check_output_file
 
     if packed is not None:
@@ -106,8 +119,17 @@ def binarize_command(
         "keep_aux": keep_aux, "device": device, "precision": precision,
         "num_workers": num_workers, "threads": threads,
     }
-    cfg = resolve_config(BinarizeConfig, preset=preset, presets=BINARIZE_PRESETS, overrides=overrides)
-    result = binarize(cfg, out=out, packed=packed, resume=resume, quiet=quiet, preset=preset,
-                      overrides=overrides)
-    if is_main_process():
+    file_config = load_config_file(config_file, BinarizeConfig) if config_file is not None else None
+    cfg = resolve_config(BinarizeConfig, preset=preset, presets=BINARIZE_PRESETS, overrides=overrides,
+                         file_config=file_config)
+    if print_config_:
+        print_config(cfg)
+        return
+    run_out = out if out is not None else checkpoint.parent / "binarize"
+    resume = resume_mode(run_out, resume, resume_or_start)
+    hook = preflight_hook(dry_run=dry_run, force=force, as_json=as_json, quiet=quiet)
+    result = run_planned(lambda: binarize(cfg, out=out, packed=packed, resume=resume, quiet=quiet,
+                                          preset=preset, overrides=overrides, preflight=hook),
+                         as_json=as_json)
+    if result is not None and is_main_process():
         emit_result(result, as_json=as_json, table_fn=result_table)

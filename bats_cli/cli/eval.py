@@ -90,7 +90,7 @@ def eval_command(
         from bats_cli.evaluate import evaluate_checkpoint
 
         result = evaluate_checkpoint(
-            checkpoint, dataset=dataset, data_dir=data_dir, download=bool(download),
+            checkpoint, dataset=dataset, data_dir=data_dir, download=download,
             image_size=image_size, subset=subset, batch_size=batch_size, device=device,
             precision=precision or "fp32", num_workers=num_workers or 0, threads=threads,
             engine=engine,

@@ -89,9 +89,9 @@ OutOpt = Annotated[
     Optional[Path],
     typer.Option(
         "--out",
-        "-o",
         file_okay=False,
-        help="Run directory: config.json, metrics.csv, last/best.safetensors.",
+        help="Run directory: config.json, metrics.csv, last/best.safetensors (-o always names an "
+             "output file).",
         rich_help_panel=OUTPUT,
     ),
 ]
@@ -99,7 +99,7 @@ ResumeOpt = Annotated[
     bool,
     typer.Option(
         "--resume",
-        help="Continue the run in --out from last.safetensors (starts fresh if there is none).",
+        help="Continue the run in --out from its last.safetensors (an error if there is none).",
         rich_help_panel=RUN,
     ),
 ]
@@ -168,14 +168,17 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def preset_option(presets: Iterable[str] | Mapping[str, Any]) -> Any:
-    """A ``--preset`` type whose help lists this command's presets (validated by resolve_config)."""
-    names = ", ".join(sorted(presets))
+def preset_option(presets: Mapping[str, Mapping[str, Any]]) -> Any:
+    """A ``--preset`` type whose help says what each of this command's presets sets."""
+    from bats_cli.presets import describe_presets
+
     return Annotated[
         Optional[str],
         typer.Option(
             "--preset",
-            help=f"Named set of settings ({names}); explicit flags override it.",
+            metavar="NAME",
+            help=f"Named settings; --config and explicit flags override them. "
+                 f"{describe_presets(presets)}.",
             rich_help_panel=RUN,
         ),
     ]
@@ -254,3 +257,78 @@ def emit_result(
 
     renderable = table_fn(result) if table_fn is not None else _default_table(result)
     Console(file=sys.stdout, highlight=False).print(renderable)
+
+
+# --------------------------------------------------------------------------- long-run options
+
+DryRunOpt = Annotated[
+    bool,
+    typer.Option("--dry-run", rich_help_panel=RUN,
+                 help="Print the plan (sizes, steps, measured peak memory) and exit without training."),
+]
+ForceOpt = Annotated[
+    bool,
+    typer.Option("--force", rich_help_panel=RUN,
+                 help="Start even when the plan's peak memory exceeds what is available."),
+]
+ConfigFileOpt = Annotated[
+    Optional[Path],
+    typer.Option("--config", dir_okay=False, metavar="FILE", rich_help_panel=RUN,
+                 help="JSON settings (e.g. an earlier run's config.json), applied over --preset; "
+                      "flags override it."),
+]
+PrintConfigOpt = Annotated[
+    bool,
+    typer.Option("--print-config", rich_help_panel=RUN,
+                 help="Print the resolved settings as JSON and exit."),
+]
+ResumeOrStartOpt = Annotated[
+    bool,
+    typer.Option("--resume-or-start", rich_help_panel=RUN,
+                 help="Like --resume, but start a new run when --out holds no checkpoint yet "
+                      "(one command line for the first job and every requeue)."),
+]
+
+
+def resume_mode(out: Path | None, resume: bool, resume_or_start: bool) -> bool:
+    """The library's ``resume`` flag; ``--resume`` of a directory without a checkpoint is refused."""
+    from bats_cli.errors import UserInputError
+
+    if resume and resume_or_start:
+        raise UserInputError("give --resume or --resume-or-start, not both")
+    if not (resume or resume_or_start):
+        return False
+    flag = "--resume" if resume else "--resume-or-start"
+    if out is None:
+        raise UserInputError(f"{flag} needs --out DIR (the run directory to continue)")
+    if resume and not (out / "last.safetensors").is_file():
+        raise UserInputError(
+            f"--resume: {out} holds no checkpoint (last.safetensors) to continue; start the run "
+            f"without --resume, or use --resume-or-start to start it when there is none"
+        )
+    return True
+
+
+def preflight_hook(*, dry_run: bool, force: bool, as_json: bool, quiet: bool) -> Any:
+    """The plan hook for a long command (see :mod:`bats_cli.plan`)."""
+    from bats_cli.plan import make_preflight
+
+    return make_preflight(dry_run=dry_run, force=force, as_json=as_json, quiet=quiet)
+
+
+def run_planned(fn: Callable[[], Any], *, as_json: bool) -> Any:
+    """``fn()``; with ``--dry-run`` the plan it raised is printed instead and None returned."""
+    from bats_cli.plan import DryRun, print_plan
+
+    try:
+        return fn()
+    except DryRun as dry:
+        print_plan(dry.plan, as_json=as_json)
+        return None
+
+
+def print_config(cfg: Any) -> None:
+    """``--print-config``: the resolved settings as indented JSON on stdout."""
+    from bats_cli.runtime import to_jsonable
+
+    sys.stdout.write(json.dumps(to_jsonable(cfg), indent=2) + "\n")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Mapping, Optional
 
 from bats_cli.cli.app import app
+from bats_cli.presets import SEARCH_PRESETS
 from bats_cli.cli.options import (
     DataDirOpt,
     DatasetOpt,
@@ -21,11 +22,20 @@ from bats_cli.cli.options import (
     ResumeOpt,
     SeedOpt,
     SubsetOpt,
+    ConfigFileOpt,
+    DryRunOpt,
+    ForceOpt,
+    PrintConfigOpt,
+    ResumeOrStartOpt,
     emit_result,
     key_value_table,
     opt,
     path_or_none,
+    preflight_hook,
     preset_option,
+    print_config,
+    resume_mode,
+    run_planned,
 )
 from bats_cli.errors import UserInputError
 
@@ -33,7 +43,7 @@ SPACE = "Search space and strategy (§4.1, §4.3)"
 SCHED = "Progressive schedule (§6.1)"
 OPTIM = "Optimisation (§6.1; Appendix B with --real)"
 
-SearchPresetOpt = preset_option(("tiny", "small", "paper"))
+SearchPresetOpt = preset_option(SEARCH_PRESETS)
 
 
 def _int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
@@ -97,11 +107,11 @@ def search_command(
     channels: Annotated[Optional[int], opt("--channels", panel=SCHED, min=2, help="Supernet width (default 18 = 6 groups x 3 channels).")] = None,
     nodes: Annotated[Optional[int], opt("--nodes", panel=SCHED, min=1, help="Intermediate nodes per cell (default 4).")] = None,
     arch_lr: Annotated[Optional[float], opt("--arch-lr", panel=OPTIM, help="Adam lr for alpha (default 6e-4).")] = None,
-    arch_wd: Annotated[Optional[float], opt("--arch-wd", panel=OPTIM, help="Weight decay for alpha (default 1e-3).")] = None,
+    arch_wd: Annotated[Optional[float], opt("--arch-weight-decay", panel=OPTIM, help="Weight decay for alpha (default 1e-3).")] = None,
     arch_betas: Annotated[Optional[str], opt("--arch-betas", panel=OPTIM, metavar="B1,B2", help="Adam betas for alpha (default 0.5,0.999).")] = None,
     optimizer: Annotated[Optional[str], opt("--optimizer", panel=OPTIM, help="Weights: adam (default) or sgd (default with --real).")] = None,
     lr: Annotated[Optional[float], opt("--lr", panel=OPTIM, help="Weights lr (default 1e-3 Adam; 0.1 SGD).")] = None,
-    wd: Annotated[Optional[float], opt("--wd", panel=OPTIM, help="Weights weight decay (default 3e-4).")] = None,
+    wd: Annotated[Optional[float], opt("--weight-decay", panel=OPTIM, help="Weight decay of the network weights (default 3e-4).")] = None,
     betas: Annotated[Optional[str], opt("--betas", panel=OPTIM, metavar="B1,B2", help="Adam betas for the weights (default 0.9,0.999).")] = None,
     momentum: Annotated[Optional[float], opt("--momentum", panel=OPTIM, help="SGD momentum (default 0.9).")] = None,
     lr_schedule: Annotated[Optional[str], opt("--lr-schedule", panel=OPTIM, help="constant (default with Adam) or cosine per stage (default with SGD).")] = None,
@@ -117,7 +127,12 @@ def search_command(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = None,
     num_workers: NumWorkersOpt = None,
+    resume_or_start: ResumeOrStartOpt = False,
     preset: SearchPresetOpt = None,
+    config_file: ConfigFileOpt = None,
+    print_config_: PrintConfigOpt = False,
+    dry_run: DryRunOpt = False,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -132,7 +147,7 @@ def search_command(
     Example: bats search --dataset imagefolder --data-dir ../shared/datasets/cifar10-mini
     --preset small --out runs/c10mini
     """
-    from bats_cli.config import resolve_config, resolve_resume_config
+    from bats_cli.config import load_config_file, resolve_config, resolve_resume_config
     from bats_cli.runtime import Reporter
     from bats_cli.search import SEARCH_PRESETS, SEARCH_RESUME_IGNORED, SearchConfig, run_search
 
@@ -155,10 +170,10 @@ def search_command(
         "seed": seed, "device": device, "precision": precision, "num_workers": num_workers,
         "threads": threads,
     }
+    resume = resume_mode(out, resume, resume_or_start)
     if out is None:
-        if resume:
-            raise UserInputError("--resume needs --out DIR (the run directory to continue)")
         out = Path("runs") / time.strftime("search-%Y%m%d-%H%M%S")
+    file_config = load_config_file(config_file, SearchConfig) if config_file is not None else None
     last = out / "last.safetensors"
     if resume and last.is_file():
         from bats_cli.checkpoint import read_metadata
@@ -167,8 +182,16 @@ def search_command(
         if meta.kind != "search":
             raise UserInputError(f"{last} is a {meta.kind} checkpoint; `bats search --resume` needs a search run")
         cfg = resolve_resume_config(SearchConfig, meta.config, preset=preset, presets=SEARCH_PRESETS,
-                                    overrides=overrides, ignore=SEARCH_RESUME_IGNORED)
+                                    overrides={**(file_config or {}), **{k: v for k, v in overrides.items() if v is not None}},
+                                    ignore=SEARCH_RESUME_IGNORED)
     else:
-        cfg = resolve_config(SearchConfig, preset=preset, presets=SEARCH_PRESETS, overrides=overrides)
-    result = run_search(cfg, out_dir=out, resume=resume, reporter=Reporter(quiet=quiet))
-    emit_result(result.to_dict(), as_json=as_json, table_fn=result_table)
+        cfg = resolve_config(SearchConfig, preset=preset, presets=SEARCH_PRESETS, overrides=overrides,
+                             file_config=file_config)
+    if print_config_:
+        print_config(cfg)
+        return
+    hook = preflight_hook(dry_run=dry_run, force=force, as_json=as_json, quiet=quiet)
+    result = run_planned(lambda: run_search(cfg, out_dir=out, resume=resume, reporter=Reporter(quiet=quiet),
+                                            preflight=hook), as_json=as_json)
+    if result is not None:
+        emit_result(result.to_dict(), as_json=as_json, table_fn=result_table)

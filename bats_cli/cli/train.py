@@ -7,8 +7,14 @@ from typing import Annotated, Any, Mapping, Optional
 import typer
 
 from bats_cli.cli.app import app
+from bats_cli.presets import TRAIN_PRESETS
 from bats_cli.cli.options import (
+    ConfigFileOpt,
     DataDirOpt,
+    DryRunOpt,
+    ForceOpt,
+    PrintConfigOpt,
+    ResumeOrStartOpt,
     DatasetOpt,
     DeviceOpt,
     DownloadOpt,
@@ -28,14 +34,18 @@ from bats_cli.cli.options import (
     opt,
     path_or_none,
     pct,
+    preflight_hook,
     preset_option,
+    print_config,
+    resume_mode,
+    run_planned,
 )
 
 NET = "Network"
 OPTIM = "Optimisation (defaults: the paper, §6.2)"
 AUG = "Augmentation"
 
-TrainPresetOpt = preset_option(("paper", "tiny"))
+TrainPresetOpt = preset_option(TRAIN_PRESETS)
 
 
 def result_table(result: Mapping[str, Any]) -> Any:
@@ -95,7 +105,12 @@ def train_command(
     precision: PrecisionOpt = None,
     num_workers: NumWorkersOpt = None,
     threads: ThreadsOpt = None,
+    resume_or_start: ResumeOrStartOpt = False,
     preset: TrainPresetOpt = None,
+    config_file: ConfigFileOpt = None,
+    print_config_: PrintConfigOpt = False,
+    dry_run: DryRunOpt = False,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -106,7 +121,7 @@ def train_command(
 
     Example: bats train bats_c10 --preset tiny --out runs/tiny
     """
-    from bats_cli.config import resolve_config
+    from bats_cli.config import load_config_file, resolve_config
     from bats_cli.genotype import resolve_genotype
     from bats_cli.train import TRAIN_PRESETS, TrainConfig, train
 
@@ -121,8 +136,16 @@ def train_command(
         "drop_path": drop_path, "cutout": cutout, "mixup": mixup, "autoaugment": autoaugment,
         "seed": seed, "device": device, "precision": precision, "num_workers": num_workers, "threads": threads,
     }
-    cfg = resolve_config(TrainConfig, preset=preset, presets=TRAIN_PRESETS, overrides=overrides)
-    result = train(cfg, genotype=g, out=out, resume=resume, quiet=quiet, preset=preset,
-                   overrides=overrides)
-    if is_main_process():
+    file_config = load_config_file(config_file, TrainConfig) if config_file is not None else None
+    cfg = resolve_config(TrainConfig, preset=preset, presets=TRAIN_PRESETS, overrides=overrides,
+                         file_config=file_config)
+    if print_config_:
+        print_config(cfg)
+        return
+    resume = resume_mode(out, resume, resume_or_start)
+    hook = preflight_hook(dry_run=dry_run, force=force, as_json=as_json, quiet=quiet)
+    result = run_planned(lambda: train(cfg, genotype=g, out=out, resume=resume, quiet=quiet,
+                                       preset=preset, overrides=overrides, preflight=hook),
+                         as_json=as_json)
+    if result is not None and is_main_process():
         emit_result(result, as_json=as_json, table_fn=result_table)

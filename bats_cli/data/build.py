@@ -27,6 +27,8 @@ _NO_DOWNLOAD = {
     "imagenet": "get ILSVRC-2012 from https://image-net.org and sort it into train/<class>/ and val/<class>/",
     "imagefolder": "point --data-dir at a folder with train/<class>/*.jpg and val/<class>/*.jpg",
 }
+# Data sets torchvision can fetch; the default for them is to download when missing.
+DOWNLOADABLE = ("fashion-mnist", "cifar10", "cifar100")
 # Side of the images as each fixed-size source stores them.
 _STORED_SIDE = {"fashion-mini": 32, "fashion-mnist": 28, "cifar10": 32, "cifar100": 32}
 
@@ -54,18 +56,22 @@ def build_datasets(
     name: str,
     *,
     data_dir: str | Path | None = None,
-    download: bool = False,
+    download: bool | None = None,
     subset: int | None = None,
     image_size: int | None = None,
     augment: AugmentConfig | None = None,
     seed: int = 0,
 ) -> Datasets:
-    """Load a data set with the paper's transforms; ``augment=None`` means the paper default."""
+    """Load a data set with the paper's transforms; ``augment=None`` means the paper default.
+
+    ``download=None`` fetches torchvision's data sets when they are missing (False forbids it).
+    """
     key = canonical_name(name)
     check_image_size(image_size)
     spec, native = _spec_and_native_side(key, data_dir, image_size)
-    if download and key in ("fashion-mini", "imagenet", "imagefolder"):
+    if download and key not in DOWNLOADABLE:
         raise UserInputError(f"--download is not available for {key}; {_NO_DOWNLOAD[key]}")
+    download = key in DOWNLOADABLE if download is None else download
     augment = AugmentConfig.paper_default(key) if augment is None else augment
     augment.validate(spec.image_size)
     prepare = _prepare_steps(key, spec, native)

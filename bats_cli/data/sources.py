@@ -100,10 +100,13 @@ def load_fashion_mnist(
     data_dir, download: bool, train_tf: Transform, test_tf: Transform
 ) -> tuple[Dataset, Dataset]:
     """Full Fashion-MNIST from the IDX files, in the flat (Debian, Zalando) or torchvision layout."""
+    if data_dir is None or str(data_dir) == "":
+        data_dir = default_data_dir()
     if download:
         root = Path(_require_dir_arg(data_dir, "fashion-mnist", FASHION_EXPECTED)).expanduser()
-        if find_fashion_folder(root) is None:
-            _download(lambda: tvd.FashionMNIST(root, train=True, download=True), "Fashion-MNIST", root)
+        if not root.is_dir() or find_fashion_folder(root) is None:
+            _download(lambda: tvd.FashionMNIST(root, train=True, download=True), "fashion-mnist",
+                      root, url=tvd.FashionMNIST.mirrors[0])
     root = require_dir(data_dir, "fashion-mnist", FASHION_EXPECTED)
     folder = find_fashion_folder(root)
     if folder is None:
@@ -129,34 +132,54 @@ def find_fashion_folder(root: Path) -> Path | None:
 def load_cifar(
     name: str, data_dir, download: bool, train_tf: Transform, test_tf: Transform
 ) -> tuple[Dataset, Dataset]:
-    """torchvision CIFAR10/100 over the python-pickle batches; download only when asked."""
+    """torchvision CIFAR10/100 over the python-pickle batches, downloaded when missing and allowed.
+
+    Without ``data_dir`` the data lives in :func:`default_data_dir`.
+    """
     cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
     expected = _cifar_expected(cls)
-    if download:
+    given = data_dir is not None and str(data_dir) != ""
+    if given:
         root = Path(_require_dir_arg(data_dir, name, expected)).expanduser()
-        root.mkdir(parents=True, exist_ok=True)
-        _download(lambda: cls(root, train=True, download=True), name, root)
-    root = _cifar_root(require_dir(data_dir, name, expected), cls)
+    else:
+        root = default_data_dir()
+    root = _cifar_root(root, cls) if root.is_dir() else root
     missing = _cifar_missing(root, cls)
+    if missing and download:
+        _download(lambda: cls(root, train=True, download=True), name, root, url=cls.url)
+        missing = _cifar_missing(root, cls)
     if missing:
+        if not given:
+            raise UserInputError(
+                f"{name} is not in the default data directory {root} and --no-download forbids "
+                f"fetching it; pass --data-dir DIR holding it or drop --no-download, or try offline "
+                f"with --preset tiny (or --dataset fashion-mini); {expected}"
+            )
+        if not root.is_dir():
+            raise UserInputError(f"data directory {root} does not exist; {expected}")
         raise UserInputError(
-            f"data directory {root} has no {cls.__name__} data (missing {', '.join(missing)}); "
-            f"{expected}"
+            f"data directory {root} has no {cls.__name__} data (missing {', '.join(missing)}); {expected}"
         )
     try:
         return cls(root, train=True, transform=train_tf), cls(root, train=False, transform=test_tf)
     except (RuntimeError, OSError, ValueError, EOFError) as exc:
         raise UserInputError(
             f"the {cls.__name__} files in {root / cls.base_folder} are corrupted ({exc}); "
-            f"delete them and pass --download to fetch them again"
+            f"delete them to fetch them again"
         ) from None
+
+
+def default_data_dir() -> Path:
+    """Where torchvision data sets go without --data-dir: $XDG_CACHE_HOME/bats/datasets."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "bats" / "datasets"
 
 
 def _cifar_expected(cls) -> str:
     files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     return (
         f"expected the python version of {cls.__name__} from https://www.cs.toronto.edu/~kriz/cifar.html: "
-        f"{cls.base_folder}/{{{','.join(files)}}}; pass --download to fetch it"
+        f"{cls.base_folder}/{{{','.join(files)}}} (downloaded there unless --no-download)"
     )
 
 
@@ -281,9 +304,63 @@ def _require_dir_arg(data_dir, dataset: str, expected: str) -> Path:
     return path
 
 
-def _download(fetch, what: str, root: Path) -> None:
-    # A failed download is the run failing (network, disk), not bad input.
+# Seconds to wait for a name lookup / connection before calling the machine offline, and for
+# each read of a running download: a missing network must fail in seconds, not hang.
+NETWORK_TIMEOUT_S = 15.0
+
+
+def _offline_message(what: str, root: Path, reason: str) -> str:
+    return (
+        f"{what} is not in {root} and cannot be downloaded ({reason}); put it there, pass "
+        f"--data-dir DIR holding it, or try offline with --preset tiny (or --dataset fashion-mini)"
+    )
+
+
+def _probe_network(url: str) -> str | None:
+    """None when ``url``'s host answers a TCP connection, else why not (bounded in time)."""
+    import socket
+    import threading
+    import urllib.parse
+    import urllib.request
+
+    if urllib.request.getproxies():
+        return None  # behind a proxy a direct connection says nothing; the read timeout bounds it
+    parsed = urllib.parse.urlsplit(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=NETWORK_TIMEOUT_S).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(f"no connection to {parsed.hostname}: {exc.strerror or exc}")
+
+    # A daemon thread: the name lookup itself has no timeout of its own.
+    worker = threading.Thread(target=connect, daemon=True)
+    worker.start()
+    worker.join(NETWORK_TIMEOUT_S + 1)
+    return outcome[0] if outcome else f"no answer from {parsed.hostname} in {NETWORK_TIMEOUT_S:.0f} s"
+
+
+def _download(fetch, what: str, root: Path, *, url: str | None = None) -> None:
+    """Run ``fetch`` (a torchvision download); an unreachable network is bad input, naming the fixes."""
+    import socket
+    import urllib.error
+
+    if url is not None:
+        reason = _probe_network(url)
+        if reason is not None:
+            raise UserInputError(_offline_message(what, root, reason))
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(NETWORK_TIMEOUT_S)
     try:
+        root.mkdir(parents=True, exist_ok=True)
         fetch()
+    except (urllib.error.URLError, socket.timeout, ConnectionError) as exc:
+        raise UserInputError(_offline_message(what, root, f"download failed: {exc}")) from None
     except (OSError, RuntimeError) as exc:
+        # Anything else (disk full, a corrupted archive) is the run failing, not bad input.
         raise RunFailure(f"could not download {what} into {root}: {exc}") from None
+    finally:
+        socket.setdefaulttimeout(previous)
