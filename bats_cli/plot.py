@@ -1,8 +1,9 @@
 """Drawings of a genotype's normal and reduction cells: SVG written by hand, PNG with Pillow, DOT text.
 
 No system binary is needed (DARTS' own plot calls graphviz ``dot``). The layout is a layered
-left-to-right DAG: the two cell inputs ``c_{k-2}``, ``c_{k-1}`` in the first column, each
-intermediate node one column right of its deepest input, the output ``c_{k}`` last.
+left-to-right DAG: the two cell inputs (0 = c(k-2), 1 = c(k-1)) in the first column, each
+intermediate node (numbered as in the genotype JSON: 2, 3, ...) one column right of its deepest
+input, the output c(k) last. Layouts widen until no edge label overlaps another or a node.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ OUTPUT_FILL = "#9ecae1"
 
 COL_W = 230
 ROW_H = 80
-NODE_W = 64
+NODE_W = 76
 NODE_H = 32
 MARGIN = 24
 TITLE_H = 34
@@ -72,13 +73,19 @@ class _Panel:
     width: float
     height: float
     top: float = 0.0
+    labels: list = None  # type: ignore[assignment]  # [((x, y), edge)] from _place_labels
+
+
+OUTPUT_KEY = "c(k)"
 
 
 def _node_key(i: int) -> str:
-    return {0: "c_{k-2}", 1: "c_{k-1}"}.get(i, str(i - 2))
+    """A node's label: its index in the genotype JSON (inputs 0 and 1 are the previous cells)."""
+    return {0: "0 c(k-2)", 1: "1 c(k-1)"}.get(i, str(i))
 
 
-def _layout(genotype: Genotype, cell: str, title: str) -> _Panel:
+def _layout(genotype: Genotype, cell: str, title: str, spread: float = 1.0) -> _Panel:
+    col_w, row_h = COL_W * spread, ROW_H * spread
     entries = genotype.cell(cell)  # type: ignore[arg-type]
     steps = len(entries) // 2
     inputs = {k + 2: [src for _, src in entries[2 * k : 2 * k + 2]] for k in range(steps)}
@@ -99,16 +106,16 @@ def _layout(genotype: Genotype, cell: str, title: str) -> _Panel:
         offset = (rows - len(members)) / 2
         for r, node in enumerate(members):
             row_of[node] = offset + r
-    height = TITLE_H + rows * ROW_H + MARGIN
+    height = TITLE_H + rows * row_h + MARGIN
     nodes: dict[str, _Node] = {}
     for node, d in depth.items():
         key = _node_key(node)
         fill = INPUT_FILL if node < 2 else NODE_FILL
         nodes[key] = _Node(
-            key, key, MARGIN + NODE_W / 2 + d * COL_W, TITLE_H + row_of[node] * ROW_H + ROW_H / 2, fill
+            key, key, MARGIN + NODE_W / 2 + d * col_w, TITLE_H + row_of[node] * row_h + row_h / 2, fill
         )
-    nodes["c_{k}"] = _Node(
-        "c_{k}", "c_{k}", MARGIN + NODE_W / 2 + out_col * COL_W, TITLE_H + rows * ROW_H / 2, OUTPUT_FILL
+    nodes[OUTPUT_KEY] = _Node(
+        OUTPUT_KEY, OUTPUT_KEY, MARGIN + NODE_W / 2 + out_col * col_w, TITLE_H + rows * row_h / 2, OUTPUT_FILL
     )
     edges: list[_Edge] = []
     seen: dict[tuple[str, str], int] = {}
@@ -119,8 +126,8 @@ def _layout(genotype: Genotype, cell: str, title: str) -> _Panel:
             seen[pair] = n + 1
             edges.append(_Edge(pair[0], pair[1], op, OP_COLOURS.get(op, "#555555"), bend=30.0 * n))
     for idx in genotype.concat(cell):  # type: ignore[arg-type]
-        edges.append(_Edge(_node_key(idx), "c_{k}", "", "#999999"))
-    mid = TITLE_H + rows * ROW_H / 2
+        edges.append(_Edge(_node_key(idx), OUTPUT_KEY, "", "#999999"))
+    mid = TITLE_H + rows * row_h / 2
     for e in edges:
         a, b = nodes[e.src], nodes[e.dst]
         # An edge that skips columns is bent around any node sitting on its straight path.
@@ -129,9 +136,13 @@ def _layout(genotype: Genotype, cell: str, title: str) -> _Panel:
             for n in nodes.values()
         )
         if blocked and not e.bend:
-            e.bend = 0.7 * ROW_H if (a.y + b.y) / 2 <= mid else -0.7 * ROW_H
-    width = 2 * MARGIN + NODE_W + out_col * COL_W
+            e.bend = 0.7 * row_h if (a.y + b.y) / 2 <= mid else -0.7 * row_h
+    width = 2 * MARGIN + NODE_W + out_col * col_w
     return _Panel(title, nodes, edges, width, height)
+
+
+# Layouts are spread out by these factors until no edge label overlaps another label or a node.
+SPREADS = (1.0, 1.25, 1.5, 1.8, 2.2)
 
 
 def _panels(genotype: Genotype) -> list[_Panel]:
@@ -139,8 +150,12 @@ def _panels(genotype: Genotype) -> list[_Panel]:
     top = 0.0
     for cell in CELLS:
         label = "normal cell" if cell == "normal" else "reduction cell"
-        p = _layout(genotype, cell, f"{genotype.name} ({genotype.space}): {label}")
-        p.top = top
+        for spread in SPREADS:
+            p = _layout(genotype, cell, f"{genotype.name} ({genotype.space}): {label}", spread)
+            p.top = top
+            p.labels, overlaps = _place_labels(p)
+            if overlaps == 0:
+                break
         top += p.height
         panels.append(p)
     return panels
@@ -163,37 +178,47 @@ def _bezier(points, t: float) -> tuple[float, float]:
 
 
 _LABEL_TS = (0.5, 0.42, 0.58, 0.34, 0.66, 0.26, 0.74, 0.2, 0.8, 0.46, 0.54, 0.38, 0.62, 0.3, 0.7)
+# Vertical nudges (px) tried at every position along the curve when it is crowded.
+_LABEL_DY = (0.0, -11.0, 11.0)
+LABEL_H = 18.0
 
 
 def _label_width(text: str) -> float:
     return 6.8 * len(text) + 10
 
 
-def _place_labels(p: _Panel) -> list[tuple[tuple[float, float], _Edge]]:
-    """Label positions on their curves, greedily avoiding earlier labels and the nodes."""
+def _place_labels(p: _Panel) -> tuple[list[tuple[tuple[float, float], _Edge]], int]:
+    """Label positions near their curves, greedily avoiding earlier labels and the nodes;
+    also how many labels could only be placed overlapping something."""
     boxes = [
         (n.x - NODE_W / 2, n.y + p.top - NODE_H / 2, n.x + NODE_W / 2, n.y + p.top + NODE_H / 2)
         for n in p.nodes.values()
     ]
     placed = []
+    overlaps = 0
     for e in p.edges:
         if not e.label:
             continue
         pts = _curve(p.nodes[e.src], p.nodes[e.dst], e.bend, p.top)
-        w, h = _label_width(e.label), 18.0
+        w, h = _label_width(e.label), LABEL_H
         best, best_hits = None, None
-        for t in _LABEL_TS:
-            x, y = _bezier(pts, t)
-            box = (x - w / 2, y - h / 2, x + w / 2, y + h / 2)
-            hits = sum(_overlap(box, b) for b in boxes)
-            if best_hits is None or hits < best_hits:
-                best, best_hits = ((x, y), box), hits
-            if hits == 0:
+        for dy in _LABEL_DY:
+            for t in _LABEL_TS:
+                x, y = _bezier(pts, t)
+                y += dy
+                box = (x - w / 2, y - h / 2, x + w / 2, y + h / 2)
+                hits = sum(_overlap(box, b) for b in boxes)
+                if best_hits is None or hits < best_hits:
+                    best, best_hits = ((x, y), box), hits
+                if hits == 0:
+                    break
+            if best_hits == 0:
                 break
         (xy, box) = best  # type: ignore[misc]
+        overlaps += best_hits > 0
         boxes.append(box)
         placed.append((xy, e))
-    return placed
+    return placed, overlaps
 
 
 def _overlap(a, b) -> float:
@@ -234,7 +259,7 @@ def to_svg(genotype: Genotype) -> str:
                 f'<path d="{d}" fill="none" stroke="{e.colour}" stroke-width="2" '
                 f'marker-end="url(#arrow{e.colour[1:]})"/>'
             )
-        for (x, y), e in _place_labels(p):
+        for (x, y), e in p.labels:
             w = _label_width(e.label)
             out.append(
                 f'<rect x="{x - w / 2:.1f}" y="{y - 9:.1f}" width="{w:.1f}" height="16" rx="3" '
@@ -303,7 +328,7 @@ def to_png_bytes(genotype: Genotype, scale: float = 2.0) -> bytes:
                 (xb - size * math.cos(ang + 0.4), yb - size * math.sin(ang + 0.4)),
             ]
             draw.polygon([(x * s, y * s) for x, y in head], fill=colour)
-        for (x, y), e in _place_labels(p):
+        for (x, y), e in p.labels:
             colour = _hex(e.colour)
             tw, th = text_size(e.label, font)
             pad = 3 * s
@@ -344,7 +369,7 @@ def to_dot(genotype: Genotype) -> str:
         for i, key in names.items():
             fill = INPUT_FILL if i < 2 else NODE_FILL
             lines.append(f"    {q(prefix + ':' + key)} [label={q(key)}, fillcolor={q(fill)}];")
-        lines.append(f"    {q(prefix + ':c_{k}')} [label={q('c_{k}')}, fillcolor={q(OUTPUT_FILL)}];")
+        lines.append(f"    {q(prefix + ':' + OUTPUT_KEY)} [label={q(OUTPUT_KEY)}, fillcolor={q(OUTPUT_FILL)}];")
         for k in range(steps):
             for op, src in entries[2 * k : 2 * k + 2]:
                 colour = OP_COLOURS.get(op, "#555555")
@@ -353,7 +378,7 @@ def to_dot(genotype: Genotype) -> str:
                     f"[label={q(op)}, color={q(colour)}, fontcolor={q(colour)}];"
                 )
         for idx in genotype.concat(cell):  # type: ignore[arg-type]
-            lines.append(f"    {q(prefix + ':' + names[idx])} -> {q(prefix + ':c_{k}')} [color=gray];")
+            lines.append(f"    {q(prefix + ':' + names[idx])} -> {q(prefix + ':' + OUTPUT_KEY)} [color=gray];")
         lines.append("  }")
     lines.append("}")
     return "\n".join(lines) + "\n"

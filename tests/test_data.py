@@ -328,7 +328,8 @@ def test_val_with_unknown_class(tmp_path):
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_cifar_dir_without_batches(tmp_path, name):
-    message = raises_naming(tmp_path, name=name, data_dir=tmp_path)
+    # download=False: the default (None) would fetch the data set instead of reporting it missing.
+    message = raises_naming(tmp_path, name=name, data_dir=tmp_path, download=False)
     assert "--download" in message and {"cifar10": "test_batch", "cifar100": "meta"}[name] in message
 
 
@@ -341,7 +342,7 @@ def test_cifar_corrupted_batches(tmp_path):
 
 
 def test_fashion_mnist_dir_without_files(tmp_path):
-    assert "--download" in raises_naming(tmp_path, name="fashion-mnist", data_dir=tmp_path)
+    assert "--download" in raises_naming(tmp_path, name="fashion-mnist", data_dir=tmp_path, download=False)
 
 
 def test_fashion_mnist_malformed_file(tmp_path):

@@ -16,7 +16,7 @@ from bats_cli.data import sharded_loader
 from bats_cli.distributed import Dist
 from bats_cli.train import TrainConfig, train
 
-ARGS = ["--layers", "3", "--channels", "6", "--batch-size", "32", "--subset", "128",
+ARGS = ["--dataset", "fashion-mini", "--layers", "3", "--channels", "6", "--batch-size", "32", "--subset", "128",
         "--epochs", "1", "--device", "cpu"]
 
 
@@ -48,7 +48,7 @@ def test_torchrun_two_gloo_processes_match_one(tmp_path):
     ddp = json.loads(lines[0])
     assert ddp["world_size"] == 2
 
-    cfg = TrainConfig(genotype="bats_c10", layers=3, channels=6, batch_size=32, subset=128,
+    cfg = TrainConfig(genotype="bats_c10", dataset="fashion-mini", layers=3, channels=6, batch_size=32, subset=128,
                       epochs=1, device="cpu", threads=1)
     one = train(cfg, genotype=resolve_genotype("bats_c10"), out=tmp_path / "one", quiet=True,
                 handle_signals=False)
@@ -68,7 +68,7 @@ def test_torchrun_two_gloo_processes_match_one(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_on_cuda(tmp_path, precision):
-    cfg = TrainConfig(genotype="bats_c10", layers=3, channels=6, batch_size=32, subset=128,
+    cfg = TrainConfig(genotype="bats_c10", dataset="fashion-mini", layers=3, channels=6, batch_size=32, subset=128,
                       epochs=1, device="cuda", precision=precision)
     res = train(cfg, genotype=resolve_genotype("bats_c10"), out=tmp_path / precision, quiet=True,
                 handle_signals=False)

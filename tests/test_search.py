@@ -32,7 +32,7 @@ from helpers import one_line_error as _one_line_error
 
 # Small enough for CPU tests: 8 px images, 2 steps per epoch, 3 cells (the least with a normal cell).
 TINY = dict(
-    subset=32, image_size=8, batch_size=8, epochs=2, warmup=1, channels=6, layers=(3, 3, 3),
+    dataset="fashion-mini", subset=32, image_size=8, batch_size=8, epochs=2, warmup=1, channels=6, layers=(3, 3, 3),
     threads=1,
 )
 
@@ -297,7 +297,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
 
 def test_resume_with_another_config_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["search", "--subset", "32", "--image-size", "8", "--batch-size", "8", "--epochs", "2",
+    args = ["search", "--dataset", "fashion-mini", "--subset", "32", "--image-size", "8", "--batch-size", "8", "--epochs", "2",
             "--warmup", "1", "--channels", "6", "--layers", "3,3", "--ops", "8,3", "--threads", "1",
             "--out", str(out), "-q"]
     cfg = validate_config(SearchConfig, {**TINY, "layers": (3, 3), "ops": (8, 3)})
@@ -318,7 +318,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_130(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bats_cli", "search", "--subset", "64", "--image-size", "8",
+        [sys.executable, "-m", "bats_cli", "search", "--dataset", "fashion-mini", "--subset", "64", "--image-size", "8",
          "--batch-size", "8", "--epochs", "40", "--warmup", "1", "--channels", "6", "--layers",
          "3,3", "--ops", "8,3", "--device", "cpu", "--out", str(out)],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -351,7 +351,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_130(tmp_path):
 
 def test_cli_darts_space_json(tmp_path, capsys):
     code, out, err = _cli(
-        ["search", "--space", "darts", "--subset", "32", "--image-size", "8", "--batch-size", "8",
+        ["search", "--dataset", "fashion-mini", "--space", "darts", "--subset", "32", "--image-size", "8", "--batch-size", "8",
          "--epochs", "2", "--warmup", "1", "--channels", "6", "--layers", "3,3", "--ops", "8,3",
          "--threads", "1", "--out", str(tmp_path / "d"), "--json", "-q"],
         capsys,

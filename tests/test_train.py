@@ -26,7 +26,7 @@ from bats_cli.train import TrainConfig, train
 REPO = Path(__file__).resolve().parents[1]
 # Smallest network (3 cells, 6 channels) on 128 fashion-mini images: 4 steps per epoch.
 # One thread: tiny tensors gain nothing from more (and the count is restored after each run).
-TINY = dict(genotype="bats_c10", layers=3, channels=6, batch_size=32, subset=128, epochs=1,
+TINY = dict(genotype="bats_c10", dataset="fashion-mini", layers=3, channels=6, batch_size=32, subset=128, epochs=1,
             device="cpu", threads=1)
 
 
@@ -238,10 +238,10 @@ def test_cli_bad_inputs(pipeline, tmp_path, capsys):
     # an existing run without --resume; bad option values
     _one_line_error(*_cli(["train", "bats_c10", "--out", run], capsys)[::2])
     _one_line_error(*_cli(["train", "bats_c10", "--preset", "huge", "--out", str(tmp_path / "p")], capsys)[::2])
-    msg = _one_line_error(*_cli(["train", "bats_c10", "--subset", "16", "--batch-size", "32",
+    msg = _one_line_error(*_cli(["train", "bats_c10", "--dataset", "fashion-mini", "--subset", "16", "--batch-size", "32",
                                  "--layers", "3", "--channels", "6", "--out", str(tmp_path / "b")], capsys)[::2])
     assert "batch-size" in msg
-    _one_line_error(*_cli(["train", "bats_c10", "--width", "3x", "--out", str(tmp_path / "w")], capsys)[::2])
+    _one_line_error(*_cli(["train", "bats_c10", "--dataset", "fashion-mini", "--width", "3x", "--out", str(tmp_path / "w")], capsys)[::2])
     # a real-valued network cannot be binarized
     real = _train(tmp_path / "real", real=True, subset=32)
     msg = _one_line_error(*_cli(["binarize", real["last"]], capsys)[::2])
@@ -252,7 +252,7 @@ def test_train_sigterm_saves_and_exits_130(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bats_cli", "train", "bats_c10", "--layers", "3", "--channels",
+        [sys.executable, "-m", "bats_cli", "train", "bats_c10", "--dataset", "fashion-mini", "--layers", "3", "--channels",
          "6", "--batch-size", "8", "--subset", "400", "--epochs", "3", "--device", "cpu",
          "--threads", "1",
          "--out", str(out)],

@@ -25,8 +25,8 @@ app.add_typer(genotype_app, name="genotype")
 
 
 def _input_label(i: int) -> str:
-    # DARTS naming: c_{k-2}, c_{k-1} are the outputs of the two previous cells.
-    return {0: "c_{k-2}", 1: "c_{k-1}"}.get(i, f"node {i}")
+    # DARTS naming: inputs 0 and 1 are the outputs c(k-2), c(k-1) of the two previous cells.
+    return {0: "0 = c(k-2)", 1: "1 = c(k-1)"}.get(i, f"node {i}")
 
 
 @genotype_app.command("show")
@@ -41,10 +41,17 @@ def show(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the canonical JSON instead of tables.")
     ] = False,
+    plot: Annotated[
+        Optional[Path],
+        typer.Option("--plot", metavar="FILE.svg|FILE.png", dir_okay=False,
+                     help="Also draw both cells into this file (SVG or PNG; no graphviz needed)."),
+    ] = None,
 ) -> None:
     """Print a genotype's cells: for every node, its two (op <- input) edges.
 
     Example: bats genotype show genotypes/darts_v2.json --json
+
+    Example: bats genotype show bats_c10 --plot bats_c10.svg
     """
     from rich.console import Console
     from rich.table import Table
@@ -52,6 +59,11 @@ def show(
     from bats_cli.genotype import CELLS, resolve_genotype
 
     g = resolve_genotype(genotype)
+    if plot is not None:
+        from bats_cli.plot import save_plot
+
+        written = save_plot(g, plot)
+        print(f"wrote {written}", file=sys.stderr)
     if as_json:
         sys.stdout.write(g.to_json())
         return

@@ -57,7 +57,8 @@ def result_table(result: Mapping[str, Any]) -> Any:
         ("dataset", f"{result['dataset']} ({result['train_images']} train / "
                     f"{result['test_images']} test images)"),
         ("network", f"{net['kind']}, {net['layers']} cells, C={net['channels']}, {kind}, "
-                    f"{result['parameters']:,} parameters"),
+                    f"{result['parameters']:,} parameters ({result['parameters_without_aux']:,} without the "
+                    "auxiliary head, as bats flops counts)"),
         ("epochs", f"{result['epochs']} x {result['steps_per_epoch']} steps"
                    + (f" on {result['world_size']} processes" if result["world_size"] > 1 else "")),
         ("train top-1", pct(result["final_train_top1"])),

@@ -179,7 +179,7 @@ def _cifar_expected(cls) -> str:
     files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     return (
         f"expected the python version of {cls.__name__} from https://www.cs.toronto.edu/~kriz/cifar.html: "
-        f"{cls.base_folder}/{{{','.join(files)}}} (downloaded there unless --no-download)"
+        f"{cls.base_folder}/{{{','.join(files)}}}; --download (the default) fetches it"
     )
 
 
