@@ -308,7 +308,8 @@ def plan_run(
     largest = None
     fits = True
     if available is not None:
-        budget = HEADROOM * available - extra
+        # 5 % below the line: a batch suggested at the very edge may not fit on a second measure.
+        budget = 0.95 * HEADROOM * available - extra
         largest = max(0, train_m.largest_batch(budget))
         fits = peak <= HEADROOM * available
     return Plan(

@@ -104,16 +104,22 @@ def test_dry_run_estimate_within_half_and_twice_the_real_peak(tmp_path):
 def test_plan_refuses_a_batch_that_cannot_fit(monkeypatch, tmp_path, capsys):
     from bats_cli import plan
 
-    monkeypatch.setattr(plan, "available_ram_bytes", lambda: 700 * 2**20)
-    monkeypatch.setattr(plan, "available_gpu_bytes", lambda device: 700 * 2**20)
+    # Room for the process (interpreter, torch, data: under 1 GiB) and some images, not 2048.
+    monkeypatch.setattr(plan, "available_ram_bytes", lambda: 3 * 2**29)
+    monkeypatch.setattr(plan, "available_gpu_bytes", lambda device: 3 * 2**29)
     out = tmp_path / "run"
     code, _, err = cli(["train", "bats_c10", "--preset", "tiny", "--batch-size", "2048", "--subset",
                         "2500", "--out", str(out), "-q"], capsys)
     line = one_line_error(code, err, "--batch-size", "--force", "GiB")
     assert not out.exists()
     # The suggested batch is what the measured line allows, and it is below the refused one.
-    suggested = int(line.split("--batch-size ")[1].split()[0]) if "use --batch-size" in line else 0
-    assert 0 <= suggested < 2048
+    suggested = int(line.split("use --batch-size ")[1].split()[0])
+    assert 1 <= suggested < 2048
+    # ... and the plan at that batch fits (a real run would start).
+    code, out_json, err = cli(["train", "bats_c10", "--preset", "tiny", "--batch-size", str(suggested),
+                               "--out", str(out), "--dry-run", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out_json)["fits"] is True and not out.exists()
 
 
 def test_memory_model_arithmetic():
@@ -221,7 +227,7 @@ def test_train_and_flops_params_agree(tiny_runs, capsys):
     code, out, err = cli(["flops", "bats_c10", "--dataset", "fashion-mini", "--layers", "3",
                           "--channels", "6", "--json"], capsys)
     assert code == 0, err
-    assert json.loads(out)["num_params"] == result["parameters_without_aux"] < result["parameters"]
+    assert json.loads(out)["params"] == result["parameters_without_aux"] < result["parameters"]
 
 
 def test_config_json_records_the_run(tiny_runs):
