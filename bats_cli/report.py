@@ -280,7 +280,7 @@ def _costs(run: Run) -> dict[str, Any]:
 
     settings = run.record.get("network") if run.kind != "search" else None
     if isinstance(settings, dict):
-        from bats_cli.train import build_from_settings
+        from bats_cli.modelio import build_from_settings
 
         model = build_from_settings(run.genotype, settings, auxiliary=False)
         size = int(settings.get("image_size") or (32 if settings.get("kind") == "cifar" else 224))

@@ -18,15 +18,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bats_cli"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("bats_cli", "bats_cli.errors", "bats_cli.names", "bats_cli.metadata",
                     "bats_cli.outputs", "bats_cli.preflight", "bats_cli.spaces", "bats_cli.genotype",
-                    "bats_cli.config", "bats_cli.runtime", "bats_cli.checkpoint",
+                    "bats_cli.config", "bats_cli.presets", "bats_cli.runtime", "bats_cli.checkpoint",
                     "bats_cli.distributed", "bats_cli.schedule", "bats_cli.data*")),
     ("binary layers and ops", ("bats_cli.quant", "bats_cli.ops")),
     ("networks and supernet", ("bats_cli.networks", "bats_cli.mixed_op*", "bats_cli.supernet")),
     ("counting, model I/O, derivation", ("bats_cli.counting", "bats_cli.pack", "bats_cli.modelio",
                                          "bats_cli.derive", "bats_cli.plot", "bats_cli.engine*")),
     ("run loop and evaluation", ("bats_cli.runloop", "bats_cli.evaluate", "bats_cli.export",
-                                 "bats_cli.onnx_eval")),
-    ("pipeline stages", ("bats_cli.search", "bats_cli.train", "bats_cli.binarize")),
+                                 "bats_cli.onnx_eval", "bats_cli.plan")),
+    ("pipeline stages", ("bats_cli.search", "bats_cli.train", "bats_cli.binarize",
+                         "bats_cli.report")),
     ("command line", ("bats_cli.cli*", "bats_cli.__main__")),
 ]
 
