@@ -8,6 +8,8 @@ and a ``packed`` artifact (1-bit weights; unpacked into an exactly equivalent mo
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +32,11 @@ def evaluate_model(
     dist_info=None,
     num_workers: int = 0,
     return_predictions: bool = False,
+    reporter=None,
 ) -> dict[str, Any]:
     """``{"images", "loss", "top1", "top5"}`` (percentages) of ``model`` in eval mode.
+
+    With a ``reporter`` (``bats eval``) the batches show as progress with images/s and ETA.
 
     Under DDP every rank evaluates a contiguous shard and the counts are summed. ``top5`` is
     top-min(5, classes). With ``return_predictions`` (single process) the arg-max class of every
@@ -56,24 +61,31 @@ def evaluate_model(
     model.eval()
     loss_sum = correct1 = correct5 = seen = 0.0
     predictions = []
+    progress = contextlib.nullcontext(None)
+    if reporter is not None:
+        reporter.start_run(len(loader), images_per_step=batch_size)
+        progress = reporter.epoch("eval", len(loader))
     try:
-        for x, y in loader:
-            x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
-            y = y.to(device, non_blocking=True)
-            with autocast(device, precision):
-                logits = model(x)
-            if isinstance(logits, tuple):
-                logits = logits[0]
-            logits = logits.float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            k = min(5, logits.shape[1])
-            top = logits.topk(k, dim=1).indices
-            hit = top == y[:, None]
-            correct1 += hit[:, 0].sum().item()
-            correct5 += hit.any(dim=1).sum().item()
-            seen += y.shape[0]
-            if return_predictions:
-                predictions.append(top[:, 0].cpu())
+        with progress as bar:
+            for x, y in loader:
+                x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+                y = y.to(device, non_blocking=True)
+                with autocast(device, precision):
+                    logits = model(x)
+                if isinstance(logits, tuple):
+                    logits = logits[0]
+                logits = logits.float()
+                loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+                k = min(5, logits.shape[1])
+                top = logits.topk(k, dim=1).indices
+                hit = top == y[:, None]
+                correct1 += hit[:, 0].sum().item()
+                correct5 += hit.any(dim=1).sum().item()
+                seen += y.shape[0]
+                if return_predictions:
+                    predictions.append(top[:, 0].cpu())
+                if bar is not None:
+                    bar.update(1, top1=100.0 * correct1 / seen)
     finally:
         model.train(was_training)
     if dist_info is not None and dist_info.enabled:
@@ -125,6 +137,7 @@ def evaluate_checkpoint(
     threads: int | None = None,
     return_predictions: bool = False,
     engine: str = "float",
+    reporter=None,
 ) -> dict[str, Any]:
     """``bats eval``: top-1 / top-5 of a checkpoint or packed artifact on a test split.
 
@@ -139,6 +152,7 @@ def evaluate_checkpoint(
             path, dataset=dataset, data_dir=data_dir, download=download, image_size=image_size,
             subset=subset, batch_size=batch_size, device=device, precision=precision,
             num_workers=num_workers, return_predictions=return_predictions, engine=engine,
+            reporter=reporter,
         )
 
     return run()
@@ -146,7 +160,7 @@ def evaluate_checkpoint(
 
 def _evaluate_checkpoint(path, *, dataset, data_dir, download, image_size, subset, batch_size,
                          device, precision, num_workers, return_predictions,
-                         engine="float") -> dict[str, Any]:
+                         engine="float", reporter=None) -> dict[str, Any]:
     from bats_cli.data import AugmentConfig, build_datasets, describe_spec
     from bats_cli.runtime import check_precision, select_device
 
@@ -173,7 +187,7 @@ def _evaluate_checkpoint(path, *, dataset, data_dir, download, image_size, subse
                                      warn=lambda line: print(line, file=sys.stderr))
     metrics = evaluate_model(
         model, data.test, batch_size=batch_size, device=dev, precision=precision,
-        num_workers=num_workers, return_predictions=return_predictions,
+        num_workers=num_workers, return_predictions=return_predictions, reporter=reporter,
     )
     s = loaded.settings
     result = {

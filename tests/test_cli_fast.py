@@ -40,6 +40,10 @@ def test_no_torch_import(argv):
     proc = _run(*argv)
     assert proc.returncode == 0, proc.stderr
     assert "TORCH_LOADED=False" in proc.stderr, (argv, proc.stderr)
+    if "--help" in argv or "-h" in argv:
+        # Value names, not typer's raw type placeholders.
+        raw = [tok for tok in ("<bool>", "<str>", "<int", "<float", "<dir>", "<path>") if tok in proc.stdout]
+        assert not raw, (argv, raw)
     if argv == ["--version"]:
         assert proc.stdout.startswith("bats ")
     if argv[-1] == "--json":

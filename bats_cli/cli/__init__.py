@@ -120,6 +120,42 @@ def _quiet_broken_pipe() -> None:
         os.dup2(devnull, sys.stdout.fileno())
 
 
+def _tidy_help(command) -> None:
+    """Readable value names in --help: none for on/off flags, N / X / TEXT / DIR / FILE for
+    values, instead of the type names typer shows by default (``<bool>``, ``<int range>``)."""
+    get_help_option = command.get_help_option
+
+    def help_option(ctx):
+        option = get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""  # a flag takes no value
+        return option
+
+    command.get_help_option = help_option
+    for param in getattr(command, "params", []):
+        if getattr(param, "param_type_name", "") == "argument":
+            # The argument's own name and help say what it is; "<str>" next to it says nothing.
+            param.display_type_rich = lambda ctx: None
+            continue
+        if getattr(param, "param_type_name", "") != "option" or param.metavar is not None:
+            continue
+        desc = getattr(param, "type_descriptor", None)
+        if param.is_flag or param.count:
+            param.metavar = ""
+        elif desc is None or desc.is_choice or desc.is_list or desc.is_tuple:
+            continue
+        elif desc.is_path:
+            param.metavar = "DIR" if desc.path_type == "dir" else "FILE"
+        elif desc.annotation is int:
+            param.metavar = "N"
+        elif desc.annotation is float:
+            param.metavar = "X"
+        elif desc.annotation is str:
+            param.metavar = "TEXT"
+    for sub in getattr(command, "commands", {}).values():
+        _tidy_help(sub)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; returns on success, otherwise ``sys.exit`` with 1, 2 or 130."""
     try:
@@ -136,11 +172,15 @@ def _run(argv: list[str] | None) -> int:
 
     click_exception, usage_error, abort = _click_exceptions()
     try:
+        import typer.main
+
         from bats_cli.cli.app import app
 
         _load_commands()
+        command = typer.main.get_command(app)
+        _tidy_help(command)
         # Non-standalone: typer *returns* 130 on Ctrl-C (and an Exit's code) instead of exiting.
-        rv = app(args=argv, standalone_mode=False)
+        rv = command.main(args=argv, standalone_mode=False, prog_name="bats")
         code = rv if isinstance(rv, int) and not isinstance(rv, bool) else EXIT_OK
         if code == EXIT_INTERRUPTED:
             _say("interrupted")

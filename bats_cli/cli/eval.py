@@ -17,6 +17,7 @@ from bats_cli.cli.options import (
     ImageSizeOpt,
     JsonOpt,
     NumWorkersOpt,
+    QuietOpt,
     PrecisionOpt,
     MAX_THREADS,
     SubsetOpt,
@@ -63,6 +64,7 @@ def eval_command(
         ),
     ] = "float",
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Top-1 / top-5 of a checkpoint on the test split (default: the data set it was trained on).
 
@@ -88,11 +90,12 @@ def eval_command(
         )
     else:
         from bats_cli.evaluate import evaluate_checkpoint
+        from bats_cli.runtime import Reporter
 
         result = evaluate_checkpoint(
             checkpoint, dataset=dataset, data_dir=data_dir, download=download,
             image_size=image_size, subset=subset, batch_size=batch_size, device=device,
             precision=precision or "fp32", num_workers=num_workers or 0, threads=threads,
-            engine=engine,
+            engine=engine, reporter=Reporter(quiet=quiet),
         )
     emit_result(result, as_json=as_json, table_fn=result_table)
