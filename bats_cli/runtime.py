@@ -963,6 +963,39 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _clip(text: str, width: int) -> str:
+    if width <= 0:
+        return ""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _line_column(console: Any) -> Any:
+    """The live progress line: ``desc  7/50 0:03 eta 0:21  run ...  metrics``.
+
+    One column laid out by hand so that the step count and clocks are never cut: the description,
+    run summary and metrics give way (ellipsis) when the terminal is narrow.
+    """
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class LineColumn(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            total = int(task.total) if task.total is not None else None
+            done = int(task.completed)
+            remaining = task.time_remaining
+            eta = _fmt_seconds(remaining) if remaining is not None and done else "-"
+            steps = f"{done}/{total}" if total else f"{done}"
+            clock = f"  {steps}  {_fmt_seconds(task.elapsed or 0.0)}  eta {eta}"
+            width = max(console.width - 1, len(clock))
+            desc = _clip(task.description, width - len(clock))
+            room = width - len(desc) - len(clock)
+            extra = "".join(f"  {part}" for part in (task.fields.get("run", ""),
+                                                      task.fields.get("metrics", "")) if part)
+            return Text(desc + clock + _clip(extra, room))
+
+    return LineColumn()
+
+
 class EpochBar:
     """Handle yielded by :meth:`Reporter.epoch`."""
 
@@ -1152,28 +1185,10 @@ class Reporter:
             finally:
                 self.line(bar.summary_line(interrupted=not ok))
             return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-        from rich.table import Column
+        from rich.progress import Progress
 
-        # Clocks and counts never wrap or shrink; only the metrics text gives way (ellipsis).
-        fixed = Column(no_wrap=True)
         progress = Progress(
-            TextColumn("{task.description}", table_column=Column(no_wrap=True)),
-            BarColumn(bar_width=20),
-            MofNCompleteColumn(table_column=Column(no_wrap=True)),
-            TimeElapsedColumn(table_column=fixed),
-            TextColumn("eta", table_column=Column(no_wrap=True)),
-            TimeRemainingColumn(table_column=Column(no_wrap=True)),
-            TextColumn("{task.fields[run]}", table_column=Column(no_wrap=True)),
-            TextColumn("{task.fields[metrics]}",
-                       table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1, min_width=0)),
+            _line_column(self._rich_console()),
             console=self._rich_console(),
             transient=True,
         )

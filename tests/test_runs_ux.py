@@ -281,3 +281,22 @@ def test_one_spelling_of_weight_decay(capsys):
     for command in ("search", "train"):
         code, out, _ = cli([command, "--help"], capsys)
         assert "--weight-decay" in out and "--wd " not in out
+
+
+def test_terminal_bar_never_cuts_its_clock():
+    from bats_cli.runtime import Reporter
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    rep = Reporter(stream=stream, tty=True)
+    rep._rich_console().width = 50
+    rep.start_run(100, images_per_step=32)
+    with rep.epoch("stage 1/3 (17 cells, 8 ops) epoch 1/25 warm-up", 50) as bar:
+        for _ in range(7):
+            bar.update(1, w_loss=2.3456, w_acc=12.5, a_loss=2.1, a_acc=14.4)
+        bar._progress.refresh()
+    live = [part for part in stream.getvalue().split("\r") if "7/50" in part and "…" in part]
+    assert live and all("eta" in part for part in live)
