@@ -823,7 +823,7 @@ class RunDir:
 
     Without ``resume`` an existing non-empty run directory is refused. With ``resume`` a
     directory holding ``last.safetensors`` is continued; one without any (or a missing one)
-    starts fresh, so the same command line works for the first run and every requeue.
+    starts fresh (the CLI's ``--resume-or-start``; its ``--resume`` refuses that case first).
 
     Per epoch, append the metrics row *before* saving ``last.safetensors``: a crash in between
     then repeats the epoch and :meth:`resumed_at` drops its stale row (the other order would

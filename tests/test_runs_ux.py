@@ -300,3 +300,28 @@ def test_terminal_bar_never_cuts_its_clock():
         bar._progress.refresh()
     live = [part for part in stream.getvalue().split("\r") if "7/50" in part and "…" in part]
     assert live and all("eta" in part for part in live)
+
+
+# --------------------------------------------------------------------------- 8. cell plots
+
+
+def test_cell_plots_number_nodes_as_the_json_without_tex_or_overlaps(tmp_path, capsys):
+    from bats_cli.genotype import resolve_genotype, zoo_names
+    from bats_cli.plot import _panels, _place_labels, to_svg
+
+    for name in zoo_names():
+        g = resolve_genotype(name)
+        for panel in _panels(g):
+            assert _place_labels(panel)[1] == 0, name  # no label overlaps a label or a node
+        svg = to_svg(g)
+        assert "_{" not in svg and "\\" not in svg, name
+        steps = g.steps("normal")
+        for node in range(2, steps + 2):
+            assert f">{node}</text>" in svg, (name, node)
+    for target in ("cell.svg", "cell.png"):
+        code, _, err = cli(["genotype", "show", "bats_c10", "--plot", str(tmp_path / target)], capsys)
+        assert code == 0, err
+        assert (tmp_path / target).stat().st_size > 1000
+    code, _, err = cli(["genotype", "show", str(ROOT / "genotypes" / "darts_v2.json"), "--plot",
+                        str(tmp_path / "d.png")], capsys)
+    assert code == 0, err
