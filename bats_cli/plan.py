@@ -31,7 +31,7 @@ from bats_cli.errors import UserInputError
 
 # Batch sizes measured: small enough that no network that exists in this project runs out of
 # memory on them; two points after a warm-up step give the line (one-off allocations excluded).
-MEASURE_BATCHES = (2, 8)
+MEASURE_BATCHES = (2, 4)
 WARMUP_BATCH = 2
 # Keep this share of the available memory free (page cache, data loader, fragmentation).
 HEADROOM = 0.9
