@@ -6,7 +6,8 @@ fitted by a straight line in the batch size and extrapolated to the run's batch.
 real batch cannot fit is therefore never run at that batch. On CPU the measure is the process's
 peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs`` between measurements), so
 the estimate is the whole process's peak RSS — interpreter, torch, data set, network — which is
-what the kernel's OOM killer looks at. On CUDA it is ``torch.cuda.max_memory_allocated``.
+what the kernel's OOM killer looks at; the C heap is trimmed before each measured step so that
+memory freed earlier cannot hide a step's growth. On CUDA it is ``torch.cuda.max_memory_allocated``.
 
 Terms added by arithmetic, not measured: Adam's two moments (2 x parameter bytes) and the
 serialised checkpoint (weights + Adam state written as one safetensors buffer).
@@ -153,7 +154,22 @@ def available_gpu_bytes(device) -> int | None:
 # --------------------------------------------------------------------------- measuring
 
 
+def _trim_heap() -> None:
+    """Give the C heap's free memory back to the OS (glibc ``malloc_trim``), so that a step's
+    allocations grow the RSS instead of silently reusing memory freed earlier (data loading,
+    earlier work in a long-lived process): without it the per-image slope is underestimated."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim with
+
+
 def _reset_peak_rss() -> bool:
+    _trim_heap()
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)

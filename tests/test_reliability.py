@@ -176,7 +176,7 @@ def test_run_directory_lock_refuses_a_second_process(tmp_path):
         run.write_json("config.json", {"config": {}})
         proc = subprocess.run(
             [sys.executable, "-m", "bats_cli", "train", "bats_c10", "--preset", "tiny",
-             "--resume", "--out", str(out)],
+             "--resume-or-start", "--out", str(out)],
             env=_env(), capture_output=True, text=True, timeout=300,
         )
         assert proc.returncode == 2, proc.stderr
@@ -228,7 +228,7 @@ def test_unwritable_out_is_refused_before_work(tmp_path):
 
 # --------------------------------------------------------------------------- signals and workers
 
-TRAIN = ["train", "bats_c10", "--layers", "3", "--channels", "6", "--subset", "160",
+TRAIN = ["train", "bats_c10", "--dataset", "fashion-mini", "--layers", "3", "--channels", "6", "--subset", "160",
          "--batch-size", "16", "--epochs", "2", "--lr", "2e-3", "--threads", "1",
          "--device", "cpu", "--num-workers", "2", "--json"]
 

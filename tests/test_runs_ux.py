@@ -104,9 +104,10 @@ def test_dry_run_estimate_within_half_and_twice_the_real_peak(tmp_path):
 def test_plan_refuses_a_batch_that_cannot_fit(monkeypatch, tmp_path, capsys):
     from bats_cli import plan
 
-    # Room for the process (interpreter, torch, data: under 1 GiB) and some images, not 2048.
-    monkeypatch.setattr(plan, "available_ram_bytes", lambda: 3 * 2**29)
-    monkeypatch.setattr(plan, "available_gpu_bytes", lambda device: 3 * 2**29)
+    # Room for this process as it is now plus some images, not for 2048 of them.
+    room = lambda *device: plan._proc_kib("VmRSS") * 1024 + 800 * 2**20  # noqa: E731
+    monkeypatch.setattr(plan, "available_ram_bytes", room)
+    monkeypatch.setattr(plan, "available_gpu_bytes", room)
     out = tmp_path / "run"
     code, _, err = cli(["train", "bats_c10", "--preset", "tiny", "--batch-size", "2048", "--subset",
                         "2500", "--out", str(out), "-q"], capsys)
