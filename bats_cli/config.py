@@ -45,9 +45,15 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Settings whose flag is not their name with dashes (one spelling of weight decay everywhere).
+FLAG_NAMES = {"wd": "--weight-decay", "arch_wd": "--arch-weight-decay"}
+
+
 def _flag(loc: tuple[Any, ...]) -> str:
     """``("lr_min",)`` -> ``--lr-min``; nested locations keep dots (``--optim.lr``)."""
     parts = [str(p) for p in loc if not isinstance(p, int)] or ["config"]
+    if len(parts) == 1 and parts[0] in FLAG_NAMES:
+        return FLAG_NAMES[parts[0]]
     return "--" + ".".join(parts).replace("_", "-")
 
 

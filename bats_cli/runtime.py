@@ -1103,7 +1103,7 @@ class Reporter:
             self.seconds_per_step = (now - self._rate_t0) / steps
         if not self._speed_reported and steps >= 5 and (steps >= 20 or now - self._rate_t0 >= 5):
             self._speed_reported = True
-            self._emit(self.speed_line())
+            self._emit(self.speed_line(bar.total))
         if not self.tty and (now - self._last_line_t >= self.every_seconds
                              or self.run_done - self._last_line_step >= self.every_steps):
             self._last_line_t, self._last_line_step = now, self.run_done
@@ -1148,11 +1148,13 @@ class Reporter:
         parts.append(f"eta {_fmt_seconds(eta)}" if eta is not None else "eta -")
         return "  ".join(parts)
 
-    def speed_line(self) -> str:
+    def speed_line(self, steps_per_epoch: int | None = None) -> str:
         sps = self.seconds_per_step or 0.0
         eta = self.eta_seconds() or 0.0
         ips = self.images_per_second()
         speed = f"{sps:.3g} s/step" + (f" ({ips:.0f} images/s)" if ips is not None else "")
+        if steps_per_epoch:
+            speed += f", {_fmt_seconds(sps * steps_per_epoch)} per epoch"
         finish = time.strftime("%Y-%m-%d %H:%M", time.localtime(time.time() + eta))
         return f"measured: {speed}; ETA of the run {_fmt_seconds(eta)} (about {finish})"
 

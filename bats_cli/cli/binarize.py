@@ -127,9 +127,11 @@ def binarize_command(
         return
     run_out = out if out is not None else checkpoint.parent / "binarize"
     resume = resume_mode(run_out, resume, resume_or_start)
+    # On --resume the saved config is the base; --config FILE and the flags must agree with it.
+    resume_overrides = {**(file_config or {}), **{k: v for k, v in overrides.items() if v is not None}}
     hook = preflight_hook(dry_run=dry_run, force=force, as_json=as_json, quiet=quiet)
     result = run_planned(lambda: binarize(cfg, out=out, packed=packed, resume=resume, quiet=quiet,
-                                          preset=preset, overrides=overrides, preflight=hook),
+                                          preset=preset, overrides=resume_overrides, preflight=hook),
                          as_json=as_json)
     if result is not None and is_main_process():
         emit_result(result, as_json=as_json, table_fn=result_table)

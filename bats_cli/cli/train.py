@@ -144,9 +144,11 @@ def train_command(
         print_config(cfg)
         return
     resume = resume_mode(out, resume, resume_or_start)
+    # On --resume the saved config is the base; --config FILE and the flags must agree with it.
+    resume_overrides = {**(file_config or {}), **{k: v for k, v in overrides.items() if v is not None}}
     hook = preflight_hook(dry_run=dry_run, force=force, as_json=as_json, quiet=quiet)
     result = run_planned(lambda: train(cfg, genotype=g, out=out, resume=resume, quiet=quiet,
-                                       preset=preset, overrides=overrides, preflight=hook),
+                                       preset=preset, overrides=resume_overrides, preflight=hook),
                          as_json=as_json)
     if result is not None and is_main_process():
         emit_result(result, as_json=as_json, table_fn=result_table)
