@@ -44,9 +44,7 @@ def export_command(
 ) -> None:
     """Write MODEL as a standard-op ONNX graph (needs the `export` extra: onnx, onnxruntime).
 
-    BatchNormalization, the sign as Where(x >= 0, 1, -1), Conv with ±1 weights then Mul by the
-    XNOR-Net++ scale, PRelu, pools, Concat, Add; genotype and settings in the metadata; auxiliary
-    head dropped; dynamic batch. Check it with `bats eval FILE.onnx`.
+    BatchNormalization, the sign as Where(x >= 0, 1, -1), Conv with ±1 weights then Mul by the XNOR-Net++ scale, PRelu, pools, Concat, Add; genotype and settings in the metadata; auxiliary head dropped; dynamic batch. Check it with `bats eval FILE.onnx`.
 
     Example: bats export runs/tiny.packed.safetensors -o tiny.onnx
     """
