@@ -18,6 +18,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #include <cstring>
 #include <vector>
 
@@ -57,6 +60,29 @@ inline bool wants_nhwc(const torch::Tensor& x) {
 }
 
 inline uint64_t low_bits(int64_t n) { return n >= 64 ? ~uint64_t(0) : ((uint64_t(1) << n) - 1); }
+
+// Sign bits (x >= 0 -> 1; NaN -> 0, as the float path's comparison) of C contiguous floats into
+// ceil(C / 64) zeroed words, bit c of the pixel at word c / 64, bit c % 64.
+inline void pixel_bits(const float* px, int64_t C, uint64_t* words) {
+  int64_t c = 0;
+#ifdef __AVX512F__
+  // 16 channels per compare; 16-bit chunks never straddle a word (c is a multiple of 16).
+  const __m512 zero = _mm512_setzero_ps();
+  for (; c + 16 <= C; c += 16) {
+    const uint64_t m = _mm512_cmp_ps_mask(_mm512_loadu_ps(px + c), zero, _CMP_GE_OQ);
+    words[c >> 6] |= m << (c & 63);
+  }
+#endif
+  for (; c < C; ++c) words[c >> 6] |= uint64_t(px[c] >= 0.0f) << (c & 63);
+}
+
+// n <= 64 bits starting at bit b of a word array.
+inline uint64_t bit_range(const uint64_t* words, int64_t b, int64_t n) {
+  const int64_t w = b >> 6, s = b & 63;
+  uint64_t v = words[w] >> s;
+  if (s && s + n > 64) v |= words[w + 1] << (64 - s);
+  return v & low_bits(n);
+}
 
 }  // namespace
 
@@ -107,16 +133,15 @@ torch::Tensor pack_activations(torch::Tensor x, int64_t groups) {
   if (nhwc) {
     at::parallel_for(0, N * HW, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
                      [&](int64_t lo, int64_t hi) {
+      std::vector<uint64_t> bits((C + 63) / 64);
       for (int64_t p = lo; p < hi; ++p) {
-        const float* px = src + p * C;
+        std::fill(bits.begin(), bits.end(), 0);
+        pixel_bits(src + p * C, C, bits.data());
         uint64_t* out_px = dst + p * groups * fw;
         for (int64_t grp = 0; grp < groups; ++grp) {
-          const float* gx = px + grp * cg;
           for (int64_t f = 0; f < fw; ++f) {
             const int64_t c0 = f * 64, n = std::min<int64_t>(64, cg - c0);
-            uint64_t word = 0;
-            for (int64_t c = 0; c < n; ++c) word |= uint64_t(gx[c0 + c] >= 0.0f) << c;
-            out_px[grp * fw + f] = word;
+            out_px[grp * fw + f] = bit_range(bits.data(), grp * cg + c0, n);
           }
         }
       }
@@ -246,24 +271,31 @@ static torch::Tensor pack_planar(const torch::Tensor& x, int64_t groups) {
   auto out = torch::empty({N, groups, H, W}, torch::kLong);
   auto* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
   const float* src = xc.data_ptr<float>();
+  if (nhwc) {
+    // Whole pixels at a time (every group's bits from one pass over the channels).
+    at::parallel_for(0, N * HW, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
+                     [&](int64_t lo, int64_t hi) {
+      std::vector<uint64_t> bits((C + 63) / 64);
+      for (int64_t q = lo; q < hi; ++q) {
+        const int64_t n = q / HW, p = q % HW;
+        std::fill(bits.begin(), bits.end(), 0);
+        pixel_bits(src + q * C, C, bits.data());
+        uint64_t* on = dst + n * groups * HW + p;
+        for (int64_t grp = 0; grp < groups; ++grp) on[grp * HW] = bit_range(bits.data(), grp * cg, cg);
+      }
+    });
+    return out;
+  }
   at::parallel_for(0, N * groups, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t n = r / groups, grp = r % groups;
       uint64_t* o = dst + r * HW;
-      if (nhwc) {
-        const float* xs = src + n * HW * C + grp * cg;
-        for (int64_t p = 0; p < HW; ++p) {
-          uint64_t word = 0;
-          for (int64_t c = 0; c < cg; ++c) word |= uint64_t(xs[p * C + c] >= 0.0f) << c;
-          o[p] = word;
-        }
-      } else {
-        const float* xs = src + (n * C + grp * cg) * HW;
-        for (int64_t p = 0; p < HW; ++p) o[p] = uint64_t(xs[p] >= 0.0f);
-        for (int64_t c = 1; c < cg; ++c) {
-          const float* xr = xs + c * HW;
-          for (int64_t p = 0; p < HW; ++p) o[p] |= uint64_t(xr[p] >= 0.0f) << c;
-        }
+      // NCHW: channel-outer, so the inner loop runs over contiguous pixels (vectorises).
+      const float* xs = src + (n * C + grp * cg) * HW;
+      for (int64_t p = 0; p < HW; ++p) o[p] = uint64_t(xs[p] >= 0.0f);
+      for (int64_t c = 1; c < cg; ++c) {
+        const float* xr = xs + c * HW;
+        for (int64_t p = 0; p < HW; ++p) o[p] |= uint64_t(xr[p] >= 0.0f) << c;
       }
     }
   });
