@@ -117,11 +117,11 @@ def export_model(
     random batch of ``verify_batch`` images against PyTorch (``max_abs_diff`` in the result).
     """
     from bats_cli.modelio import load_model
+    from bats_cli.outputs import check_output_file
     from bats_cli.runtime import atomic_write_bytes, software_versions
 
     onnx, ort = require_onnx("export")
     path, out = Path(path), Path(out)
-    from bats_cli.outputs import check_output_file
 
     # Never onto the model it reads (not even with --force); existing files need --force.
     check_output_file(out, flag="-o", force=force, inputs=[path])

@@ -134,6 +134,8 @@ def test_refusals(artifacts, capsys, monkeypatch, tmp_path):
     out.write_bytes(b"keep me")
     code, _, err = cli(["export", str(packed), "-o", str(out)], capsys)
     one_line_error(code, err, "exists", "--force")
+    code, _, err = cli(["export", str(packed), "-o", str(packed), "--force"], capsys)
+    one_line_error(code, err, "own input")
     assert out.read_bytes() == b"keep me"
     assert cli(["export", str(packed), "-o", str(out), "--force"], capsys)[0] == 0
     onnx.checker.check_model(onnx.load(str(out)))
