@@ -200,60 +200,63 @@ torch::Tensor conv_packed(torch::Tensor act, torch::Tensor wpack, torch::Tensor 
   const int64_t grain = std::max<int64_t>(1, 32768 / per_row);
 
   at::parallel_for(0, rows, grain, [&](int64_t lo, int64_t hi) {
-    std::vector<uint64_t> win(g.nw * g.G), mask(g.nw);
-    std::vector<int32_t> acc(g.og);
+    // Local copies (see conv_strips): keeps loop bounds in registers so the loops vectorise.
+    const Geometry gl = g;
+    const int64_t OW_ = OW, OH_ = OH, H_ = H, W_ = W, O_ = O;
+    std::vector<uint64_t> win(gl.nw * gl.G), mask(gl.nw);
+    std::vector<int32_t> acc(gl.og);
     // NCHW output: a row is computed channels-last here, then written out per channel.
-    std::vector<float> row(channels_last ? 0 : OW * O);
+    std::vector<float> row(channels_last ? 0 : OW_ * O_);
     for (int64_t r = lo; r < hi; ++r) {
-      const int64_t n = r / OH, oh = r % OH;
-      float* row_out = channels_last ? dst + (n * OH + oh) * OW * O : row.data();
-      for (int64_t ow = 0; ow < OW; ++ow) {
+      const int64_t n = r / OH_, oh = r % OH_;
+      float* row_out = channels_last ? dst + (n * OH_ + oh) * OW_ * O_ : row.data();
+      for (int64_t ow = 0; ow < OW_; ++ow) {
         std::fill(win.begin(), win.end(), 0);
         std::fill(mask.begin(), mask.end(), 0);
         int64_t valid_bits = 0;
-        for (int64_t i = 0; i < g.kh; ++i) {
-          const int64_t ih = oh * g.sh - g.ph + i * g.dh;
-          if (ih < 0 || ih >= H) continue;
-          for (int64_t j = 0; j < g.kw; ++j) {
-            const int64_t iw = ow * g.sw - g.pw + j * g.dw;
-            if (iw < 0 || iw >= W) continue;
-            const int64_t t = i * g.kw + j;
-            const uint64_t* src = A + ((n * H + ih) * W + iw) * g.G * g.fw;
-            valid_bits += g.cg;
-            if (g.fw == 1) {
-              const int64_t word = t / g.fpw, shift = (t % g.fpw) * g.cg;
-              uint64_t* wrow = win.data() + word * g.G;
-              for (int64_t grp = 0; grp < g.G; ++grp) wrow[grp] |= src[grp] << shift;
+        for (int64_t i = 0; i < gl.kh; ++i) {
+          const int64_t ih = oh * gl.sh - gl.ph + i * gl.dh;
+          if (ih < 0 || ih >= H_) continue;
+          for (int64_t j = 0; j < gl.kw; ++j) {
+            const int64_t iw = ow * gl.sw - gl.pw + j * gl.dw;
+            if (iw < 0 || iw >= W_) continue;
+            const int64_t t = i * gl.kw + j;
+            const uint64_t* src = A + ((n * H_ + ih) * W_ + iw) * gl.G * gl.fw;
+            valid_bits += gl.cg;
+            if (gl.fw == 1) {
+              const int64_t word = t / gl.fpw, shift = (t % gl.fpw) * gl.cg;
+              uint64_t* wrow = win.data() + word * gl.G;
+              for (int64_t grp = 0; grp < gl.G; ++grp) wrow[grp] |= src[grp] << shift;
               mask[word] |= field_mask << shift;
             } else {
-              for (int64_t f = 0; f < g.fw; ++f) {
-                uint64_t* wrow = win.data() + (t * g.fw + f) * g.G;
-                for (int64_t grp = 0; grp < g.G; ++grp) wrow[grp] = src[grp * g.fw + f];
-                mask[t * g.fw + f] = ~uint64_t(0);  // bits past cg are 0 in both operands
+              for (int64_t f = 0; f < gl.fw; ++f) {
+                uint64_t* wrow = win.data() + (t * gl.fw + f) * gl.G;
+                for (int64_t grp = 0; grp < gl.G; ++grp) wrow[grp] = src[grp * gl.fw + f];
+                mask[t * gl.fw + f] = ~uint64_t(0);  // bits past cg are 0 in both operands
               }
             }
           }
         }
-        float* out_px = row_out + ow * O;
-        for (int64_t grp = 0; grp < g.G; ++grp) {
+        float* out_px = row_out + ow * O_;
+        for (int64_t grp = 0; grp < gl.G; ++grp) {
           std::fill(acc.begin(), acc.end(), 0);
-          const uint64_t* wg = Wt + grp * g.nw * g.og;
-          for (int64_t k = 0; k < g.nw; ++k) {
-            const uint64_t xw = win[k * g.G + grp], m = mask[k];
-            const uint64_t* wk = wg + k * g.og;
-            for (int64_t o = 0; o < g.og; ++o)
+          const uint64_t* wg = Wt + grp * gl.nw * gl.og;
+          for (int64_t k = 0; k < gl.nw; ++k) {
+            const uint64_t xw = win[k * gl.G + grp], m = mask[k];
+            const uint64_t* wk = wg + k * gl.og;
+            for (int64_t o = 0; o < gl.og; ++o)
               acc[o] += __builtin_popcountll((xw ^ wk[o]) & m);
           }
-          const float* sg = S + grp * g.og;
-          float* og_out = out_px + grp * g.og;
-          for (int64_t o = 0; o < g.og; ++o)
+          const float* sg = S + grp * gl.og;
+          float* og_out = out_px + grp * gl.og;
+          for (int64_t o = 0; o < gl.og; ++o)
             og_out[o] = float(valid_bits - 2 * int64_t(acc[o])) * sg[o];
         }
       }
       if (!channels_last) {
-        for (int64_t o = 0; o < O; ++o) {
-          float* plane = dst + ((n * O + o) * OH + oh) * OW;
-          for (int64_t ow = 0; ow < OW; ++ow) plane[ow] = row[ow * O + o];
+        for (int64_t o = 0; o < O_; ++o) {
+          float* plane = dst + ((n * O_ + o) * OH_ + oh) * OW_;
+          for (int64_t ow = 0; ow < OW_; ++ow) plane[ow] = row[ow * O_ + o];
         }
       }
     }
@@ -275,27 +278,29 @@ static torch::Tensor pack_planar(const torch::Tensor& x, int64_t groups) {
     // Whole pixels at a time (every group's bits from one pass over the channels).
     at::parallel_for(0, N * HW, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
                      [&](int64_t lo, int64_t hi) {
-      std::vector<uint64_t> bits((C + 63) / 64);
+      const int64_t HW_ = HW, C_ = C, cg_ = cg, groups_ = groups;  // locals: see conv_strips
+      std::vector<uint64_t> bits((C_ + 63) / 64);
       for (int64_t q = lo; q < hi; ++q) {
-        const int64_t n = q / HW, p = q % HW;
+        const int64_t n = q / HW_, p = q % HW_;
         std::fill(bits.begin(), bits.end(), 0);
-        pixel_bits(src + q * C, C, bits.data());
-        uint64_t* on = dst + n * groups * HW + p;
-        for (int64_t grp = 0; grp < groups; ++grp) on[grp * HW] = bit_range(bits.data(), grp * cg, cg);
+        pixel_bits(src + q * C_, C_, bits.data());
+        uint64_t* on = dst + n * groups_ * HW_ + p;
+        for (int64_t grp = 0; grp < groups_; ++grp) on[grp * HW_] = bit_range(bits.data(), grp * cg_, cg_);
       }
     });
     return out;
   }
   at::parallel_for(0, N * groups, 1, [&](int64_t lo, int64_t hi) {
+    const int64_t HW_ = HW, C_ = C, cg_ = cg, groups_ = groups;  // locals: see conv_strips
     for (int64_t r = lo; r < hi; ++r) {
-      const int64_t n = r / groups, grp = r % groups;
-      uint64_t* o = dst + r * HW;
+      const int64_t n = r / groups_, grp = r % groups_;
+      uint64_t* o = dst + r * HW_;
       // NCHW: channel-outer, so the inner loop runs over contiguous pixels (vectorises).
-      const float* xs = src + (n * C + grp * cg) * HW;
-      for (int64_t p = 0; p < HW; ++p) o[p] = uint64_t(xs[p] >= 0.0f);
-      for (int64_t c = 1; c < cg; ++c) {
-        const float* xr = xs + c * HW;
-        for (int64_t p = 0; p < HW; ++p) o[p] |= uint64_t(xr[p] >= 0.0f) << c;
+      const float* xs = src + (n * C_ + grp * cg_) * HW_;
+      for (int64_t p = 0; p < HW_; ++p) o[p] = uint64_t(xs[p] >= 0.0f);
+      for (int64_t c = 1; c < cg_; ++c) {
+        const float* xr = xs + c * HW_;
+        for (int64_t p = 0; p < HW_; ++p) o[p] |= uint64_t(xr[p] >= 0.0f) << c;
       }
     }
   });
@@ -335,20 +340,21 @@ static torch::Tensor conv_strips(const torch::Tensor& x, const torch::Tensor& wp
   auto strips_t = torch::empty({N, g.G, H, OW}, torch::kLong);
   auto* strips = reinterpret_cast<uint64_t*>(strips_t.data_ptr<int64_t>());
   at::parallel_for(0, N * g.G * H, std::max<int64_t>(1, 4096 / (OW * g.kw)), [&](int64_t lo, int64_t hi) {
+    const int64_t OW_ = OW, W_ = W, kw_ = g.kw, dw_ = g.dw, pw_ = g.pw, sw_ = g.sw, cg_ = g.cg;
     for (int64_t r = lo; r < hi; ++r) {
-      const uint64_t* in_row = P + r * W;
-      uint64_t* srow = strips + r * OW;
-      for (int64_t ow = 0; ow < OW; ++ow) srow[ow] = 0;
-      for (int64_t j = 0; j < g.kw; ++j) {
-        const int64_t off = j * g.dw - g.pw, shift = j * g.cg;
+      const uint64_t* in_row = P + r * W_;
+      uint64_t* srow = strips + r * OW_;
+      for (int64_t ow = 0; ow < OW_; ++ow) srow[ow] = 0;
+      for (int64_t j = 0; j < kw_; ++j) {
+        const int64_t off = j * dw_ - pw_, shift = j * cg_;
         // Output columns whose tap j lands inside the row.
-        int64_t first = off < 0 ? (-off + g.sw - 1) / g.sw : 0;
-        int64_t last = (W - 1 - off) >= 0 ? (W - 1 - off) / g.sw : -1;
-        if (last > OW - 1) last = OW - 1;
-        if (g.sw == 1) {
+        int64_t first = off < 0 ? (-off + sw_ - 1) / sw_ : 0;
+        int64_t last = (W_ - 1 - off) >= 0 ? (W_ - 1 - off) / sw_ : -1;
+        if (last > OW_ - 1) last = OW_ - 1;
+        if (sw_ == 1) {
           for (int64_t ow = first; ow <= last; ++ow) srow[ow] |= in_row[ow + off] << shift;
         } else {
-          for (int64_t ow = first; ow <= last; ++ow) srow[ow] |= in_row[ow * g.sw + off] << shift;
+          for (int64_t ow = first; ow <= last; ++ow) srow[ow] |= in_row[ow * sw_ + off] << shift;
         }
       }
     }
@@ -357,45 +363,50 @@ static torch::Tensor conv_strips(const torch::Tensor& x, const torch::Tensor& wp
   const int64_t items = N * OH * g.G;
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, OW * g.og * g.nw));
   at::parallel_for(0, items, grain, [&](int64_t lo, int64_t hi) {
-    std::vector<uint64_t> win(g.nw * OW), mask(g.nw * OW);
-    std::vector<int32_t> acc(OW), vbits(OW);
+    // Locals, not captured references: stores through uint64_t* may alias an int64_t captured by
+    // reference, which kept the compiler from vectorising (it reloaded loop bounds every pass).
+    const int64_t OW_ = OW, OH_ = OH, H_ = H, O_ = O, nw_ = g.nw, og_ = g.og, G_ = g.G, kh_ = g.kh;
+    const int64_t rpw_ = g.rpw, S_ = g.S, sh_ = g.sh, ph_ = g.ph, dh_ = g.dh;
+    std::vector<uint64_t> win(nw_ * OW_), mask(nw_ * OW_);
+    std::vector<int32_t> acc(OW_), vbits(OW_);
     for (int64_t it = lo; it < hi; ++it) {
-      const int64_t grp = it % g.G, oh = (it / g.G) % OH, n = it / (g.G * OH);
+      const int64_t grp = it % G_, oh = (it / G_) % OH_, n = it / (G_ * OH_);
       std::fill(win.begin(), win.end(), 0);
       std::fill(mask.begin(), mask.end(), 0);
       int64_t rows = 0;
-      for (int64_t i = 0; i < g.kh; ++i) {
-        const int64_t ih = oh * g.sh - g.ph + i * g.dh;
-        if (ih < 0 || ih >= H) continue;
+      for (int64_t i = 0; i < kh_; ++i) {
+        const int64_t ih = oh * sh_ - ph_ + i * dh_;
+        if (ih < 0 || ih >= H_) continue;
         ++rows;
-        const int64_t k = i / g.rpw, shift = (i % g.rpw) * g.S;
-        const uint64_t* srow = strips + ((n * g.G + grp) * H + ih) * OW;
-        uint64_t* wk = win.data() + k * OW;
-        uint64_t* mk = mask.data() + k * OW;
-        for (int64_t ow = 0; ow < OW; ++ow) {
-          wk[ow] |= srow[ow] << shift;
-          mk[ow] |= cmask[ow] << shift;
-        }
+        const int64_t k = i / rpw_, shift = (i % rpw_) * S_;
+        const uint64_t* __restrict srow = strips + ((n * G_ + grp) * H_ + ih) * OW_;
+        const uint64_t* __restrict cm = cmask.data();
+        uint64_t* __restrict wk = win.data() + k * OW_;
+        uint64_t* __restrict mk = mask.data() + k * OW_;
+        // Two loops with restrict pointers: the combined one did not vectorise (aliasing).
+        for (int64_t ow = 0; ow < OW_; ++ow) wk[ow] |= srow[ow] << shift;
+        for (int64_t ow = 0; ow < OW_; ++ow) mk[ow] |= cm[ow] << shift;
       }
-      for (int64_t ow = 0; ow < OW; ++ow) vbits[ow] = int32_t(rows) * cbits[ow];
-      const uint64_t* wg = Wt + grp * g.nw * g.og;
-      for (int64_t oi = 0; oi < g.og; ++oi) {
-        for (int64_t ow = 0; ow < OW; ++ow) acc[ow] = 0;
-        for (int64_t k = 0; k < g.nw; ++k) {
-          const uint64_t wbits = wg[k * g.og + oi];
-          const uint64_t* wk = win.data() + k * OW;
-          const uint64_t* mk = mask.data() + k * OW;
-          for (int64_t ow = 0; ow < OW; ++ow)
-            acc[ow] += int32_t(__builtin_popcountll((wk[ow] ^ wbits) & mk[ow]));
+      for (int64_t ow = 0; ow < OW_; ++ow) vbits[ow] = int32_t(rows) * cbits[ow];
+      const uint64_t* wg = Wt + grp * nw_ * og_;
+      for (int64_t oi = 0; oi < og_; ++oi) {
+        for (int64_t ow = 0; ow < OW_; ++ow) acc[ow] = 0;
+        for (int64_t k = 0; k < nw_; ++k) {
+          const uint64_t wbits = wg[k * og_ + oi];
+          const uint64_t* __restrict wk = win.data() + k * OW_;
+          const uint64_t* __restrict mk = mask.data() + k * OW_;
+          int32_t* __restrict ac = acc.data();
+          for (int64_t ow = 0; ow < OW_; ++ow)
+            ac[ow] += int32_t(__builtin_popcountll((wk[ow] ^ wbits) & mk[ow]));
         }
-        const int64_t o = grp * g.og + oi;
+        const int64_t o = grp * og_ + oi;
         const float so = Sc[o];
         if (nhwc) {
-          float* base = dst + (n * OH + oh) * OW * O + o;
-          for (int64_t ow = 0; ow < OW; ++ow) base[ow * O] = float(vbits[ow] - 2 * acc[ow]) * so;
+          float* base = dst + (n * OH_ + oh) * OW_ * O_ + o;
+          for (int64_t ow = 0; ow < OW_; ++ow) base[ow * O_] = float(vbits[ow] - 2 * acc[ow]) * so;
         } else {
-          float* base = dst + ((n * O + o) * OH + oh) * OW;
-          for (int64_t ow = 0; ow < OW; ++ow) base[ow] = float(vbits[ow] - 2 * acc[ow]) * so;
+          float* base = dst + ((n * O_ + o) * OH_ + oh) * OW_;
+          for (int64_t ow = 0; ow < OW_; ++ow) base[ow] = float(vbits[ow] - 2 * acc[ow]) * so;
         }
       }
     }
