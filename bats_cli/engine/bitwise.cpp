@@ -6,23 +6,30 @@
 // -1: it is masked out of the XOR and not counted in valid_bits. The result is an exact integer;
 // the XNOR-Net++ scale is applied after, as the float model does.
 //
-// Layouts (uint64 words stored in int64 tensors):
-// * activations: channels-last, per pixel and group one "field" of cg bits (channel c of the
-//   group at bit c), fw = ceil(cg / 64) words per field;
-// * a window of T = kh * kw taps: with fw == 1, fpw = 64 / cg fields share a word (tap t in
-//   word t / fpw at bit (t % fpw) * cg); otherwise tap t owns words t * fw .. t * fw + fw - 1;
-// * weights: [group][window word][output channel of the group], packed once at load time.
+// Two window layouts (uint64 words stored in int64 tensors), chosen per conv by make_geometry:
+// * row strips (a window row of kw taps is S = kw * cg <= 64 bits; every BATS grouped conv on
+//   CIFAR, depthwise convs, small 1x1 convs): rpw = 64 / S rows share a word, tap (i, j) of
+//   channel c at word i / rpw, bit (i % rpw) * S + j * cg + c. Activations are packed into one
+//   plane of cg-bit fields per group; each input row's strips are built once and shared by the
+//   kh output rows that read it (conv_strips);
+// * fields (otherwise: dense 1x1 convs over > 64 channels, wide groups): per pixel and group
+//   fw = ceil(cg / 64) words; with fw == 1, fpw = 64 / cg taps share a word (tap t in word
+//   t / fpw at bit (t % fpw) * cg), otherwise tap t owns words t * fw .. t * fw + fw - 1
+//   (conv_packed).
+// Weights: [group][window word][output channel of the group], packed once at load time.
+// Inputs are read in place (NCHW or channels-last); the output takes the layout PyTorch's conv
+// would give it.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
-#include <cstring>
-#include <vector>
 
 namespace {
 
