@@ -146,7 +146,8 @@ def _binarize(
     from bats_cli.pack import packed_size_report, save_packed
     from bats_cli.quant import binarize_weights_
     from bats_cli.runloop import check_out_dir, open_run_dir, set_threads
-    from bats_cli.runtime import Reporter, seed_everything
+    from bats_cli.progress import Reporter
+    from bats_cli.runtime import seed_everything
     from bats_cli.data.loader import check_batch
     from bats_cli.train import TRAIN_RESUME_IGNORED, FitSpec, fit
 

@@ -21,7 +21,9 @@ from typing import Any
 import torch
 
 from bats_cli.errors import UserInputError
-from bats_cli.runtime import BEST_NAME, LAST_NAME, atomic_target, software_versions, to_jsonable
+from bats_cli.fileio import atomic_target, to_jsonable
+from bats_cli.provenance import software_versions
+from bats_cli.rundir import BEST_NAME, LAST_NAME
 
 FORMAT_VERSION = 1
 KINDS = ("search", "train", "binarize", "packed")

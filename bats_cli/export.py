@@ -118,7 +118,8 @@ def export_model(
     """
     from bats_cli.modelio import load_model
     from bats_cli.outputs import check_output_file
-    from bats_cli.runtime import atomic_write_bytes, software_versions
+    from bats_cli.fileio import atomic_write_bytes
+    from bats_cli.provenance import software_versions
 
     onnx, ort = require_onnx("export")
     path, out = Path(path), Path(out)

@@ -386,7 +386,7 @@ def to_dot(genotype: Genotype) -> str:
 
 def save_plot(genotype: Genotype, path: str | Path) -> Path:
     """Write ``path`` as SVG or PNG (by suffix), atomically."""
-    from bats_cli.runtime import atomic_write_bytes, atomic_write_text
+    from bats_cli.fileio import atomic_write_bytes, atomic_write_text
 
     p = Path(path)
     suffix = p.suffix.lower()
@@ -400,7 +400,7 @@ def save_plot(genotype: Genotype, path: str | Path) -> Path:
 
 
 def save_dot(genotype: Genotype, path: str | Path) -> Path:
-    from bats_cli.runtime import atomic_write_text
+    from bats_cli.fileio import atomic_write_text
 
     p = Path(path)
     if p.is_dir():

@@ -367,7 +367,7 @@ def _html(runs: list[Run], panels: list[Panel], table: list[dict[str, Any]]) -> 
 
 def write_report(run_dirs: list[Path], *, out: Path) -> dict[str, Any]:
     """Write ``OUT/report.png`` and ``OUT/report.html``; returns the manifest (panels, files, table)."""
-    from bats_cli.runtime import atomic_write_bytes, atomic_write_text
+    from bats_cli.fileio import atomic_write_bytes, atomic_write_text
 
     plt = require_matplotlib()
     runs = [read_run(Path(d)) for d in run_dirs]

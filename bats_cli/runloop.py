@@ -9,14 +9,14 @@ checkpoint payload); :class:`RunLoop` owns *what is the same*:
   ``last`` and raise :class:`~bats_cli.errors.Interrupted`, exit 130);
 * ``metrics.csv``: one row per epoch, with ``seconds`` = the run's cumulative wall time (it
   survives ``--resume``: the clock is saved with every checkpoint);
-* progress: one bar (or plain line) per epoch through :class:`~bats_cli.runtime.Reporter`;
+* progress: one bar (or plain line) per epoch through :class:`~bats_cli.progress.Reporter`;
 * rank-0 duties under ``torchrun``: only rank 0 writes; every rank agrees before stopping.
 
 Plus the set-up helpers around a run: the run directory (``check_out_dir``, ``open_run_dir``,
 ``default_run_dir``), the signal guard and CPU thread control.
 
 Order within an epoch end: metrics row appended, *then* ``last`` saved, so a crash in between
-repeats the epoch and :meth:`~bats_cli.runtime.RunDir.resumed_at` drops the stale row.
+repeats the epoch and :meth:`~bats_cli.rundir.RunDir.resumed_at` drops the stale row.
 """
 
 from __future__ import annotations
@@ -65,14 +65,14 @@ def set_threads(threads: int | None) -> None:
 
 def check_out_dir(out: Path, resume: bool) -> None:
     """Refuse an --out that RunDir would refuse (including one locked by a run), before any work."""
-    from bats_cli.runtime import check_run_dir_path
+    from bats_cli.rundir import check_run_dir_path
 
     check_run_dir_path(out, resume)
 
 
 def open_run_dir(out: Path, resume: bool, dist_info: Dist = Dist(), device: torch.device | None = None):
     """RunDir on rank 0 (None elsewhere); every rank fails if rank 0 cannot open it."""
-    from bats_cli.runtime import RunDir
+    from bats_cli.rundir import RunDir
 
     run_dir, error = None, None
     if dist_info.is_main:
@@ -102,7 +102,7 @@ def interrupt_guard(interrupt=None, *, handle_signals: bool = True) -> Iterator[
 
     Entered before set-up, so that a signal during set-up stops the run too (after one step).
     """
-    from bats_cli.runtime import GracefulInterrupt
+    from bats_cli.signals import GracefulInterrupt
 
     if interrupt is not None:
         yield interrupt
@@ -208,7 +208,8 @@ class RunLoop:
         device: torch.device | None = None,
         stop_after_steps: int | None = None,
     ) -> None:
-        from bats_cli.runtime import GracefulInterrupt, Reporter
+        from bats_cli.progress import Reporter
+        from bats_cli.signals import GracefulInterrupt
 
         self.job = job
         self.run_dir = run_dir

@@ -305,7 +305,7 @@ class Searcher(RunJob):
 
     def __init__(self, config: SearchConfig, *, run, device: torch.device, data, in_channels: int,
                  num_classes: int, reporter=None) -> None:
-        from bats_cli.runtime import Reporter
+        from bats_cli.progress import Reporter
 
         self.cfg = config
         self.run = run
@@ -788,10 +788,11 @@ def run_search(
     """Run (or continue) the 3-stage search in ``out_dir``; returns the final genotype and timings.
 
     ``interrupt`` is anything with ``requested`` and ``raise_if_requested(save_fn)`` (default: a
-    :class:`~bats_cli.runtime.GracefulInterrupt` turning SIGINT/SIGTERM into a saved checkpoint and
+    :class:`~bats_cli.signals.GracefulInterrupt` turning SIGINT/SIGTERM into a saved checkpoint and
     :class:`~bats_cli.errors.Interrupted`).
     """
-    from bats_cli.runtime import Reporter, check_precision, select_device
+    from bats_cli.progress import Reporter
+    from bats_cli.runtime import check_precision, select_device
 
     reporter = reporter or Reporter(quiet=True)
     from bats_cli.preflight import check_sizes

@@ -457,7 +457,8 @@ def _train(
     """
     from bats_cli.config import resolve_resume_config
     from bats_cli.data import build_datasets
-    from bats_cli.runtime import Reporter, seed_everything
+    from bats_cli.progress import Reporter
+    from bats_cli.runtime import seed_everything
 
     dist_info, device = init_run_device(cfg.device, cfg.precision)
     if resume and out is None:

@@ -99,7 +99,7 @@ def test_sigterm_outside_a_run_exits_130(monkeypatch, capsys):
 
 
 def test_second_signal_during_a_run_exits_130(monkeypatch, capsys):
-    from bats_cli.runtime import GracefulInterrupt
+    from bats_cli.signals import GracefulInterrupt
 
     def run():
         with GracefulInterrupt():
@@ -169,7 +169,7 @@ def test_derive_and_import_outputs_need_force_and_never_hit_inputs(tmp_path, cap
 
 
 def test_run_directory_lock_refuses_a_second_process(tmp_path):
-    from bats_cli.runtime import RunDir
+    from bats_cli.rundir import RunDir
 
     out = tmp_path / "run"
     with RunDir(out, resume=False) as run:
@@ -187,7 +187,7 @@ def test_run_directory_lock_refuses_a_second_process(tmp_path):
 
 
 def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path, capsys):
-    from bats_cli.runtime import RunDir
+    from bats_cli.rundir import RunDir
 
     out = tmp_path / "run"
     out.mkdir()
@@ -200,7 +200,7 @@ def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path, capsys):
 
 
 def test_resume_into_a_folder_that_is_not_a_run_touches_nothing(tmp_path):
-    from bats_cli.runtime import RunDir
+    from bats_cli.rundir import RunDir
 
     folder = tmp_path / "home"
     folder.mkdir()
@@ -212,7 +212,7 @@ def test_resume_into_a_folder_that_is_not_a_run_touches_nothing(tmp_path):
 
 
 def test_unwritable_out_is_refused_before_work(tmp_path):
-    from bats_cli.runtime import RunDir
+    from bats_cli.rundir import RunDir
 
     if os.geteuid() == 0:
         pytest.skip("root can write anywhere")
@@ -628,7 +628,7 @@ def test_onnx_inputs_are_validated_like_checkpoints(tmp_path, capsys, alarm):
 
 @pytest.mark.parametrize("name", [".lock", "metrics.csv"])
 def test_planted_links_in_a_run_directory_redirect_no_write(tmp_path, name):
-    from bats_cli.runtime import RunDir
+    from bats_cli.rundir import RunDir
 
     victim = tmp_path / "bashrc"
     victim.write_text("keep me\n")

@@ -11,7 +11,7 @@ from torch import nn
 from bats_cli.checkpoint import read_metadata
 from bats_cli.errors import Interrupted
 from bats_cli.runloop import Checkpoint, RunJob, RunLoop
-from bats_cli.runtime import RunDir
+from bats_cli.rundir import RunDir
 
 
 class ToyJob(RunJob):
@@ -141,7 +141,7 @@ def test_seconds_are_the_runs_cumulative_time_across_resume(tmp_path, monkeypatc
 
 
 def test_a_signal_mid_epoch_stops_after_that_step_with_a_checkpoint(tmp_path):
-    from bats_cli.runtime import GracefulInterrupt
+    from bats_cli.signals import GracefulInterrupt
 
     stop = GracefulInterrupt()  # a flag; set as a signal handler would
 

@@ -143,7 +143,7 @@ def test_memory_model_arithmetic():
 
 
 def test_plain_progress_lines_carry_run_step_speed_and_eta():
-    from bats_cli.runtime import Reporter
+    from bats_cli.progress import Reporter
 
     stream = io.StringIO()
     rep = Reporter(stream=stream, tty=False, every_steps=3, every_seconds=3600)
@@ -285,7 +285,7 @@ def test_one_spelling_of_weight_decay(capsys):
 
 
 def test_terminal_bar_never_cuts_its_clock():
-    from bats_cli.runtime import Reporter
+    from bats_cli.progress import Reporter
 
     class Terminal(io.StringIO):
         def isatty(self):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from bats_cli import runtime as rt
+from bats_cli import fileio, progress, rundir, runtime, signals
 from bats_cli.checkpoint import load_checkpoint, save_checkpoint
 from bats_cli.errors import Interrupted, UserInputError
 
@@ -27,11 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_atomic_write_and_failure_keeps_old(tmp_path, monkeypatch):
     target = tmp_path / "sub" / "a.json"
-    rt.atomic_write_json(target, {"x": float("nan"), "p": Path("/y"), "t": torch.tensor([1, 2])})
+    fileio.atomic_write_json(target, {"x": float("nan"), "p": Path("/y"), "t": torch.tensor([1, 2])})
     assert json.loads(target.read_text()) == {"x": None, "p": "/y", "t": [1, 2]}
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("nope")))
     with pytest.raises(OSError):
-        rt.atomic_write_text(target, "new")
+        fileio.atomic_write_text(target, "new")
     monkeypatch.undo()
     assert json.loads(target.read_text())["p"] == "/y"
     assert sorted(p.name for p in target.parent.iterdir()) == ["a.json"]
@@ -51,23 +51,23 @@ def _draw() -> tuple:
 
 
 def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
-    rt.seed_everything(7)
+    runtime.seed_everything(7)
     random.gauss(0, 1)  # leaves a cached gaussian in python's state
     np.random.standard_normal()  # numpy's legacy RNG also caches one
-    state = rt.rng_state_tensors()
+    state = runtime.rng_state_tensors()
     expected = _draw()
     path = save_checkpoint(tmp_path / "c.safetensors", state, kind="train", config={}, epoch=0)
-    rt.seed_everything(99)
+    runtime.seed_everything(99)
     _draw()
     loaded, _ = load_checkpoint(path)
-    rt.restore_rng_state({**loaded, "model.w": torch.ones(1)})  # other keys ignored
+    runtime.restore_rng_state({**loaded, "model.w": torch.ones(1)})  # other keys ignored
     assert _draw() == expected
 
 
 def test_seed_everything_is_deterministic():
-    rt.seed_everything(3)
+    runtime.seed_everything(3)
     a = _draw()
-    rt.seed_everything(3)
+    runtime.seed_everything(3)
     assert _draw() == a
 
 
@@ -75,35 +75,35 @@ def test_seed_everything_is_deterministic():
 
 
 def test_select_device():
-    assert rt.select_device("cpu") == torch.device("cpu")
-    assert rt.select_device("auto").type in ("cpu", "cuda")
+    assert runtime.select_device("cpu") == torch.device("cpu")
+    assert runtime.select_device("auto").type in ("cpu", "cuda")
     with pytest.raises(UserInputError, match="--device tpu"):
-        rt.select_device("tpu")
+        runtime.select_device("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(UserInputError, match="CUDA is not available.*--device cpu"):
-            rt.select_device("cuda")
+            runtime.select_device("cuda")
 
 
 def test_precision_on_cpu():
     cpu = torch.device("cpu")
     with pytest.raises(UserInputError, match="fp16 needs CUDA; use --precision fp32"):
-        rt.autocast(cpu, "fp16")
+        runtime.autocast(cpu, "fp16")
     with pytest.raises(UserInputError, match="choose one of"):
-        rt.check_precision(cpu, "int8")
+        runtime.check_precision(cpu, "int8")
     conv = torch.nn.Conv2d(4, 4, 3, groups=2)
-    with rt.autocast(cpu, "bf16"):
+    with runtime.autocast(cpu, "bf16"):
         assert conv(torch.randn(1, 4, 8, 8)).dtype == torch.bfloat16
-    with rt.autocast(cpu, "fp32"):
+    with runtime.autocast(cpu, "fp32"):
         assert conv(torch.randn(1, 4, 8, 8)).dtype == torch.float32
-    assert not rt.make_grad_scaler(cpu, "bf16").is_enabled()
+    assert not runtime.make_grad_scaler(cpu, "bf16").is_enabled()
 
 
 def test_memory_format():
     cpu = torch.device("cpu")
-    assert rt.memory_format(cpu, "grouped") == torch.channels_last
-    assert rt.memory_format(cpu, "dense") == torch.contiguous_format
-    assert rt.memory_format(cpu, torch.nn.Conv2d(4, 4, 3, groups=4)) == torch.channels_last
-    assert rt.memory_format(cpu, torch.nn.Conv2d(4, 4, 3)) == torch.contiguous_format
+    assert runtime.memory_format(cpu, "grouped") == torch.channels_last
+    assert runtime.memory_format(cpu, "dense") == torch.contiguous_format
+    assert runtime.memory_format(cpu, torch.nn.Conv2d(4, 4, 3, groups=4)) == torch.channels_last
+    assert runtime.memory_format(cpu, torch.nn.Conv2d(4, 4, 3)) == torch.contiguous_format
 
 
 # --------------------------------------------------------------------------- signals
@@ -111,7 +111,7 @@ def test_memory_format():
 
 def test_graceful_interrupt_in_process():
     previous = signal.getsignal(signal.SIGINT)
-    with rt.GracefulInterrupt() as stop:
+    with signals.GracefulInterrupt() as stop:
         assert not stop.requested
         stop.raise_if_requested(lambda: pytest.fail("must not save"))
         os.kill(os.getpid(), signal.SIGINT)
@@ -126,7 +126,7 @@ def test_graceful_interrupt_in_process():
 _LOOP = r"""
 import sys, time, torch
 from bats_cli.errors import BatsError
-from bats_cli.runtime import GracefulInterrupt
+from bats_cli.signals import GracefulInterrupt
 from bats_cli.checkpoint import save_checkpoint
 out = sys.argv[1]
 w = torch.zeros(3)
@@ -168,7 +168,7 @@ _LOADER_LOOP = r"""
 import sys, time, torch
 from torch.utils.data import DataLoader, TensorDataset
 from bats_cli.errors import BatsError
-from bats_cli.runtime import GracefulInterrupt, shield_worker_from_signals
+from bats_cli.signals import GracefulInterrupt, shield_worker_from_signals
 from bats_cli.checkpoint import save_checkpoint
 out = sys.argv[1]
 loader = DataLoader(TensorDataset(torch.arange(100000.0)), batch_size=1, num_workers=2,
@@ -214,30 +214,30 @@ def test_signal_to_process_group_with_dataloader_workers(tmp_path, sig):
 
 
 def test_run_dir_refuses_overwrite_without_resume(tmp_path):
-    run = rt.RunDir(tmp_path / "run", resume=False)
+    run = rundir.RunDir(tmp_path / "run", resume=False)
     run.write_config({"epochs": 5})
     saved = json.loads(run.config_path.read_text())
     assert saved["config"] == {"epochs": 5} and "torch" in saved["versions"]
     with pytest.raises(UserInputError, match="use --resume to continue it or choose another --out"):
-        rt.RunDir(tmp_path / "run", resume=False)
-    again = rt.RunDir(tmp_path / "run", resume=True)
+        rundir.RunDir(tmp_path / "run", resume=False)
+    again = rundir.RunDir(tmp_path / "run", resume=True)
     assert not again.resuming and again.checkpoint_to_resume() is None  # nothing saved yet
     save_checkpoint(again.last, {}, kind="train", config={}, epoch=1)
-    assert rt.RunDir(tmp_path / "run", resume=True).checkpoint_to_resume() == again.last
+    assert rundir.RunDir(tmp_path / "run", resume=True).checkpoint_to_resume() == again.last
     (tmp_path / "empty").mkdir()
-    assert not rt.RunDir(tmp_path / "empty", resume=False).resuming
+    assert not rundir.RunDir(tmp_path / "empty", resume=False).resuming
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserInputError, match="is a file"):
-        rt.RunDir(tmp_path / "file", resume=False)
+        rundir.RunDir(tmp_path / "file", resume=False)
 
 
 def test_metrics_csv_no_duplicates_after_resume(tmp_path):
-    run = rt.RunDir(tmp_path / "run", resume=False)
+    run = rundir.RunDir(tmp_path / "run", resume=False)
     for epoch in (1, 2, 3):
         run.append_metrics({"epoch": epoch, "loss": 1.0 / epoch, "acc": torch.tensor(0.5)})
     # Crash after epoch 3's row but the checkpoint says epoch 2 finished: redo epoch 3.
     save_checkpoint(run.last, {}, kind="train", config={}, epoch=2)
-    resumed = rt.RunDir(tmp_path / "run", resume=True)
+    resumed = rundir.RunDir(tmp_path / "run", resume=True)
     resumed.resumed_at(2)
     resumed.append_metrics({"epoch": 3, "loss": 0.3, "acc": 0.6})
     resumed.append_metrics({"epoch": 4, "loss": 0.25, "acc": 0.7, "lr": 0.01})  # new column
@@ -248,9 +248,9 @@ def test_metrics_csv_no_duplicates_after_resume(tmp_path):
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path):
-    run = rt.RunDir(tmp_path / "run", resume=False)
+    run = rundir.RunDir(tmp_path / "run", resume=False)
     run.append_metrics({"epoch": 1, "loss": 1.0})  # crashed before its first checkpoint
-    again = rt.RunDir(tmp_path / "run", resume=True)
+    again = rundir.RunDir(tmp_path / "run", resume=True)
     assert not again.resuming and again.metrics.read() == []
 
 
@@ -259,7 +259,7 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path):
 
 def test_reporter_plain_one_line_per_epoch():
     stream = io.StringIO()
-    rep = rt.Reporter(stream=stream, tty=False)
+    rep = progress.Reporter(stream=stream, tty=False)
     for epoch in (1, 2):
         with rep.epoch(f"epoch {epoch}/2", total_steps=3) as bar:
             for _ in range(3):
@@ -274,13 +274,13 @@ def test_reporter_plain_one_line_per_epoch():
 
 def test_reporter_quiet_and_tty():
     quiet = io.StringIO()
-    rep = rt.Reporter(stream=quiet, quiet=True, tty=False)
+    rep = progress.Reporter(stream=quiet, quiet=True, tty=False)
     with rep.epoch("e", 2) as bar:
         bar.update(loss=1.0)
     rep.line("x")
     assert quiet.getvalue() == ""
     tty = io.StringIO()
-    rep = rt.Reporter(stream=tty, tty=True)
+    rep = progress.Reporter(stream=tty, tty=True)
     with pytest.raises(RuntimeError):
         with rep.epoch("epoch 1/1", 4) as bar:
             bar.update(loss=2.0)

@@ -198,7 +198,8 @@ class _Data(torch.utils.data.Dataset):
 
 
 def _searcher(tmp_path, **kw):
-    from bats_cli.runtime import Reporter, RunDir
+    from bats_cli.progress import Reporter
+    from bats_cli.rundir import RunDir
 
     cfg = SearchConfig(**{**TINY, **kw})
     s = Searcher(cfg, run=RunDir(tmp_path / "run", resume=False), reporter=Reporter(quiet=True),

@@ -90,7 +90,7 @@ def eval_command(
         )
     else:
         from bats_cli.evaluate import evaluate_checkpoint
-        from bats_cli.runtime import Reporter
+        from bats_cli.progress import Reporter
 
         result = evaluate_checkpoint(
             checkpoint, dataset=dataset, data_dir=data_dir, download=download,

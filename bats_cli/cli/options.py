@@ -211,7 +211,7 @@ def pct(value: float | None) -> str:
 
 
 def _default_table(result: Mapping[str, Any]) -> Any:
-    from bats_cli.runtime import to_jsonable
+    from bats_cli.fileio import to_jsonable
 
     return key_value_table((key, _cell(value)) for key, value in _flat(to_jsonable(result)).items())
 
@@ -247,8 +247,8 @@ def emit_result(
     ``table_fn(result)`` may return any rich renderable (or a str) for a custom human view.
     """
     if as_json:
-        # Imported here: bats_cli.runtime imports torch, which `--help` must not pay for.
-        from bats_cli.runtime import to_jsonable
+        # Imported here: bats_cli.fileio imports torch, which `--help` must not pay for.
+        from bats_cli.fileio import to_jsonable
 
         sys.stdout.write(json.dumps(to_jsonable(result), allow_nan=False) + "\n")
         sys.stdout.flush()
@@ -329,6 +329,6 @@ def run_planned(fn: Callable[[], Any], *, as_json: bool) -> Any:
 
 def print_config(cfg: Any) -> None:
     """``--print-config``: the resolved settings as indented JSON on stdout."""
-    from bats_cli.runtime import to_jsonable
+    from bats_cli.fileio import to_jsonable
 
     sys.stdout.write(json.dumps(to_jsonable(cfg), indent=2) + "\n")

@@ -148,7 +148,7 @@ def search_command(
     --preset small --out runs/c10mini
     """
     from bats_cli.config import load_config_file, resolve_config, resolve_resume_config
-    from bats_cli.runtime import Reporter
+    from bats_cli.progress import Reporter
     from bats_cli.search import SEARCH_PRESETS, SEARCH_RESUME_IGNORED, SearchConfig, run_search
 
     if real:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from bats_cli.data.rng import derive_seed, seeded_cpu_rng
 from bats_cli.errors import UserInputError
-from bats_cli.runtime import shield_worker_from_signals, signals_blocked
+from bats_cli.signals import shield_worker_from_signals, signals_blocked
 
 # Domain tags keep the seed streams of different uses apart.
 _ORDER, _SAMPLE, _LOADER, _SPLIT, _SUBSET, _BATCH = range(6)
@@ -59,7 +59,7 @@ class ShieldedDataLoader(DataLoader):
     """A DataLoader whose workers survive SIGINT/SIGTERM sent to the whole process group.
 
     Every DataLoader of the project is one of these: the main process alone decides to stop
-    (save a checkpoint, exit 130); see :func:`bats_cli.runtime.shield_worker_from_signals`.
+    (save a checkpoint, exit 130); see :func:`bats_cli.signals.shield_worker_from_signals`.
     """
 
     def __init__(self, *args, **kwargs):
