@@ -356,6 +356,23 @@ def test_hostile_image_folder_skips_and_names_each_bad_file(tmp_path, capsys, al
     assert [int(data.train[i][1]) for i in range(len(data.train))] == [0, 0, 0, 1, 1, 1]
 
 
+def test_links_out_of_a_class_folder_never_add_or_relabel_images(tmp_path, capsys, alarm):
+    from bats_cli.data import build_datasets
+
+    root, _ = _hostile_tree(tmp_path / "data")
+    b = root / "train" / "b"
+    (b / "up2").symlink_to(Path("..") / "..")  # the data root: would bring val/ into train
+    (b / "up").symlink_to(Path(".."))  # the split: would relabel class a's images as b
+    (b / "twin.png").symlink_to(root / "train" / "a" / "1.png")  # another class's image
+    data = build_datasets("imagefolder", data_dir=root)
+    err = capsys.readouterr().err
+    assert len(data.train) == 6 and len(data.test) == 6, err
+    assert [int(data.train[i][1]) for i in range(len(data.train))] == [0, 0, 0, 1, 1, 1]
+    assert f"skipped {b / 'up2'}: a link that leads out of its class folder" in err
+    assert f"skipped {b / 'up'}: a link that leads out of its class folder" in err
+    assert f"skipped {b / 'twin.png'}: the same image file as one already used" in err
+
+
 def test_image_that_breaks_after_the_scan_is_replaced_with_a_warning(tmp_path, capsys):
     from bats_cli.data import build_datasets
 

@@ -140,15 +140,24 @@ def scan_split(split_dir: Path, classes: list[str] | None = None) -> FolderScan:
     """Every usable image of ``split_dir/<class>/**`` with its class index, and what was skipped."""
     classes = class_folders(split_dir) if classes is None else list(classes)
     scan = FolderScan(root=split_dir, classes=classes)
+    # Shared by every class: a folder or image reached twice (through links) counts once.
+    visited: set[tuple[int, int]] = set()
+    seen_files: set[str] = set()
     for index, name in enumerate(classes):
         class_dir = split_dir / name
         if not class_dir.is_dir():
             continue  # a val/ split may lack a class
-        _walk(class_dir, index, scan, visited=set())
+        _walk(class_dir, index, scan, visited=visited, seen_files=seen_files)
     return scan
 
 
-def _walk(top: Path, index: int, scan: FolderScan, visited: set[tuple[int, int]]) -> None:
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _walk(top: Path, index: int, scan: FolderScan, visited: set[tuple[int, int]],
+          seen_files: set[str]) -> None:
+    root = os.path.realpath(top)
     stack = [str(top)]
     while stack:
         folder = stack.pop()
@@ -156,6 +165,12 @@ def _walk(top: Path, index: int, scan: FolderScan, visited: set[tuple[int, int]]
             st = os.stat(folder)
         except OSError as exc:
             scan.skipped.append((folder, exc.strerror or str(exc)))
+            continue
+        real = os.path.realpath(folder)
+        if not _inside(real, root):
+            # A folder link out of its class would label another class's (or split's) images
+            # with this class.
+            scan.skipped.append((folder, f"a link that leads out of its class folder (to {real})"))
             continue
         key = (st.st_dev, st.st_ino)
         if key in visited:
@@ -180,11 +195,16 @@ def _walk(top: Path, index: int, scan: FolderScan, visited: set[tuple[int, int]]
                 continue
             if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
                 continue  # README.txt and the like are not part of the data set
+            real = os.path.realpath(entry.path)
+            if real in seen_files:
+                scan.skipped.append((entry.path, "the same image file as one already used (a link)"))
+                continue
             try:
                 check_image_file(entry.path)
             except BadImage as exc:
                 scan.skipped.append((entry.path, str(exc)))
                 continue
+            seen_files.add(real)
             scan.samples.append((entry.path, index))
         # Reversed so that the stack walks subfolders in name order.
         stack.extend(reversed(subfolders))
