@@ -668,3 +668,19 @@ def test_search_state_pointing_past_the_last_stage_is_refused(tmp_path):
                            extra={"search_state": json.dumps(state)})
     with pytest.raises(UserInputError, match="stage 63 does not exist"):
         read_metadata(path)
+
+
+def test_a_signal_while_the_process_shuts_down_still_exits_130():
+    # A second SIGTERM (SLURM, docker stop) often lands after the checkpoint is saved, while
+    # Python tears torch down: the default handler would make that 143.
+    code = (
+        "import atexit, os, signal, time\n"
+        "import bats_cli.cli as cli\n"
+        "def main():\n"
+        "    atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(2)))\n"
+        "cli.main = main\n"
+        "cli.entry()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr

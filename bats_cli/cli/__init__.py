@@ -156,6 +156,21 @@ def _tidy_help(command) -> None:
         _tidy_help(sub)
 
 
+def _late_signal(signum: int, frame: object) -> None:
+    # The command is over; a signal during interpreter shutdown (workers joining, files
+    # closing) still means "interrupted", never the default handler's 143.
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _until_exit_signals_mean_interrupted() -> None:
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _late_signal)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; returns on success, otherwise ``sys.exit`` with 1, 2 or 130."""
     try:
@@ -165,6 +180,31 @@ def main(argv: list[str] | None = None) -> None:
         _interrupted()
     if code:
         sys.exit(code)
+
+
+def entry() -> None:
+    """The `bats` program (console script, ``python -m bats_cli``): :func:`main`, and a signal
+    that arrives while the process shuts down still exits 130."""
+    import atexit
+
+    code = EXIT_OK
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or EXIT_OK
+        else:
+            _say(str(exc.code))
+            code = EXIT_FAILED
+    finally:
+        _until_exit_signals_mean_interrupted()
+    atexit._run_exitfuncs()  # workers joined, locks released, as at a normal exit
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    # Python's own shutdown puts the default signal handlers back while it tears torch down
+    # (a second or more): a signal then would end the process with 143 instead of 130.
+    os._exit(code)
 
 
 def _run(argv: list[str] | None) -> int:
