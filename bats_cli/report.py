@@ -365,9 +365,19 @@ def _html(runs: list[Run], panels: list[Panel], table: list[dict[str, Any]]) -> 
     return "\n".join(parts) + "\n"
 
 
-def write_report(run_dirs: list[Path], *, out: Path) -> dict[str, Any]:
-    """Write ``OUT/report.png`` and ``OUT/report.html``; returns the manifest (panels, files, table)."""
+def write_report(run_dirs: list[Path], *, out: Path, force: bool = False) -> dict[str, Any]:
+    """Write ``OUT/report.png`` and ``OUT/report.html``; returns the manifest (panels, files, table).
+
+    Existing report files are refused unless ``force`` (checked before any work).
+    """
     from bats_cli.fileio import atomic_write_bytes, atomic_write_text
+    from bats_cli.outputs import check_output_file
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out {out} is a file, not a directory")
+    for name in ("report.png", "report.html"):
+        check_output_file(out / name, flag="--out", force=force)
 
     plt = require_matplotlib()
     runs = [read_run(Path(d)) for d in run_dirs]
@@ -379,9 +389,6 @@ def write_report(run_dirs: list[Path], *, out: Path) -> dict[str, Any]:
     for run in runs:
         panels.extend(run_panels(plt, run))
     table = [run_summary(r) for r in runs]
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserInputError(f"--out {out} is a file, not a directory")
     png = atomic_write_bytes(out / "report.png", _montage(panels))
     page = atomic_write_text(out / "report.html", _html(runs, panels, table))
     return {

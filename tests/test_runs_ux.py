@@ -205,6 +205,14 @@ def test_report_of_a_search_and_a_train(tiny_runs, tmp_path, capsys):
     assert "id='comparison'" in page and "<td>search</td>" in page
     rows = {r["run"]: r for r in manifest["comparison"]}
     assert rows["train"]["params"] and rows["train"]["flops"] and rows["train"]["accuracy"] is not None
+    # An existing report is not overwritten without --force.
+    before = Path(manifest["png"]).read_bytes()
+    args = ["report", str(root / "search"), str(root / "train"), "--out", str(tmp_path / "rep")]
+    code, _, err = cli(args, capsys)
+    one_line_error(code, err, "report.png already exists", "--force")
+    assert Path(manifest["png"]).read_bytes() == before
+    code, _, err = cli(args + ["--force"], capsys)
+    assert code == 0, err
 
 
 def test_report_without_matplotlib_names_the_extra(tiny_runs, monkeypatch, capsys):
@@ -325,4 +333,10 @@ def test_cell_plots_number_nodes_as_the_json_without_tex_or_overlaps(tmp_path, c
         assert (tmp_path / target).stat().st_size > 1000
     code, _, err = cli(["genotype", "show", str(ROOT / "genotypes" / "darts_v2.json"), "--plot",
                         str(tmp_path / "d.png")], capsys)
+    assert code == 0, err
+    # An existing plot is not overwritten without --force.
+    code, _, err = cli(["genotype", "show", "nasnet_a", "--plot", str(tmp_path / "d.png")], capsys)
+    one_line_error(code, err, "d.png already exists", "--force")
+    code, _, err = cli(["genotype", "show", "nasnet_a", "--plot", str(tmp_path / "d.png"), "--force"],
+                       capsys)
     assert code == 0, err

@@ -46,6 +46,7 @@ def show(
         typer.Option("--plot", metavar="FILE.svg|FILE.png", dir_okay=False,
                      help="Also draw both cells into this file (SVG or PNG; no graphviz needed)."),
     ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --plot file.")] = False,
 ) -> None:
     """Print a genotype's cells: for every node, its two (op <- input) edges.
 
@@ -53,22 +54,24 @@ def show(
 
     Example: bats genotype show bats_c10 --plot bats_c10.svg
     """
-    from rich.console import Console
     from rich.table import Table
 
     from bats_cli.genotype import CELLS, resolve_genotype
 
     g = resolve_genotype(genotype)
     if plot is not None:
+        from bats_cli.outputs import check_output_file
         from bats_cli.plot import save_plot
 
+        check_output_file(plot, flag="--plot", force=force)
         written = save_plot(g, plot)
         print(f"wrote {written}", file=sys.stderr)
     if as_json:
         sys.stdout.write(g.to_json())
         return
-    console = Console(highlight=False)
-    from bats_cli.cli.options import console_text
+    from bats_cli.cli.options import console_text, stdout_console
+
+    console = stdout_console()
 
     console.print(
         f"[bold]{console_text(g.name)}[/bold]  space={g.space}  "
@@ -156,10 +159,9 @@ def list_(
     if as_json:
         sys.stdout.write(json.dumps(rows) + "\n")
         return
-    from rich.console import Console
     from rich.table import Table
 
-    from bats_cli.cli.options import console_text
+    from bats_cli.cli.options import console_text, stdout_console
 
     table = Table(show_edge=False)
     for col in ("name", "space", "nodes", "source"):
@@ -168,7 +170,7 @@ def list_(
         nodes = row["nodes"]
         table.add_row(*(console_text(v) for v in (row["name"], row["space"],
                                                   f"{nodes['normal']}/{nodes['reduce']}", row["source"] or "")))
-    Console(highlight=False).print(table)
+    stdout_console().print(table)
 
 
 @genotype_app.command("import")

@@ -34,17 +34,21 @@ def report_command(
                      help="Where report.png and report.html go. Default: the run directory "
                           "(one run) or ./report (several)."),
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite an existing report.png / report.html.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Plot runs: loss and top-1 curves; for a search also softmax(alpha/T) per edge over the
     epochs (the paper's Fig. 1 and 2), entropy, parameter-free share and the derived cell.
 
-    Several run directories add one comparison table (top-1, parameters, FLOPs / BOPs / OPs,
-    time). Needs matplotlib: pip install 'bats[report]'.
+    Several run directories add one comparison table: top-1, parameters, FLOPs, BOPs, OPs, time.
+
+    Needs matplotlib: pip install 'bats\\[report]'.
 
     Example: bats report runs/search-tiny runs/train-tiny --out runs/report
     """
     from bats_cli.report import write_report
 
     target = out if out is not None else (runs[0] if len(runs) == 1 else Path("report"))
-    emit_result(write_report(runs, out=target), as_json=as_json, table_fn=result_table)
+    emit_result(write_report(runs, out=target, force=force), as_json=as_json, table_fn=result_table)
