@@ -15,6 +15,7 @@ Outputs in the run directory: ``last.safetensors`` / ``best.safetensors`` (kind 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
 
@@ -111,11 +112,12 @@ def binarize(
     preflight=None,
 ) -> dict[str, Any]:
     """Run ``bats binarize`` and return its JSON-ready result."""
+    started = time.perf_counter()  # the run's time includes its start-up
     # Installed first, so that a signal during set-up stops the run too (after one step).
     with interrupt_guard(handle_signals=handle_signals) as stop:
         return _binarize(cfg, out=out, packed=packed, resume=resume, quiet=quiet, preset=preset,
                          overrides=overrides, stop_after_steps=stop_after_steps, stop=stop,
-                         preflight=preflight)
+                         preflight=preflight, started=started)
 
 
 def _binarize(
@@ -130,6 +132,7 @@ def _binarize(
     stop_after_steps: int | None = None,
     stop=None,
     preflight=None,
+    started: float | None = None,
 ) -> dict[str, Any]:
     """Run ``bats binarize`` and return its JSON-ready result."""
     from bats_cli.checkpoint import check_kind, load_checkpoint, read_metadata
@@ -275,7 +278,8 @@ def _binarize(
                       f"lr {cfg.lr:g} (cosine), batch {batch_size}")
         summary = fit(spec, data.train, data.test, device=device, dist_info=dist_info,
                       run_dir=run_dir, reporter=reporter, resume_from=resume_from,
-                      stop_after_steps=stop_after_steps, handle_signals=False, stop=stop)
+                      stop_after_steps=stop_after_steps, handle_signals=False, stop=stop,
+                      started=started)
         final = summary["final"]
         final_top1, final_top5 = final["val_top1"], final["val_top5"]
         best_top1 = summary["best_top1"]

@@ -207,7 +207,10 @@ class RunLoop:
         dist_info: Dist = Dist(),
         device: torch.device | None = None,
         stop_after_steps: int | None = None,
+        started: float | None = None,
     ) -> None:
+        """``started``: ``time.perf_counter()`` when the command started, so that the run's
+        time includes its start-up (data, network, plan); default: now."""
         from bats_cli.progress import Reporter
         from bats_cli.signals import GracefulInterrupt
 
@@ -220,7 +223,7 @@ class RunLoop:
         self.stop_after_steps = stop_after_steps
         self.steps_this_call = 0
         self._seconds_before = 0.0
-        self._started = time.perf_counter()
+        self._started = started if started is not None else time.perf_counter()
         job.clock = self.elapsed
 
     # -- clock
@@ -265,7 +268,6 @@ class RunLoop:
             self._seconds_before = float(json.loads(meta.extra.get(LOOP_STATE_KEY, "{}")).get("seconds", 0.0))
         except (ValueError, TypeError, AttributeError):
             raise UserInputError(f"{path}: unreadable {LOOP_STATE_KEY} metadata") from None
-        self._started = time.perf_counter()
         if self.run_dir is not None:
             # A crash between writing a metrics row and saving last.safetensors leaves a row
             # the resumed run will write again.

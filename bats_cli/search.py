@@ -23,6 +23,7 @@ import contextlib
 import json
 import math
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -794,6 +795,7 @@ def run_search(
     from bats_cli.progress import Reporter
     from bats_cli.runtime import check_precision, select_device
 
+    started = time.perf_counter()  # the run's time includes its start-up
     reporter = reporter or Reporter(quiet=True)
     from bats_cli.preflight import check_sizes
 
@@ -826,7 +828,8 @@ def run_search(
         searcher = Searcher(config, run=run, reporter=reporter, device=device,
                             data=(weight_half, arch_half), in_channels=spec.in_channels,
                             num_classes=spec.num_classes)
-        loop = RunLoop(searcher, run_dir=run, reporter=reporter, interrupt=stop, device=device)
+        loop = RunLoop(searcher, run_dir=run, reporter=reporter, interrupt=stop, device=device,
+                       started=started)
         if ckpt is not None:
             loop.resume(ckpt)
             reporter.line(
@@ -848,7 +851,7 @@ def run_search(
     gpath = final.save(run.path / GENOTYPE_NAME)
     result = SearchResult(
         out_dir=run.path, genotype=final, genotype_path=gpath, checkpoint=run.last,
-        stages=searcher.stage_results, total_seconds=sum(searcher.stage_seconds),
+        stages=searcher.stage_results, total_seconds=loop.elapsed(),
         parameter_free_share=parameter_free_share(final), skips=skip_count(final),
     )
     run.write_json(RESULT_NAME, result.to_dict())

@@ -27,6 +27,7 @@ Checkpoint layout (safetensors, kind ``train`` or ``binarize``): ``model.<state_
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -365,6 +366,7 @@ def fit(
     stop_after_steps: int | None = None,
     handle_signals: bool = True,
     stop=None,
+    started: float | None = None,
 ) -> dict[str, Any]:
     """Train ``spec.model`` with the shared run loop and return a summary; writes ``last`` /
     ``best`` / ``metrics.csv`` in ``run_dir``.
@@ -376,7 +378,8 @@ def fit(
     job = TrainJob(spec, train_set, test_set, device=device, dist_info=dist_info)
     with interrupt_guard(stop, handle_signals=handle_signals) as interrupt:
         loop = RunLoop(job, run_dir=run_dir, reporter=reporter, interrupt=interrupt,
-                       dist_info=dist_info, device=device, stop_after_steps=stop_after_steps)
+                       dist_info=dist_info, device=device, stop_after_steps=stop_after_steps,
+                       started=started)
         if resume_from is not None:
             loop.resume(resume_from)
         loop.run()
@@ -430,11 +433,12 @@ def train(
     and ``overrides`` (the flags given) must then agree with it. ``preflight(**plan)`` (see
     :func:`bats_cli.plan.make_preflight`) runs before the run directory is created.
     """
+    started = time.perf_counter()  # the run's time includes its start-up
     # Installed first, so that a signal during set-up stops the run too (after one step).
     with interrupt_guard(handle_signals=handle_signals) as stop:
         return _train(cfg, genotype=genotype, out=out, resume=resume, quiet=quiet,
                       stop_after_steps=stop_after_steps, preset=preset, overrides=overrides,
-                      stop=stop, preflight=preflight)
+                      stop=stop, preflight=preflight, started=started)
 
 
 def _train(
@@ -449,6 +453,7 @@ def _train(
     preset: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     preflight=None,
+    started: float | None = None,
 ) -> dict[str, Any]:
     """Run ``bats train``: returns the JSON-ready result (rank 0's is the one to print).
 
@@ -559,7 +564,7 @@ def _train(
     summary = fit(
         fit_spec, data.train, data.test, device=device, dist_info=dist_info, run_dir=run_dir,
         reporter=reporter, resume_from=resume_from, stop_after_steps=stop_after_steps,
-        handle_signals=False, stop=stop,
+        handle_signals=False, stop=stop, started=started,
     )
     result = {
         "command": "train",

@@ -299,12 +299,11 @@ def _mb(n: float) -> str:
 
 
 def _print_tables(result: dict[str, Any], *, verbose: bool) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    from bats_cli.cli.options import console_text
+    from bats_cli.cli.options import console_text, stdout_console
 
-    console = Console(file=sys.stdout, highlight=False)
+    console = stdout_console()
     net = result["network"]
     c, h, w = net["input_size"]
     width = f"width {net['width']}, " if net["width"] else ""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -236,6 +237,17 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def stdout_console():
+    """A rich console on stdout; piped or redirected, wide enough that tables are not cut
+    (rich would assume 80 columns)."""
+    from rich.console import Console
+
+    width = None
+    if not sys.stdout.isatty():
+        width = max(160, int(os.environ.get("COLUMNS", "0") or 0))
+    return Console(file=sys.stdout, highlight=False, width=width)
+
+
 def emit_result(
     result: Mapping[str, Any],
     *,
@@ -256,7 +268,7 @@ def emit_result(
     from rich.console import Console
 
     renderable = table_fn(result) if table_fn is not None else _default_table(result)
-    Console(file=sys.stdout, highlight=False).print(renderable)
+    stdout_console().print(renderable)
 
 
 # --------------------------------------------------------------------------- long-run options
