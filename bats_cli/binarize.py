@@ -214,6 +214,7 @@ def _binarize(
             num_classes=data.spec.num_classes, batch_size=batch_size // dist_info.world,
             eval_batch_size=cfg.eval_batch_size or max(batch_size, 256),
             steps_per_epoch=len(data.train) // batch_size, epochs=cfg.epochs, precision=cfg.precision,
+            advice="binarize a smaller trained network, or use another device",
         )
     run_dir = open_run_dir(out, resume, dist_info, device)
     reporter = Reporter(quiet=quiet or not dist_info.is_main)

@@ -57,19 +57,28 @@ def _flag(loc: tuple[Any, ...]) -> str:
     return "--" + ".".join(parts).replace("_", "-")
 
 
-def validation_message(exc: ValidationError) -> str:
-    """One line naming the first offending field, its value and what is expected."""
+def validation_message(exc: ValidationError, *, from_file: bool = False) -> str:
+    """One line naming the first offending field, its value and what is expected.
+
+    A check across settings (a model validator: no field location) names its settings itself;
+    its message is used as is, never the whole config. ``from_file``: a ``--config`` file was
+    given, so the settings may come from it.
+    """
     err = exc.errors()[0]
-    flag = _flag(tuple(err.get("loc", ())))
-    if err.get("type") == "extra_forbidden":
-        return f"unknown setting {flag}"
-    msg = err.get("msg", "invalid value")
-    value = err.get("input")
     more = len(exc.errors()) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    origin = " (settings from --config included)" if from_file else ""
+    msg = err.get("msg", "invalid value")
+    if not err.get("loc"):
+        # pydantic prefixes a validator's ValueError with "Value error, ".
+        return f"{msg.removeprefix('Value error, ')}{suffix}{origin}"
+    flag = _flag(tuple(err.get("loc", ())))
+    if err.get("type") == "extra_forbidden":
+        return f"unknown setting {flag}{origin}"
+    value = err.get("input")
     if err.get("type") == "missing":
         return f"{flag} is required{suffix}"
-    return f"invalid value for {flag}: {value!r}: {msg[0].lower() + msg[1:]}{suffix}"
+    return f"invalid value for {flag}: {value!r}: {msg[0].lower() + msg[1:]}{suffix}{origin}"
 
 
 def resolve_config(
@@ -83,7 +92,8 @@ def resolve_config(
     """Build ``model_cls`` from its defaults, then ``presets[preset]``, then ``file_config``
     (``--config FILE``), then the non-None overrides (the flags)."""
     return validate_config(model_cls, _layered({}, preset=preset, presets=presets,
-                                               overrides=overrides, file_config=file_config))
+                                               overrides=overrides, file_config=file_config),
+                           from_file=file_config is not None)
 
 
 def _layered(
@@ -132,12 +142,12 @@ def load_config_file(path, model_cls: type[BaseModel]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in _RECORD_ONLY}
 
 
-def validate_config(model_cls: type[M], data: Mapping[str, Any]) -> M:
+def validate_config(model_cls: type[M], data: Mapping[str, Any], *, from_file: bool = False) -> M:
     """``model_cls.model_validate(data)`` with ValidationError turned into one-line UserInputError."""
     try:
         return model_cls.model_validate(dict(data))
     except ValidationError as exc:
-        raise UserInputError(validation_message(exc)) from None
+        raise UserInputError(validation_message(exc, from_file=from_file)) from None
 
 
 def resolve_resume_config(

@@ -9,6 +9,11 @@ the estimate is the whole process's peak RSS — interpreter, torch, data set, n
 what the kernel's OOM killer looks at; the C heap is trimmed before each measured step so that
 memory freed earlier cannot hide a step's growth. On CUDA it is ``torch.cuda.max_memory_allocated``.
 
+Before anything is measured (or, for a search, even built) a meta-device forward sizes one
+measured step — the network, its measuring copy, their gradients and the outputs of every layer
+at the largest measured batch — so a network that could not survive its own measurement is one
+error line instead of an out-of-memory kill (with ``--force``: an unmeasured estimate).
+
 Terms added by arithmetic, not measured: Adam's two moments (2 x parameter bytes) and the
 serialised checkpoint (weights + Adam state written as one safetensors buffer).
 
@@ -36,6 +41,18 @@ MEASURE_BATCHES = (2, 4)
 WARMUP_BATCH = 2
 # Keep this share of the available memory free (page cache, data loader, fragmentation).
 HEADROOM = 0.9
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A network the plan builds only after its meta-device estimate says measuring it fits.
+
+    ``build_for_estimate`` builds the same shapes from modules the ``meta`` device supports
+    (e.g. the reference mixed op instead of the fused one); default: ``build``.
+    """
+
+    build: Callable[[], Any]
+    build_for_estimate: Callable[[], Any] | None = None
 
 
 class DryRun(Exception):
@@ -273,13 +290,77 @@ def measure_memory(
     return fit_line("train"), fit_line("eval")
 
 
+# --------------------------------------------------------------------------- before measuring
+
+
+def _meta_twin(model):
+    """A copy of ``model`` whose parameters and buffers live on the ``meta`` device (no memory)."""
+    import torch
+
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def _memory_room(device) -> tuple[str, int | None, int]:
+    """("RAM" or "GPU", memory this process may hold in all, what it holds now)."""
+    import torch
+
+    if device.type == "cuda":
+        return "GPU", available_gpu_bytes(device), int(torch.cuda.memory_allocated(device))
+    return "RAM", available_ram_bytes(), (_proc_kib("VmRSS") or 0) * 1024
+
+
+@dataclass(frozen=True)
+class StepEstimate:
+    """What measuring one network needs beyond what the process holds now (meta forward)."""
+
+    params: int
+    param_bytes: int  # fp32 weights
+    activation_bytes: int  # layer outputs at ``batch``
+    batch: int
+    built: bool  # the network already exists (its weights are in memory already)
+
+    @property
+    def need_bytes(self) -> int:
+        # The network itself unless built, the measuring copy, the gradients, the activations.
+        return (2 if self.built else 3) * self.param_bytes + self.activation_bytes
+
+
+def estimate_step(candidate, *, input_shape: Sequence[int]) -> StepEstimate:
+    """Meta-device estimate of measuring ``candidate`` (a built network or a :class:`Candidate`)."""
+    from bats_cli.preflight import estimate_network_bytes
+
+    built = not isinstance(candidate, Candidate)
+    if built:
+        build = lambda: _meta_twin(candidate)  # noqa: E731
+    else:
+        build = candidate.build_for_estimate or candidate.build
+    batch = max(MEASURE_BATCHES)
+    est = estimate_network_bytes(build, input_shape=tuple(input_shape), batch_size=batch, training=False)
+    return StepEstimate(est.params, est.param_bytes, est.activation_bytes, batch, built)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _unmeasured_plan(step: StepEstimate, *, batch_size: int, optimizer_moments: int) -> int:
+    """Peak of the real run from the meta estimate alone: weights, gradients, moments, activations."""
+    per_image = step.activation_bytes / step.batch
+    return int((2 + optimizer_moments) * step.param_bytes + per_image * batch_size)
+
+
 # --------------------------------------------------------------------------- the plan
 
 
 def plan_run(
     *,
     command: str,
-    model,
+    model=None,
     device,
     dataset: str,
     train_images: int,
@@ -296,15 +377,50 @@ def plan_run(
     optimizer_moments: int = 2,
     models: Sequence[Any] = (),
     params: Callable[[Any], Any] | None = None,
+    force: bool = False,
+    advice: str = "use fewer --channels or --layers",
 ) -> Plan:
-    """Measure and assemble the plan. ``models`` (search stages) are measured too; the largest wins."""
+    """Measure and assemble the plan. ``models`` (search stages: networks or :class:`Candidate`
+    builders, built one at a time) are measured too; the largest wins.
+
+    A network whose measured step would not fit in the memory left is never measured: a
+    UserInputError ending in ``advice`` (the settings to lower), or with ``force`` a plan from the
+    meta-device estimate alone.
+    """
     import torch
 
     device = torch.device(device)
-    n_params = sum(p.numel() for p in model.parameters())
     candidates = list(models) or [model]
+    memory, available, in_use = _memory_room(device)
+    steps = [estimate_step(c, input_shape=input_shape) for c in candidates]
+    n_params = (sum(p.numel() for p in model.parameters()) if model is not None else steps[0].params)
+    if available is not None:
+        room = HEADROOM * available - in_use
+        worst = max(steps, key=lambda s: s.need_bytes)
+        if worst.need_bytes > room:
+            if not force:
+                raise UserInputError(
+                    f"{command}: measuring one step (batch {worst.batch}) needs about "
+                    f"{_gib(worst.need_bytes)} of {memory} ({network + ': ' if network else ''}"
+                    f"{worst.params:,} parameters, {_gib(worst.param_bytes)} each for weights, copy and "
+                    f"gradients; activations {_gib(worst.activation_bytes)}) but {_gib(max(room, 0))} is "
+                    f"free; {advice}"
+                )
+            peak = max(_unmeasured_plan(s, batch_size=batch_size, optimizer_moments=optimizer_moments)
+                       for s in steps)
+            return Plan(
+                command=command, device=str(device), dataset=dataset, train_images=train_images,
+                test_images=test_images, parameters=n_params, batch_size=batch_size,
+                steps_per_epoch=steps_per_epoch, epochs=epochs,
+                total_steps=total_steps if total_steps is not None else steps_per_epoch * epochs,
+                peak_memory_bytes=peak, memory=memory, available_memory_bytes=available,
+                largest_fitting_batch=0, fits=False, network=network,
+                notes=[f"estimate only, not measured: one measured step would need about "
+                       f"{_gib(worst.need_bytes)} of {memory} ({_gib(max(room, 0))} free)"],
+            )
     best: tuple[int, MemoryModel, MemoryModel] | None = None
-    for net in candidates:
+    for cand in candidates:
+        net = cand.build() if isinstance(cand, Candidate) else cand
         train_m, eval_m = measure_memory(net, input_shape=input_shape, num_classes=num_classes,
                                          device=device, precision=precision, params=params)
         param_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
@@ -316,11 +432,8 @@ def plan_run(
                    train_m.fixed_bytes + extra + save)
         if best is None or peak > best[0]:
             best = (peak, train_m, eval_m, extra)  # type: ignore[assignment]
+        del net
     peak, train_m, eval_m, extra = best  # type: ignore[misc]
-    if device.type == "cuda":
-        memory, available = "GPU", available_gpu_bytes(device)
-    else:
-        memory, available = "RAM", available_ram_bytes()
     largest = None
     fits = True
     if available is not None:
@@ -373,7 +486,7 @@ def make_preflight(*, dry_run: bool, force: bool, as_json: bool, quiet: bool) ->
     """
 
     def hook(**kwargs: Any) -> None:
-        plan = plan_run(**kwargs)
+        plan = plan_run(**kwargs, force=force)
         if dry_run:
             raise DryRun(plan)
         if not quiet:
@@ -394,21 +507,27 @@ def search_plan_args(config, spec, device, weight_images: int, arch_images: int)
 
     space = get_space(config.space)
     n_edges = sum(2 + i for i in range(config.nodes))
-    stages = []
-    for layers, k in zip(config.layers, config.ops):
-        ops = list(space.candidates)[-k:] if k < len(space.candidates) else list(space.candidates)
+
+    def builder(layers: int, ops: list[str], mixed_op: str) -> Callable[[], Any]:
         sconf = SupernetConfig(
             space=config.space, channels=config.channels, layers=layers,
             num_classes=spec.num_classes, in_channels=spec.in_channels, steps=config.nodes,
             spec=config.spec, temperature_normal=config.temp_normal,
             temperature_reduce=config.temp_reduce, activation=config.activation,
-            channels_per_group=config.channels_per_group, mixed_op=config.mixed_op,
+            channels_per_group=config.channels_per_group, mixed_op=mixed_op,
         )
-        stages.append(SuperNet(sconf, candidates_normal=[list(ops) for _ in range(n_edges)],
-                               candidates_reduce=[list(ops) for _ in range(n_edges)]))
+        return lambda: SuperNet(sconf, candidates_normal=[list(ops) for _ in range(n_edges)],
+                                candidates_reduce=[list(ops) for _ in range(n_edges)])
+
+    stages = []
+    for layers, k in zip(config.layers, config.ops):
+        ops = list(space.candidates)[-k:] if k < len(space.candidates) else list(space.candidates)
+        # The fused mixed op does not run on the meta device; the reference one has its shapes.
+        stages.append(Candidate(build=builder(layers, ops, config.mixed_op),
+                                build_for_estimate=builder(layers, ops, "reference")))
     steps = min(weight_images // config.batch_size, arch_images // config.batch_size)
     return dict(
-        command="search", model=stages[0], models=stages, device=device, dataset=spec.name,
+        command="search", models=stages, device=device, dataset=spec.name,
         train_images=weight_images + arch_images, test_images=0,
         input_shape=(spec.in_channels, spec.image_size, spec.image_size),
         num_classes=spec.num_classes, batch_size=config.batch_size,
@@ -416,4 +535,5 @@ def search_plan_args(config, spec, device, weight_images: int, arch_images: int)
         epochs=config.epochs * config.stages, precision=config.precision,
         network=f"supernet {','.join(map(str, config.layers))} cells, "
                 f"{','.join(map(str, config.ops))} ops, C={config.channels}",
+        advice="use fewer --channels, --layers or --nodes",
     )

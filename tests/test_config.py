@@ -80,3 +80,15 @@ def test_resolve_resume_config_takes_saved_values():
     assert (cfg.epochs, cfg.lr, cfg.device, cfg.betas) == (5, 0.01, "cpu", (0.9, 0.999))
     with pytest.raises(UserInputError, match="epochs: 5 -> 9"):
         resolve_resume_config(DemoConfig, saved, preset=None, presets=PRESETS, overrides={"epochs": 9})
+
+
+def test_a_check_across_settings_names_only_its_setting(tmp_path, capsys):
+    from helpers import cli, one_line_error
+
+    args = ["search", "--preset", "tiny", "--channels", "4000", "--out", str(tmp_path / "s")]
+    line = one_line_error(*cli(args, capsys)[::2], "error: --channels 4000 cannot be split into groups of 3")
+    assert "--config" not in line and "{" not in line
+    conf = tmp_path / "c.json"
+    conf.write_text('{"channels": 4000}')
+    line = one_line_error(*cli([*args, "--config", str(conf)], capsys)[::2], "--channels 4000 cannot be split")
+    assert "--config" in line and "{" not in line

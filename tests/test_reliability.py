@@ -590,6 +590,60 @@ def test_huge_supernet_is_refused_before_allocation():
         check_supernet_fits(lambda: SuperNet(conf))
 
 
+# Runs ``python -m bats_cli ARGS`` as its only child and prints the child's peak RSS (KiB) last.
+_PEAK_RSS_OF_CHILD = (
+    "import resource, subprocess, sys\n"
+    "rc = subprocess.run([sys.executable, '-m', 'bats_cli', *sys.argv[1:]]).returncode\n"
+    "print('maxrss', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    "sys.exit(rc)\n"
+)
+
+
+def _bats_peak_rss(args):
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _PEAK_RSS_OF_CHILD, *args], env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    maxrss_kib = int(proc.stdout.strip().splitlines()[-1].split()[1])
+    return proc, time.monotonic() - started, maxrss_kib * 1024
+
+
+def test_search_too_big_to_measure_is_refused_before_allocating(tmp_path):
+    # Parameters under every size cap, but one measured step (supernet, copy, gradients,
+    # activations) is ~1 TB: refused from the meta-device estimate, nothing built or measured.
+    out = tmp_path / "big"
+    args = ["search", "--preset", "tiny", "--channels", "15996", "--out", str(out), "--device", "cpu"]
+    proc, seconds, peak = _bats_peak_rss([*args, "--dry-run"])
+    line = one_line_error(proc.returncode, proc.stderr, "measuring one step", "--channels", "--layers")
+    assert "GiB of RAM" in line and "Traceback" not in proc.stderr
+    assert seconds < 120 and peak < 3 * 2**30, (seconds, peak)
+    assert not out.exists()
+    # --force never measures what cannot fit either: the plan says it is an estimate.
+    proc, seconds, peak = _bats_peak_rss([*args, "--dry-run", "--force"])
+    assert proc.returncode == 0, proc.stderr
+    assert "plan: estimate only, not measured" in proc.stderr
+    assert peak < 3 * 2**30 and not out.exists(), peak
+
+
+def test_step_estimate_of_a_built_network_allocates_nothing():
+    from bats_cli.genotype import resolve_genotype
+    from bats_cli.networks import build_network
+    from bats_cli.plan import estimate_step
+    from bats_cli.preflight import estimate_network_bytes
+
+    net = build_network(resolve_genotype("bats_c10"), layers=3, channels=6, num_classes=10, in_channels=1)
+    before = [p.detach().clone() for p in net.parameters()]
+    step = estimate_step(net, input_shape=(1, 16, 16))
+    assert step.built and step.batch == 4 and step.activation_bytes > 0
+    assert step.params == sum(p.numel() for p in net.parameters())
+    assert step.need_bytes == 2 * step.param_bytes + step.activation_bytes
+    assert all(p.device.type == "cpu" and torch.equal(p, b) for p, b in zip(net.parameters(), before))
+    # The meta twin has the real network's shapes: the same sizes as a fresh meta build.
+    fresh = estimate_network_bytes(lambda: build_network(resolve_genotype("bats_c10"), layers=3, channels=6,
+                                                         num_classes=10, in_channels=1),
+                                   input_shape=(1, 16, 16), batch_size=4, training=False)
+    assert (fresh.params, fresh.activation_bytes) == (step.params, step.activation_bytes)
+
+
 def test_estimate_matches_the_real_network():
     from bats_cli.genotype import resolve_genotype
     from bats_cli.networks import build_network
