@@ -55,6 +55,7 @@ def network_settings(model: nn.Module, *, width: str = "1x", data_spec=None) -> 
         "channels_per_group": ctx.channels_per_group,
         "group_policy": ctx.group_policy,
         "reduce_shortcut": ctx.reduce_shortcut,
+        "channel_shuffle": ctx.channel_shuffle,
         "stem_groups": cfg.stem_groups,
         "auxiliary": cfg.auxiliary,
         "drop_path": cfg.drop_path,
@@ -88,6 +89,7 @@ def build_from_settings(genotype, settings: Mapping[str, Any], **changes: Any) -
         channels_per_group=int(s["channels_per_group"]),
         group_policy=s["group_policy"],
         reduce_shortcut=s["reduce_shortcut"],
+        channel_shuffle=int(s.get("channel_shuffle", 0)),
         stem_groups=int(s["stem_groups"]),
     )
 

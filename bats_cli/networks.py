@@ -283,6 +283,7 @@ def build_network(
     channels_per_group: int | None = None,
     group_policy: str = "groups",
     reduce_shortcut: str = "avgpool",
+    channel_shuffle: int = 0,
     stem_groups: int | None = None,
 ) -> Network:
     """An evaluation network for ``genotype``; defaults follow the paper for ``kind``.
@@ -310,7 +311,7 @@ def build_network(
     ctx = OpContext(
         spec=spec, affine=True, activation=activation, channels_per_group=cpg,
         group_policy=group_policy, base_channels=channels, reduce_shortcut=reduce_shortcut,
-        space=space,
+        channel_shuffle=channel_shuffle, space=space,
     )
     config = NetworkConfig(
         kind=kind, num_classes=num_classes, in_channels=in_channels, channels=channels,

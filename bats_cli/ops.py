@@ -25,7 +25,8 @@ from bats_cli.errors import UserInputError
 from bats_cli.quant import REAL, BinaryConvBlock, BinarySpec, QuantConv2d, make_activation
 
 GROUP_POLICIES = ("channels", "groups")
-SHORTCUTS = ("avgpool", "factorized")
+# Identity connection of a stride-2 conv op: 2x2 average pool, factorized reduce, or none (f(x) only).
+SHORTCUTS = ("avgpool", "factorized", "none")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class OpContext:
     base_channels: int | None = None
     # Identity connection of a stride-2 conv op (f(x) + x needs x downsampled); not in the paper.
     reduce_shortcut: str = "avgpool"
+    # §4.1: a channel shuffle after each grouped conv was tried and gave no gain; 0 = off (the
+    # default), G = shuffle the conv op's output channels in G groups (the first author's code: 4).
+    channel_shuffle: int = 0
     # "darts" with spec.real builds the DARTS code's exact float layers (ReLU -> conv -> BN).
     space: str = "bats"
 
@@ -61,6 +65,10 @@ class OpContext:
             )
         if self.channels_per_group < 1:
             raise UserInputError("channels per group must be at least 1")
+        if self.channel_shuffle < 0 or self.channel_shuffle == 1:
+            raise UserInputError(
+                f"channel shuffle takes 0 (off) or at least 2 groups, got {self.channel_shuffle}"
+            )
 
     @property
     def darts_float(self) -> bool:
@@ -165,23 +173,50 @@ class FactorizedReduce(nn.Module):
         return self.post(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
 
 
+class ChannelShuffle(nn.Module):
+    """ShuffleNet's channel shuffle: (G, C/G) channel blocks transposed, so groups mix."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        if channels % groups:
+            raise UserInputError(
+                f"channel shuffle: {channels} channels cannot be split into {groups} groups"
+            )
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        return x.reshape(b, self.groups, c // self.groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}"
+
+
 class GroupConvOp(nn.Module):
-    """§4.1: one binary grouped conv with an identity connection, f(x) + x."""
+    """§4.1: one binary grouped conv with an identity connection, f(x) + x.
+
+    Options (both off by default): a channel shuffle after the conv; no identity connection on
+    stride-2 ops (``reduce_shortcut="none"``: f(x) only).
+    """
 
     def __init__(self, C: int, kernel_size: int, stride: int, dilation: int, ctx: OpContext) -> None:
         super().__init__()
         padding = dilation * (kernel_size // 2)
         self.conv = ctx.conv_unit(C, C, kernel_size, stride=stride, padding=padding,
                                   dilation=dilation, groups=ctx.groups_for(C))
+        self.shuffle = ChannelShuffle(C, ctx.channel_shuffle) if ctx.channel_shuffle else nn.Identity()
         self.shortcut = _shortcut(C, stride, ctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x) + self.shortcut(x)
+        y = self.shuffle(self.conv(x))
+        return y if self.shortcut is None else y + self.shortcut(x)
 
 
-def _shortcut(C: int, stride: int, ctx: OpContext) -> nn.Module:
+def _shortcut(C: int, stride: int, ctx: OpContext) -> nn.Module | None:
     if stride == 1:
         return nn.Identity()
+    if ctx.reduce_shortcut == "none":
+        return None
     if ctx.reduce_shortcut == "factorized":
         return ctx.factorized_reduce(C, C)
     # Parameter-free and ceil(H/2) like the padded stride-2 conv beside it.

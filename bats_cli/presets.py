@@ -2,8 +2,9 @@
 
 Kept free of torch so that ``--help`` can show what each preset sets without loading it. Every
 command that has presets accepts the same names: ``paper`` (the defaults, spelled out), ``tiny``
-(about a minute on a CPU, on the embedded fashion-mini) and ``small`` (a few minutes, for small
-real data such as an ImageFolder copy of part of CIFAR-10).
+(about a minute on a CPU, on the embedded fashion-mini), ``small`` (a few minutes, for small
+real data such as an ImageFolder copy of part of CIFAR-10) and ``cpu`` (the smallest settings in
+which the search really learns on 2 CPU cores; `bats ablate --preset cpu`; issue 10).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-PRESET_NAMES = ("paper", "tiny", "small")
+PRESET_NAMES = ("paper", "tiny", "small", "cpu")
 
 SEARCH_PRESETS: dict[str, dict[str, Any]] = {
     # The paper's numbers (§6.1) are the defaults; "paper" only names them.
@@ -24,6 +25,21 @@ SEARCH_PRESETS: dict[str, dict[str, Any]] = {
     # ../shared/datasets/cifar10-mini (960 images at 16 px, 15 steps per epoch).
     "small": {"subset": 960, "image_size": 16, "batch_size": 32, "epochs": 4, "warmup": 1,
               "channels": 6, "layers": (5, 6, 8), "threads": 1},
+    # The smallest settings in which α really learns on 2 CPU cores (measured in
+    # docs/search.md): the whole 3-stage search on cifar10-mini in 12-26 minutes on a busy
+    # 2-core machine, ending with mean relative edge entropies 0.67 / 0.42 (seed 0) and 0.60 /
+    # 0.56 (seed 1), normal / reduce (<= 0.7). Changes from the paper, and why:
+    # * 16 px images, 6 channels (2 groups of the paper's 3 channels), 5/6/8 cells: a supernet
+    #   step must take about half a second on one core;
+    # * 2,000 training images (1,000 + 1,000: 31 steps per epoch), batch 32, 10 epochs per stage
+    #   of which 2 warm-up: 248 architecture steps per stage instead of the paper's ~3,900;
+    # * arch_lr 2e-2 instead of 6e-4: Adam moves each α by at most about lr per step, so with
+    #   16x fewer steps α needs a much larger step (measured: 1e-2 with 8 epochs ends at
+    #   0.74 / 0.77, and at 6e-4 α hardly moves; tests/test_search_health.py).
+    # Kept: the 3-stage 8/5/3-op schedule, temperatures 0.2 / 0.15, binary activations with
+    # real weights, α's Adam betas and weight decay, the weights' Adam (lr 1e-3, wd 3e-4).
+    "cpu": {"subset": 2000, "image_size": 16, "batch_size": 32, "epochs": 10, "warmup": 2,
+            "channels": 6, "layers": (5, 6, 8), "arch_lr": 2e-2, "threads": 1},
 }
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -37,14 +53,24 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # 12 channels, 10 epochs of at most 960 images at 16 px. Not tuned.
     "small": {"layers": 8, "channels": 12, "epochs": 10, "batch_size": 32, "subset": 960,
               "image_size": 16, "lr": 2e-3, "threads": 1},
+    # A searched cell's network in 4.5-8 minutes on 2 busy CPU cores (issue 10; measured in
+    # docs/pipeline.md: 477 s, 40.7 % top-1 on cifar10-mini's 2,000 validation images): 16 px
+    # images like `search --preset cpu`, 6 cells of C = 12 (4 groups of the paper's 3
+    # channels), 4 epochs of batch 64 (624 steps). Kept: Adam 1e-3 with cosine decay, the
+    # auxiliary tower (0.4), binary activations with real weights.
+    "cpu": {"image_size": 16, "layers": 6, "channels": 12, "epochs": 4, "batch_size": 64,
+            "threads": 1},
 }
 
 BINARIZE_PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's step 2 as this project reads it: one fine-tuning epoch.
+    # The paper's step 2 as this project reads it: fine-tuning for half the training run's epochs
+    # (binarize.FINE_TUNE_SHARE, measured at CPU scale; 300 after the paper's 600).
     "paper": {},
     # The data, batch and seed come from the training run; only the run itself is lighter.
     "tiny": {"epochs": 1, "threads": 1},
     "small": {"epochs": 1, "threads": 1},
+    # `bats ablate --preset cpu`: the default budget (2 epochs after `train --preset cpu`).
+    "cpu": {"threads": 1},
 }
 
 

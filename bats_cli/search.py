@@ -100,6 +100,10 @@ class SearchConfig(RunConfig):
     channels: int = Field(18, ge=2)
     nodes: int = Field(4, ge=1)
     channels_per_group: int = Field(3, ge=1)
+    group_policy: Literal["groups", "channels"] = "groups"
+    # Ablation switches (§4.1, not the paper's method): shortcut of stride-2 conv ops, shuffle.
+    reduce_shortcut: Literal["avgpool", "factorized", "none"] = "avgpool"
+    channel_shuffle: int = Field(0, ge=0)
     activation: Literal["prelu", "relu", "none"] = "prelu"
     temp_normal: float = Field(0.2, gt=0)
     temp_reduce: float = Field(0.15, gt=0)
@@ -107,8 +111,9 @@ class SearchConfig(RunConfig):
     arch_lr: float = Field(6e-4, gt=0)
     arch_wd: float = Field(1e-3, ge=0)
     arch_betas: tuple[float, float] = (0.5, 0.999)
-    # weight optimiser: Adam (§6.1); SGD momentum 0.9, lr 0.1 with --real (Appendix B)
-    optimizer: Literal["adam", "sgd"] | None = None
+    # weight optimiser: Adam (§6.1) whatever the search domain (Table 4 keeps it fixed); SGD
+    # momentum 0.9, lr 0.1 only when asked for (--optimizer sgd, or the CLI's --real: Appendix B)
+    optimizer: Literal["adam", "sgd"] = "adam"
     lr: float | None = Field(None, gt=0)
     wd: float | None = Field(None, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -130,13 +135,16 @@ class SearchConfig(RunConfig):
     @model_validator(mode="before")
     @classmethod
     def _strategy_defaults(cls, data: Any) -> Any:
-        """Fill what depends on other settings: --real switches to SGD lr 0.1 (Appendix B)."""
+        """Fill what depends on the chosen optimiser: SGD's lr 0.1 and cosine (Appendix B).
+
+        The search domain (--weights / --activations) never changes the optimiser by itself:
+        Table 4's rows differ in the domain only.
+        """
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        real = data.get("weights", "real") == "real" and data.get("activations", "binary") == "real"
         if data.get("optimizer") is None:
-            data["optimizer"] = "sgd" if real else "adam"
+            data["optimizer"] = "adam"
         sgd = data["optimizer"] == "sgd"
         if data.get("lr") is None:
             data["lr"] = 0.1 if sgd else 1e-3
@@ -246,6 +254,8 @@ class SearchResult:
     total_seconds: float
     parameter_free_share: dict[str, float] = field(default_factory=dict)
     skips: dict[str, int] = field(default_factory=dict)
+    # Stages whose α did not learn (search_health); empty when every stage did.
+    warnings: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -268,6 +278,7 @@ class SearchResult:
             "total_seconds": round(self.total_seconds, 3),
             "parameter_free_share": self.parameter_free_share,
             "skip_connections": self.skips,
+            "warnings": self.warnings,
         }
 
 
@@ -324,6 +335,7 @@ class Searcher(RunJob):
         self.stage_started = 0.0
         self.stage_results: list[StageResult] = []
         self.finished = False
+        self.warnings: list[dict[str, Any]] = []
         self.model = None
         self.opt_w = None
         self.opt_a = None
@@ -355,7 +367,8 @@ class Searcher(RunJob):
             num_classes=num_classes, in_channels=in_channels, steps=cfg.nodes, spec=cfg.spec,
             temperature_normal=cfg.temp_normal, temperature_reduce=cfg.temp_reduce,
             activation=cfg.activation, channels_per_group=cfg.channels_per_group,
-            mixed_op=cfg.mixed_op,
+            group_policy=cfg.group_policy, reduce_shortcut=cfg.reduce_shortcut,
+            channel_shuffle=cfg.channel_shuffle, mixed_op=cfg.mixed_op,
         )
         from bats_cli.preflight import check_supernet_fits
 
@@ -626,6 +639,7 @@ class Searcher(RunJob):
         stage_ckpt = self.run.path / f"stage{self.stage + 1}.safetensors"
         shutil.copyfile(self.run.last, stage_ckpt.with_suffix(".safetensors.tmp"))
         Path(stage_ckpt.with_suffix(".safetensors.tmp")).replace(stage_ckpt)
+        self._check_stage(genotype)
         result = StageResult(
             stage=self.stage + 1, layers=cfg.layers[self.stage], ops=cfg.ops[self.stage],
             epochs=cfg.epochs, seconds=self.stage_seconds[self.stage],
@@ -636,6 +650,25 @@ class Searcher(RunJob):
             f"{genotype_summary(genotype)}"
         )
         return result
+
+    def _check_stage(self, genotype: Genotype) -> None:
+        """Warn (and record) when this stage's α stayed near uniform or its cell kept changing."""
+        from bats_cli.search_health import read_epoch_genotypes, stage_warnings
+
+        cfg = self.cfg
+        wn, wr = self.current_weights()
+        hmax = math.log(len(self.candidates_normal[0]))
+        width = max(2, len(str(cfg.epochs)))
+        found = stage_warnings(
+            stage=self.stage + 1,
+            entropy_normal_rel=float(edge_entropy(wn).mean()) / hmax if hmax else 0.0,
+            entropy_reduce_rel=float(edge_entropy(wr).mean()) / hmax if hmax else 0.0,
+            search_genotypes=read_epoch_genotypes(self.run.path, self.stage + 1,
+                                                  range(cfg.warmup + 1, cfg.epochs + 1), width),
+        )
+        self.warnings = [w for w in self.warnings if w["stage"] != self.stage + 1] + found
+        for w in found:
+            self.reporter.warn(w["message"])
 
     def advance_stage(self) -> None:
         cfg = self.cfg
@@ -676,6 +709,7 @@ class Searcher(RunJob):
             "stage_started": self.stage_started,
             "accum": self.accum.__dict__,
             "finished": self.finished,
+            "warnings": self.warnings,
             "in_channels": self.in_channels,
             "num_classes": self.num_classes,
             "scaler_w": state_to_json(self.scaler_w.state_dict()),
@@ -709,6 +743,7 @@ class Searcher(RunJob):
             accum_keys = set(_Accum.__dataclass_fields__)
             self.accum = _Accum(**{k: v for k, v in state["accum"].items() if k in accum_keys})
             self.finished = bool(state.get("finished", False))
+            self.warnings = list(state.get("warnings", []))
             self.candidates_normal = [list(ops) for ops in arch["candidates_normal"]]
             self.candidates_reduce = [list(ops) for ops in arch["candidates_reduce"]]
             in_channels, num_classes = int(state["in_channels"]), int(state["num_classes"])
@@ -853,6 +888,7 @@ def run_search(
         out_dir=run.path, genotype=final, genotype_path=gpath, checkpoint=run.last,
         stages=searcher.stage_results, total_seconds=loop.elapsed(),
         parameter_free_share=parameter_free_share(final), skips=skip_count(final),
+        warnings=searcher.warnings,
     )
     run.write_json(RESULT_NAME, result.to_dict())
     return result

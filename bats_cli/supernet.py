@@ -42,6 +42,7 @@ class SupernetConfig:
     channels_per_group: int = 3
     group_policy: str = "groups"
     reduce_shortcut: str = "avgpool"
+    channel_shuffle: int = 0
     mixed_op: str = "fast"
 
 
@@ -108,7 +109,7 @@ class SuperNet(nn.Module):
             spec=config.spec, affine=False, activation=config.activation,
             channels_per_group=config.channels_per_group, group_policy=config.group_policy,
             base_channels=config.channels, reduce_shortcut=config.reduce_shortcut,
-            space=config.space,
+            channel_shuffle=config.channel_shuffle, space=config.space,
         )
         C, layers = config.channels, config.layers
         c_curr = config.stem_multiplier * C

@@ -35,7 +35,7 @@ from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from bats_cli.config import RESUME_IGNORED_KEYS, RunConfig
@@ -89,13 +89,17 @@ class TrainConfig(RunConfig):
     activation: Literal["prelu", "relu", "none"] = "prelu"
     group_policy: Literal["groups", "channels"] = "groups"
     channels_per_group: Optional[int] = Field(None, ge=1)
-    reduce_shortcut: Literal["avgpool", "factorized"] = "avgpool"
+    reduce_shortcut: Literal["avgpool", "factorized", "none"] = "avgpool"
+    channel_shuffle: int = Field(0, ge=0, description="0: off; G: shuffle in G groups after grouped convs")
     auxiliary: bool = True
     # optimisation
     epochs: Optional[int] = Field(None, ge=1, description="None: 600 (CIFAR-sized), 75 (ImageNet)")
     batch_size: int = Field(256, ge=1)
     eval_batch_size: Optional[int] = Field(None, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    # Adam (§6.2) by default; SGD momentum 0.9, lr 0.1 is Appendix B's recipe for real networks.
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = Field(0.9, ge=0)
+    lr: Optional[float] = Field(None, gt=0, description="None: 1e-3 (Adam), 0.1 (SGD)")
     lr_min: float = Field(0.0, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
@@ -112,6 +116,13 @@ class TrainConfig(RunConfig):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     num_workers: int = Field(0, ge=0)
     threads: Optional[int] = Field(None, ge=1, description="CPU threads; None: torch's default")
+
+    @model_validator(mode="after")
+    def _optimizer_lr(self) -> "TrainConfig":
+        if self.lr is None:
+            # Assignment re-validates; the default follows the optimizer chosen.
+            self.lr = 0.1 if self.optimizer == "sgd" else 1e-3
+        return self
 
 
 # Settings that may differ when a run is resumed: where and how it runs, not what it trains.
@@ -173,6 +184,8 @@ class FitSpec:
     seed: int
     precision: str
     num_workers: int
+    optimizer: str = "adam"  # "sgd": momentum SGD (Appendix B), same lr schedule
+    momentum: float = 0.9
     # extra metadata stored in every checkpoint of this run (e.g. binarize's pre-fine-tune numbers)
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -212,9 +225,13 @@ class TrainJob(RunJob):
         self.fmt = memory_format(device, model, precision=spec.precision)
         self.model = model.to(memory_format=self.fmt)
         self.params = dict(self.model.named_parameters())
-        self.optimizer = torch.optim.Adam(
-            self.params.values(), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay
-        )
+        if spec.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(self.params.values(), lr=spec.lr, momentum=spec.momentum,
+                                             weight_decay=spec.weight_decay)
+        else:
+            self.optimizer = torch.optim.Adam(
+                self.params.values(), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay
+            )
         self.scaler = make_grad_scaler(device, spec.precision)
         self.steps_per_epoch = steps_per_epoch(len(train_set), spec.batch_size)
         self.total_steps = self.steps_per_epoch * spec.epochs
@@ -522,6 +539,7 @@ def _train(
         channels=cfg.channels, real=cfg.real, auxiliary=cfg.auxiliary, drop_path=cfg.drop_path,
         activation=cfg.activation, channels_per_group=cfg.channels_per_group,
         group_policy=cfg.group_policy, reduce_shortcut=cfg.reduce_shortcut,
+        channel_shuffle=cfg.channel_shuffle,
     )
     settings = network_settings(model, width=cfg.width, data_spec=dspec)
     run_config = cfg.model_dump(mode="json")
@@ -559,7 +577,7 @@ def _train(
         lr=cfg.lr, lr_min=cfg.lr_min, betas=(cfg.beta1, cfg.beta2),
         weight_decay=cfg.weight_decay, aux_weight=cfg.aux_weight if cfg.auxiliary else 0.0,
         mixup=augment.mixup, seed=cfg.seed, precision=cfg.precision,
-        num_workers=cfg.num_workers,
+        num_workers=cfg.num_workers, optimizer=cfg.optimizer, momentum=cfg.momentum,
     )
     summary = fit(
         fit_spec, data.train, data.test, device=device, dist_info=dist_info, run_dir=run_dir,

@@ -25,11 +25,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("binary layers and ops", ("bats_cli.quant", "bats_cli.ops")),
     ("networks and supernet", ("bats_cli.networks", "bats_cli.mixed_op*", "bats_cli.supernet")),
     ("counting, model I/O, derivation", ("bats_cli.counting", "bats_cli.pack", "bats_cli.modelio",
-                                         "bats_cli.derive", "bats_cli.plot", "bats_cli.engine*")),
+                                         "bats_cli.derive", "bats_cli.plot", "bats_cli.engine*",
+                                         "bats_cli.search_health")),
     ("run loop and evaluation", ("bats_cli.runloop", "bats_cli.evaluate", "bats_cli.export",
                                  "bats_cli.onnx_eval", "bats_cli.plan")),
     ("pipeline stages", ("bats_cli.search", "bats_cli.train", "bats_cli.binarize",
                          "bats_cli.report")),
+    ("studies", ("bats_cli.ablate",)),
     ("command line", ("bats_cli.cli*", "bats_cli.__main__")),
 ]
 

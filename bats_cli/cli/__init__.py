@@ -17,7 +17,7 @@ import threading
 from typing import Any
 
 # One module per command; each registers itself on ``app`` when imported.
-COMMAND_MODULES = ("genotype", "search", "derive", "flops", "train", "binarize", "eval", "export", "report")
+COMMAND_MODULES = ("genotype", "search", "derive", "flops", "train", "binarize", "eval", "export", "report", "ablate")
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 

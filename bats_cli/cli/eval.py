@@ -63,6 +63,7 @@ def eval_command(
             "needs a C++ compiler, else exit 2). auto: bitwise where possible, else float.",
         ),
     ] = "float",
+    output: Annotated[Optional[Path], typer.Option("--output", dir_okay=False, rich_help_panel="Output", help="Also write the result as JSON to this file (atomically; `bats ablate` reads it).")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -98,4 +99,8 @@ def eval_command(
             precision=precision or "fp32", num_workers=num_workers or 0, threads=threads,
             engine=engine, reporter=Reporter(quiet=quiet),
         )
+    if output is not None:
+        from bats_cli.runtime import atomic_write_json
+
+        atomic_write_json(output, result)
     emit_result(result, as_json=as_json, table_fn=result_table)

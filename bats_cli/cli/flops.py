@@ -206,8 +206,8 @@ def _read_metadata(path: Path) -> tuple[str, dict[str, Any], str | None]:
 # ``data`` (the data spec), or flat keys.
 _SETTING_KEYS = (
     "dataset", "width", "layers", "channels", "real", "activation", "group_policy",
-    "channels_per_group", "reduce_shortcut", "stem_groups", "num_classes", "image_size",
-    "in_channels",
+    "channels_per_group", "reduce_shortcut", "channel_shuffle", "stem_groups", "num_classes",
+    "image_size", "in_channels",
 )
 # Settings that follow from the data set: dropped when --dataset names another one.
 _DATA_KEYS = ("num_classes", "image_size", "in_channels")
@@ -260,7 +260,8 @@ def _build(genotype, shape, settings: dict[str, Any]):
 
     width = str(settings.get("width") or "1x")
     kwargs: dict[str, Any] = {}
-    for key in ("activation", "group_policy", "channels_per_group", "reduce_shortcut", "stem_groups"):
+    for key in ("activation", "group_policy", "channels_per_group", "reduce_shortcut", "channel_shuffle",
+                "stem_groups"):
         if settings.get(key) is not None:
             kwargs[key] = settings[key]
     model = build_network(

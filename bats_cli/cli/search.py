@@ -81,6 +81,8 @@ def result_table(result: Mapping[str, Any]) -> Any:
         rows.append((f"stage {s['stage']}", f"{s['layers']} cells, {s['ops']} ops, {s['epochs']} epochs: "
                                             f"{s['seconds']:.1f} s"))
     rows.append(("total", f"{result['total_seconds']:.1f} s"))
+    for w in result.get("warnings", []):
+        rows.append(("warning", w["message"]))
     rows.append(("checkpoint", result["checkpoint"]))
     rows.append(("next", f"bats train {result['genotype_path']}"))
     return key_value_table(rows, fold=True)
@@ -96,7 +98,7 @@ def search_command(
     space: Annotated[Optional[str], opt("--space", panel=SPACE, help="bats (default, Table 1) or darts.")] = None,
     weights: Annotated[Optional[str], opt("--weights", panel=SPACE, help="real (default) or binary weights during the search.")] = None,
     activations: Annotated[Optional[str], opt("--activations", panel=SPACE, help="binary (default) or real activations during the search.")] = None,
-    real: Annotated[bool, opt("--real", panel=SPACE, help="Real weights and activations (Appendix B): SGD lr 0.1, momentum 0.9, cosine.")] = False,
+    real: Annotated[bool, opt("--real", panel=SPACE, help="Appendix B's real-valued search: real weights and activations with SGD lr 0.1, momentum 0.9, cosine (unless --optimizer says otherwise). --weights real --activations real alone keeps Adam.")] = False,
     temp_normal: Annotated[Optional[float], opt("--temp-normal", panel=SPACE, help="Softmax temperature of normal cells (default 0.2; 1 = DARTS).")] = None,
     temp_reduce: Annotated[Optional[float], opt("--temp-reduce", panel=SPACE, help="Softmax temperature of reduction cells (default 0.15).")] = None,
     layers: Annotated[Optional[str], opt("--layers", panel=SCHED, metavar="L1,L2,..", help="Cells per stage (default 5,11,17).")] = None,
@@ -106,10 +108,14 @@ def search_command(
     batch_size: Annotated[Optional[int], opt("--batch-size", panel=SCHED, min=1, help="Default 96.")] = None,
     channels: Annotated[Optional[int], opt("--channels", panel=SCHED, min=2, help="Supernet width (default 18 = 6 groups x 3 channels).")] = None,
     nodes: Annotated[Optional[int], opt("--nodes", panel=SCHED, min=1, help="Intermediate nodes per cell (default 4).")] = None,
+    channels_per_group: Annotated[Optional[int], opt("--channels-per-group", panel=SPACE, min=1, help="Channels per group of the grouped convs (default 3, §4.1).")] = None,
+    group_policy: Annotated[Optional[str], opt("--group-policy", panel=SPACE, help="groups (fixed number of groups, default) or channels (fixed channels per group) after reductions.")] = None,
+    reduce_shortcut: Annotated[Optional[str], opt("--reduce-shortcut", panel=SPACE, help="Identity connection of stride-2 conv ops: avgpool (default), factorized or none.")] = None,
+    channel_shuffle: Annotated[Optional[int], opt("--channel-shuffle", panel=SPACE, min=0, metavar="G", help="Channel shuffle in G groups after each grouped conv; 0 = off (default; §4.1 found no gain).")] = None,
     arch_lr: Annotated[Optional[float], opt("--arch-lr", panel=OPTIM, help="Adam lr for alpha (default 6e-4).")] = None,
     arch_wd: Annotated[Optional[float], opt("--arch-weight-decay", panel=OPTIM, help="Weight decay for alpha (default 1e-3).")] = None,
     arch_betas: Annotated[Optional[str], opt("--arch-betas", panel=OPTIM, metavar="B1,B2", help="Adam betas for alpha (default 0.5,0.999).")] = None,
-    optimizer: Annotated[Optional[str], opt("--optimizer", panel=OPTIM, help="Weights: adam (default) or sgd (default with --real).")] = None,
+    optimizer: Annotated[Optional[str], opt("--optimizer", panel=OPTIM, help="Weights: adam (default, whatever the search domain) or sgd (default with --real).")] = None,
     lr: Annotated[Optional[float], opt("--lr", panel=OPTIM, help="Weights lr (default 1e-3 Adam; 0.1 SGD).")] = None,
     wd: Annotated[Optional[float], opt("--weight-decay", panel=OPTIM, help="Weight decay of the network weights (default 3e-4).")] = None,
     betas: Annotated[Optional[str], opt("--betas", panel=OPTIM, metavar="B1,B2", help="Adam betas for the weights (default 0.9,0.999).")] = None,
@@ -156,13 +162,17 @@ def search_command(
             if value not in (None, "real"):
                 raise UserInputError(f"--real contradicts {flag} {value}")
         weights = activations = "real"
+        # Appendix B's recipe is what --real asks for; --weights/--activations alone keep Adam.
+        optimizer = optimizer or "sgd"
     overrides = {
         "dataset": dataset, "data_dir": path_or_none(data_dir),
         "download": download, "subset": subset, "image_size": image_size, "space": space,
         "weights": weights, "activations": activations, "temp_normal": temp_normal,
         "temp_reduce": temp_reduce, "layers": _int_list(layers, "--layers"),
         "ops": _int_list(ops, "--ops"), "epochs": epochs, "warmup": warmup,
-        "batch_size": batch_size, "channels": channels, "nodes": nodes, "arch_lr": arch_lr,
+        "batch_size": batch_size, "channels": channels, "nodes": nodes,
+        "channels_per_group": channels_per_group, "group_policy": group_policy,
+        "reduce_shortcut": reduce_shortcut, "channel_shuffle": channel_shuffle, "arch_lr": arch_lr,
         "arch_wd": arch_wd, "arch_betas": _betas(arch_betas, "--arch-betas"),
         "optimizer": optimizer, "lr": lr, "wd": wd, "betas": _betas(betas, "--betas"),
         "momentum": momentum, "lr_schedule": lr_schedule, "lr_min": lr_min,

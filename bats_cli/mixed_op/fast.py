@@ -294,7 +294,8 @@ def _fusable_conv_op(op: nn.Module) -> bool:
     conv = op.conv.conv
     d, k = conv.dilation[0], conv.kernel_size[0]
     return (conv.dilation[0] == conv.dilation[1] and conv.padding == (d * (k // 2),) * 2
-            and isinstance(op.shortcut, (nn.Identity, nn.AvgPool2d)))
+            and isinstance(op.shortcut, (nn.Identity, nn.AvgPool2d))
+            and isinstance(op.shuffle, nn.Identity))
 
 
 def _fusable_fr(fr: nn.Module) -> bool:

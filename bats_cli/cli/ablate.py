@@ -1,0 +1,87 @@
+"""`bats ablate STUDY`: the paper's ablations (Tables 2-5) and a random baseline, as bats jobs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Mapping, Optional
+
+import typer
+
+from bats_cli.cli.app import app
+from bats_cli.cli.options import (
+    MAX_THREADS,
+    MAX_WORKERS,
+    DataDirOpt,
+    DatasetOpt,
+    JsonOpt,
+    emit_result,
+    opt,
+    path_or_none,
+)
+from bats_cli.errors import UserInputError
+
+STUDY = "Study"
+
+
+def result_table(summary: Mapping[str, Any]) -> Any:
+    from rich.table import Table
+
+    t = Table(title=f"bats ablate {summary['study']} (preset {summary['preset']})")
+    for col in ("variant", "paper", "n", "binary top-1", "step-1 top-1", "param-free normal"):
+        t.add_column(col)
+    for v in summary["variants"]:
+        def pm(key: str) -> str:
+            m, s = v[f"{key}_mean"], v[f"{key}_std"]
+            return "-" if m is None else (f"{m:.1f} ± {s:.1f}" if v["n"] > 1 else f"{m:.1f}")
+        pf = "-" if v["param_free_normal"] is None else f"{v['param_free_normal']:.2f}"
+        t.add_row(v["label"], v["paper"] or "-", str(v["n"]), pm("binary_top1"), pm("step1_top1"), pf)
+    return t
+
+
+@app.command("ablate")
+def ablate_command(
+    study: Annotated[str, typer.Argument(metavar="STUDY", help="space (Table 2), temperature (Table 3), strategy (Table 4), random (searched vs random cells) or zoo (Table 5's cells).")],
+    out: Annotated[Optional[Path], opt("--out", "-o", panel="Output", file_okay=False, help="Study directory (one run directory per job; results.json/.md/.png). Default runs/ablate-STUDY; rerun to resume.")] = None,
+    preset: Annotated[str, opt("--preset", panel=STUDY, help="cpu (minutes per job on a CPU) or paper (the paper's full settings, GPU).")] = "cpu",
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    seeds: Annotated[int, opt("--seeds", panel=STUDY, min=1, help="Seeds per variant (0..N-1).")] = 1,
+    jobs: Annotated[int, opt("--jobs", panel="Run", min=1, max=MAX_WORKERS, help="Jobs run at the same time (local subprocesses).")] = 1,
+    threads: Annotated[Optional[int], opt("--threads", panel="Run", min=1, max=MAX_THREADS, help="CPU threads of every step (default: the preset's).")] = None,
+    optimizer: Annotated[str, opt("--optimizer", panel=STUDY, help="Weights optimiser of every search: adam (default, §6.1); the same for every variant.")] = "adam",
+    emit: Annotated[bool, opt("--emit", panel="Output", help="Print each unfinished job as one shell line of `bats` commands and run nothing.")] = False,
+    summary: Annotated[bool, opt("--summary", panel="Output", help="Only write results.json/.md/.png from the jobs finished so far (e.g. while --emit's jobs run elsewhere); run nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run an ablation study: every variant x seed is search -> derive -> train -> binarize -> eval.
+
+    Finished jobs (OUT/VARIANT/seedN/eval.json) are skipped, so rerunning resumes a study. With
+    --emit the jobs are printed for SLURM / GNU parallel; rerun without --emit to summarise.
+
+    Example: bats ablate random --dataset imagefolder --data-dir ../shared/datasets/cifar10-mini
+    --seeds 2 --out runs/ablate-random
+
+    Example: bats ablate temperature --emit | parallel -j 4
+    """
+    from bats_cli.ablate import StudyOptions, build_jobs, emit_lines, run_study, write_summary
+
+    o = StudyOptions(study=study, out=out or Path("runs") / f"ablate-{study}", preset=preset,
+                     dataset=dataset, data_dir=path_or_none(data_dir), seeds=seeds, jobs=jobs,
+                     threads=threads, optimizer=optimizer)
+    if emit and summary:
+        raise UserInputError("give either --emit or --summary, not both")
+    if emit:
+        for line in emit_lines(build_jobs(o)):
+            sys.stdout.write(line + "\n")
+        return
+    if summary:
+        if not o.out.is_dir():
+            raise UserInputError(f"--out {o.out}: no study there yet")
+        emit_result(write_summary(o, build_jobs(o)), as_json=as_json, table_fn=result_table)
+        return
+    if o.dataset == "imagefolder" and not o.data_dir:
+        raise UserInputError("--dataset imagefolder needs --data-dir")
+    log = (lambda m: print(m, file=sys.stderr, flush=True))
+    summary = run_study(o, log=log)
+    emit_result(summary, as_json=as_json, table_fn=result_table)
