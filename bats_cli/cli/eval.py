@@ -100,7 +100,7 @@ def eval_command(
             engine=engine, reporter=Reporter(quiet=quiet),
         )
     if output is not None:
-        from bats_cli.runtime import atomic_write_json
+        from bats_cli.fileio import atomic_write_json
 
         atomic_write_json(output, result)
     emit_result(result, as_json=as_json, table_fn=result_table)
