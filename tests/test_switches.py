@@ -107,7 +107,8 @@ def test_search_and_train_configs_take_the_switches():
 def test_train_optimizer_sgd_is_used(tmp_path):
     from bats_cli.train import TrainConfig, train
 
-    cfg = TrainConfig(genotype="bats_c10", optimizer="sgd", real=True, layers=3, channels=6, epochs=1,
+    cfg = TrainConfig(genotype="bats_c10", dataset="fashion-mini", optimizer="sgd", real=True, layers=3,
+                      channels=6, epochs=1,
                       batch_size=16, subset=32, threads=1, auxiliary=False)
     res = train(cfg, genotype=resolve_genotype("bats_c10"), out=tmp_path / "r", quiet=True,
                 handle_signals=False)
