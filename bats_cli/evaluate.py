@@ -161,22 +161,14 @@ def evaluate_checkpoint(
 def _evaluate_checkpoint(path, *, dataset, data_dir, download, image_size, subset, batch_size,
                          device, precision, num_workers, return_predictions,
                          engine="float", reporter=None) -> dict[str, Any]:
-    from bats_cli.data import AugmentConfig, build_datasets, describe_spec
     from bats_cli.runtime import check_precision, select_device
 
     path = Path(path)
     dev = select_device(device)
     check_precision(dev, precision)
     loaded = load_model(path, command="eval")
-    name, data_dir, image_size = resolve_eval_data(
-        loaded, dataset=dataset, data_dir=data_dir, image_size=image_size, path=path
-    )
-    spec = describe_spec(name, data_dir, image_size)
-    check_dataset(spec, loaded.settings, path)
-    data = build_datasets(
-        name, data_dir=data_dir, download=download, subset=subset, image_size=image_size,
-        augment=AugmentConfig(), seed=int(loaded.run.get("seed", 0) or 0),
-    )
+    data = eval_data(loaded, path, dataset=dataset, data_dir=data_dir, download=download,
+                     image_size=image_size, subset=subset)
     model = loaded.model.to(dev)
     if engine != "float":
         import sys
@@ -189,11 +181,32 @@ def _evaluate_checkpoint(path, *, dataset, data_dir, download, image_size, subse
         model, data.test, batch_size=batch_size, device=dev, precision=precision,
         num_workers=num_workers, return_predictions=return_predictions, reporter=reporter,
     )
+    return eval_result(loaded, path, data, metrics, kind=loaded.meta.kind, engine=engine,
+                       binary_weights=loaded.meta.kind == "packed")
+
+
+def eval_data(loaded: LoadedModel, path, *, dataset, data_dir, download, image_size, subset):
+    """The data set a model is evaluated on (recorded unless told otherwise), checked against it."""
+    from bats_cli.data import AugmentConfig, build_datasets, describe_spec
+
+    name, data_dir, image_size = resolve_eval_data(
+        loaded, dataset=dataset, data_dir=data_dir, image_size=image_size, path=path
+    )
+    check_dataset(describe_spec(name, data_dir, image_size), loaded.settings, path)
+    return build_datasets(
+        name, data_dir=data_dir, download=download, subset=subset, image_size=image_size,
+        augment=AugmentConfig(), seed=int(loaded.run.get("seed", 0) or 0),
+    )
+
+
+def eval_result(loaded: LoadedModel, path, data, metrics: dict[str, Any], *, kind: str, engine: str,
+                binary_weights: bool = False) -> dict[str, Any]:
+    """``bats eval``'s JSON result for any kind of model file."""
     s = loaded.settings
     result = {
         "command": "eval",
         "checkpoint": str(path),
-        "kind": loaded.meta.kind,
+        "kind": kind,
         "genotype": loaded.genotype.name,
         "dataset": data.spec.name,
         "split": "test",
@@ -202,16 +215,18 @@ def _evaluate_checkpoint(path, *, dataset, data_dir, download, image_size, subse
         "top5": metrics["top5"],
         "loss": metrics["loss"],
         "activations": "binary" if s.get("binary_activations") else "real",
-        "weights": "binary" if s.get("binary_weights") or loaded.meta.kind == "packed" else "real",
+        "weights": "binary" if s.get("binary_weights") or binary_weights else "real",
         "engine": engine,
     }
-    if return_predictions:
+    if "predictions" in metrics:
         result["predictions"] = metrics["predictions"]
     return result
 
 
 __all__ = [
+    "eval_result",
     "evaluate_checkpoint",
     "evaluate_model",
     "resolve_eval_data",
+    "eval_data",
 ]

@@ -91,42 +91,15 @@ def evaluate_onnx(
     return_predictions: bool = False,
 ) -> dict[str, Any]:
     """Top-1 / top-5 / loss of an exported ONNX model on a test split (CPU, onnxruntime)."""
-    from bats_cli.data import AugmentConfig, build_datasets, describe_spec
-    from bats_cli.evaluate import evaluate_model, resolve_eval_data
-    from bats_cli.modelio import check_dataset
+    from bats_cli.evaluate import eval_data, eval_result, evaluate_model
 
     path = Path(path)
     loaded = load_onnx(path, threads=threads)
-    name, data_dir, image_size = resolve_eval_data(
-        loaded, dataset=dataset, data_dir=data_dir, image_size=image_size, path=path
-    )
-    spec = describe_spec(name, data_dir, image_size)
-    check_dataset(spec, loaded.settings, path)
-    data = build_datasets(
-        name, data_dir=data_dir, download=download, subset=subset, image_size=image_size,
-        augment=AugmentConfig(), seed=int(loaded.run.get("seed", 0) or 0),
-    )
+    data = eval_data(loaded, path, dataset=dataset, data_dir=data_dir, download=download,
+                     image_size=image_size, subset=subset)
     metrics = evaluate_model(loaded.model, data.test, batch_size=batch_size, device="cpu",
                              num_workers=num_workers, return_predictions=return_predictions)
-    s = loaded.settings
-    result = {
-        "command": "eval",
-        "checkpoint": str(path),
-        "kind": "onnx",
-        "genotype": loaded.genotype.name,
-        "dataset": data.spec.name,
-        "split": "test",
-        "images": metrics["images"],
-        "top1": metrics["top1"],
-        "top5": metrics["top5"],
-        "loss": metrics["loss"],
-        "activations": "binary" if s.get("binary_activations") else "real",
-        "weights": "binary" if s.get("binary_weights") else "real",
-        "engine": "onnxruntime",
-    }
-    if return_predictions:
-        result["predictions"] = metrics["predictions"]
-    return result
+    return eval_result(loaded, path, data, metrics, kind="onnx", engine="onnxruntime")
 
 
 __all__ = ["OnnxModule", "evaluate_onnx", "is_onnx_file", "load_onnx", "read_onnx_metadata"]
