@@ -7,7 +7,7 @@ commands and summarises their result files; it never trains anything itself.
 
 * A step is finished when its result file exists (search/train/binarize ``result.json``,
   ``genotype.json``, ``eval.json``); a job is finished when its ``eval.json`` exists. Rerunning a
-  study skips finished jobs and steps, and long steps run with ``--resume``, so an interrupted
+  study skips finished jobs and steps, and long steps run with ``--resume-or-start``, so an interrupted
   study continues where it stopped.
 * ``--emit`` prints each unfinished job as one shell line (its steps joined by ``&&``) for SLURM
   arrays or GNU parallel; rerunning the study afterwards only writes the summary.
@@ -178,7 +178,7 @@ def build_jobs(o: StudyOptions) -> list[Job]:
             d = o.out / variant.name / f"seed{seed}"
             job = Job(variant, seed, d)
             genotype_file = d / "genotype.json"
-            common = ("--preset", o.preset, "--seed", str(seed), *_threads(o), "--resume", "--quiet")
+            common = ("--preset", o.preset, "--seed", str(seed), *_threads(o), "--resume-or-start", "--quiet")
             if variant.search is not None:
                 job.steps.append(Step("search", ("search", *_data_flags(o), *variant.search, *common,
                                                  "--out", str(d / "search")), d / "search" / "result.json"))
@@ -195,7 +195,7 @@ def build_jobs(o: StudyOptions) -> list[Job]:
             job.steps.append(Step("train", ("train", genotype, *_data_flags(o), *common, "--out", str(d / "train")),
                                   d / "train" / "result.json"))
             job.steps.append(Step("binarize", ("binarize", str(d / "train" / "last.safetensors"), "--preset",
-                                               o.preset, *_threads(o), "--resume", "--quiet", "--out",
+                                               o.preset, *_threads(o), "--resume-or-start", "--quiet", "--out",
                                                str(d / "binarize")), d / "binarize" / "result.json"))
             job.steps.append(Step("eval", ("eval", str(d / "binarize" / "model.packed.safetensors"),
                                            *_data_flags(o), *_threads(o), "--output", str(job.result)),
