@@ -34,8 +34,11 @@ from bats_cli.errors import Interrupted, RunFailure, UserInputError
 from bats_cli.fileio import atomic_write_json, atomic_write_text
 
 STUDIES = ("space", "temperature", "strategy", "random", "zoo")
-PRESETS = ("cpu", "paper")
+# tiny: a smoke test of a study's commands (about a minute per job), not a result.
+PRESETS = ("cpu", "paper", "tiny")
 EVAL_NAME = "eval.json"
+JOB_NAME = "job.json"  # the job's commands, which --reuse matches
+REUSED_NAME = "REUSED.txt"
 STEPS_NAME = "steps.json"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -88,6 +91,26 @@ class Job:
 
     def shell(self) -> str:
         return " && ".join(step.shell() for step in self.steps)
+
+    def key(self) -> list[list[str]]:
+        """The job's commands without what does not change its result (its directory, threads, --quiet):
+        two jobs with the same key and seed compute the same thing."""
+        return [_normalised(step.argv, self.dir) for step in self.steps]
+
+
+def _normalised(argv: Sequence[str], job_dir: Path) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--threads":
+            skip = True
+            continue
+        if arg == "--quiet":
+            continue
+        out.append(arg.replace(str(job_dir), "{job}"))
+    return out
 
 
 def _search(optimizer: str, *, space: str = "bats", temp_normal: float = 0.2, temp_reduce: float = 0.15,
@@ -149,6 +172,7 @@ class StudyOptions:
     jobs: int = 1
     threads: int | None = None
     optimizer: str = "adam"
+    variants: tuple[str, ...] = ()  # a subset of the study's rows (default: all)
 
     def __post_init__(self) -> None:
         if self.study not in STUDIES:
@@ -159,6 +183,16 @@ class StudyOptions:
             raise UserInputError("--seeds and --jobs must be at least 1")
         if self.optimizer not in ("adam", "sgd"):
             raise UserInputError(f"--optimizer must be adam or sgd, got {self.optimizer!r}")
+        names = [v.name for v in study_variants(self.study)]
+        unknown = [v for v in self.variants if v not in names]
+        if unknown:
+            raise UserInputError(f"unknown --variants {', '.join(unknown)} for study {self.study}; "
+                                 f"choose from: {', '.join(names)}")
+
+    def selected(self) -> list[Variant]:
+        """The study's variants, or the ones --variants names (in the study's order)."""
+        rows = study_variants(self.study, optimizer=self.optimizer)
+        return [v for v in rows if not self.variants or v.name in self.variants]
 
 
 def _data_flags(o: StudyOptions) -> tuple[str, ...]:
@@ -179,7 +213,7 @@ def build_jobs(o: StudyOptions) -> list[Job]:
     jobs = []
     # Seed-major: a study stopped early has every variant at its first seeds.
     for seed in range(o.seeds):
-        for variant in study_variants(o.study, optimizer=o.optimizer):
+        for variant in o.selected():
             d = o.out / variant.name / f"seed{seed}"
             job = Job(variant, seed, d)
             genotype_file = d / "genotype.json"
@@ -234,6 +268,8 @@ def run_job(job: Job, runner: Runner = subprocess_runner) -> str:
     """Run the unfinished steps of ``job`` in order; 'done', 'failed' or 'interrupted'."""
     times_path = job.dir / STEPS_NAME
     times = json.loads(times_path.read_text(encoding="utf-8")) if times_path.is_file() else {}
+    job.dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(job.dir / JOB_NAME, {"variant": job.variant.name, "seed": job.seed, "key": job.key()})
     for step in job.steps:
         if step.done.is_file():
             continue
@@ -249,10 +285,57 @@ def run_job(job: Job, runner: Runner = subprocess_runner) -> str:
     return "done"
 
 
-def run_study(o: StudyOptions, *, runner: Runner = subprocess_runner, log: Callable[[str], None] = print) -> dict:
-    """Run every unfinished job (``o.jobs`` at a time), then write the summary; returns it."""
+def finished_jobs(study_dir: Path) -> dict[tuple[str, int], Path]:
+    """The finished jobs of a study directory, by (their commands, seed)."""
+    found: dict[tuple[str, int], Path] = {}
+    for record in sorted(study_dir.glob(f"*/seed*/{JOB_NAME}")):
+        info = _read(record)
+        if info is None or not (record.parent / EVAL_NAME).is_file():
+            continue
+        found.setdefault((json.dumps(info.get("key")), int(info.get("seed", -1))), record.parent)
+    return found
+
+
+def reuse_jobs(jobs: Sequence[Job], sources: Sequence[Path], log: Callable[[str], None] = print) -> list[Job]:
+    """Copy into each unstarted job the finished job of another study with the same commands and seed
+    (e.g. `space`'s BATS row is `temperature`'s T = 0.2 row); returns the jobs that were filled."""
+    import shutil
+
+    index: dict[tuple[str, int], Path] = {}
+    for src in sources:
+        if not src.is_dir():
+            raise UserInputError(f"--reuse {src}: not a study directory")
+        for k, v in finished_jobs(src).items():
+            index.setdefault(k, v)
+    filled = []
+    for job in jobs:
+        src = index.get((json.dumps(job.key()), job.seed))
+        # A started job keeps its own partial run: mixing two runs' files would be neither.
+        if src is None or job.finished or job.dir.exists():
+            continue
+        tmp = job.dir.with_name(job.dir.name + ".reuse-tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, symlinks=True)
+        atomic_write_text(tmp / REUSED_NAME, f"copied from {src}: a finished job with the same commands and seed\n")
+        atomic_write_json(tmp / JOB_NAME, {"variant": job.variant.name, "seed": job.seed, "key": job.key(),
+                                           "reused_from": str(src)})
+        tmp.rename(job.dir)
+        log(f"  reused      {job.name} (from {src})")
+        filled.append(job)
+    return filled
+
+
+def run_study(o: StudyOptions, *, runner: Runner = subprocess_runner, log: Callable[[str], None] = print,
+              reuse: Sequence[Path] = ()) -> dict:
+    """Run every unfinished job (``o.jobs`` at a time), then write the summary; returns it.
+
+    ``reuse``: other studies' directories whose finished jobs with the same commands are copied
+    instead of being run again."""
     jobs = build_jobs(o)
     o.out.mkdir(parents=True, exist_ok=True)
+    for job in jobs:
+        job.dir.parent.mkdir(parents=True, exist_ok=True)
+    reuse_jobs(jobs, reuse, log)
     pending = [j for j in jobs if not j.finished]
     log(f"ablate {o.study}: {len(jobs)} jobs, {len(jobs) - len(pending)} already finished, "
         f"{len(pending)} to run ({o.jobs} at a time) in {o.out}")
@@ -337,6 +420,7 @@ def job_record(job: Job, status: str | None = None) -> dict[str, Any]:
     rec["binary_top1"] = ev["top1"] if ev else None
     rec["step1_top1"] = bz["step1_top1"] if bz else None
     rec["seconds"] = _read(job.dir / STEPS_NAME) or {}
+    rec["reused_from"] = (_read(job.dir / JOB_NAME) or {}).get("reused_from")
     if sr is not None:
         rec["search_warnings"] = [w["message"] for w in sr.get("warnings", [])]
         rec["entropy_rel"] = _last_entropy(job.dir / "search")
@@ -355,7 +439,7 @@ def summarise(o: StudyOptions, jobs: Sequence[Job], status: Mapping[str, str] | 
     status = status or {}
     records = [job_record(j, status.get(j.name)) for j in jobs]
     variants = []
-    for v in study_variants(o.study, optimizer=o.optimizer):
+    for v in o.selected():
         mine = [r for r in records if r["variant"] == v.name]
         done = [r for r in mine if r["status"] == "done"]
         row: dict[str, Any] = {"variant": v.name, "label": v.label, "paper": v.paper, "n": len(done),

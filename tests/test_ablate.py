@@ -7,7 +7,7 @@ import shlex
 
 import pytest
 
-from bats_cli.ablate import StudyOptions, build_jobs, emit_lines, run_study, study_variants
+from bats_cli.ablate import StudyOptions, build_jobs, emit_lines, reuse_jobs, run_study, study_variants
 from bats_cli.errors import Interrupted
 from tests.helpers import cli
 
@@ -140,3 +140,60 @@ def test_every_search_variant_is_a_valid_cpu_search(study, tmp_path):
         overrides = {flags[i][2:].replace("-", "_"): flags[i + 1] for i in range(0, len(flags), 2)}
         cfg = resolve_config(SearchConfig, preset="cpu", presets=SEARCH_PRESETS, overrides=overrides)
         assert cfg.optimizer == "adam" and cfg.arch_lr == 2e-2
+
+
+def test_reuse_copies_finished_jobs_with_the_same_commands(tmp_path):
+    # temperature's T = 0.2 and T = 1 rows are space's BATS and T = 1 rows: only DARTS runs again.
+    temp = StudyOptions(study="temperature", out=tmp_path / "temperature", threads=2)
+    run_study(temp, runner=_fake_runner([]), log=lambda m: None)
+    space = StudyOptions(study="space", out=tmp_path / "space")  # other --threads: still the same jobs
+    started = space.out / "darts" / "seed0"
+    calls: list = []
+    summary = run_study(space, runner=_fake_runner(calls), log=lambda m: None, reuse=[temp.out])
+    assert {d.split("/space/")[1].split("/")[0] for d, _ in calls} == {"darts"}
+    assert (space.out / "bats" / "seed0" / "REUSED.txt").read_text().startswith(
+        f"copied from {temp.out / 'T0.2' / 'seed0'}")
+    reused = {j["variant"]: j["reused_from"] for j in summary["jobs"]}
+    assert reused == {"bats": str(temp.out / "T0.2" / "seed0"), "darts": None,
+                      "bats-T1": str(temp.out / "T1" / "seed0")}
+    assert summary["complete"]
+    # A different seed or a different setting is never taken for the same job.
+    other = StudyOptions(study="space", out=tmp_path / "space2", seeds=2, optimizer="sgd")
+    assert reuse_jobs(build_jobs(other), [temp.out], log=lambda m: None) == []
+    assert started.is_dir()
+
+
+def test_reuse_leaves_a_started_job_alone(tmp_path):
+    temp = StudyOptions(study="temperature", out=tmp_path / "temperature", variants=("T0.2",))
+    run_study(temp, runner=_fake_runner([]), log=lambda m: None)
+    space = StudyOptions(study="space", out=tmp_path / "space", variants=("bats",))
+    job = build_jobs(space)[0]
+    (job.dir / "search").mkdir(parents=True)  # its own search had begun
+    assert reuse_jobs([job], [temp.out], log=lambda m: None) == []
+    assert not (job.dir / "REUSED.txt").exists()
+
+
+def test_variants_selects_rows_and_rejects_unknown_names(tmp_path, capsys):
+    from tests.helpers import one_line_error
+
+    o = StudyOptions(study="temperature", out=tmp_path, seeds=2, variants=("T0.05", "T1"))
+    assert [j.name for j in build_jobs(o)] == ["T1/seed0", "T0.05/seed0", "T1/seed1", "T0.05/seed1"]
+    code, _, err = cli(["ablate", "temperature", "--variants", "T0.3", "--emit"], capsys)
+    one_line_error(code, err, "unknown --variants T0.3")
+    code, _, err = cli(["ablate", "temperature", "--reuse", str(tmp_path), "--emit"], capsys)
+    one_line_error(code, err, "--reuse")
+
+
+def test_a_study_runs_end_to_end_with_the_real_commands(tmp_path, capsys):
+    # The real `bats` subprocesses, at the tiny preset: every step's flags are accepted on a fresh
+    # run directory and every result file is where the summary looks for it.
+    out = tmp_path / "study"
+    code, stdout, err = cli(["ablate", "random", "--preset", "tiny", "--variants", "searched", "--threads", "1",
+                             "--out", str(out), "--json"], capsys)
+    assert code == 0, err + "".join(p.read_text() for p in out.rglob("*.log"))
+    summary = json.loads(stdout)
+    (job,) = summary["jobs"]
+    assert job["status"] == "done" and 0 <= job["binary_top1"] <= 100 and job["step1_top1"] is not None
+    assert set(job["seconds"]) == {"search", "derive", "train", "binarize", "eval"}
+    assert job["entropy_rel"] is not None and job["params"] > 0
+    assert json.loads((out / "searched" / "seed0" / "job.json").read_text())["key"][0][0] == "search"

@@ -43,12 +43,14 @@ def result_table(summary: Mapping[str, Any]) -> Any:
 def ablate_command(
     study: Annotated[str, typer.Argument(metavar="STUDY", help="space (Table 2), temperature (Table 3), strategy (Table 4), random (searched vs random cells) or zoo (Table 5's cells).")],
     out: Annotated[Optional[Path], opt("--out", "-o", panel="Output", file_okay=False, help="Study directory (one run directory per job; results.json/.md/.png). Default runs/ablate-STUDY; rerun to resume.")] = None,
-    preset: Annotated[str, opt("--preset", panel=STUDY, help="cpu (minutes per job on a CPU) or paper (the paper's full settings, GPU).")] = "cpu",
+    preset: Annotated[str, opt("--preset", panel=STUDY, help="cpu (minutes per job on a CPU), paper (the paper's full settings, GPU) or tiny (a one-minute smoke test of the commands, not a result).")] = "cpu",
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
+    variants: Annotated[Optional[str], opt("--variants", panel=STUDY, metavar="A,B", help="Run only these rows of the study, comma-separated (e.g. --variants T0.2,T0.05).")] = None,
     seeds: Annotated[int, opt("--seeds", panel=STUDY, min=1, help="Seeds per variant (0..N-1).")] = 1,
     jobs: Annotated[int, opt("--jobs", panel="Run", min=1, max=MAX_WORKERS, help="Jobs run at the same time (local subprocesses).")] = 1,
     threads: Annotated[Optional[int], opt("--threads", panel="Run", min=1, max=MAX_THREADS, help="CPU threads of every step (default: the preset's).")] = None,
+    reuse: Annotated[Optional[list[Path]], opt("--reuse", panel="Run", file_okay=False, metavar="DIR", help="Another study's directory (repeatable): its finished jobs with the same commands and seed are copied instead of run (e.g. space's BATS row = temperature's T = 0.2 row).")] = None,
     optimizer: Annotated[str, opt("--optimizer", panel=STUDY, help="Weights optimiser of every search: adam (default, §6.1); the same for every variant.")] = "adam",
     emit: Annotated[bool, opt("--emit", panel="Output", help="Print each unfinished job as one shell line of `bats` commands and run nothing.")] = False,
     summary: Annotated[bool, opt("--summary", panel="Output", help="Only write results.json/.md/.png from the jobs finished so far (e.g. while --emit's jobs run elsewhere); run nothing.")] = False,
@@ -63,14 +65,19 @@ def ablate_command(
     --seeds 2 --out runs/ablate-random
 
     Example: bats ablate temperature --emit | parallel -j 4
+
+    Example: bats ablate space --reuse runs/ablate-temperature (the BATS rows are not run twice)
     """
     from bats_cli.ablate import StudyOptions, build_jobs, emit_lines, run_study, write_summary
 
     o = StudyOptions(study=study, out=out or Path("runs") / f"ablate-{study}", preset=preset,
                      dataset=dataset, data_dir=path_or_none(data_dir), seeds=seeds, jobs=jobs,
-                     threads=threads, optimizer=optimizer)
+                     threads=threads, optimizer=optimizer,
+                     variants=tuple(v.strip() for v in (variants or "").split(",") if v.strip()))
     if emit and summary:
         raise UserInputError("give either --emit or --summary, not both")
+    if reuse and (emit or summary):
+        raise UserInputError("--reuse copies finished jobs into the study; run without --emit / --summary to use it")
     if emit:
         for line in emit_lines(build_jobs(o)):
             sys.stdout.write(line + "\n")
@@ -83,5 +90,5 @@ def ablate_command(
     if o.dataset == "imagefolder" and not o.data_dir:
         raise UserInputError("--dataset imagefolder needs --data-dir")
     log = (lambda m: print(m, file=sys.stderr, flush=True))
-    summary = run_study(o, log=log)
+    summary = run_study(o, log=log, reuse=list(reuse or []))
     emit_result(summary, as_json=as_json, table_fn=result_table)
