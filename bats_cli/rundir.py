@@ -301,6 +301,31 @@ def _host() -> str:
     return safe_name(platform.node() or "localhost", default="localhost")
 
 
+def in_use_message(directory: str | os.PathLike[str]) -> str | None:
+    """The refusal :meth:`RunLock.acquire` would give if another live run holds ``directory``, else None
+    (asked before anything else, so a busy directory is reported as busy, not as incomplete)."""
+    path = Path(directory) / LOCK_NAME
+    if not path.is_file() or path.is_symlink():
+        return None
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        pid, host = _read_lock(path)
+        return _in_use_message(Path(directory), pid, host)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def _in_use_message(directory: Path, pid: int | None, host: str) -> str:
     from bats_cli.names import safe_text
 

@@ -174,15 +174,17 @@ def test_run_directory_lock_refuses_a_second_process(tmp_path):
     out = tmp_path / "run"
     with RunDir(out, resume=False) as run:
         run.write_json("config.json", {"config": {}})
-        proc = subprocess.run(
-            [sys.executable, "-m", "bats_cli", "train", "bats_c10", "--preset", "tiny",
-             "--resume-or-start", "--out", str(out)],
-            env=_env(), capture_output=True, text=True, timeout=300,
-        )
-        assert proc.returncode == 2, proc.stderr
-        line = proc.stderr.strip().splitlines()[-1]
-        assert line.startswith("error:") and f"pid {os.getpid()}" in line, proc.stderr
-        assert "Traceback" not in proc.stderr
+        # --resume of a directory whose run has not saved a checkpoint yet: busy, not "no checkpoint".
+        for flag in ("--resume-or-start", "--resume"):
+            proc = subprocess.run(
+                [sys.executable, "-m", "bats_cli", "train", "bats_c10", "--preset", "tiny",
+                 flag, "--out", str(out)],
+                env=_env(), capture_output=True, text=True, timeout=300,
+            )
+            assert proc.returncode == 2, proc.stderr
+            line = proc.stderr.strip().splitlines()[-1]
+            assert line.startswith("error:") and f"pid {os.getpid()}" in line and "in use" in line, proc.stderr
+            assert "Traceback" not in proc.stderr
     assert not (out / ".lock").exists()  # released on close
 
 

@@ -313,6 +313,11 @@ def resume_mode(out: Path | None, resume: bool, resume_or_start: bool) -> bool:
     flag = "--resume" if resume else "--resume-or-start"
     if out is None:
         raise UserInputError(f"{flag} needs --out DIR (the run directory to continue)")
+    from bats_cli.rundir import in_use_message
+
+    busy = in_use_message(out)
+    if busy:
+        raise UserInputError(busy)
     if resume and not (out / "last.safetensors").is_file():
         raise UserInputError(
             f"--resume: {out} holds no checkpoint (last.safetensors) to continue; start the run "
