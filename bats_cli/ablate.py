@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bats_cli.archs import RESNET18, model_key
 from bats_cli.errors import Interrupted, RunFailure, UserInputError
 from bats_cli.fileio import atomic_write_json, atomic_write_text
 
@@ -153,10 +154,12 @@ def study_variants(study: str, *, optimizer: str = "adam") -> list[Variant]:
             Variant("searched", "BATS search (this preset)", _search(optimizer), paper="93.7"),
             Variant("random", "random cell of the BATS space", random=True, paper="92.9"),
         ]
-    if study == "zoo":  # Table 5: published cells, binarized as in §3
+    if study == "zoo":  # Table 5: published cells and the hand-designed ResNet-18, binarized as in §3
         zoo = [("bats_c10", "BATS (paper's cell)", "93.7"), ("darts_v1", "DARTS (first order)", "89.4"),
                ("darts_v2", "DARTS (second order)", "91.1"), ("pdarts", "P-DARTS", "89.5"),
-               ("nasnet_a", "NASNet-A", "90.3"), ("amoebanet_a", "AmoebaNet-A", "91.5")]
+               ("nasnet_a", "NASNet-A", "90.3"), ("amoebanet_a", "AmoebaNet-A", "91.5"),
+               # A reserved model name where a genotype goes: `bats train resnet18`.
+               (RESNET18, "binary ResNet-18 (XNOR-Net++)", "91.0")]
         return [Variant(g, label, genotype=g, paper=p) for g, label, p in zoo]
     raise UserInputError(f"unknown study {study!r}; choose one of: {', '.join(STUDIES)}")
 
@@ -396,7 +399,8 @@ def _last_entropy(search_dir: Path) -> dict[str, float] | None:
 
 
 def _cost(train_result: Mapping[str, Any], genotype) -> dict[str, float]:
-    """Parameters and ops (FLOPs + BOPs/64) of the trained network at its input size."""
+    """Parameters and ops (FLOPs + BOPs/64) of the trained network at its input size
+    (``genotype`` None: a fixed model, rebuilt from its settings alone)."""
     from bats_cli.counting import count_model
     from bats_cli.modelio import build_from_settings
 
@@ -425,7 +429,14 @@ def job_record(job: Job, status: str | None = None) -> dict[str, Any]:
         rec["search_warnings"] = [w["message"] for w in sr.get("warnings", [])]
         rec["entropy_rel"] = _last_entropy(job.dir / "search")
     geno_src = job.variant.genotype or str(job.dir / "genotype.json")
-    if job.variant.genotype or (job.dir / "genotype.json").is_file():
+    if job.variant.genotype and model_key(job.variant.genotype):
+        # Not a cell network: no genotype and no parameter-free share of its cells.
+        rec["genotype"] = None
+        rec["arch"] = model_key(job.variant.genotype)
+        rec["param_free_normal"] = rec["param_free_reduce"] = None
+        if tr is not None and "network" in tr:
+            rec.update(_cost(tr, None))
+    elif job.variant.genotype or (job.dir / "genotype.json").is_file():
         g = resolve_genotype(geno_src)
         rec["genotype"] = g.to_dict()
         share = parameter_free_share(g)

@@ -154,6 +154,7 @@ def _binarize(
         check_dataset,
         load_genotype_from_meta,
         load_model_tensors,
+        network_name,
     )
     from bats_cli.pack import packed_size_report, save_packed
     from bats_cli.quant import binarize_weights_
@@ -277,7 +278,8 @@ def _binarize(
     aux_weight = float(train_run.get("aux_weight", 0.4)) if settings.get("auxiliary") else 0.0
     spec = FitSpec(
         kind="binarize", model=model, run_config=run_config, settings=bin_settings,
-        data=data_record, genotype_json=meta.genotype_json or genotype.to_json(),
+        data=data_record,
+        genotype_json=meta.genotype_json or (genotype.to_json() if genotype is not None else None),
         epochs=cfg.epochs, batch_size=batch_size, eval_batch_size=eval_bs, lr=cfg.lr,
         lr_min=cfg.lr_min,
         betas=(float(train_run.get("beta1", 0.9)), float(train_run.get("beta2", 0.999))),
@@ -305,7 +307,7 @@ def _binarize(
     result: dict[str, Any] = {
         "command": "binarize",
         "source": str(src),
-        "genotype": genotype.name,
+        "genotype": network_name(genotype, settings),
         "dataset": data.spec.name,
         "binary_convs": carried.get("binary_convs"),
         "step1_top1": carried.get("step1_top1"),

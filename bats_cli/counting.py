@@ -215,6 +215,8 @@ def _cell_stage_labels(model: nn.Module) -> dict[int, str]:
 
 def _op_label(model: nn.Module, name: str) -> str:
     """The op kind a layer belongs to: the genotype op name, preprocess, stem, classifier."""
+    if callable(getattr(model, "op_label", None)):  # a fixed model (resnet18) names its own
+        return model.op_label(name)
     parts = name.split(".")
     cells = getattr(model, "cells", None)
     if parts[0] == "cells" and isinstance(cells, nn.ModuleList) and len(parts) > 2:

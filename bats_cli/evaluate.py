@@ -207,7 +207,7 @@ def eval_result(loaded: LoadedModel, path, data, metrics: dict[str, Any], *, kin
         "command": "eval",
         "checkpoint": str(path),
         "kind": kind,
-        "genotype": loaded.genotype.name,
+        "genotype": loaded.name,
         "dataset": data.spec.name,
         "split": "test",
         "images": metrics["images"],

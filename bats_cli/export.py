@@ -131,12 +131,14 @@ def export_model(
     shape = input_shape(loaded.settings, loaded.data)
     onnx_model = onnx.load_from_string(onnx_bytes(model, shape, opset=opset))
     meta = loaded.meta
+    genotype_json = meta.genotype_json or (loaded.genotype.to_json() if loaded.genotype is not None else None)
     props = {
         "bats_format": "1",
         "bats_kind": "onnx",
         "bats_source_kind": meta.kind,
         "bats_source": str(path),
-        "bats_genotype": meta.genotype_json or loaded.genotype.to_json(),
+        # A fixed model (resnet18) has no genotype: its settings' arch says what it is.
+        **({"bats_genotype": genotype_json} if genotype_json else {}),
         "bats_config": json.dumps(
             {"network": {**loaded.settings, "auxiliary": False}, "data": loaded.data,
              "run": loaded.run, "source": {"path": str(path), "kind": meta.kind},
@@ -148,7 +150,7 @@ def export_model(
     for key, value in props.items():
         entry = onnx_model.metadata_props.add()
         entry.key, entry.value = key, value
-    onnx_model.doc_string = f"bats export of {path.name} ({meta.kind}), genotype {loaded.genotype.name}"
+    onnx_model.doc_string = f"bats export of {path.name} ({meta.kind}), network {loaded.name}"
     onnx.checker.check_model(onnx_model)
     data = onnx_model.SerializeToString()
     atomic_write_bytes(out, data)
@@ -165,7 +167,7 @@ def export_model(
         "command": "export",
         "source": str(path),
         "kind": meta.kind,
-        "genotype": loaded.genotype.name,
+        "genotype": loaded.name,
         "output": str(out),
         "bytes": len(data),
         "opset": opset,

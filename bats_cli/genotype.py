@@ -36,6 +36,7 @@ from pydantic import (
     model_validator,
 )
 
+from bats_cli.archs import MODELS, model_key, not_cells
 from bats_cli.errors import RunFailure, UserInputError
 from bats_cli.names import has_control_chars
 from bats_cli.spaces import SPACES
@@ -649,6 +650,18 @@ def load_zoo_genotype(name: str) -> Genotype:
 
 def resolve_genotype(arg: str | os.PathLike[str]) -> Genotype:
     """A genotype from a ``.json`` path or a bundled name (``bats_c10``, ``darts_v2``, ...)."""
+    found = resolve_network(arg)
+    if isinstance(found, str):
+        raise not_cells(found, f"{os.fspath(arg)!r} names the {MODELS[found]}")
+    return found
+
+
+def resolve_network(arg: str | os.PathLike[str]) -> Genotype | str:
+    """What ``bats train`` / ``bats flops`` accept: a genotype (path or bundled name), or the name
+    of a fixed model (``resnet18``; see :mod:`bats_cli.archs`), returned as that name."""
+    model = model_key(arg)
+    if model is not None:
+        return model
     text = os.fspath(arg)
     p = Path(text)
     looks_like_path = p.suffix.lower() == ".json" or os.sep in text or "/" in text
@@ -658,8 +671,8 @@ def resolve_genotype(arg: str | os.PathLike[str]) -> Genotype:
     if key in zoo_names():
         return load_zoo_genotype(key)
     raise UserInputError(
-        f"{text!r} is neither a genotype file nor a bundled genotype; bundled: "
-        f"{', '.join(zoo_names()) or 'none'} (see `bats genotype list`)"
+        f"{text!r} is neither a genotype file nor a bundled genotype (nor a model); bundled: "
+        f"{', '.join(zoo_names()) or 'none'} (see `bats genotype list`); models: {', '.join(MODELS)}"
     )
 
 

@@ -128,6 +128,8 @@ Name = Field(default=None, max_length=200)
 class NetworkRecord(_Record):
     """``config.network``: what rebuilds the network (see ``network_settings``)."""
 
+    # bats_cli.archs.ARCHS; absent in files written before fixed models existed (cells then).
+    arch: Optional[Literal["cells", "resnet18"]] = None
     kind: Optional[Literal["cifar", "imagenet"]] = None
     num_classes: Optional[int] = Field(default=None, ge=1, le=MAX_CLASSES)
     in_channels: Optional[int] = Field(default=None, ge=1, le=64)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bats_cli.archs import CELLS, arch_of
 from bats_cli.errors import UserInputError
 
 # Kinds of file that hold a whole evaluation network.
@@ -26,6 +27,11 @@ NETWORK_KEYS = (
     "kind", "num_classes", "in_channels", "channels", "layers", "width", "activation",
     "channels_per_group", "group_policy", "reduce_shortcut", "stem_groups", "auxiliary",
     "drop_path", "binary_activations", "binary_weights", "space",
+)
+# What a fixed model (``arch`` other than "cells", e.g. the binary ResNet-18) records.
+MODEL_KEYS = (
+    "arch", "kind", "num_classes", "in_channels", "channels", "width", "activation",
+    "binary_activations", "binary_weights",
 )
 
 
@@ -38,12 +44,31 @@ def network_settings(model: nn.Module, *, width: str = "1x", data_spec=None) -> 
     With ``data_spec`` the data set's name and image size are added (``bats flops`` reads them
     to count a checkpoint's network at its input size).
     """
-    cfg, ctx = model.config, model.ctx
     extra = {}
     if data_spec is not None:
         extra = {"dataset": data_spec.name, "image_size": data_spec.image_size}
+    arch = getattr(model, "arch", CELLS)
+    if arch != CELLS:
+        cfg, spec = model.config, model.spec
+        return {
+            **extra,
+            "arch": arch,
+            "real": spec.real,
+            "kind": cfg.kind,
+            "num_classes": cfg.num_classes,
+            "in_channels": cfg.in_channels,
+            "channels": cfg.channels,
+            "width": width,  # informational: ``channels`` is what the width resolved to
+            "activation": cfg.activation,
+            # No auxiliary tower: training and packing read this key for every network.
+            "auxiliary": False,
+            "binary_activations": spec.activations,
+            "binary_weights": spec.weights,
+        }
+    cfg, ctx = model.config, model.ctx
     return {
         **extra,
+        "arch": CELLS,
         "real": ctx.spec.real,
         "kind": cfg.kind,
         "num_classes": cfg.num_classes,
@@ -66,15 +91,32 @@ def network_settings(model: nn.Module, *, width: str = "1x", data_spec=None) -> 
 
 
 def build_from_settings(genotype, settings: Mapping[str, Any], **changes: Any) -> nn.Module:
-    """The network described by ``settings`` (see :func:`network_settings`), with ``changes``."""
+    """The network described by ``settings`` (see :func:`network_settings`), with ``changes``.
+
+    ``genotype`` builds a cell network; a fixed model (``settings["arch"]``) takes None.
+    """
     from bats_cli.networks import build_network
     from bats_cli.quant import BinarySpec
 
     s = {**settings, **changes}
-    missing = [k for k in NETWORK_KEYS if k not in s and k not in ("width", "space")]
+    arch = arch_of(s)
+    required = NETWORK_KEYS if arch == CELLS else MODEL_KEYS
+    missing = [k for k in required if k not in s and k not in ("width", "space", "arch")]
     if missing:
         raise UserInputError(f"checkpoint lacks network settings: {', '.join(missing)}")
     spec = BinarySpec(activations=bool(s["binary_activations"]), weights=bool(s["binary_weights"]))
+    if arch != CELLS:
+        from bats_cli.resnet import build_resnet
+
+        # Settings of a fixed model that only cell networks have would be silently ignored.
+        if s.get("auxiliary"):
+            raise UserInputError(f"{arch} has no auxiliary tower (settings ask for one)")
+        return build_resnet(
+            kind=s["kind"], num_classes=int(s["num_classes"]), in_channels=int(s["in_channels"]),
+            channels=int(s["channels"]), spec=spec, activation=s["activation"],
+        )
+    if genotype is None:
+        raise UserInputError("a cell network needs a genotype")
     return build_network(
         genotype,
         kind=s["kind"],
@@ -167,9 +209,12 @@ def load_model_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], pa
 
 
 def load_genotype_from_meta(meta) -> Any:
-    """The genotype recorded in a checkpoint's metadata."""
+    """The genotype recorded in a checkpoint's metadata; None for a fixed model (no cells)."""
     from bats_cli.genotype import Genotype
 
+    network = meta.config.get("network")
+    if isinstance(network, Mapping) and arch_of(network) != CELLS:
+        return None
     if not meta.genotype_json:
         raise UserInputError(f"{meta.path}: the checkpoint records no genotype")
     return Genotype.from_json(meta.genotype_json, origin=f"{meta.path} (genotype metadata)")
@@ -199,6 +244,19 @@ def genotype_differs(saved_json: str, genotype) -> bool:
 # --------------------------------------------------------------------------- whole files
 
 
+def network_name(genotype, settings: Mapping[str, Any]) -> str:
+    """What a network is called in results: its genotype's name, or the fixed model's."""
+    arch = arch_of(settings)
+    return genotype.name if arch == CELLS and genotype is not None else arch
+
+
+def network_label(settings: Mapping[str, Any]) -> str:
+    """Its size in words: "20 cells, C=36" or "ResNet-18, base width 64"."""
+    if arch_of(settings) == CELLS:
+        return f"{settings['layers']} cells, C={settings['channels']}"
+    return f"ResNet-18, base width {settings['channels']}"
+
+
 @dataclass
 class LoadedModel:
     """A model rebuilt from a checkpoint or packed artifact, with what the file records."""
@@ -208,7 +266,11 @@ class LoadedModel:
     settings: dict[str, Any]
     data: dict[str, Any]
     run: dict[str, Any]
-    genotype: Any
+    genotype: Any  # None for a fixed model (``settings["arch"]``)
+
+    @property
+    def name(self) -> str:
+        return network_name(self.genotype, self.settings)
 
 
 def rebuild(genotype, settings: Mapping[str, Any], path) -> nn.Module:
@@ -277,7 +339,10 @@ __all__ = [
     "load_genotype_from_meta",
     "load_model",
     "load_model_tensors",
+    "MODEL_KEYS",
     "model_tensors",
+    "network_label",
+    "network_name",
     "network_settings",
     "rebuild",
     "unpack",

@@ -59,6 +59,7 @@ def load_onnx(path: str | Path, *, threads: int | None = None):
     """A :class:`bats_cli.evaluate.LoadedModel` whose model runs ``path`` with onnxruntime."""
     from bats_cli.modelio import LoadedModel
     from bats_cli.export import make_session
+    from bats_cli.archs import CELLS, arch_of
     from bats_cli.genotype import Genotype
 
     path = Path(path)
@@ -69,10 +70,13 @@ def load_onnx(path: str | Path, *, threads: int | None = None):
 
     # Validated like a checkpoint's: the file may come from anywhere.
     config = validate_config(path, load_json(props["bats_config"], where=f"{path}: bats_config"))
-    genotype = Genotype.from_json(props.get("bats_genotype", ""), origin=f"{path} (bats_genotype)")
+    network = config.get("network") or {}
+    genotype = None  # a fixed model (resnet18) has none
+    if arch_of(network) == CELLS:
+        genotype = Genotype.from_json(props.get("bats_genotype", ""), origin=f"{path} (bats_genotype)")
     session = make_session(path, threads=threads)
     return LoadedModel(
-        model=OnnxModule(session), meta=props, settings=config.get("network") or {},
+        model=OnnxModule(session), meta=props, settings=network,
         data=config.get("data") or {}, run=config.get("run") or {}, genotype=genotype,
     )
 

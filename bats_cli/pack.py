@@ -100,7 +100,7 @@ def save_packed(
     settings: dict[str, Any],
     data: dict[str, Any],
     run: dict[str, Any],
-    genotype_json: str,
+    genotype_json: str | None,
     source: dict[str, Any],
     epoch: int = 0,
     keep_aux: bool = False,

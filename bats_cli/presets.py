@@ -62,6 +62,29 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
             "threads": 1},
 }
 
+# `bats train resnet18` (Table 5's binary ResNet-18 baseline): the same names, sized for the
+# ResNet. Cell-only settings (layers, groups, auxiliary tower) do not exist there; ``channels``
+# is the base width (64 in the paper's ResNet-18; stages double it).
+RESNET_TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's recipe for every Table 5 row (§6.2: Adam 1e-3, cosine, 600 epochs, batch 256,
+    # CIFAR augmentation) at the standard width 64; "paper" only names it.
+    "paper": {},
+    # About a minute on a CPU, like the cells' tiny: base width 4 on fashion-mini.
+    "tiny": {"dataset": "fashion-mini", "channels": 4, "epochs": 2, "batch_size": 32,
+             "subset": 2500, "lr": 2e-3, "threads": 1},
+    "small": {"channels": 8, "epochs": 10, "batch_size": 32, "subset": 960, "image_size": 16,
+              "lr": 2e-3, "threads": 1},
+    # As long as the cells' `train --preset cpu` (same data, epochs, batch and image size);
+    # the base width is what makes it so (measured in docs/pipeline.md).
+    "cpu": {"image_size": 16, "channels": 16, "epochs": 4, "batch_size": 64, "threads": 1},
+}
+
+
+def train_presets(arch: str = "cells") -> dict[str, dict[str, Any]]:
+    """``bats train``'s presets for a network kind (``arch``: "cells" or a fixed model)."""
+    return TRAIN_PRESETS if arch == "cells" else RESNET_TRAIN_PRESETS
+
+
 BINARIZE_PRESETS: dict[str, dict[str, Any]] = {
     # The paper's step 2 as this project reads it: fine-tuning for half the training run's epochs
     # (binarize.FINE_TUNE_SHARE, measured at CPU scale; 300 after the paper's 600).

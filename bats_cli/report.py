@@ -264,28 +264,41 @@ def run_summary(run: Run) -> dict[str, Any]:
         "run": run.name, "kind": run.kind, "epochs": len(run.rows),
         "accuracy": accuracy, "accuracy_is": accuracy_name,
         "seconds": last.get("seconds"),
-        "genotype": run.genotype.name if run.genotype is not None else None,
+        "genotype": run.genotype.name if run.genotype is not None else _fixed_model(run),
     }
     row.update(_costs(run))
     return row
 
 
+def _fixed_model(run: Run) -> str | None:
+    """The fixed model (resnet18) a train / binarize run trained: it has no genotype."""
+    from bats_cli.archs import CELLS, arch_of
+
+    settings = run.record.get("network")
+    if run.kind == "search" or not isinstance(settings, dict) or arch_of(settings) == CELLS:
+        return None
+    return arch_of(settings)
+
+
 def _costs(run: Run) -> dict[str, Any]:
     """Inference cost (auxiliary head excluded, as `bats flops`) of the run's network; for a
     search, of its derived cell in the default CIFAR-10 network (what `bats flops` counts)."""
-    if run.genotype is None:
+    from bats_cli.archs import CELLS, arch_of
+
+    settings = run.record.get("network") if run.kind != "search" else None
+    fixed_model = isinstance(settings, dict) and arch_of(settings) != CELLS  # resnet18: no genotype
+    if run.genotype is None and not fixed_model:
         return {"params": None, "flops": None, "bops": None, "ops": None, "network": None}
     from bats_cli.counting import count_model
     from bats_cli.networks import build_network
 
-    settings = run.record.get("network") if run.kind != "search" else None
     if isinstance(settings, dict):
-        from bats_cli.modelio import build_from_settings
+        from bats_cli.modelio import build_from_settings, network_label
 
         model = build_from_settings(run.genotype, settings, auxiliary=False)
         size = int(settings.get("image_size") or (32 if settings.get("kind") == "cifar" else 224))
         input_size = (int(settings["in_channels"]), size, size)
-        network = f"{settings['layers']} cells, C={settings['channels']}"
+        network = network_label(settings)
     else:
         model = build_network(run.genotype, kind="cifar", num_classes=10, in_channels=3, auxiliary=False)
         input_size = (3, 32, 32)

@@ -42,12 +42,14 @@ from bats_cli.config import RESUME_IGNORED_KEYS, RunConfig
 from bats_cli.data.loader import check_batch, sharded_loader, steps_per_epoch
 from bats_cli.distributed import Dist, all_sum, barrier, broadcast_buffers, init_run_device
 from bats_cli.errors import RunFailure, UserInputError
+from bats_cli.archs import CELLS, arch_of
 from bats_cli.modelio import (
     data_info,
     genotype_differs,
     genotype_name,
     load_model_tensors,
     model_tensors,
+    network_label,
     network_settings,
 )
 from bats_cli.runloop import (
@@ -74,7 +76,7 @@ DEFAULT_DATASET = "cifar10"
 class TrainConfig(RunConfig):
     """Everything ``bats train`` needs; defaults are the paper's (§6.2)."""
 
-    genotype: str = Field(description="Genotype name or path as given (informational).")
+    genotype: str = Field(description="Genotype name or path, or a model name (resnet18), as given (informational).")
     # data
     dataset: str = DEFAULT_DATASET
     data_dir: Optional[str] = None
@@ -128,7 +130,22 @@ class TrainConfig(RunConfig):
 # Settings that may differ when a run is resumed: where and how it runs, not what it trains.
 TRAIN_RESUME_IGNORED = RESUME_IGNORED_KEYS | {"threads"}
 
-from bats_cli.presets import TRAIN_PRESETS  # noqa: E402  (torch-free, shown by --help)
+from bats_cli.presets import TRAIN_PRESETS, train_presets  # noqa: E402  (torch-free, shown by --help)
+
+# Settings of the cell networks only, with their defaults: a fixed model (resnet18) refuses any
+# other value rather than ignore it.
+CELL_ONLY = {"layers": None, "channels_per_group": None, "group_policy": "groups",
+             "reduce_shortcut": "avgpool", "channel_shuffle": 0, "aux_weight": 0.4, "drop_path": 0.0}
+
+
+def check_arch_options(cfg: TrainConfig, arch: str) -> None:
+    """UserInputError when a cell-only setting is changed for a fixed model."""
+    if arch == CELLS:
+        return
+    changed = [k for k, default in CELL_ONLY.items() if getattr(cfg, k) != default]
+    if changed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        raise UserInputError(f"{flags} only apply to cell networks, not to {arch}")
 
 
 def resolve_augment(cfg: TrainConfig, dataset_name: str):
@@ -171,7 +188,7 @@ class FitSpec:
     run_config: dict[str, Any]
     settings: dict[str, Any]
     data: dict[str, Any]
-    genotype_json: str
+    genotype_json: str | None  # None for a fixed model (no cells)
     epochs: int
     batch_size: int
     eval_batch_size: int
@@ -446,7 +463,9 @@ def train(
 ) -> dict[str, Any]:
     """Run ``bats train``: returns the JSON-ready result (rank 0's is the one to print).
 
-    With ``resume`` and an existing ``<out>/last.safetensors`` the saved config is used; ``preset``
+    ``genotype``: a :class:`~bats_cli.genotype.Genotype`, or a fixed model's name (``resnet18``,
+    see :func:`bats_cli.genotype.resolve_network`). With ``resume`` and an existing
+    ``<out>/last.safetensors`` the saved config is used; ``preset``
     and ``overrides`` (the flags given) must then agree with it. ``preflight(**plan)`` (see
     :func:`bats_cli.plan.make_preflight`) runs before the run directory is created.
     """
@@ -482,10 +501,13 @@ def _train(
     from bats_cli.progress import Reporter
     from bats_cli.runtime import seed_everything
 
+    arch = genotype if isinstance(genotype, str) else CELLS
+    name = arch if arch != CELLS else genotype.name
+    check_arch_options(cfg, arch)
     dist_info, device = init_run_device(cfg.device, cfg.precision)
     if resume and out is None:
         raise UserInputError("--resume needs --out: the run directory to continue")
-    out = Path(out) if out is not None else default_run_dir("train", genotype.name)
+    out = Path(out) if out is not None else default_run_dir("train", name)
 
     check_out_dir(out, resume)
     resume_from = out / "last.safetensors" if resume and (out / "last.safetensors").exists() else None
@@ -495,14 +517,20 @@ def _train(
 
         meta = read_metadata(resume_from)
         check_kind(meta, "train", "train --resume")
-        if meta.genotype_json is not None and genotype_differs(meta.genotype_json, genotype):
+        saved_arch = arch_of(meta.config.get("network") or {})
+        if saved_arch != arch:
+            raise UserInputError(
+                f"cannot resume: {out} trained {'a cell network' if saved_arch == CELLS else saved_arch}, "
+                f"not {'a cell network' if arch == CELLS else arch}; give the same GENOTYPE or another --out"
+            )
+        if arch == CELLS and meta.genotype_json is not None and genotype_differs(meta.genotype_json, genotype):
             raise UserInputError(
                 f"cannot resume: the genotype differs from the one {out} was trained with "
                 f"({genotype_name(meta.genotype_json)!r}); give the same GENOTYPE or another --out"
             )
         saved = meta.config.get("run", {})
         cfg = resolve_resume_config(
-            TrainConfig, saved, preset=preset, presets=TRAIN_PRESETS,
+            TrainConfig, saved, preset=preset, presets=train_presets(arch),
             overrides={**(overrides or {}), "genotype": saved.get("genotype", cfg.genotype)},
             ignore=TRAIN_RESUME_IGNORED,
         )
@@ -530,17 +558,24 @@ def _train(
                                  "mixup": augment.mixup or 0.0})
     check_batch(len(data.train), cfg.batch_size, dist_info)
 
-    from bats_cli.networks import build_network
-
     seed_everything(cfg.seed)
-    model = build_network(
-        genotype, kind=dspec.network, num_classes=dspec.num_classes,
-        in_channels=dspec.in_channels, width=cfg.width, layers=cfg.layers,
-        channels=cfg.channels, real=cfg.real, auxiliary=cfg.auxiliary, drop_path=cfg.drop_path,
-        activation=cfg.activation, channels_per_group=cfg.channels_per_group,
-        group_policy=cfg.group_policy, reduce_shortcut=cfg.reduce_shortcut,
-        channel_shuffle=cfg.channel_shuffle,
-    )
+    if arch == CELLS:
+        from bats_cli.networks import build_network
+
+        model = build_network(
+            genotype, kind=dspec.network, num_classes=dspec.num_classes,
+            in_channels=dspec.in_channels, width=cfg.width, layers=cfg.layers,
+            channels=cfg.channels, real=cfg.real, auxiliary=cfg.auxiliary, drop_path=cfg.drop_path,
+            activation=cfg.activation, channels_per_group=cfg.channels_per_group,
+            group_policy=cfg.group_policy, reduce_shortcut=cfg.reduce_shortcut,
+            channel_shuffle=cfg.channel_shuffle,
+        )
+    else:
+        from bats_cli.resnet import build_resnet
+
+        model = build_resnet(kind=dspec.network, num_classes=dspec.num_classes,
+                             in_channels=dspec.in_channels, width=cfg.width, channels=cfg.channels,
+                             real=cfg.real, activation=cfg.activation)
     settings = network_settings(model, width=cfg.width, data_spec=dspec)
     run_config = cfg.model_dump(mode="json")
     if preflight is not None and dist_info.is_main:
@@ -551,31 +586,33 @@ def _train(
             num_classes=dspec.num_classes, batch_size=cfg.batch_size // dist_info.world,
             eval_batch_size=cfg.eval_batch_size or max(cfg.batch_size, 256),
             steps_per_epoch=steps_per_epoch(len(data.train), cfg.batch_size), epochs=epochs,
-            precision=cfg.precision, network=f"{settings['layers']} cells, C={settings['channels']}",
+            precision=cfg.precision, network=network_label(settings),
         )
     run_dir = open_run_dir(out, resume, dist_info, device)
     if run_dir is not None and not resuming:
+        cells = {"genotype": genotype.to_dict()} if arch == CELLS else {}
         run_dir.write_config(run_config, device=device, network=settings, data=data_info(dspec, augment),
-                             genotype=genotype.to_dict())
+                             **cells)
     reporter = Reporter(quiet=quiet or not dist_info.is_main)
     n_params = sum(p.numel() for p in model.parameters())
     # `bats flops` counts the inference network: without the auxiliary head (training only).
     n_infer = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("auxiliary_head."))
     reporter.line(
-        f"train {genotype.name} on {dspec.name} ({len(data.train)} train / {len(data.test)} test "
-        f"images): {settings['layers']} cells, C={settings['channels']}, "
+        f"train {name} on {dspec.name} ({len(data.train)} train / {len(data.test)} test "
+        f"images): {network_label(settings)}, "
         f"{'real' if cfg.real else 'binary activations, real weights'}, {n_params:,} parameters "
-        f"({n_infer:,} without the auxiliary head, as bats flops counts), "
-        f"{epochs} epochs, batch {cfg.batch_size}"
+        + (f"({n_infer:,} without the auxiliary head, as bats flops counts), " if n_infer != n_params else "")
+        + f"{epochs} epochs, batch {cfg.batch_size}"
         + (f" over {dist_info.world} processes" if dist_info.enabled else "")
         + f", device {device}" + (" (resuming)" if resuming else "")
     )
     fit_spec = FitSpec(
         kind="train", model=model, run_config=run_config, settings=settings,
-        data=data_info(dspec, augment), genotype_json=genotype.to_json(), epochs=epochs,
+        data=data_info(dspec, augment), genotype_json=genotype.to_json() if arch == CELLS else None,
+        epochs=epochs,
         batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size or max(cfg.batch_size, 256),
         lr=cfg.lr, lr_min=cfg.lr_min, betas=(cfg.beta1, cfg.beta2),
-        weight_decay=cfg.weight_decay, aux_weight=cfg.aux_weight if cfg.auxiliary else 0.0,
+        weight_decay=cfg.weight_decay, aux_weight=cfg.aux_weight if settings["auxiliary"] else 0.0,
         mixup=augment.mixup, seed=cfg.seed, precision=cfg.precision,
         num_workers=cfg.num_workers, optimizer=cfg.optimizer, momentum=cfg.momentum,
     )
@@ -586,7 +623,8 @@ def _train(
     )
     result = {
         "command": "train",
-        "genotype": genotype.name,
+        "genotype": name,
+        "arch": arch,
         "dataset": dspec.name,
         "train_images": len(data.train),
         "test_images": len(data.test),
@@ -618,6 +656,7 @@ __all__ = [
     "TRAIN_PRESETS",
     "TRAIN_RESUME_IGNORED",
     "TrainConfig",
+    "check_arch_options",
     "TrainJob",
     "fit",
     "resolve_augment",

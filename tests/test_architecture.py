@@ -17,13 +17,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bats_cli"
 # docs/ARCHITECTURE.md. A module missing here fails test_every_module_has_a_layer.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("bats_cli", "bats_cli.errors", "bats_cli.names", "bats_cli.metadata",
-                    "bats_cli.outputs", "bats_cli.preflight", "bats_cli.spaces", "bats_cli.genotype",
+                    "bats_cli.outputs", "bats_cli.preflight", "bats_cli.spaces", "bats_cli.archs", "bats_cli.genotype",
                     "bats_cli.config", "bats_cli.presets", "bats_cli.fileio", "bats_cli.provenance",
                     "bats_cli.runtime", "bats_cli.signals", "bats_cli.rundir", "bats_cli.progress",
                     "bats_cli.checkpoint",
                     "bats_cli.distributed", "bats_cli.schedule", "bats_cli.data*")),
     ("binary layers and ops", ("bats_cli.quant", "bats_cli.ops")),
-    ("networks and supernet", ("bats_cli.networks", "bats_cli.mixed_op*", "bats_cli.supernet")),
+    ("networks and supernet", ("bats_cli.networks", "bats_cli.resnet", "bats_cli.mixed_op*",
+                               "bats_cli.supernet")),
     ("counting, model I/O, derivation", ("bats_cli.counting", "bats_cli.pack", "bats_cli.modelio",
                                          "bats_cli.derive", "bats_cli.plot", "bats_cli.engine*",
                                          "bats_cli.search_health")),

@@ -1,4 +1,4 @@
-"""`bats flops`: parameters, FLOPs, BOPs, OPs and model size of a genotype's network."""
+"""`bats flops`: parameters, FLOPs, BOPs, OPs and model size of a genotype's network (or resnet18)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ def flops(
         Optional[str],
         typer.Argument(
             metavar="[GENOTYPE|CHECKPOINT]",
-            help="A genotype .json, a bundled genotype name, or a .safetensors checkpoint "
-            "(its genotype and network settings are read from the header). Default: bats_c10.",
+            help="A genotype .json, a bundled genotype name, resnet18 (Table 5's binary ResNet-18), "
+            "or a .safetensors checkpoint (its genotype and network settings are read from the "
+            "header). Default: bats_c10.",
         ),
     ] = None,
     dataset: Annotated[
@@ -103,9 +104,11 @@ def flops(
     if target is not None and _is_checkpoint(target):
         genotype, settings, checkpoint = _read_checkpoint(Path(target))
     else:
-        from bats_cli.genotype import resolve_genotype
+        from bats_cli.genotype import resolve_network
 
-        genotype = resolve_genotype(target if target is not None else DEFAULT_GENOTYPE)
+        genotype = resolve_network(target if target is not None else DEFAULT_GENOTYPE)
+        if isinstance(genotype, str):  # a fixed model: its name is its arch, it has no genotype
+            settings["arch"], genotype = genotype, None
 
     # Explicit flags win over the checkpoint's settings.
     if dataset is not None:
@@ -128,7 +131,7 @@ def flops(
     report = count_model(model, shape.input_size)
 
     result: dict[str, Any] = {
-        "genotype": genotype.name,
+        "genotype": genotype.name if genotype is not None else network["arch"],
         "dataset": shape.name,
         "network": network,
         **{k: v for k, v in report.to_dict().items() if k not in ("by_stage", "by_op")},
@@ -205,7 +208,7 @@ def _read_metadata(path: Path) -> tuple[str, dict[str, Any], str | None]:
 # Network settings read from a checkpoint's config: ``network`` (as bats train records it),
 # ``data`` (the data spec), or flat keys.
 _SETTING_KEYS = (
-    "dataset", "width", "layers", "channels", "real", "activation", "group_policy",
+    "arch", "dataset", "width", "layers", "channels", "real", "activation", "group_policy",
     "channels_per_group", "reduce_shortcut", "channel_shuffle", "stem_groups", "num_classes",
     "image_size", "in_channels",
 )
@@ -216,14 +219,19 @@ _DATA_KEYS = ("num_classes", "image_size", "in_channels")
 def _read_checkpoint(path: Path):
     from bats_cli.genotype import Genotype
 
+    from bats_cli.archs import CELLS, arch_of
+
     kind, config, genotype_json = _read_metadata(path)
-    if not genotype_json:
+    network = config.get("network") if isinstance(config.get("network"), dict) else {}
+    if arch_of(network) != CELLS:
+        genotype = None  # a fixed model (resnet18): the settings say everything
+    elif not genotype_json:
         hint = " (a search checkpoint: derive a genotype first with `bats derive`)" if kind == "search" else ""
         raise UserInputError(f"{path}: the checkpoint holds no genotype{hint}")
-    genotype = Genotype.from_json(genotype_json, origin=f"{path} (bats_genotype)")
+    else:
+        genotype = Genotype.from_json(genotype_json, origin=f"{path} (bats_genotype)")
     merged = {k: v for k, v in config.items() if not isinstance(v, dict)}
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
-    network = config.get("network") if isinstance(config.get("network"), dict) else {}
     merged.update({k: data[k] for k in _DATA_KEYS if data.get(k) is not None})
     if data.get("name"):
         merged["dataset"] = data["name"]
@@ -256,9 +264,13 @@ def _shape_for(settings: dict[str, Any]):
 
 
 def _build(genotype, shape, settings: dict[str, Any]):
+    from bats_cli.archs import CELLS, arch_of
     from bats_cli.networks import build_network
 
     width = str(settings.get("width") or "1x")
+    arch = arch_of(settings)
+    if arch != CELLS:
+        return _build_model(arch, shape, settings, width)
     kwargs: dict[str, Any] = {}
     for key in ("activation", "group_policy", "channels_per_group", "reduce_shortcut", "channel_shuffle",
                 "stem_groups"):
@@ -277,10 +289,35 @@ def _build(genotype, shape, settings: dict[str, Any]):
         **kwargs,
     )
     network = {
+        "arch": CELLS,
         "kind": shape.kind,
         "width": settings.get("width") if settings.get("channels") is not None else width,
         "channels": model.config.channels,
         "layers": model.config.layers,
+        "real": bool(settings.get("real")),
+        "num_classes": shape.num_classes,
+        "input_size": list(shape.input_size),
+    }
+    return model, network
+
+
+def _build_model(arch: str, shape, settings: dict[str, Any], width: str):
+    """A fixed model (resnet18) at the data set's shape; cell-only settings are refused."""
+    from bats_cli.resnet import build_resnet
+
+    if settings.get("layers") is not None:
+        raise UserInputError(f"--layers only applies to cell networks, not to {arch}")
+    model = build_resnet(
+        kind=shape.kind, num_classes=shape.num_classes, in_channels=shape.in_channels,
+        width=width if settings.get("channels") is None else "1x", channels=settings.get("channels"),
+        real=bool(settings.get("real")), activation=settings.get("activation") or "prelu",
+    )
+    network = {
+        "arch": arch,
+        "kind": shape.kind,
+        "width": settings.get("width") if settings.get("channels") is not None else width,
+        "channels": model.config.channels,
+        "layers": None,
         "real": bool(settings.get("real")),
         "num_classes": shape.num_classes,
         "input_size": list(shape.input_size),
@@ -312,7 +349,8 @@ def _print_tables(result: dict[str, Any], *, verbose: bool) -> None:
     console.print(
         f"[bold]{console_text(result['genotype'])}[/bold] on {console_text(result['dataset'])} ({h}x{w}x{c}, "
         f"{net['num_classes']} classes): {mode} {net['kind']} network, {width}C={net['channels']}, "
-        f"{net['layers']} cells; batch 1, auxiliary head excluded"
+        + (f"{net['layers']} cells" if net.get("layers") is not None else "ResNet-18")
+        + "; batch 1, auxiliary head excluded"
     )
     table = Table(show_edge=False)
     table.add_column("quantity")

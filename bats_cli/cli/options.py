@@ -169,8 +169,9 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def preset_option(presets: Mapping[str, Mapping[str, Any]]) -> Any:
-    """A ``--preset`` type whose help says what each of this command's presets sets."""
+def preset_option(presets: Mapping[str, Mapping[str, Any]], *, also: str = "") -> Any:
+    """A ``--preset`` type whose help says what each of this command's presets sets (``also``:
+    a further sentence, e.g. another network's presets)."""
     from bats_cli.presets import describe_presets
 
     return Annotated[
@@ -179,7 +180,7 @@ def preset_option(presets: Mapping[str, Mapping[str, Any]]) -> Any:
             "--preset",
             metavar="NAME",
             help=f"Named settings; --config and explicit flags override them. "
-                 f"{describe_presets(presets)}.",
+                 f"{describe_presets(presets)}.{' ' + also if also else ''}",
             rich_help_panel=RUN,
         ),
     ]

@@ -1,4 +1,4 @@
-"""`bats train GENOTYPE`: step 1 of the two-step strategy (binary activations, real weights)."""
+"""`bats train GENOTYPE|resnet18`: step 1 of the two-step strategy (binary activations, real weights)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated, Any, Mapping, Optional
 import typer
 
 from bats_cli.cli.app import app
-from bats_cli.presets import TRAIN_PRESETS
+from bats_cli.presets import RESNET_TRAIN_PRESETS, TRAIN_PRESETS, describe_presets
 from bats_cli.cli.options import (
     ConfigFileOpt,
     DataDirOpt,
@@ -45,10 +45,13 @@ NET = "Network"
 OPTIM = "Optimisation (defaults: the paper, §6.2)"
 AUG = "Augmentation"
 
-TrainPresetOpt = preset_option(TRAIN_PRESETS)
+TrainPresetOpt = preset_option(
+    TRAIN_PRESETS, also=f"For resnet18 — {describe_presets(RESNET_TRAIN_PRESETS)}.")
 
 
 def result_table(result: Mapping[str, Any]) -> Any:
+    from bats_cli.modelio import network_label
+
     net = result["network"]
     kind = "real" if not net["binary_activations"] else (
         "binary weights and activations" if net["binary_weights"] else "binary activations, real weights")
@@ -56,9 +59,9 @@ def result_table(result: Mapping[str, Any]) -> Any:
         ("genotype", result["genotype"]),
         ("dataset", f"{result['dataset']} ({result['train_images']} train / "
                     f"{result['test_images']} test images)"),
-        ("network", f"{net['kind']}, {net['layers']} cells, C={net['channels']}, {kind}, "
-                    f"{result['parameters']:,} parameters ({result['parameters_without_aux']:,} without the "
-                    "auxiliary head, as bats flops counts)"),
+        ("network", f"{net['kind']}, {network_label(net)}, {kind}, {result['parameters']:,} parameters"
+                    + (f" ({result['parameters_without_aux']:,} without the auxiliary head, as bats flops "
+                       "counts)" if net.get("auxiliary") else "")),
         ("epochs", f"{result['epochs']} x {result['steps_per_epoch']} steps"
                    + (f" on {result['world_size']} processes" if result["world_size"] > 1 else "")),
         ("train top-1", pct(result["final_train_top1"])),
@@ -76,7 +79,9 @@ def result_table(result: Mapping[str, Any]) -> Any:
 def train_command(
     genotype: Annotated[
         str,
-        typer.Argument(metavar="GENOTYPE", help="A genotype .json file or a bundled name (bats_c10, darts_v2, ...)."),
+        typer.Argument(metavar="GENOTYPE", help="A genotype .json file, a bundled name (bats_c10, darts_v2, ...), "
+                       "or resnet18: Table 5's binary ResNet-18 baseline (--channels = base width, 64; "
+                       "cell-only options are refused)."),
     ],
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
@@ -85,7 +90,7 @@ def train_command(
     image_size: ImageSizeOpt = None,
     width: Annotated[Optional[str], opt("--width", panel=NET, help="Width preset: 1x, medium, large or 2x (§6.2).")] = None,
     layers: Annotated[Optional[int], opt("--layers", panel=NET, min=3, help="Cells (default 20 CIFAR / 14 ImageNet).")] = None,
-    channels: Annotated[Optional[int], opt("--channels", panel=NET, min=1, help="Initial channels C (overrides --width; default 36 / 80).")] = None,
+    channels: Annotated[Optional[int], opt("--channels", panel=NET, min=1, help="Initial channels C (overrides --width; default 36 / 80); resnet18: its base width (default 64).")] = None,
     real: Annotated[Optional[bool], opt("--real", panel=NET, help="Real-valued activations too (no binarization at all).")] = None,
     activation: Annotated[Optional[str], opt("--activation", panel=NET, help="After each binary conv: prelu (default), relu or none.")] = None,
     group_policy: Annotated[Optional[str], opt("--group-policy", panel=NET, help="groups (fixed number of groups, default) or channels (fixed channels per group).")] = None,
@@ -128,10 +133,12 @@ def train_command(
     Example: bats train bats_c10 --preset tiny --out runs/tiny
     """
     from bats_cli.config import load_config_file, resolve_config
-    from bats_cli.genotype import resolve_genotype
-    from bats_cli.train import TRAIN_PRESETS, TrainConfig, train
+    from bats_cli.genotype import resolve_network
+    from bats_cli.presets import train_presets
+    from bats_cli.train import TrainConfig, train
 
-    g = resolve_genotype(genotype)
+    g = resolve_network(genotype)
+    presets = train_presets(g if isinstance(g, str) else "cells")
     overrides = {
         "genotype": genotype, "dataset": dataset,
         "data_dir": path_or_none(data_dir), "download": download,
@@ -145,7 +152,7 @@ def train_command(
         "seed": seed, "device": device, "precision": precision, "num_workers": num_workers, "threads": threads,
     }
     file_config = load_config_file(config_file, TrainConfig) if config_file is not None else None
-    cfg = resolve_config(TrainConfig, preset=preset, presets=TRAIN_PRESETS, overrides=overrides,
+    cfg = resolve_config(TrainConfig, preset=preset, presets=presets, overrides=overrides,
                          file_config=file_config)
     if print_config_:
         print_config(cfg)
