@@ -133,7 +133,8 @@ class BinaryResNet(nn.Module):
 
 
 def resnet_channels(width: str = "1x", channels: int | None = None) -> int:
-    """Base width: ``channels`` as given, else 64 × the width preset's multiplier."""
+    """Base width: ``channels`` as given, else 64 × the multiplier of the cells' width preset
+    (``networks.WIDTHS``: medium 1.5, large 7/3, and 2x = 1.5 as Table 6's "2x-wider")."""
     if channels is not None:
         if width != "1x":
             raise UserInputError("give either --width or --channels, not both")

@@ -197,3 +197,33 @@ def test_a_study_runs_end_to_end_with_the_real_commands(tmp_path, capsys):
     assert set(job["seconds"]) == {"search", "derive", "train", "binarize", "eval"}
     assert job["entropy_rel"] is not None and job["params"] > 0
     assert json.loads((out / "searched" / "seed0" / "job.json").read_text())["key"][0][0] == "search"
+
+
+def test_zoo_has_the_binary_resnet18_baseline(tmp_path, capsys):
+    from typer.main import get_command
+
+    from bats_cli.ablate import job_record
+    from bats_cli.cli import _load_commands
+    from bats_cli.cli.app import app
+    from bats_cli.modelio import network_settings
+    from bats_cli.resnet import build_resnet
+
+    variants = {v.name: v for v in study_variants("zoo")}
+    assert variants["resnet18"].paper == "91.0" and "ResNet-18" in variants["resnet18"].label
+    code, out, err = cli(["ablate", "zoo", "--emit", "--out", str(tmp_path / "s")], capsys)
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if "/resnet18/" in line)
+    _load_commands()
+    group = get_command(app)
+    argvs = [shlex.split(part) for part in line.split(" && ")]
+    assert [a[1] for a in argvs] == ["train", "binarize", "eval"] and argvs[0][2] == "resnet18"
+    for argv in argvs:
+        group.get_command(None, argv[1]).make_context(argv[1], argv[2:])
+    # Its record: no genotype and no parameter-free share (not a cell network), but a cost.
+    job = next(j for j in build_jobs(StudyOptions(study="zoo", out=tmp_path / "s")) if j.variant.name == "resnet18")
+    (job.dir / "train").mkdir(parents=True)
+    settings = {**network_settings(build_resnet(channels=4)), "image_size": 16}
+    (job.dir / "train" / "result.json").write_text(json.dumps({"network": settings}))
+    rec = job_record(job)
+    assert rec["genotype"] is None and rec["arch"] == "resnet18" and rec["param_free_normal"] is None
+    assert rec["params"] == sum(p.numel() for p in build_resnet(channels=4).parameters()) and rec["ops"] > 0

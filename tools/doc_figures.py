@@ -55,6 +55,8 @@ COMMANDS: dict[str, list[str]] = {
     "darts_v2_real": ["flops", "darts_v2", "--real"],
     "pdarts_real": ["flops", "pdarts", "--real"],
     "amoebanet_real": ["flops", "amoebanet_a", "--real"],
+    "resnet18": ["flops", "resnet18"],
+    "resnet18_in": ["flops", "resnet18", "--dataset", "imagenet"],
 }
 FORMATS: dict[str, Callable[[dict], str]] = {
     "flops": lambda r: _sci(r["flops"], 8, 3),

@@ -125,12 +125,14 @@ def train_command(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train a genotype's network from scratch: binary activations, real weights (§4.3 step 1).
+    """Train a genotype's network (or resnet18, Table 5's binary ResNet-18) from scratch: binary activations, real weights (§4.3 step 1).
 
     Writes OUT/last.safetensors (resumable), OUT/best.safetensors, metrics.csv, config.json.
     Multi-GPU: torchrun --nproc-per-node N -m bats_cli train ...
 
     Example: bats train bats_c10 --preset tiny --out runs/tiny
+
+    Example: bats train resnet18 --preset tiny --out runs/resnet-tiny
     """
     from bats_cli.config import load_config_file, resolve_config
     from bats_cli.genotype import resolve_network
