@@ -454,7 +454,8 @@ def summarise(o: StudyOptions, jobs: Sequence[Job], status: Mapping[str, str] | 
         mine = [r for r in records if r["variant"] == v.name]
         done = [r for r in mine if r["status"] == "done"]
         row: dict[str, Any] = {"variant": v.name, "label": v.label, "paper": v.paper, "n": len(done),
-                               "seeds": [r["seed"] for r in done]}
+                               "seeds": [r["seed"] for r in done],
+                               "arch": (model_key(v.genotype) if v.genotype else None) or "cells"}
         for key in ("binary_top1", "step1_top1"):
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([r[key] for r in done if r[key] is not None])
         for key in ("params", "ops", "param_free_normal", "param_free_reduce"):
@@ -515,7 +516,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
             f"{_pm(v['binary_top1_mean'], v['binary_top1_std'], v['n'])} | "
             f"{_pm(v['step1_top1_mean'], v['step1_top1_std'], v['n'])} | "
             f"{_num(v['params'], ',.0f')} | {_num(None if v['ops'] is None else v['ops'] / 1e6, '.2f')} | "
-            f"{_num(v['param_free_normal'], '.2f')} | {ent} | "
+            f"{_num(v['param_free_normal'], '.2f') if v.get('arch', 'cells') == 'cells' else 'not a cell network'} | "
+            f"{ent} | "
             f"{_num(None if v['seconds_mean'] is None else v['seconds_mean'] / 60, '.1f')} |"
         )
     lines.append("")

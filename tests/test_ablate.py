@@ -227,3 +227,8 @@ def test_zoo_has_the_binary_resnet18_baseline(tmp_path, capsys):
     rec = job_record(job)
     assert rec["genotype"] is None and rec["arch"] == "resnet18" and rec["param_free_normal"] is None
     assert rec["params"] == sum(p.numel() for p in build_resnet(channels=4).parameters()) and rec["ops"] > 0
+    from bats_cli.ablate import markdown, summarise
+
+    o = StudyOptions(study="zoo", out=tmp_path / "s")
+    row = next(line for line in markdown(summarise(o, build_jobs(o))).splitlines() if "ResNet-18" in line)
+    assert "| 91.0 |" in row and "not a cell network" in row
