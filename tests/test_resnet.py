@@ -194,3 +194,24 @@ def test_export_of_a_resnet(pipeline, tmp_path):
     assert result["binary_convs"] == 16 and result["max_abs_diff"] < 1e-4
     loaded = load_onnx(tmp_path / "m.onnx")
     assert loaded.genotype is None and loaded.name == "resnet18"
+
+
+def test_bitwise_engine_runs_the_resnet():
+    """The engine is generic over binary convs: all 16 of the ResNet's run as XNOR + popcount."""
+    import copy
+
+    from bats_cli.engine import EngineUnavailable, _build, to_bitwise
+    from bats_cli.engine.bitwise import BitwiseConv2d
+
+    try:
+        _build.load_extension()
+    except EngineUnavailable as exc:  # pragma: no cover - test_engine.py requires the kernel
+        pytest.skip(f"no bitwise kernel here: {exc}")
+    torch.manual_seed(0)
+    net = build_resnet(channels=8).eval()
+    binarize_weights_(net)
+    fast = to_bitwise(copy.deepcopy(net))
+    assert sum(isinstance(m, BitwiseConv2d) for m in fast.modules()) == 16
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x), rtol=1e-4, atol=1e-4)
