@@ -307,6 +307,8 @@ def in_use_message(directory: str | os.PathLike[str]) -> str | None:
     path = Path(directory) / LOCK_NAME
     if not path.is_file() or path.is_symlink():
         return None
+    if os.path.realpath(directory) in RunLock._held or _read_lock(path)[0] == os.getpid():
+        return None  # this process's own (re-entrant) lock
     try:
         import fcntl
 
