@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "bats_cli.config", "bats_cli.presets", "bats_cli.fileio", "bats_cli.provenance",
                     "bats_cli.runtime", "bats_cli.signals", "bats_cli.rundir", "bats_cli.progress",
                     "bats_cli.checkpoint",
-                    "bats_cli.distributed", "bats_cli.schedule", "bats_cli.data*")),
+                    "bats_cli.distributed", "bats_cli.schedule", "bats_cli.stats", "bats_cli.data*")),
     ("binary layers and ops", ("bats_cli.quant", "bats_cli.ops")),
     ("networks and supernet", ("bats_cli.networks", "bats_cli.resnet", "bats_cli.mixed_op*",
                                "bats_cli.supernet")),
