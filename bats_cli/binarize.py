@@ -212,10 +212,12 @@ def _binarize(
         raise UserInputError(f"{src} records no data set")
     data_dir = cfg.data_dir or train_run.get("data_dir")
     subset = cfg.subset or train_run.get("subset")
+    # The training run's held-out validation images (never trained on) stay its validation set here.
+    holdout = train_run.get("holdout")
     seed_everything(seed)
     data = build_datasets(
         name, data_dir=data_dir, download=False, subset=subset,
-        image_size=data_rec.get("image_size"), augment=augment, seed=seed,
+        image_size=data_rec.get("image_size"), augment=augment, seed=seed, holdout=holdout,
     )
     check_dataset(data.spec, settings, src)
     check_batch(len(data.train), batch_size, dist_info)
@@ -244,14 +246,16 @@ def _binarize(
         convs = binarize_weights_(model)
         if convs == 0:
             raise UserInputError(f"{src}: the network has no binary convolutions to binarize")
-        no_cal = evaluate_model(model, data.test, batch_size=eval_bs, device=device,
+        # Step 1's top-1 is a reported result (the test split); the monitoring numbers below and
+        # the fine-tuning's validation use `data.val` (the held-out training images with --holdout).
+        no_cal = evaluate_model(model, data.val, batch_size=eval_bs, device=device,
                                 precision=cfg.precision, dist_info=dist_info)
         calibrated = calibrate_batchnorm(
             model, data.train, batches=cfg.calibration_batches, batch_size=batch_size, seed=seed,
             device=device, precision=cfg.precision,
         )
         broadcast_buffers(model, dist_info)
-        binarized = evaluate_model(model, data.test, batch_size=eval_bs, device=device,
+        binarized = evaluate_model(model, data.val, batch_size=eval_bs, device=device,
                                    precision=cfg.precision, dist_info=dist_info)
         carried = {
             "step1_top1": step1["top1"], "step1_top5": step1["top5"],
@@ -291,7 +295,7 @@ def _binarize(
     if cfg.epochs > 0:
         reporter.line(f"fine-tuning with binary weights and activations: {cfg.epochs} epoch(s), "
                       f"lr {cfg.lr:g} (cosine), batch {batch_size}")
-        summary = fit(spec, data.train, data.test, device=device, dist_info=dist_info,
+        summary = fit(spec, data.train, data.val, device=device, dist_info=dist_info,
                       run_dir=run_dir, reporter=reporter, resume_from=resume_from,
                       stop_after_steps=stop_after_steps, handle_signals=False, stop=stop,
                       started=started)
@@ -314,6 +318,9 @@ def _binarize(
         "binarized_top1_no_calibration": carried.get("binarized_top1_no_calibration"),
         "binarized_top1": carried.get("binarized_top1"),
         "fine_tune_epochs": cfg.epochs,
+        # What binarized_* / final_* / best_* were measured on: "test", or "holdout" (training images
+        # held out by the training run's --holdout; step1_top1 is on the test split either way).
+        "val_split": "holdout" if data.holdout else "test",
         "final_top1": final_top1,
         "final_top5": final_top5,
         "best_top1": best_top1,
@@ -349,7 +356,7 @@ def _save_plain(spec, run_dir, data, *, device, dist_info) -> None:
     from bats_cli.runloop import RunLoop
     from bats_cli.train import TrainJob
 
-    loop = RunLoop(TrainJob(spec, data.train, data.test, device=device, dist_info=dist_info),
+    loop = RunLoop(TrainJob(spec, data.train, data.val, device=device, dist_info=dist_info),
                    run_dir=run_dir, dist_info=dist_info, device=device)
     for path in (run_dir.last, run_dir.best):
         loop.save(path, with_state=False)

@@ -82,6 +82,9 @@ class TrainConfig(RunConfig):
     data_dir: Optional[str] = None
     download: Optional[bool] = Field(None, description="None: fetch torchvision data sets when missing")
     subset: Optional[int] = Field(None, ge=1)
+    # Validate on N class-balanced training images held out of training (never the test split):
+    # per-epoch validation and `best` then never read the test split (bats ablate, selection).
+    holdout: Optional[int] = Field(None, ge=1)
     image_size: Optional[int] = Field(None, ge=8)
     # network
     width: str = "1x"
@@ -549,6 +552,7 @@ def _train(
     data = build_datasets(
         cfg.dataset, data_dir=cfg.data_dir, download=cfg.download if dist_info.is_main else False,
         subset=cfg.subset, image_size=cfg.image_size, augment=augment, seed=cfg.seed,
+        holdout=cfg.holdout,
     )
     if wait_for_download and dist_info.is_main:
         barrier(dist_info)
@@ -598,8 +602,9 @@ def _train(
     # `bats flops` counts the inference network: without the auxiliary head (training only).
     n_infer = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("auxiliary_head."))
     reporter.line(
-        f"train {name} on {dspec.name} ({len(data.train)} train / {len(data.test)} test "
-        f"images): {network_label(settings)}, "
+        f"train {name} on {dspec.name} ({len(data.train)} train / "
+        + (f"{len(data.val)} held-out validation" if data.holdout else f"{len(data.test)} test")
+        + f" images): {network_label(settings)}, "
         f"{'real' if cfg.real else 'binary activations, real weights'}, {n_params:,} parameters "
         + (f"({n_infer:,} without the auxiliary head, as bats flops counts), " if n_infer != n_params else "")
         + f"{epochs} epochs, batch {cfg.batch_size}"
@@ -617,7 +622,7 @@ def _train(
         num_workers=cfg.num_workers, optimizer=cfg.optimizer, momentum=cfg.momentum,
     )
     summary = fit(
-        fit_spec, data.train, data.test, device=device, dist_info=dist_info, run_dir=run_dir,
+        fit_spec, data.train, data.val, device=device, dist_info=dist_info, run_dir=run_dir,
         reporter=reporter, resume_from=resume_from, stop_after_steps=stop_after_steps,
         handle_signals=False, stop=stop, started=started,
     )
@@ -628,6 +633,9 @@ def _train(
         "dataset": dspec.name,
         "train_images": len(data.train),
         "test_images": len(data.test),
+        # What final_val_* / best_val_* were measured on: "test" or "holdout" (of the training split).
+        "val_split": "holdout" if data.holdout else "test",
+        "val_images": len(data.val),
         "network": settings,
         "parameters": n_params,
         "parameters_without_aux": n_infer,

@@ -76,6 +76,17 @@ SubsetOpt = Annotated[
         rich_help_panel=DATA,
     ),
 ]
+HoldoutOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--holdout",
+        min=1,
+        metavar="N",
+        help="Validate on N class-balanced training images held out of training instead of the test "
+             "split (per-epoch validation and best.safetensors then never read the test split).",
+        rich_help_panel=DATA,
+    ),
+]
 ImageSizeOpt = Annotated[
     Optional[int],
     typer.Option(

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 
 from bats_cli.data import sources
-from bats_cli.data.loader import balanced_subset
+from bats_cli.data.loader import balanced_subset, holdout_split
 from bats_cli.data.spec import (
     SMALL_IMAGE_MAX,
     AugmentConfig,
@@ -35,12 +36,22 @@ _STORED_SIDE = {"fashion-mini": 32, "fashion-mnist": 28, "cifar10": 32, "cifar10
 
 @dataclass
 class Datasets:
-    """Train and test splits (test = val/ for ImageFolder layouts), their spec and augmentation."""
+    """Train and test splits (test = val/ for ImageFolder layouts), their spec and augmentation.
+
+    ``val`` is what a run validates on per epoch (and picks ``best`` by): the test split, or with
+    ``holdout`` a part carved from the training split, so that the test split is read only once,
+    by ``bats eval``."""
 
     train: Dataset
     test: Dataset
     spec: DataSpec
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    val: Dataset | None = None
+    holdout: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.val is None:
+            self.val = self.test
 
 
 def describe_spec(
@@ -61,6 +72,7 @@ def build_datasets(
     image_size: int | None = None,
     augment: AugmentConfig | None = None,
     seed: int = 0,
+    holdout: int | None = None,
 ) -> Datasets:
     """Load a data set with the paper's transforms; ``augment=None`` means the paper default.
 
@@ -77,12 +89,26 @@ def build_datasets(
     prepare = _prepare_steps(key, spec, native)
     train_tf, test_tf = train_transform(spec, augment, prepare), eval_transform(spec, prepare)
     train, test = _load(key, data_dir, download, train_tf, test_tf)
+    train_part, val = balanced_subset(train, subset, seed=seed), None
+    if holdout:
+        # The held-out images are served without augmentation: the same files, evaluation transforms.
+        eval_view = copy.copy(train)
+        eval_view.transform = test_tf
+        train_part, val = holdout_split(train_part, holdout, seed=seed,
+                                        eval_view=_same_indices(train_part, eval_view))
     return Datasets(
-        train=balanced_subset(train, subset, seed=seed),
+        train=train_part,
         test=balanced_subset(test, subset, seed=seed),
         spec=spec,
         augment=augment,
+        val=val,
+        holdout=holdout or None,
     )
+
+
+def _same_indices(view: Dataset, base: Dataset) -> Dataset:
+    """``base`` indexed as ``view`` indexes its own parent (a subset's indices, or all of it)."""
+    return Subset(base, list(view.indices)) if isinstance(view, Subset) else base
 
 
 def _spec_and_native_side(key: str, data_dir, image_size: int | None) -> tuple[DataSpec, int | None]:

@@ -19,7 +19,7 @@ from bats_cli.errors import UserInputError
 from bats_cli.signals import shield_worker_from_signals, signals_blocked
 
 # Domain tags keep the seed streams of different uses apart.
-_ORDER, _SAMPLE, _LOADER, _SPLIT, _SUBSET, _BATCH = range(6)
+_ORDER, _SAMPLE, _LOADER, _SPLIT, _SUBSET, _BATCH, _HOLDOUT = range(7)
 
 
 def batch_seed(seed: int, epoch: int, step: int) -> int:
@@ -233,6 +233,19 @@ def balanced_subset(dataset: Dataset, n: int | None, *, seed: int) -> Dataset:
     perm = _permutation(len(dataset), derive_seed(_SUBSET, seed))
     chosen = _class_round_robin(targets_of(dataset), perm)[:n]
     return Subset(dataset, np.sort(chosen).tolist())
+
+
+def holdout_split(train: Dataset, n: int, *, seed: int, eval_view: Dataset) -> tuple[Dataset, Dataset]:
+    """(training part, held-out part) of ``train``: ``n`` class-balanced samples set aside as a
+    validation set carved from the training split, served through ``eval_view`` (the same samples
+    with the evaluation transforms). Disjoint, deterministic given seed."""
+    if n >= len(train):
+        raise UserInputError(f"--holdout {n} leaves no training images (the training split has {len(train)}); "
+                             "lower --holdout or raise --subset")
+    perm = _permutation(len(train), derive_seed(_HOLDOUT, seed))
+    held = np.sort(_class_round_robin(targets_of(train), perm)[:n])
+    keep = np.setdiff1d(np.arange(len(train)), held)
+    return Subset(train, keep.tolist()), Subset(eval_view, held.tolist())
 
 
 def search_split(train: Dataset, *, seed: int) -> tuple[Dataset, Dataset]:
