@@ -74,6 +74,24 @@ def all_sum(values: list[float], dist_info: Dist, device: torch.device) -> list[
     return t.tolist()
 
 
+def all_gather_cat(local: torch.Tensor, dist_info: Dist, device: torch.device) -> torch.Tensor:
+    """Every rank's 1-D ``local`` concatenated in rank order, on the CPU (lengths may differ)."""
+    if not dist_info.enabled:
+        return local.cpu()
+    import torch.distributed as dist
+
+    size = torch.tensor([local.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dist_info.world)]
+    dist.all_gather(sizes, size)
+    counts = [int(s.item()) for s in sizes]
+    # all_gather needs one shape on every rank: pad each shard to the longest.
+    padded = torch.zeros(max(counts), dtype=local.dtype, device=device)
+    padded[: local.numel()] = local.to(device)
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:c].cpu() for p, c in zip(parts, counts)])
+
+
 def broadcast_buffers(model: nn.Module, dist_info: Dist) -> None:
     """Rank 0's BatchNorm statistics everywhere (each rank updated its own in the last step)."""
     if not dist_info.enabled:
@@ -101,5 +119,5 @@ def agree(ok: bool, dist_info: Dist, device: torch.device) -> bool:
     return all_sum([0.0 if ok else 1.0], dist_info, device)[0] == 0
 
 
-__all__ = ["Dist", "agree", "all_sum", "barrier", "broadcast_buffers", "init_distributed",
-           "init_run_device"]
+__all__ = ["Dist", "agree", "all_gather_cat", "all_sum", "barrier", "broadcast_buffers",
+           "init_distributed", "init_run_device"]

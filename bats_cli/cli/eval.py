@@ -32,10 +32,14 @@ def result_table(result: Mapping[str, Any]) -> Any:
                        f"activations, {result['weights']} weights)"),
         ("engine", str(result.get("engine", "float"))),
         ("dataset", f"{result['dataset']} test split, {result['images']} images"),
-        ("top-1", f"{result['top1']:.2f} %"),
+        ("top-1", f"{result['top1']:.2f} %" + (f" (± {result['top1_se']:.2f} s.e.)"
+                                                 if result.get("top1_se") is not None else "")),
         ("top-5", f"{result['top5']:.2f} %"),
         ("loss", f"{result['loss']:.4f}"),
     ]
+    if result.get("predictions"):
+        rows.append(("predictions", f"{result['predictions']} (per image; images_sha256 "
+                                    f"{str(result.get('images_sha256', ''))[:12]}…)"))
     return key_value_table(rows)
 
 
@@ -63,7 +67,17 @@ def eval_command(
             "needs a C++ compiler, else exit 2). auto: bitwise where possible, else float.",
         ),
     ] = "float",
-    output: Annotated[Optional[Path], typer.Option("--output", dir_okay=False, rich_help_panel="Output", help="Also write the result as JSON to this file (atomically; `bats ablate` reads it).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", dir_okay=False, rich_help_panel="Output", help="Also write the result as JSON to this file (atomically; `bats ablate` reads it), and the per-image predictions beside it (see --predictions).")] = None,
+    predictions: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--predictions", dir_okay=False, rich_help_panel="Output",
+            help="Write each image's predicted class and true label to this .npy file: a (2, N) "
+            "int16 array (row 0 predicted, row 1 label, in test-set order; np.load(..., "
+            "allow_pickle=False)), for image-by-image comparisons (McNemar). Default with --output "
+            "OUT.json: OUT.predictions.npy beside it; without --output: none.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -74,9 +88,19 @@ def eval_command(
     Example: bats eval runs/tiny.packed.safetensors --engine bitwise
 
     Example: bats eval tiny.onnx   (onnxruntime; needs the `export` extra)
+
+    Example: bats eval tiny.packed.safetensors --output eval.json   (+ eval.predictions.npy)
     """
+    from bats_cli.evaluate import predictions_path, write_eval_files
     from bats_cli.onnx_eval import is_onnx_file
 
+    per_image = predictions_path(output, predictions)
+    if per_image is not None:
+        from bats_cli.outputs import check_output_file
+
+        # Replaced like --output's JSON (no --force), but never the input, the JSON or a folder.
+        check_output_file(per_image, flag="--predictions", force=True, inputs=[checkpoint],
+                          reserved=[output])
     if is_onnx_file(checkpoint):
         from bats_cli.errors import UserInputError
         from bats_cli.onnx_eval import evaluate_onnx
@@ -87,7 +111,7 @@ def eval_command(
         result = evaluate_onnx(
             checkpoint, dataset=dataset, data_dir=data_dir, download=bool(download),
             image_size=image_size, subset=subset, batch_size=batch_size,
-            num_workers=num_workers or 0, threads=threads,
+            num_workers=num_workers or 0, threads=threads, return_predictions=per_image is not None,
         )
     else:
         from bats_cli.evaluate import evaluate_checkpoint
@@ -97,10 +121,7 @@ def eval_command(
             checkpoint, dataset=dataset, data_dir=data_dir, download=download,
             image_size=image_size, subset=subset, batch_size=batch_size, device=device,
             precision=precision or "fp32", num_workers=num_workers or 0, threads=threads,
-            engine=engine, reporter=Reporter(quiet=quiet),
+            engine=engine, reporter=Reporter(quiet=quiet), return_predictions=per_image is not None,
         )
-    if output is not None:
-        from bats_cli.fileio import atomic_write_json
-
-        atomic_write_json(output, result)
+    result = write_eval_files(result, output=output, predictions=per_image)
     emit_result(result, as_json=as_json, table_fn=result_table)
