@@ -158,9 +158,15 @@ class SuperNet(nn.Module):
             return F.softmax(self.alpha_reduce / self.temperature_reduce, dim=-1)
         return F.softmax(self.alpha_normal / self.temperature_normal, dim=-1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor,
+                weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits; ``weights`` = (normal, reduce) op weights per edge instead of softmax(α / T)
+        (perturbation-based selection masks single ops or edges with it, ``bats_cli.selection``)."""
         s0 = s1 = self.stem(x)
-        w_normal, w_reduce = self.edge_weights(False), self.edge_weights(True)
+        if weights is None:
+            w_normal, w_reduce = self.edge_weights(False), self.edge_weights(True)
+        else:
+            w_normal, w_reduce = weights
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1, w_reduce if cell.reduction else w_normal)
         return self.classifier(self.global_pooling(s1).flatten(1))

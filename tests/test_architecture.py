@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("run loop and evaluation", ("bats_cli.runloop", "bats_cli.evaluate", "bats_cli.export",
                                  "bats_cli.onnx_eval", "bats_cli.plan")),
     ("pipeline stages", ("bats_cli.search", "bats_cli.train", "bats_cli.binarize",
-                         "bats_cli.report")),
+                         "bats_cli.report", "bats_cli.selection")),
     ("studies", ("bats_cli.ablate",)),
     ("command line", ("bats_cli.cli*", "bats_cli.__main__")),
 ]
