@@ -25,8 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +40,28 @@ EVAL_NAME = "eval.json"
 JOB_NAME = "job.json"  # the job's commands, which --reuse matches
 REUSED_NAME = "REUSED.txt"
 STEPS_NAME = "steps.json"
+EXECUTED_NAME = "executed.json"
+MATCH_NAME = "match.json"  # a matched random cell's draw report (derive --random --match --json)  # the argv of every step as it was run (recorded, never regenerated)
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 RESULTS_PNG = "results.png"
 # §6.1: the reduction cell's temperature is 0.15 / 0.2 = 0.75 of the normal cell's.
 REDUCE_RATIO = 0.75
+# Budgets fixed per preset before any result is seen (docs/ablations.md):
+# training images held out of every training run as its validation set (`train --holdout`), so
+# that selection (best checkpoint, random search) never reads the test split, which `eval` reads once;
+HOLDOUT = {"cpu": 1000, "paper": 5000, "tiny": 250}
+# the random-search baseline's candidates (DARTS' random search trains several cells; 8 at paper
+# scale, 4 at cpu scale) and their short training budget (cpu: 1 of the 4 epochs; paper: 60 of 600);
+CANDIDATES = {"cpu": 4, "paper": 8, "tiny": 2}
+CANDIDATE_EPOCHS = {"cpu": 1, "paper": 60, "tiny": 1}
+# a matched random cell's size tolerance (±10 % of the searched cell's parameters);
+MATCH_TOLERANCE = 0.1
+# derive seeds of random-search candidates: disjoint from the `random` arm's seeds 0..N-1.
+CANDIDATE_SEED_BASE = 1000
+# The row every other row of a study is compared with, seed for seed (the paper's setting).
+REFERENCE = {"space": "bats", "temperature": "T0.2", "strategy": "Wreal-Abinary", "random": "searched",
+             "zoo": "bats_c10"}
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,15 @@ class Variant:
     genotype: str | None = None  # a bundled genotype name (zoo)
     random: bool = False  # `bats derive --random --seed SEED` (the random baseline)
     paper: str | None = None  # the paper's CIFAR-10 top-1 for this row, as printed there
+    # Derive from the search of another variant of the same seed (no search of its own), with
+    # this architecture-selection rule (`bats derive --select`).
+    search_of: str | None = None
+    select: str = "alpha"
+    # A random cell whose size matches that seed's cell of this variant (`derive --random --match`).
+    match_of: str | None = None
+    # The random-search baseline: this many random cells, trained briefly, the best on held-out
+    # training images kept (DARTS; Li & Talwalkar 2019).
+    candidates: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,6 +91,7 @@ class Step:
     name: str
     argv: tuple[str, ...]  # the command after `bats`
     done: Path  # exists once the step has finished
+    stdout: Path | None = None  # keep the command's stdout (its --json report) in this file
 
     def shell(self) -> str:
         return shlex.join(("bats", *self.argv))
@@ -77,6 +103,13 @@ class Job:
     seed: int
     dir: Path
     steps: list[Step] = field(default_factory=list)
+    # Files of other jobs this one reads (another variant's search or genotype): it starts once
+    # they exist.
+    requires: list[Path] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        return all(p.exists() for p in self.requires)
 
     @property
     def name(self) -> str:
@@ -85,6 +118,10 @@ class Job:
     @property
     def result(self) -> Path:
         return self.dir / EVAL_NAME
+
+    @property
+    def packed(self) -> Path:
+        return self.dir / "binarize" / "model.packed.safetensors"
 
     @property
     def finished(self) -> bool:
@@ -149,10 +186,18 @@ def study_variants(study: str, *, optimizer: str = "adam") -> list[Variant]:
             Variant(f"W{w}-A{a}", f"search W {w} / A {a}", _search(optimizer, weights=w, activations=a), paper=p)
             for w, a, p in rows
         ]
-    if study == "random":  # Table 5's random-search row, against a searched cell
+    if study == "random":  # does the search beat chance? (Table 5's random-search row)
         return [
-            Variant("searched", "BATS search (this preset)", _search(optimizer), paper="93.7"),
-            Variant("random", "random cell of the BATS space", random=True, paper="92.9"),
+            Variant("searched", "BATS search (this preset), DARTS selection by α", _search(optimizer), paper="93.7"),
+            # Wang et al. (ICLR 2021): the same search checkpoints, ops chosen by the supernet's
+            # accuracy drop when each is removed.
+            Variant("searched-perturbation", "BATS search, perturbation-based selection",
+                    search_of="searched", select="perturbation"),
+            Variant("random", "one random cell of the BATS space", random=True),
+            Variant("random-matched", "one random cell, parameters within ±10 % of the searched cell's",
+                    random=True, match_of="searched"),
+            Variant("random-search", "random search: best of N random cells on held-out training images",
+                    random=True, candidates=-1, paper="92.9"),
         ]
     if study == "zoo":  # Table 5: published cells and the hand-designed ResNet-18, binarized as in §3
         zoo = [("bats_c10", "BATS (paper's cell)", "93.7"), ("darts_v1", "DARTS (first order)", "89.4"),
@@ -176,6 +221,17 @@ class StudyOptions:
     threads: int | None = None
     optimizer: str = "adam"
     variants: tuple[str, ...] = ()  # a subset of the study's rows (default: all)
+    subset: int | None = None  # training images of every `bats train` (e.g. 10,000 of cifar10-large)
+    holdout: int | None = None  # None: the preset's HOLDOUT
+    candidates: int | None = None  # None: the preset's CANDIDATES
+
+    @property
+    def holdout_images(self) -> int:
+        return self.holdout if self.holdout is not None else HOLDOUT[self.preset]
+
+    @property
+    def candidate_count(self) -> int:
+        return self.candidates if self.candidates is not None else CANDIDATES[self.preset]
 
     def __post_init__(self) -> None:
         if self.study not in STUDIES:
@@ -184,6 +240,12 @@ class StudyOptions:
             raise UserInputError(f"unknown --preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
         if self.seeds < 1 or self.jobs < 1:
             raise UserInputError("--seeds and --jobs must be at least 1")
+        for flag, value in (("--subset", self.subset), ("--holdout", self.holdout), ("--candidates", self.candidates)):
+            if value is not None and value < 1:
+                raise UserInputError(f"{flag} must be at least 1, got {value}")
+        if self.subset is not None and self.holdout_images >= self.subset:
+            raise UserInputError(f"--holdout {self.holdout_images} leaves no training images of --subset "
+                                 f"{self.subset}; lower --holdout or raise --subset")
         if self.optimizer not in ("adam", "sgd"):
             raise UserInputError(f"--optimizer must be adam or sgd, got {self.optimizer!r}")
         names = [v.name for v in study_variants(self.study)]
@@ -211,6 +273,12 @@ def _threads(o: StudyOptions) -> tuple[str, ...]:
     return ("--threads", str(o.threads)) if o.threads else ()
 
 
+def _train_flags(o: StudyOptions) -> tuple[str, ...]:
+    """Data flags of every `bats train` of the study: the data, its training subset, the hold-out."""
+    subset = ("--subset", str(o.subset)) if o.subset else ()
+    return (*_data_flags(o), *subset, "--holdout", str(o.holdout_images))
+
+
 def build_jobs(o: StudyOptions) -> list[Job]:
     """Every variant × seed of the study with its steps (nothing is run)."""
     jobs = []
@@ -221,29 +289,92 @@ def build_jobs(o: StudyOptions) -> list[Job]:
             job = Job(variant, seed, d)
             genotype_file = d / "genotype.json"
             common = ("--preset", o.preset, "--seed", str(seed), *_threads(o), "--resume-or-start", "--quiet")
+            derive_out = ("--output", str(genotype_file), "--force")
             if variant.search is not None:
                 job.steps.append(Step("search", ("search", *_data_flags(o), *variant.search, *common,
                                                  "--out", str(d / "search")), d / "search" / "result.json"))
-                job.steps.append(Step("derive", ("derive", str(d / "search"), "--output", str(genotype_file),
-                                                 "--force"), genotype_file))
+                job.steps.append(Step("derive", ("derive", str(d / "search"), *derive_out), genotype_file))
+                genotype = str(genotype_file)
+            elif variant.search_of is not None:
+                search_dir = o.out / variant.search_of / f"seed{seed}" / "search"
+                job.requires.append(search_dir / "result.json")
+                job.steps.append(Step("derive", ("derive", str(search_dir), "--select", variant.select,
+                                                 *_data_flags(o), "--seed", str(seed), *_threads(o),
+                                                 *derive_out), genotype_file))
+                genotype = str(genotype_file)
+            elif variant.match_of is not None:
+                target = o.out / variant.match_of / f"seed{seed}" / "genotype.json"
+                job.requires.append(target)
+                # Sizes are counted in the network this study trains (the same preset).
+                job.steps.append(Step("derive", ("derive", "--random", "--seed", str(seed), "--space", "bats",
+                                                 "--match", str(target), "--match-by", "params",
+                                                 "--tolerance", f"{MATCH_TOLERANCE:g}", "--preset", o.preset,
+                                                 "--name", f"random_matched_seed{seed}", *derive_out, "--json"),
+                                      genotype_file, stdout=d / MATCH_NAME))
+                genotype = str(genotype_file)
+            elif variant.candidates:
+                runs = []
+                for k in range(o.candidate_count):
+                    cdir = d / "candidates" / f"c{k}"
+                    cseed = CANDIDATE_SEED_BASE + 100 * seed + k
+                    job.steps.append(Step(f"candidate{k}-derive", (
+                        "derive", "--random", "--seed", str(cseed), "--space", "bats", "--name",
+                        f"random_search_seed{seed}_c{k}", "--output", str(cdir / "genotype.json"), "--force"),
+                        cdir / "genotype.json"))
+                    job.steps.append(Step(f"candidate{k}-train", (
+                        "train", str(cdir / "genotype.json"), *_train_flags(o), *common,
+                        "--epochs", str(CANDIDATE_EPOCHS[o.preset]), "--out", str(cdir / "train")),
+                        cdir / "train" / "result.json"))
+                    runs.append(str(cdir / "train"))
+                # The best by held-out training images (train --holdout); the test split is not read.
+                job.steps.append(Step("select", ("genotype", "best", *runs, *derive_out), genotype_file))
                 genotype = str(genotype_file)
             elif variant.random:
                 job.steps.append(Step("derive", ("derive", "--random", "--seed", str(seed), "--space", "bats",
-                                                 "--name", f"random_seed{seed}", "--output",
-                                                 str(genotype_file), "--force"), genotype_file))
+                                                 "--name", f"random_seed{seed}", *derive_out), genotype_file))
                 genotype = str(genotype_file)
             else:
                 genotype = str(variant.genotype)
-            job.steps.append(Step("train", ("train", genotype, *_data_flags(o), *common, "--out", str(d / "train")),
+            job.steps.append(Step("train", ("train", genotype, *_train_flags(o), *common, "--out", str(d / "train")),
                                   d / "train" / "result.json"))
             job.steps.append(Step("binarize", ("binarize", str(d / "train" / "last.safetensors"), "--preset",
                                                o.preset, *_threads(o), "--resume-or-start", "--quiet", "--out",
                                                str(d / "binarize")), d / "binarize" / "result.json"))
-            job.steps.append(Step("eval", ("eval", str(d / "binarize" / "model.packed.safetensors"),
-                                           *_data_flags(o), *_threads(o), "--output", str(job.result)),
-                                  job.result))
+            job.steps.append(Step("eval", ("eval", str(job.packed), *_data_flags(o), *_threads(o),
+                                           "--output", str(job.result)), job.result))
             jobs.append(job)
     return jobs
+
+
+def best_of_runs(run_dirs: Sequence[Path]) -> dict[str, Any]:
+    """The random-search selection: of finished `bats train --holdout` runs of cell networks, the one
+    with the highest top-1 on its held-out training images (first on ties). Runs validated on the
+    test split are refused: selecting on it would leak the reported split into the choice.
+
+    Returns ``{"genotype": Genotype, "chosen": dir, "candidates": [{"run", "genotype", "holdout_top1"}]}``."""
+    from bats_cli.genotype import Genotype
+
+    if not run_dirs:
+        raise UserInputError("give at least one training run directory")
+    rows = []
+    for d in map(Path, run_dirs):
+        res, cfg = _read(d / "result.json"), _read(d / "config.json")
+        if res is None or cfg is None:
+            raise UserInputError(f"{d}: not a finished `bats train` run directory (no result.json / config.json)")
+        if res.get("command") != "train" or not isinstance(cfg.get("genotype"), dict):
+            raise UserInputError(f"{d}: not a `bats train` run of a cell network")
+        if res.get("val_split") != "holdout":
+            raise UserInputError(f"{d} was validated on the test split; selection needs runs trained with "
+                                 "`bats train --holdout N` (held-out training images)")
+        top1 = res.get("final_val_top1")
+        if not isinstance(top1, (int, float)) or not math.isfinite(top1):
+            raise UserInputError(f"{d}/result.json: no final validation top-1")
+        g = Genotype.model_validate(cfg["genotype"])
+        rows.append({"run": str(d), "genotype": g.name, "holdout_top1": float(top1), "_g": g})
+    best = max(range(len(rows)), key=lambda i: (rows[i]["holdout_top1"], -i))
+    chosen = rows[best]
+    return {"genotype": chosen["_g"], "chosen": chosen["run"],
+            "candidates": [{k: v for k, v in r.items() if k != "_g"} for r in rows]}
 
 
 def emit_lines(jobs: Sequence[Job]) -> list[str]:
@@ -263,8 +394,18 @@ def subprocess_runner(step: Step, log: Path) -> int:
     with open(log, "a", encoding="utf-8") as fh:
         fh.write(f"$ {step.shell()}\n")
         fh.flush()
-        return subprocess.run([sys.executable, "-m", "bats_cli", *step.argv], stdout=fh, stderr=fh,
-                              check=False).returncode
+        if step.stdout is None:
+            return subprocess.run([sys.executable, "-m", "bats_cli", *step.argv], stdout=fh, stderr=fh,
+                                  check=False).returncode
+        tmp = step.stdout.with_name(step.stdout.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as out:
+            code = subprocess.run([sys.executable, "-m", "bats_cli", *step.argv], stdout=out, stderr=fh,
+                                  check=False).returncode
+        if code == 0:
+            tmp.replace(step.stdout)
+        else:
+            tmp.unlink(missing_ok=True)
+        return code
 
 
 def run_job(job: Job, runner: Runner = subprocess_runner) -> str:
@@ -281,11 +422,22 @@ def run_job(job: Job, runner: Runner = subprocess_runner) -> str:
         code = runner(step, job.dir / "logs" / f"{step.name}.log")
         times[step.name] = round(times.get(step.name, 0.0) + time.perf_counter() - start, 1)
         atomic_write_json(times_path, times)
+        record_executed(job.dir, step, code)
         if code == 130:
             return "interrupted"
         if code != 0 or not step.done.is_file():
             return "failed"
     return "done"
+
+
+def record_executed(job_dir: Path, step: Step, code: int) -> None:
+    """Append ``step``'s argv and exit code to the job's executed.json (a resumed step has one entry
+    per attempt): what ran, as it ran, not regenerated from today's code."""
+    path = job_dir / EXECUTED_NAME
+    runs = _read(path) or {}
+    runs.setdefault(step.name, []).append({"argv": ["bats", *step.argv], "exit": code,
+                                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    atomic_write_json(path, runs)
 
 
 def finished_jobs(study_dir: Path) -> dict[tuple[str, int], Path]:
@@ -328,6 +480,61 @@ def reuse_jobs(jobs: Sequence[Job], sources: Sequence[Path], log: Callable[[str]
     return filled
 
 
+def _schedule(pending: Sequence[Job], workers: int, runner: Runner, status: dict[str, str],
+              log: Callable[[str], None], poll: float = 1.0) -> None:
+    """Run ``pending`` jobs ``workers`` at a time, each once the files it requires exist (another
+    variant's search or genotype); a job whose requirement can no longer appear fails at once."""
+    import threading
+
+    lock = threading.Condition()
+    queue = list(pending)
+    producers = {str(p): j for j in pending for p in _outputs(j)}
+
+    def take() -> Job | None:
+        with lock:
+            while queue and "interrupted" not in status.values():
+                for job in queue:
+                    if job.ready:
+                        queue.remove(job)
+                        return job
+                    missing = [p for p in job.requires if not p.exists()]
+                    # Blocked for good: nobody queued or running will write the missing file.
+                    if all(_dead(producers.get(str(p)), status, queue) for p in missing):
+                        queue.remove(job)
+                        status[job.name] = "failed"
+                        log(f"  failed      {job.name}: needs {', '.join(map(str, missing))}, which no job "
+                            "of this run will write (run the variant it comes from first, e.g. without --variants)")
+                        break
+                else:
+                    lock.wait(poll)
+            return None
+
+    def worker() -> None:
+        while (job := take()) is not None:
+            log(f"  start {job.name}")
+            result = run_job(job, runner)
+            with lock:
+                status[job.name] = result
+                lock.notify_all()
+            log(f"  {result:<11} {job.name}" + (f" (logs: {job.dir / 'logs'})" if result == "failed" else ""))
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, min(workers, len(queue))))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.5)  # a timed join keeps the main thread responsive to Ctrl-C
+
+
+def _outputs(job: Job) -> list[Path]:
+    return [step.done for step in job.steps] + [job.dir / "search" / "result.json", job.dir / "genotype.json"]
+
+
+def _dead(producer: Job | None, status: Mapping[str, str], queue: Sequence[Job]) -> bool:
+    """True when ``producer`` (None: not part of this run) will not write anything more."""
+    return producer is None or (producer not in queue and producer.name in status)
+
+
 def run_study(o: StudyOptions, *, runner: Runner = subprocess_runner, log: Callable[[str], None] = print,
               reuse: Sequence[Path] = ()) -> dict:
     """Run every unfinished job (``o.jobs`` at a time), then write the summary; returns it.
@@ -343,18 +550,8 @@ def run_study(o: StudyOptions, *, runner: Runner = subprocess_runner, log: Calla
     log(f"ablate {o.study}: {len(jobs)} jobs, {len(jobs) - len(pending)} already finished, "
         f"{len(pending)} to run ({o.jobs} at a time) in {o.out}")
     status: dict[str, str] = {}
-
-    def one(job: Job) -> None:
-        if "interrupted" in status.values():
-            return  # a step was interrupted (Ctrl-C / SIGTERM): start nothing new
-        log(f"  start {job.name}")
-        status[job.name] = run_job(job, runner)
-        log(f"  {status[job.name]:<11} {job.name}" + (f" (logs: {job.dir / 'logs'})" if status[job.name] == "failed" else ""))
-
     try:
-        with ThreadPoolExecutor(max_workers=o.jobs) as pool:
-            for fut in [pool.submit(one, j) for j in pending]:
-                fut.result()
+        _schedule(pending, o.jobs, runner, status, log)
     except KeyboardInterrupt:
         # The children got the signal too: each saves its checkpoint; rerun to resume.
         write_summary(o, jobs, status)
@@ -366,6 +563,83 @@ def run_study(o: StudyOptions, *, runner: Runner = subprocess_runner, log: Calla
     if failed:
         raise RunFailure(f"{len(failed)} job(s) failed: {', '.join(failed)} (see their logs/); "
                          "rerun the same command to retry them")
+    return summary
+
+
+# --------------------------------------------------------------------------- re-checking
+
+# What a published study keeps of each job: enough to re-evaluate its network on other images
+# and to recompute every statistic, not the checkpoints (MBs each) a reader does not need.
+PUBLISHED = ("job.json", "executed.json", "steps.json", "REUSED.txt", "match.json", "genotype.json",
+             "eval.json", "eval.predictions.npy", "search/result.json", "search/metrics.csv",
+             "search/alphas/*.json", "train/result.json", "train/config.json", "train/metrics.csv",
+             "candidates/*/genotype.json", "candidates/*/train/result.json", "candidates/*/train/config.json",
+             "binarize/result.json", "binarize/metrics.csv", "binarize/model.packed.safetensors")
+
+
+def publish(o: StudyOptions, dest: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Copy every finished job's light files (genotype, packed artifact, results, per-image
+    predictions, the search's α history) and the summary into ``dest``, laid out as a study
+    directory: `bats ablate STUDY --out DEST --summary` / `--evaluate-on DIR` work on the copy."""
+    import shutil
+
+    if dest.resolve() == o.out.resolve():
+        raise UserInputError("--publish needs another directory than --out")
+    copied = 0
+    for job in build_jobs(o):
+        if not job.finished:
+            continue
+        rel = job.dir.relative_to(o.out)
+        for pattern in PUBLISHED:
+            for src in sorted(job.dir.glob(pattern)):
+                target = dest / rel / src.relative_to(job.dir)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(target.name + ".tmp")
+                shutil.copyfile(src, tmp)
+                tmp.replace(target)
+                copied += 1
+    summary = write_summary(replace(o, out=dest), build_jobs(replace(o, out=dest)))
+    log(f"published {copied} files of {sum(1 for j in build_jobs(o) if j.finished)} finished jobs to {dest}")
+    return summary
+
+
+def data_slug(data_dir: str | Path) -> str:
+    """``eval-<slug>.json``: the data directory's name as one harmless file-name component."""
+    from bats_cli.names import safe_name
+
+    name = Path(str(data_dir).rstrip("/\\")).name or "data"
+    return safe_name(name)
+
+
+def evaluate_on(o: StudyOptions, data_dir: str | Path, *, dataset: str = "imagefolder",
+                runner: Runner = subprocess_runner, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Re-evaluate every finished job's packed network on another test split (``DATA_DIR/val``),
+    as ``eval-<slug>.json`` + predictions beside each job's ``eval.json``, then write
+    ``results-<slug>.json/.md`` with the same statistics. No training: minutes for a study."""
+    slug = data_slug(data_dir)
+    eval_name = f"eval-{slug}.json"
+    jobs = build_jobs(o)
+    done = [j for j in jobs if j.finished and j.packed.is_file()]
+    if not done:
+        raise UserInputError(f"{o.out}: no finished job with a packed network (binarize/model.packed.safetensors) "
+                             "to re-evaluate; is it a study directory of this study?")
+    log(f"ablate {o.study}: re-evaluating {len(done)} networks on {data_dir} -> {eval_name}")
+    failed = []
+    for job in done:
+        step = Step(f"eval-{slug}", ("eval", str(job.packed), "--dataset", dataset, "--data-dir", str(data_dir),
+                                     *_threads(o), "--output", str(job.dir / eval_name)), job.dir / eval_name)
+        code = runner(step, job.dir / "logs" / f"{step.name}.log")
+        record_executed(job.dir, step, code)
+        if code == 130:
+            raise Interrupted(f"ablate {o.study} --evaluate-on interrupted; rerun to continue")
+        if code != 0 or not step.done.is_file():
+            failed.append(job.name)
+            log(f"  failed      {job.name} (log: {job.dir / 'logs' / (step.name + '.log')})")
+        else:
+            log(f"  evaluated   {job.name}")
+    summary = write_summary(o, jobs, eval_name=eval_name, stem=f"results-{slug}")
+    if failed:
+        raise RunFailure(f"{len(failed)} job(s) could not be evaluated on {data_dir}: {', '.join(failed)}")
     return summary
 
 
@@ -411,23 +685,44 @@ def _cost(train_result: Mapping[str, Any], genotype) -> dict[str, float]:
     return {"params": report.params, "ops": report.ops, "bops": report.bops, "flops": report.flops}
 
 
-def job_record(job: Job, status: str | None = None) -> dict[str, Any]:
-    """What one job produced (read from its result files)."""
+def job_record(job: Job, status: str | None = None, *, eval_name: str = EVAL_NAME,
+               root: Path | None = None) -> dict[str, Any]:
+    """What one job produced (read from its result files); ``eval_name``: which eval result of the
+    job is its top-1 (``eval.json``, or one written by ``--evaluate-on``); paths relative to ``root``."""
     from bats_cli.derive import parameter_free_share
     from bats_cli.genotype import resolve_genotype
+    from bats_cli.stats import binomial_se
 
-    rec: dict[str, Any] = {"variant": job.variant.name, "seed": job.seed, "dir": str(job.dir),
-                           "status": "done" if job.finished else (status or "pending"),
-                           "command": job.shell()}
-    ev, bz, tr = _read(job.result), _read(job.dir / "binarize" / "result.json"), _read(job.dir / "train" / "result.json")
+    ev = _read(job.dir / eval_name)
+    rec: dict[str, Any] = {"variant": job.variant.name, "seed": job.seed, "dir": _rel(job.dir, root),
+                           "status": "done" if ev is not None else (status or "pending")}
+    bz, tr = _read(job.dir / "binarize" / "result.json"), _read(job.dir / "train" / "result.json")
     sr = _read(job.dir / "search" / "result.json")
     rec["binary_top1"] = ev["top1"] if ev else None
+    rec["n_images"] = ev.get("n_images") if ev else None
+    rec["top1_se"] = (ev.get("top1_se") if ev and ev.get("top1_se") is not None else
+                      (binomial_se(ev["top1"], ev["n_images"]) if ev and ev.get("n_images") else None))
+    rec["images_sha256"] = ev.get("images_sha256") if ev else None
+    rec["predictions"] = (_rel(job.dir / ev["predictions"], root)
+                          if ev and isinstance(ev.get("predictions"), str) else None)
     rec["step1_top1"] = bz["step1_top1"] if bz else None
     rec["seconds"] = _read(job.dir / STEPS_NAME) or {}
+    # The argv of every step as it ran (recorded by run_job), not regenerated from today's code.
+    rec["executed"] = _read(job.dir / EXECUTED_NAME) or {}
     rec["reused_from"] = (_read(job.dir / JOB_NAME) or {}).get("reused_from")
     if sr is not None:
+        from bats_cli.search_health import summarise_run
+
         rec["search_warnings"] = [w["message"] for w in sr.get("warnings", [])]
         rec["entropy_rel"] = _last_entropy(job.dir / "search")
+        if (job.dir / "search" / "alphas").is_dir():
+            health = summarise_run(job.dir / "search")
+            rec["search_health"] = {**health, "search_dir": _rel(job.dir / "search", root)}
+    if job.variant.candidates:
+        rec["candidates"] = _candidates(job)
+        rec["selection_seconds"] = round(sum(v for k, v in rec["seconds"].items() if k.startswith("candidate")), 1)
+    if job.variant.match_of:
+        rec["match"] = _read(job.dir / MATCH_NAME)
     geno_src = job.variant.genotype or str(job.dir / "genotype.json")
     if job.variant.genotype and model_key(job.variant.genotype):
         # Not a cell network: no genotype and no parameter-free share of its cells.
@@ -446,9 +741,150 @@ def job_record(job: Job, status: str | None = None) -> dict[str, Any]:
     return rec
 
 
-def summarise(o: StudyOptions, jobs: Sequence[Job], status: Mapping[str, str] | None = None) -> dict[str, Any]:
+def _rel(path: Path, root: Path | None) -> str:
+    """``path`` relative to the study directory (results files carry no machine paths)."""
+    if root is not None:
+        try:
+            return path.relative_to(root).as_posix()
+        except ValueError:
+            pass
+    return path.as_posix()
+
+
+def _candidates(job: Job) -> list[dict[str, Any]]:
+    """The random-search candidates of ``job``: genotype, held-out top-1, training seconds."""
+    rows = []
+    for cdir in sorted((job.dir / "candidates").glob("c*")):
+        res, cfg = _read(cdir / "train" / "result.json"), _read(cdir / "train" / "config.json") or {}
+        rows.append({"candidate": cdir.name, "genotype": (cfg.get("genotype") or {}).get("name"),
+                     "holdout_top1": res.get("final_val_top1") if res else None,
+                     "seconds": res.get("seconds") if res else None})
+    chosen = _read(job.dir / "genotype.json")
+    for r in rows:
+        r["chosen"] = chosen is not None and r["genotype"] == chosen.get("name")
+    return rows
+
+
+def comparison_pairs(study: str, names: Sequence[str]) -> list[tuple[str, str]]:
+    """(a, b) pairs compared seed for seed: a study's reference row against every other row; in
+    the random study each searched arm against each random arm, and the two selections."""
+    if study == "random":
+        pairs = [(a, b) for a in ("searched", "searched-perturbation")
+                 for b in ("random", "random-matched", "random-search")]
+        pairs.append(("searched-perturbation", "searched"))
+    else:
+        ref = REFERENCE[study]
+        pairs = [(ref, v) for v in names if v != ref]
+    return [(a, b) for a, b in pairs if a in names and b in names]
+
+
+def _load_predictions(root: Path, rel: str | None):
+    import numpy as np
+
+    if rel is None:
+        return None
+    path = root / rel
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return arr if arr.ndim == 2 and arr.shape[0] == 2 else None
+
+
+def compare(study: str, names: Sequence[str], records: Sequence[Mapping[str, Any]], root: Path,
+            metric: str = "binary_top1") -> list[dict[str, Any]]:
+    """Paired statistics (bootstrap interval, t, exact Wilcoxon, wins, verdict) of every compared
+    pair over the seeds both finished; with per-image predictions on the same images, an exact
+    McNemar test per seed."""
+    from bats_cli.stats import mcnemar_exact, paired_comparison
+
+    out = []
+    for a, b in comparison_pairs(study, names):
+        ra = {r["seed"]: r for r in records if r["variant"] == a and r.get(metric) is not None}
+        rb = {r["seed"]: r for r in records if r["variant"] == b and r.get(metric) is not None}
+        seeds = sorted(set(ra) & set(rb))
+        if not seeds:
+            continue
+        res = paired_comparison([ra[s][metric] for s in seeds], [rb[s][metric] for s in seeds],
+                                name_a=a, name_b=b, seed=0)
+        res = {"metric": metric, "seeds": seeds, **res}
+        if metric == "binary_top1":
+            tests = []
+            for s in seeds:
+                if ra[s].get("images_sha256") is None or ra[s]["images_sha256"] != rb[s].get("images_sha256"):
+                    continue
+                pa, pb = _load_predictions(root, ra[s].get("predictions")), _load_predictions(root, rb[s].get("predictions"))
+                if pa is None or pb is None or pa.shape != pb.shape:
+                    continue
+                tests.append({"seed": s, **mcnemar_exact(pa[0], pb[0], pa[1])})
+            res["mcnemar"] = tests
+        out.append(res)
+    return out
+
+
+def _stage1_alpha(search_dir: Path) -> dict[str, dict[tuple[int, int], dict[str, float]]] | None:
+    """α of the last stage-1 epoch (every op of the space on every edge), keyed by (node, input)."""
+    files = sorted(search_dir.glob("alphas/stage1_epoch*.json"))
+    doc = _read(files[-1]) if files else None
+    if doc is None:
+        return None
+    out = {}
+    for cell in ("normal", "reduce"):
+        edges = doc.get(cell)
+        if not isinstance(edges, list) or not all(isinstance(e, dict) and isinstance(e.get("alpha"), dict) for e in edges):
+            return None
+        out[cell] = {(int(e["node"]), int(e["input"])): {k: float(v) for k, v in e["alpha"].items()} for e in edges}
+    return out
+
+
+def supernet_preference(alpha: Mapping[str, Mapping[tuple[int, int], Mapping[str, float]]],
+                        genotype: Mapping[str, Any]) -> float | None:
+    """How much a supernet prefers a cell: the sum over its chosen edges (both cells) of
+    log softmax(α) (T = 1) of the chosen op on that edge. None if an op is not on the edge."""
+    total = 0.0
+    for cell in ("normal", "reduce"):
+        for i, (op, src) in enumerate(genotype.get(cell, [])):
+            row = alpha[cell].get((i // 2 + 2, int(src)))
+            if row is None or op not in row:
+                return None
+            m = max(row.values())
+            log_z = m + math.log(sum(math.exp(v - m) for v in row.values()))
+            total += row[op] - log_z
+    return total
+
+
+def diagnosis(o: StudyOptions, records: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Does the supernet's preference predict stand-alone accuracy? Kendall τ between each trained
+    cell's preference under its seed's supernet (stage 1's final α: all ops on all edges) and its
+    fully binary top-1, beside the naive predictors (parameters, OPs). Arithmetic on finished jobs."""
+    from bats_cli.stats import kendall_tau
+
+    ref = REFERENCE.get(o.study)
+    alphas = {s: _stage1_alpha(o.out / ref / f"seed{s}" / "search") for s in {r["seed"] for r in records}}
+    rows = []
+    for r in records:
+        a = alphas.get(r["seed"])
+        if r.get("binary_top1") is None or not r.get("genotype") or a is None:
+            continue
+        pref = supernet_preference(a, r["genotype"])
+        if pref is not None:
+            rows.append({"variant": r["variant"], "seed": r["seed"], "preference": round(pref, 4),
+                         "binary_top1": r["binary_top1"], "params": r.get("params"), "ops": r.get("ops")})
+    if len(rows) < 3:
+        return None
+    top1 = [x["binary_top1"] for x in rows]
+    out = {"cells": len(rows), "alpha": "stage 1's final α (T = 1) of the same seed's search", "rows": rows,
+           "preference": kendall_tau([x["preference"] for x in rows], top1)}
+    for key in ("params", "ops"):
+        if all(x[key] is not None for x in rows):
+            out[key] = kendall_tau([x[key] for x in rows], top1)
+    return out
+
+
+def summarise(o: StudyOptions, jobs: Sequence[Job], status: Mapping[str, str] | None = None,
+              *, eval_name: str = EVAL_NAME) -> dict[str, Any]:
     status = status or {}
-    records = [job_record(j, status.get(j.name)) for j in jobs]
+    records = [job_record(j, status.get(j.name), eval_name=eval_name, root=o.out) for j in jobs]
     variants = []
     for v in o.selected():
         mine = [r for r in records if r["variant"] == v.name]
@@ -467,7 +903,15 @@ def summarise(o: StudyOptions, jobs: Sequence[Job], status: Mapping[str, str] | 
         row["search_warnings"] = sum(len(r.get("search_warnings", [])) for r in done)
         secs = [sum(r["seconds"].values()) for r in done if r["seconds"]]
         row["seconds_mean"] = statistics.fmean(secs) if secs else None
+        ses = [r["top1_se"] for r in done if r.get("top1_se") is not None]
+        row["top1_se_mean"] = statistics.fmean(ses) if ses else None
+        searched = [r["genotype"] for r in done if r.get("genotype") and (v.search is not None or v.search_of)]
+        if len(searched) > 1:
+            from bats_cli.search_health import cell_similarity
+
+            row["cell_similarity"] = cell_similarity(searched)
         variants.append(row)
+    names = [v.name for v in o.selected()]
     return {
         "study": o.study,
         "preset": o.preset,
@@ -475,8 +919,14 @@ def summarise(o: StudyOptions, jobs: Sequence[Job], status: Mapping[str, str] | 
         "data_dir": o.data_dir,
         "seeds": o.seeds,
         "optimizer": o.optimizer,
+        "subset": o.subset,
+        "holdout": o.holdout_images,
+        "test_results": eval_name,
         "complete": all(r["status"] == "done" for r in records),
         "variants": variants,
+        "comparisons": compare(o.study, names, records, o.out),
+        "comparisons_step1": compare(o.study, names, records, o.out, metric="step1_top1"),
+        "diagnosis": diagnosis(o, records),
         "jobs": records,
     }
 
@@ -505,15 +955,16 @@ def markdown(summary: Mapping[str, Any]) -> str:
         "activations, real weights. The paper's column is its CIFAR-10 result at full scale."
         + ("" if s["complete"] else " **Partial: some jobs have not finished.**"),
         "",
-        "| variant | paper | n | binary top-1 | step-1 top-1 | params | ops (M) | param-free normal | "
+        "| variant | paper | n | binary top-1 | ± SE / job | step-1 top-1 | params | ops (M) | param-free normal | "
         "entropy N/R (rel.) | time / job (min) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in s["variants"]:
         ent = "-" if v["entropy_normal_rel"] is None else f"{v['entropy_normal_rel']:.2f} / {v['entropy_reduce_rel']:.2f}"
         lines.append(
             f"| {v['label']} | {v['paper'] or '-'} | {v['n']} | "
             f"{_pm(v['binary_top1_mean'], v['binary_top1_std'], v['n'])} | "
+            f"{_num(v.get('top1_se_mean'), '.2f')} | "
             f"{_pm(v['step1_top1_mean'], v['step1_top1_std'], v['n'])} | "
             f"{_num(v['params'], ',.0f')} | {_num(None if v['ops'] is None else v['ops'] / 1e6, '.2f')} | "
             f"{_num(v['param_free_normal'], '.2f') if v.get('arch', 'cells') == 'cells' else 'not a cell network'} | "
@@ -521,6 +972,32 @@ def markdown(summary: Mapping[str, Any]) -> str:
             f"{_num(None if v['seconds_mean'] is None else v['seconds_mean'] / 60, '.1f')} |"
         )
     lines.append("")
+    if s.get("comparisons"):
+        lines += ["## Paired comparisons (fully binary top-1, seed for seed)", "",
+                  "Mean paired difference [seeded 95 % bootstrap interval], exact Wilcoxon signed-rank p, "
+                  "paired t; a difference is called distinguishable only when the interval excludes 0 "
+                  "and p < 0.05. McNemar: exact test per seed on the per-image predictions "
+                  "(images only one of the two networks gets right).", ""]
+        for c in s["comparisons"]:
+            mc = c.get("mcnemar") or []
+            sig = sum(1 for m in mc if m["p"] < 0.05)
+            lines.append(f"- {c['verdict']}" + (f"; t = {c['t']}, t-test p = {c['t_p']}" if c.get("t") is not None else "")
+                         + (f"; McNemar p < 0.05 in {sig} of {len(mc)} seeds" if mc else ""))
+        lines.append("")
+    if s.get("comparisons_step1"):
+        lines += ["Step 1 (binary activations, real weights), the same pairs:", ""]
+        lines += [f"- {c['verdict']}" for c in s["comparisons_step1"]]
+        lines.append("")
+    d = s.get("diagnosis")
+    if d:
+        def tau(x):
+            return "-" if not x or x.get("tau") is None else f"τ = {x['tau']:+.3f} (p = {x['p']:.3g}, {x['method']})"
+        lines += ["## Does the supernet's preference predict accuracy?", "",
+                  f"Kendall τ over {d['cells']} trained cells between a score and the fully binary top-1 "
+                  f"(preference: the sum over the cell's chosen edges of log softmax(α), {d['alpha']}):", "",
+                  f"- supernet preference: {tau(d.get('preference'))}",
+                  f"- parameters: {tau(d.get('params'))}",
+                  f"- OPs: {tau(d.get('ops'))}", ""]
     return "\n".join(lines)
 
 
@@ -558,11 +1035,12 @@ def plot(summary: Mapping[str, Any], path: Path) -> Path | None:
 
 
 def write_summary(o: StudyOptions, jobs: Sequence[Job], status: Mapping[str, str] | None = None,
-                  warn: Callable[[str], None] | None = None) -> dict[str, Any]:
-    summary = summarise(o, jobs, status)
-    atomic_write_json(o.out / RESULTS_JSON, summary)
-    atomic_write_text(o.out / RESULTS_MD, markdown(summary))
-    if plot(summary, o.out / RESULTS_PNG) is None:
+                  warn: Callable[[str], None] | None = None, *, eval_name: str = EVAL_NAME,
+                  stem: str = "results") -> dict[str, Any]:
+    summary = summarise(o, jobs, status, eval_name=eval_name)
+    atomic_write_json(o.out / f"{stem}.json", summary)
+    atomic_write_text(o.out / f"{stem}.md", markdown(summary))
+    if plot(summary, o.out / f"{stem}.png") is None:
         (warn or (lambda m: print(f"warning: {m}", file=sys.stderr)))(
             "matplotlib is not installed: no results.png (pip install 'bats[report]')")
     return summary

@@ -27,6 +27,9 @@ _TIE_DIGITS = 12
 _MINUS = "\u2212"
 
 
+# The level of every two-sided test in a verdict.
+ALPHA = 0.05
+
 def _as_finite(values: Sequence[float], what: str) -> np.ndarray:
     """``values`` as a 1-D float array; refuses NaN / inf (a missing run is not a number)."""
     arr = np.asarray(values, dtype=float)
@@ -237,6 +240,7 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], *, name_a: str, na
                     "wilcoxon_p": None, "wins": wins, "losses": losses, "ties": n - wins - losses}
     if n < 2:
         result["verdict"] = f"{label} = {_signed(mean)} points, n = 1: no test"
+        result["significant"] = False
         return result
     lo, hi = bootstrap_ci(d, seed=seed, level=0.95)
     t, t_p = paired_t(d)
@@ -244,10 +248,16 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], *, name_a: str, na
     result.update(paired_diff_se=_r4(float(d.std(ddof=1)) / math.sqrt(n)), ci95=[_r4(lo), _r4(hi)],
                   t=_r4(t), t_p=_p4(t_p), wilcoxon_p=_p4(w_p))
     head = f"{label} = {_signed(mean)} [{_signed(lo)}, {_signed(hi)}] points, paired, n = {n}"
-    if lo > 0.0 or hi < 0.0:
+    # "Distinguishable" needs both the interval and the exact test: with few seeds every win gives a
+    # bootstrap interval above 0, while the smallest possible Wilcoxon p is 2 / 2^n (0.125 at n = 4).
+    if (lo > 0.0 or hi < 0.0) and w_p < ALPHA:
         result["verdict"] = f"{head}, Wilcoxon p {_p_text(w_p)}, wins {wins}/{n}"
+    elif lo > 0.0 or hi < 0.0:
+        result["verdict"] = (f"{head}, wins {wins}/{n}, but Wilcoxon p {_p_text(w_p)} ≥ {ALPHA:g}: "
+                             "not distinguishable at this scale")
     else:
         result["verdict"] = f"{head}: not distinguishable at this scale"
+    result["significant"] = bool((lo > 0.0 or hi < 0.0) and w_p < ALPHA)
     return result
 
 

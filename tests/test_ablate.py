@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -12,22 +13,46 @@ from bats_cli.errors import Interrupted
 from tests.helpers import cli
 
 
-def _fake_runner(calls, *, interrupt_at=None):
-    """Writes each step's result file instead of running it; ``interrupt_at``: (job dir name, step)."""
+def _fake_runner(calls, *, interrupt_at=None, top1=None):
+    """Writes each step's result file instead of running it; ``interrupt_at``: (job dir name, step);
+    ``top1(variant, seed)``: the eval top-1 (with 100 fake per-image predictions)."""
+    import numpy as np
+
     from bats_cli.derive import random_genotype
 
     def run(step, log):
         calls.append((str(step.done.parent), step.name))
-        key = (step.done.parents[0].name if step.name in ("derive", "eval") else step.done.parents[1].name, step.name)
+        key = (step.done.parents[0].name if step.name in ("derive", "eval", "select") else step.done.parents[1].name,
+               step.name)
         if interrupt_at == key:
             return 130
         step.done.parent.mkdir(parents=True, exist_ok=True)
-        if step.name == "derive":
-            random_genotype("bats", 0).save(step.done)
+        if step.name == "select":  # `bats genotype best RUN... --output FILE`
+            from bats_cli.ablate import best_of_runs
+
+            runs = step.argv[2:step.argv.index("--output")]
+            best_of_runs([Path(r) for r in runs])["genotype"].save(step.done)
+        elif step.name == "derive" or step.name.endswith("-derive"):
+            random_genotype("bats", len(calls)).save(step.done)
+            if step.stdout is not None:
+                step.stdout.write_text(json.dumps({"draws": 3}))
+        elif step.name.endswith("-train"):
+            g = json.loads((step.done.parents[1] / "genotype.json").read_text())
+            step.done.write_text(json.dumps({"command": "train", "val_split": "holdout",
+                                             "final_val_top1": 30.0 + len(calls), "seconds": 2.0}))
+            (step.done.parent / "config.json").write_text(json.dumps({"genotype": g}))
         elif step.name == "binarize":
             step.done.write_text(json.dumps({"step1_top1": 50.0}))
-        elif step.name == "eval":
-            step.done.write_text(json.dumps({"top1": 40.0 + len(calls)}))
+        elif step.name.startswith("eval"):
+            job_dir = step.done.parent
+            value = top1(job_dir.parent.name, int(job_dir.name[4:])) if top1 else 40.0 + len(calls)
+            labels = np.arange(100) % 10
+            pred = labels.copy()
+            pred[: 100 - int(value)] = (labels[: 100 - int(value)] + 1) % 10
+            name = step.done.name.replace(".json", ".predictions.npy")
+            np.save(job_dir / name, np.stack([pred, labels]).astype(np.int16))
+            step.done.write_text(json.dumps({"top1": float(int(value)), "n_images": 100, "images_sha256": "same",
+                                             "predictions": name}))
         else:
             step.done.write_text("{}")
         return 0
@@ -36,7 +61,7 @@ def _fake_runner(calls, *, interrupt_at=None):
 
 
 def test_jobs_resume_by_skipping_finished_ones(tmp_path, capsys):
-    o = StudyOptions(study="random", out=tmp_path / "study", seeds=2)
+    o = StudyOptions(study="random", out=tmp_path / "study", seeds=2, variants=("searched", "random"))
     jobs = build_jobs(o)
     assert [j.name for j in jobs] == ["searched/seed0", "random/seed0", "searched/seed1", "random/seed1"]
     assert [s.name for s in jobs[0].steps] == ["search", "derive", "train", "binarize", "eval"]
@@ -61,7 +86,8 @@ def test_jobs_resume_by_skipping_finished_ones(tmp_path, capsys):
     assert json.loads((o.out / "results.json").read_text())["study"] == "random"
     # --summary rewrites the results from the finished jobs and runs nothing.
     (o.out / "results.md").unlink()
-    code, out, err = cli(["ablate", "random", "--seeds", "2", "--out", str(o.out), "--summary", "--json"],
+    code, out, err = cli(["ablate", "random", "--seeds", "2", "--variants", "searched,random", "--out", str(o.out),
+                          "--summary", "--json"],
                          capsys)
     assert code == 0, err
     assert json.loads(out)["complete"] and (o.out / "results.md").is_file()
@@ -184,18 +210,41 @@ def test_variants_selects_rows_and_rejects_unknown_names(tmp_path, capsys):
     one_line_error(code, err, "--reuse")
 
 
-def test_a_study_runs_end_to_end_with_the_real_commands(tmp_path, capsys):
+def test_the_random_study_runs_its_five_arms_end_to_end_with_the_real_commands(tmp_path, capsys):
     # The real `bats` subprocesses, at the tiny preset: every step's flags are accepted on a fresh
     # run directory and every result file is where the summary looks for it.
     out = tmp_path / "study"
-    code, stdout, err = cli(["ablate", "random", "--preset", "tiny", "--variants", "searched", "--threads", "1",
+    code, stdout, err = cli(["ablate", "random", "--preset", "tiny", "--threads", "1", "--jobs", "2",
                              "--out", str(out), "--json"], capsys)
     assert code == 0, err + "".join(p.read_text() for p in out.rglob("*.log"))
     summary = json.loads(stdout)
-    (job,) = summary["jobs"]
-    assert job["status"] == "done" and 0 <= job["binary_top1"] <= 100 and job["step1_top1"] is not None
-    assert set(job["seconds"]) == {"search", "derive", "train", "binarize", "eval"}
-    assert job["entropy_rel"] is not None and job["params"] > 0
+    jobs = {j["variant"]: j for j in summary["jobs"]}
+    assert set(jobs) == {"searched", "searched-perturbation", "random", "random-matched", "random-search"}
+    for job in jobs.values():
+        assert job["status"] == "done" and 0 <= job["binary_top1"] <= 100 and job["step1_top1"] is not None
+        assert job["n_images"] > 0 and job["top1_se"] > 0 and job["predictions"] and job["params"] > 0
+        # The argv each step ran with, recorded as it ran.
+        assert all(runs[-1]["exit"] == 0 and runs[-1]["argv"][0] == "bats" for runs in job["executed"].values())
+        assert not job["dir"].startswith("/")
+    searched = jobs["searched"]
+    assert set(searched["seconds"]) == {"search", "derive", "train", "binarize", "eval"}
+    assert searched["entropy_rel"] is not None and searched["search_health"]
+    assert jobs["searched-perturbation"]["executed"]["derive"][0]["argv"][3:5] == ["--select", "perturbation"]
+    assert "search" not in jobs["searched-perturbation"]["seconds"]  # the searched arm's search, not its own
+    # The matched random cell is within ±10 % of the searched cell's parameters.
+    assert abs(jobs["random-matched"]["params"] / searched["params"] - 1) <= 0.1
+    assert jobs["random-matched"]["match"]["draws"] >= 1
+    cands = jobs["random-search"]["candidates"]
+    assert len(cands) == 2 and sum(c["chosen"] for c in cands) == 1
+    assert all(c["holdout_top1"] is not None for c in cands) and jobs["random-search"]["selection_seconds"] > 0
+    # Statistics of every pair; at n = 1 a verdict that says so, and a McNemar test on the same images.
+    pairs = {(c["a"], c["b"]) for c in summary["comparisons"]}
+    assert ("searched", "random-matched") in pairs and ("searched-perturbation", "searched") in pairs
+    for c in summary["comparisons"]:
+        assert {"paired_diff_mean", "paired_diff_se", "ci95", "t", "wilcoxon_p", "wins", "n", "verdict"} <= set(c)
+        assert c["n"] == 1 and "no test" in c["verdict"] and len(c["mcnemar"]) == 1
+    md = (out / "results.md").read_text()
+    assert "Paired comparisons" in md and "searched − random" in md
     assert json.loads((out / "searched" / "seed0" / "job.json").read_text())["key"][0][0] == "search"
 
 
@@ -232,3 +281,91 @@ def test_zoo_has_the_binary_resnet18_baseline(tmp_path, capsys):
     o = StudyOptions(study="zoo", out=tmp_path / "s")
     row = next(line for line in markdown(summarise(o, build_jobs(o))).splitlines() if "ResNet-18" in line)
     assert "| 91.0 |" in row and "not a cell network" in row
+
+
+def test_random_study_arms_wait_for_the_search_they_use_and_record_statistics(tmp_path):
+    o = StudyOptions(study="random", out=tmp_path / "study", seeds=6)
+    calls: list = []
+    summary = run_study(o, runner=_fake_runner(calls, top1=lambda v, s: 60 + s if v.startswith("searched") else 50 + s),
+                        log=lambda m: None, )
+    order = [(d.split("/study/")[1], n) for d, n in calls]
+    for seed in range(6):
+        search = order.index((f"searched/seed{seed}/search", "search"))
+        assert order.index((f"searched-perturbation/seed{seed}", "derive")) > search
+        assert order.index((f"random-matched/seed{seed}", "derive")) > order.index((f"searched/seed{seed}", "derive"))
+    comp = {(c["a"], c["b"]): c for c in summary["comparisons"]}
+    c = comp[("searched", "random")]
+    # +10 points in each of 6 seeds: every seed wins, Wilcoxon p = 2 / 2^6, a significant verdict.
+    assert (c["n"], c["wins"], c["paired_diff_mean"]) == (6, 6, 10.0)
+    assert c["wilcoxon_p"] == pytest.approx(2 / 64) and c["significant"]
+    assert c["verdict"].startswith("searched − random = +10.00 [+10.00, +10.00] points, paired, n = 6")
+    assert [m["seed"] for m in c["mcnemar"]] == list(range(6)) and all(m["a_only"] == 10 for m in c["mcnemar"])
+    assert comp[("searched-perturbation", "searched")]["verdict"].endswith("not distinguishable at this scale")
+    job = next(j for j in summary["jobs"] if j["variant"] == "random-search")
+    assert len(job["candidates"]) == 4 and sum(c["chosen"] for c in job["candidates"]) == 1
+    assert all(j["top1_se"] == pytest.approx(100 * (j["binary_top1"] / 100 * (1 - j["binary_top1"] / 100) / 100) ** 0.5)
+               for j in summary["jobs"])
+    assert summary["holdout"] == 1000 and "train" in job["executed"]
+    train_argv = job["executed"]["train"][0]["argv"]
+    assert train_argv[train_argv.index("--holdout") + 1] == "1000"
+
+
+def test_an_arm_whose_search_is_not_in_the_run_fails_at_once(tmp_path):
+    o = StudyOptions(study="random", out=tmp_path / "study", variants=("random-matched",))
+    lines: list = []
+    from bats_cli.errors import RunFailure
+
+    with pytest.raises(RunFailure, match="random-matched/seed0"):
+        run_study(o, runner=_fake_runner([]), log=lines.append)
+    assert any("which no job of this run will write" in line for line in lines)
+
+
+def test_best_of_runs_keeps_the_best_held_out_run_and_refuses_test_split_runs(tmp_path, capsys):
+    from bats_cli.ablate import best_of_runs
+    from bats_cli.derive import random_genotype
+    from bats_cli.errors import UserInputError
+
+    runs = []
+    for i, top1 in enumerate([31.0, 35.5, 33.0]):
+        d = tmp_path / f"r{i}"
+        d.mkdir()
+        (d / "result.json").write_text(json.dumps({"command": "train", "val_split": "holdout", "final_val_top1": top1}))
+        (d / "config.json").write_text(json.dumps({"genotype": random_genotype("bats", i, name=f"g{i}").to_dict()}))
+        runs.append(d)
+    picked = best_of_runs(runs)
+    assert picked["genotype"].name == "g1" and picked["chosen"] == str(runs[1])
+    code, out, err = cli(["genotype", "best", *map(str, runs), "-o", str(tmp_path / "best.json"), "--json"], capsys)
+    assert code == 0, err and json.loads(out)["genotype"] == "g1"
+    assert json.loads((tmp_path / "best.json").read_text())["name"] == "g1"
+    (runs[0] / "result.json").write_text(json.dumps({"command": "train", "val_split": "test", "final_val_top1": 99.0}))
+    with pytest.raises(UserInputError, match="validated on the test split"):
+        best_of_runs(runs)
+
+
+def test_evaluate_on_and_publish_recheck_a_study_without_training(tmp_path, capsys):
+    from bats_cli.ablate import evaluate_on, publish
+
+    o = StudyOptions(study="random", out=tmp_path / "study", seeds=2, variants=("searched", "random"))
+    run_study(o, runner=_fake_runner([], top1=lambda v, s: 60 if v == "searched" else 55), log=lambda m: None)
+    for job in build_jobs(o):  # what binarize leaves: the packed network
+        job.packed.parent.mkdir(parents=True, exist_ok=True)
+        job.packed.write_bytes(b"packed")
+    calls: list = []
+    summary = evaluate_on(o, tmp_path / "other-images", runner=_fake_runner(calls, top1=lambda v, s: 50), log=lambda m: None)
+    assert len(calls) == 4 and all(n == "eval-other-images" for _, n in calls)
+    assert summary["test_results"] == "eval-other-images.json"
+    assert (o.out / "results-other-images.json").is_file() and (o.out / "results-other-images.md").is_file()
+    c = summary["comparisons"][0]
+    assert (c["paired_diff_mean"], c["wins"], c["ties"]) == (0.0, 0, 2)
+    assert json.loads((o.out / "results.json").read_text())["comparisons"][0]["paired_diff_mean"] == 5.0
+    # A published copy: light files only, and the same summary from it.
+    dest = tmp_path / "published"
+    publish(o, dest, log=lambda m: None)
+    assert (dest / "searched" / "seed0" / "binarize" / "model.packed.safetensors").read_bytes() == b"packed"
+    assert (dest / "random" / "seed1" / "genotype.json").is_file() and (dest / "results.json").is_file()
+    assert not list(dest.rglob("*.log"))
+    again = json.loads((dest / "results.json").read_text())
+    assert again["comparisons"][0]["paired_diff_mean"] == 5.0
+    code, out, err = cli(["ablate", "random", "--out", str(o.out), "--evaluate-on", str(tmp_path / "x"),
+                          "--summary"], capsys)
+    assert code == 2 and "at most one of" in err

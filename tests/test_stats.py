@@ -136,7 +136,7 @@ def test_bootstrap_by_hand():
 
 A = [41.2, 40.9, 41.5, 40.8, 41.0, 41.3, 40.7, 41.1]
 KEYS = {"a", "b", "n", "paired_diff_mean", "paired_diff_se", "ci95", "t", "t_p", "wilcoxon_p",
-        "wins", "losses", "ties", "verdict"}
+        "wins", "losses", "ties", "verdict", "significant"}
 
 
 def test_paired_comparison_distinguishable():
@@ -154,6 +154,15 @@ def test_paired_comparison_distinguishable():
     assert 0 < lo < 0.6625 < hi
     assert r["verdict"] == (f"searched \u2212 random = +0.66 [+{lo:.2f}, +{hi:.2f}] points, paired, "
                             "n = 8, Wilcoxon p = 0.016, wins 7/8")
+    assert r["significant"] is True
+
+
+def test_all_wins_at_four_seeds_is_not_significant():
+    # 4/4 wins: the bootstrap interval is above 0, but the exact Wilcoxon p is 2/16 = 0.125.
+    r = paired_comparison([41.0, 40.0, 42.0, 43.0], [40.5, 39.0, 41.2, 42.9], name_a="searched", name_b="random")
+    assert r["ci95"][0] > 0 and r["wilcoxon_p"] == pytest.approx(0.125)
+    assert r["significant"] is False
+    assert r["verdict"].endswith("wins 4/4, but Wilcoxon p = 0.12 ≥ 0.05: not distinguishable at this scale")
 
 
 def test_paired_comparison_not_distinguishable():

@@ -51,6 +51,11 @@ def ablate_command(
     jobs: Annotated[int, opt("--jobs", panel="Run", min=1, max=MAX_WORKERS, help="Jobs run at the same time (local subprocesses).")] = 1,
     threads: Annotated[Optional[int], opt("--threads", panel="Run", min=1, max=MAX_THREADS, help="CPU threads of every step (default: the preset's).")] = None,
     reuse: Annotated[Optional[list[Path]], opt("--reuse", panel="Run", file_okay=False, metavar="DIR", help="Another study's directory (repeatable): its finished jobs with the same commands and seed are copied instead of run (e.g. space's BATS row = temperature's T = 0.2 row).")] = None,
+    subset: Annotated[Optional[int], opt("--subset", panel=STUDY, min=1, metavar="N", help="Training images of every `bats train` of the study (class-balanced, per seed), e.g. 10000 of cifar10-large; searches keep their preset's.")] = None,
+    holdout: Annotated[Optional[int], opt("--holdout", panel=STUDY, min=1, metavar="N", help="Training images held out of every training run as its validation set (selection never reads the test split). Default: cpu 1000, paper 5000, tiny 250.")] = None,
+    candidates: Annotated[Optional[int], opt("--candidates", panel=STUDY, min=1, metavar="N", help="random-search arm: random cells trained briefly before the best on the held-out images is kept. Default: cpu 4, paper 8, tiny 2.")] = None,
+    evaluate_on: Annotated[Optional[Path], opt("--evaluate-on", panel="Output", file_okay=False, metavar="DATA_DIR", help="Re-evaluate every finished job's packed network on DATA_DIR/val (an ImageFolder test split) and write results-<name>.json/.md with the same statistics; trains nothing.")] = None,
+    publish: Annotated[Optional[Path], opt("--publish", panel="Output", file_okay=False, metavar="DIR", help="Copy every finished job's genotype, packed network, results and predictions (no checkpoints) and the summary into DIR, a study directory others can re-check.")] = None,
     optimizer: Annotated[str, opt("--optimizer", panel=STUDY, help="Weights optimiser of every search: adam (default, §6.1); the same for every variant.")] = "adam",
     emit: Annotated[bool, opt("--emit", panel="Output", help="Print each unfinished job as one shell line of `bats` commands and run nothing.")] = False,
     summary: Annotated[bool, opt("--summary", panel="Output", help="Only write results.json/.md/.png from the jobs finished so far (e.g. while --emit's jobs run elsewhere); run nothing.")] = False,
@@ -72,10 +77,24 @@ def ablate_command(
 
     o = StudyOptions(study=study, out=out or Path("runs") / f"ablate-{study}", preset=preset,
                      dataset=dataset, data_dir=path_or_none(data_dir), seeds=seeds, jobs=jobs,
-                     threads=threads, optimizer=optimizer,
+                     threads=threads, optimizer=optimizer, subset=subset, holdout=holdout, candidates=candidates,
                      variants=tuple(v.strip() for v in (variants or "").split(",") if v.strip()))
-    if emit and summary:
-        raise UserInputError("give either --emit or --summary, not both")
+    if sum(map(bool, (emit, summary, evaluate_on, publish))) > 1:
+        raise UserInputError("give at most one of --emit, --summary, --evaluate-on, --publish")
+    if (evaluate_on or publish) and not o.out.is_dir():
+        raise UserInputError(f"--out {o.out}: no study there yet")
+    if evaluate_on:
+        from bats_cli.ablate import evaluate_on as reevaluate
+
+        log = (lambda m: print(m, file=sys.stderr, flush=True))
+        emit_result(reevaluate(o, evaluate_on, log=log), as_json=as_json, table_fn=result_table)
+        return
+    if publish:
+        from bats_cli.ablate import publish as publish_study
+
+        log = (lambda m: print(m, file=sys.stderr, flush=True))
+        emit_result(publish_study(o, publish, log=log), as_json=as_json, table_fn=result_table)
+        return
     if reuse and (emit or summary):
         raise UserInputError("--reuse copies finished jobs into the study; run without --emit / --summary to use it")
     if emit:

@@ -243,3 +243,34 @@ def import_(
             safe_text(f"wrote {output} ({g.name}, {g.space}, {g.steps('normal')}+{g.steps('reduce')} nodes)"),
             file=sys.stderr,
         )
+
+
+@genotype_app.command("best")
+def best(
+    runs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR", help="Finished `bats train --holdout N` run directories.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Write the chosen genotype's JSON here.")],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the candidates and the choice as JSON.")] = False,
+) -> None:
+    """Keep the genotype of the run with the best top-1 on its held-out training images.
+
+    The selection step of the random-search baseline (`bats ablate random`): runs must have been
+    trained with --holdout, so the test split plays no part in the choice.
+
+    Example: bats genotype best runs/cand0 runs/cand1 runs/cand2 -o best.json
+    """
+    from bats_cli.ablate import best_of_runs
+    from bats_cli.outputs import check_output_file
+
+    check_output_file(output, flag="--output", force=force, inputs=[])
+    picked = best_of_runs(runs)
+    picked["genotype"].save(output)
+    report = {"chosen": picked["chosen"], "genotype": picked["genotype"].name, "output": str(output),
+              "candidates": picked["candidates"]}
+    if as_json:
+        sys.stdout.write(json.dumps(report) + "\n")
+    for c in picked["candidates"]:
+        mark = "*" if c["run"] == picked["chosen"] else " "
+        print(safe_text(f"{mark} {c['holdout_top1']:6.2f} % held-out top-1  {c['genotype']}  ({c['run']})"),
+              file=sys.stderr)
+    print(safe_text(f"wrote {output} ({picked['genotype'].name})"), file=sys.stderr)
