@@ -242,6 +242,8 @@ class StageResult:
     seconds: float
     genotype_path: str | None = None
     candidates_after: int | None = None
+    # search_health.summarise_stage without the per-epoch list and the cell (untempered measures).
+    health: dict[str, Any] | None = None
 
 
 @dataclass
@@ -272,6 +274,7 @@ class SearchResult:
                     "epochs": s.epochs,
                     "seconds": round(s.seconds, 3),
                     "genotype_path": s.genotype_path,
+                    **({"health": s.health} if s.health is not None else {}),
                 }
                 for s in self.stages
             ],
@@ -537,12 +540,25 @@ class Searcher(RunJob):
             row[f"entropy_normal_{src}_{dst}"] = round(float(ent_n[e]), 6)
         for e, (src, dst) in enumerate(edge_endpoints(cfg.nodes)):
             row[f"entropy_reduce_{src}_{dst}"] = round(float(ent_r[e]), 6)
+        # Not tempered by construction (search_health): softmax(α) at T = 1, α spread, cell changes.
+        row.update({k: round(v, 6) for k, v in doc["untempered"].items()})
+        row["changed_edges_last"] = self._changed_edges_last(genotype)
         self.accum = _Accum()
         return row
+
+    def _changed_edges_last(self, genotype: Genotype) -> int | None:
+        """Derived edges changed since the stage's epoch e - STABLE_EPOCHS (epoch 0: initial α)."""
+        from bats_cli.search_health import STABLE_EPOCHS, changed_edges, read_alphas
+
+        before = read_alphas(self.run.path, self.stage + 1, max(self.epoch - STABLE_EPOCHS, 0))
+        if before is None or not before.get("genotype"):
+            return None
+        return changed_edges(before["genotype"], genotype.to_dict())
 
     def after_epoch(self, row) -> tuple[str, ...]:
         self.reporter.line(
             f"  H(normal)={row['entropy_normal']:.3f} H(reduce)={row['entropy_reduce']:.3f} "
+            f"α spread={row['alpha_spread_normal']:.3f}/{row['alpha_spread_reduce']:.3f} "
             f"param-free={row['param_free_normal']:.2f}/{row['param_free_reduce']:.2f}  "
             f"{row['genotype']}"
         )
@@ -582,7 +598,10 @@ class Searcher(RunJob):
         return f"stage{self.stage + 1}_epoch{e:0{width}d}"
 
     def write_alphas(self, genotype: Genotype, phase: str) -> dict[str, Any]:
-        """alphas/stageK_epochNN.json: softmax weights, α, entropy per edge; parameter-free share."""
+        """alphas/stageK_epochNN.json: softmax weights, α, entropy per edge; parameter-free share;
+        the untempered measures of search_health (T = 1 entropy, α spread)."""
+        from bats_cli.search_health import alpha_measures
+
         wn, wr = self.current_weights()
         steps = self.cfg.nodes
         ent_n, ent_r = edge_entropy(wn), edge_entropy(wr)
@@ -597,6 +616,8 @@ class Searcher(RunJob):
             "temperature_reduce": round(float(self.model.temperature_reduce), 6),
             "entropy_mean": {"normal": float(ent_n.mean()), "reduce": float(ent_r.mean())},
             "entropy_max": math.log(len(self.candidates_normal[0])),
+            "untempered": alpha_measures(self.model.alpha_normal.detach().double().cpu(),
+                                         self.model.alpha_reduce.detach().double().cpu()),
             "parameter_free_share": share,
             "skip_connections": skip_count(genotype),
             "genotype": genotype.to_dict(),
@@ -616,9 +637,19 @@ class Searcher(RunJob):
         return [
             StageResult(stage=past + 1, layers=cfg.layers[past], ops=cfg.ops[past], epochs=cfg.epochs,
                         seconds=self.stage_seconds[past],
-                        genotype_path=str(self.run.path / "genotypes" / f"stage{past + 1}.json"))
+                        genotype_path=str(self.run.path / "genotypes" / f"stage{past + 1}.json"),
+                        health=self._stage_health(past + 1))
             for past in range(self.stage)
         ]
+
+    def _stage_health(self, stage: int) -> dict[str, Any] | None:
+        """The stage's untempered measures from its alphas files (search_health.summarise_stage)."""
+        from bats_cli.search_health import summarise_stage
+
+        summary = summarise_stage(self.run.path, stage)
+        if summary is None:
+            return None
+        return {k: v for k, v in summary.items() if k not in ("per_epoch", "genotype")}
 
     def next_segment(self) -> bool:
         self.stage_results.append(self.end_stage())
@@ -639,36 +670,41 @@ class Searcher(RunJob):
         stage_ckpt = self.run.path / f"stage{self.stage + 1}.safetensors"
         shutil.copyfile(self.run.last, stage_ckpt.with_suffix(".safetensors.tmp"))
         Path(stage_ckpt.with_suffix(".safetensors.tmp")).replace(stage_ckpt)
-        self._check_stage(genotype)
+        health = self._check_stage()
         result = StageResult(
             stage=self.stage + 1, layers=cfg.layers[self.stage], ops=cfg.ops[self.stage],
             epochs=cfg.epochs, seconds=self.stage_seconds[self.stage],
-            genotype_path=str(gpath),
+            genotype_path=str(gpath), health=health,
         )
+        from bats_cli.search_health import stage_line
+
         self.reporter.line(
             f"stage {self.stage + 1}/{cfg.stages} done in {self.stage_seconds[self.stage]:.1f} s: "
             f"{genotype_summary(genotype)}"
         )
+        if health:
+            self.reporter.line(f"  stage {self.stage + 1} α: {stage_line(health)}")
         return result
 
-    def _check_stage(self, genotype: Genotype) -> None:
-        """Warn (and record) when this stage's α stayed near uniform or its cell kept changing."""
-        from bats_cli.search_health import read_epoch_genotypes, stage_warnings
+    def _check_stage(self) -> dict[str, Any] | None:
+        """Warn (and record) when this stage's α barely moved or its cell kept changing; returns
+        the stage's health (untempered measures) for result.json."""
+        from bats_cli.search_health import alpha_measures, read_epoch_genotypes, stage_warnings
 
         cfg = self.cfg
-        wn, wr = self.current_weights()
-        hmax = math.log(len(self.candidates_normal[0]))
+        measures = alpha_measures(self.model.alpha_normal.detach().double().cpu(),
+                                  self.model.alpha_reduce.detach().double().cpu())
         width = max(2, len(str(cfg.epochs)))
         found = stage_warnings(
             stage=self.stage + 1,
-            entropy_normal_rel=float(edge_entropy(wn).mean()) / hmax if hmax else 0.0,
-            entropy_reduce_rel=float(edge_entropy(wr).mean()) / hmax if hmax else 0.0,
+            **measures,
             search_genotypes=read_epoch_genotypes(self.run.path, self.stage + 1,
                                                   range(cfg.warmup + 1, cfg.epochs + 1), width),
         )
         self.warnings = [w for w in self.warnings if w["stage"] != self.stage + 1] + found
         for w in found:
             self.reporter.warn(w["message"])
+        return self._stage_health(self.stage + 1)
 
     def advance_stage(self) -> None:
         cfg = self.cfg
