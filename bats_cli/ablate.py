@@ -273,6 +273,35 @@ def _threads(o: StudyOptions) -> tuple[str, ...]:
     return ("--threads", str(o.threads)) if o.threads else ()
 
 
+# The options a study directory was made with: --summary, --evaluate-on and --publish read them
+# back, so a study (or a published copy) is re-checked without repeating its flags.
+STUDY_NAME = "study.json"
+_RECORDED = ("study", "preset", "dataset", "data_dir", "seeds", "optimizer", "variants", "subset", "holdout",
+             "candidates")
+
+
+def study_record(o: StudyOptions) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((k, getattr(o, k)) for k in _RECORDED)}
+
+
+def recorded_options(out: Path, study: str, *, seeds: int | None = None,
+                     variants: Sequence[str] = ()) -> StudyOptions | None:
+    """The options recorded in ``out/study.json`` (None if there is none); ``seeds`` / ``variants``
+    given on the command line narrow or extend them."""
+    rec = _read(out / STUDY_NAME)
+    if rec is None:
+        return None
+    if rec.get("study") != study:
+        raise UserInputError(f"{out} holds a {rec.get('study')!r} study, not {study!r}")
+    try:
+        kw = {k: rec.get(k) for k in _RECORDED}
+        kw["variants"] = tuple(variants) or tuple(kw.get("variants") or ())
+        kw["seeds"] = seeds or int(kw.get("seeds") or 1)
+        return StudyOptions(out=out, **{k: v for k, v in kw.items() if v is not None})
+    except (TypeError, ValueError) as exc:
+        raise UserInputError(f"{out / STUDY_NAME}: not a valid study record ({exc})") from None
+
+
 def _train_flags(o: StudyOptions) -> tuple[str, ...]:
     """Data flags of every `bats train` of the study: the data, its training subset, the hold-out."""
     subset = ("--subset", str(o.subset)) if o.subset else ()
@@ -543,6 +572,7 @@ def run_study(o: StudyOptions, *, runner: Runner = subprocess_runner, log: Calla
     instead of being run again."""
     jobs = build_jobs(o)
     o.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(o.out / STUDY_NAME, study_record(o))
     for job in jobs:
         job.dir.parent.mkdir(parents=True, exist_ok=True)
     reuse_jobs(jobs, reuse, log)
@@ -598,9 +628,29 @@ def publish(o: StudyOptions, dest: Path, log: Callable[[str], None] = print) -> 
                 shutil.copyfile(src, tmp)
                 tmp.replace(target)
                 copied += 1
+    atomic_write_json(dest / STUDY_NAME, study_record(o))
     summary = write_summary(replace(o, out=dest), build_jobs(replace(o, out=dest)))
     log(f"published {copied} files of {sum(1 for j in build_jobs(o) if j.finished)} finished jobs to {dest}")
     return summary
+
+
+def _test_layout(data_dir: Path, dataset: str) -> Path:
+    """A directory `bats eval --data-dir` reads (train/ + val/, test images in val/) for a test split
+    given as DIR with val/ (train/ optional: only its class folder names are read) or as a folder of
+    class folders; links in a temporary directory stand in for what is missing."""
+    import tempfile
+
+    if not data_dir.is_dir():
+        raise UserInputError(f"--evaluate-on {data_dir}: no such directory")
+    if (data_dir / "train").is_dir() and (data_dir / "val").is_dir():
+        return data_dir
+    split = data_dir / "val" if (data_dir / "val").is_dir() else data_dir
+    if not any(p.is_dir() for p in split.iterdir()):
+        raise UserInputError(f"--evaluate-on {data_dir}: expected DIR/val/<class>/*.jpg (or DIR/<class>/*.jpg)")
+    tmp = Path(tempfile.mkdtemp(prefix="bats-evaluate-on-"))
+    for name in ("train", "val"):
+        (tmp / name).symlink_to(split.resolve(), target_is_directory=True)
+    return tmp
 
 
 def data_slug(data_dir: str | Path) -> str:
@@ -618,6 +668,7 @@ def evaluate_on(o: StudyOptions, data_dir: str | Path, *, dataset: str = "imagef
     ``results-<slug>.json/.md`` with the same statistics. No training: minutes for a study."""
     slug = data_slug(data_dir)
     eval_name = f"eval-{slug}.json"
+    layout = _test_layout(Path(data_dir), dataset)
     jobs = build_jobs(o)
     done = [j for j in jobs if j.finished and j.packed.is_file()]
     if not done:
@@ -626,7 +677,7 @@ def evaluate_on(o: StudyOptions, data_dir: str | Path, *, dataset: str = "imagef
     log(f"ablate {o.study}: re-evaluating {len(done)} networks on {data_dir} -> {eval_name}")
     failed = []
     for job in done:
-        step = Step(f"eval-{slug}", ("eval", str(job.packed), "--dataset", dataset, "--data-dir", str(data_dir),
+        step = Step(f"eval-{slug}", ("eval", str(job.packed), "--dataset", dataset, "--data-dir", str(layout),
                                      *_threads(o), "--output", str(job.dir / eval_name)), job.dir / eval_name)
         code = runner(step, job.dir / "logs" / f"{step.name}.log")
         record_executed(job.dir, step, code)

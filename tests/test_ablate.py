@@ -350,9 +350,19 @@ def test_evaluate_on_and_publish_recheck_a_study_without_training(tmp_path, caps
     for job in build_jobs(o):  # what binarize leaves: the packed network
         job.packed.parent.mkdir(parents=True, exist_ok=True)
         job.packed.write_bytes(b"packed")
+    other = tmp_path / "other-images"
+    (other / "val" / "cat").mkdir(parents=True)  # a test split alone: no train/ beside it
     calls: list = []
-    summary = evaluate_on(o, tmp_path / "other-images", runner=_fake_runner(calls, top1=lambda v, s: 50), log=lambda m: None)
+    seen: list = []
+
+    def runner(step, log):
+        data_dir = Path(step.argv[step.argv.index("--data-dir") + 1])
+        seen.append(sorted(p.name for p in (data_dir / "train").iterdir()))
+        return _fake_runner(calls, top1=lambda v, s: 50)(step, log)
+
+    summary = evaluate_on(o, other, runner=runner, log=lambda m: None)
     assert len(calls) == 4 and all(n == "eval-other-images" for _, n in calls)
+    assert seen == [["cat"]] * 4  # train/ stands in with val/'s class folders
     assert summary["test_results"] == "eval-other-images.json"
     assert (o.out / "results-other-images.json").is_file() and (o.out / "results-other-images.md").is_file()
     c = summary["comparisons"][0]

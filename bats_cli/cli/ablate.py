@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Mapping, Optional
 
@@ -27,7 +28,9 @@ STUDY = "Study"
 def result_table(summary: Mapping[str, Any]) -> Any:
     from rich.table import Table
 
-    t = Table(title=f"bats ablate {summary['study']} (preset {summary['preset']})")
+    verdicts = [c["verdict"] for c in summary.get("comparisons") or []]
+    t = Table(title=f"bats ablate {summary['study']} (preset {summary['preset']})",
+              caption="\n".join(verdicts) or None, caption_justify="left")
     for col in ("variant", "paper", "n", "binary top-1", "step-1 top-1", "param-free normal"):
         t.add_column(col)
     for v in summary["variants"]:
@@ -47,7 +50,7 @@ def ablate_command(
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
     variants: Annotated[Optional[str], opt("--variants", panel=STUDY, metavar="A,B", help="Run only these rows of the study, comma-separated (e.g. --variants T0.2,T0.05).")] = None,
-    seeds: Annotated[int, opt("--seeds", panel=STUDY, min=1, help="Seeds per variant (0..N-1).")] = 1,
+    seeds: Annotated[Optional[int], opt("--seeds", panel=STUDY, min=1, help="Seeds per variant (0..N-1). Default 1; with --summary / --evaluate-on / --publish, the study's recorded number.")] = None,
     jobs: Annotated[int, opt("--jobs", panel="Run", min=1, max=MAX_WORKERS, help="Jobs run at the same time (local subprocesses).")] = 1,
     threads: Annotated[Optional[int], opt("--threads", panel="Run", min=1, max=MAX_THREADS, help="CPU threads of every step (default: the preset's).")] = None,
     reuse: Annotated[Optional[list[Path]], opt("--reuse", panel="Run", file_okay=False, metavar="DIR", help="Another study's directory (repeatable): its finished jobs with the same commands and seed are copied instead of run (e.g. space's BATS row = temperature's T = 0.2 row).")] = None,
@@ -76,13 +79,21 @@ def ablate_command(
     from bats_cli.ablate import StudyOptions, build_jobs, emit_lines, run_study, write_summary
 
     o = StudyOptions(study=study, out=out or Path("runs") / f"ablate-{study}", preset=preset,
-                     dataset=dataset, data_dir=path_or_none(data_dir), seeds=seeds, jobs=jobs,
+                     dataset=dataset, data_dir=path_or_none(data_dir), seeds=seeds or 1, jobs=jobs,
                      threads=threads, optimizer=optimizer, subset=subset, holdout=holdout, candidates=candidates,
                      variants=tuple(v.strip() for v in (variants or "").split(",") if v.strip()))
     if sum(map(bool, (emit, summary, evaluate_on, publish))) > 1:
         raise UserInputError("give at most one of --emit, --summary, --evaluate-on, --publish")
-    if (evaluate_on or publish) and not o.out.is_dir():
+    if reuse and (emit or summary or evaluate_on or publish):
+        raise UserInputError("--reuse copies finished jobs into the study; run without --emit / --summary / "
+                             "--evaluate-on / --publish to use it")
+    if (evaluate_on or publish or summary) and not o.out.is_dir():
         raise UserInputError(f"--out {o.out}: no study there yet")
+    if evaluate_on or publish or summary:
+        from bats_cli.ablate import recorded_options
+
+        # A study directory records its options: re-checking it needs only --out.
+        o = replace(recorded_options(o.out, study, seeds=seeds, variants=o.variants) or o, jobs=jobs, threads=threads)
     if evaluate_on:
         from bats_cli.ablate import evaluate_on as reevaluate
 
@@ -95,15 +106,11 @@ def ablate_command(
         log = (lambda m: print(m, file=sys.stderr, flush=True))
         emit_result(publish_study(o, publish, log=log), as_json=as_json, table_fn=result_table)
         return
-    if reuse and (emit or summary):
-        raise UserInputError("--reuse copies finished jobs into the study; run without --emit / --summary to use it")
     if emit:
         for line in emit_lines(build_jobs(o)):
             sys.stdout.write(line + "\n")
         return
     if summary:
-        if not o.out.is_dir():
-            raise UserInputError(f"--out {o.out}: no study there yet")
         emit_result(write_summary(o, build_jobs(o)), as_json=as_json, table_fn=result_table)
         return
     if o.dataset == "imagefolder" and not o.data_dir:
