@@ -437,8 +437,9 @@ def subprocess_runner(step: Step, log: Path) -> int:
         return code
 
 
-def run_job(job: Job, runner: Runner = subprocess_runner) -> str:
-    """Run the unfinished steps of ``job`` in order; 'done', 'failed' or 'interrupted'."""
+def run_job(job: Job, runner: Runner = subprocess_runner, running: dict[str, Step] | None = None) -> str:
+    """Run the unfinished steps of ``job`` in order; 'done', 'failed' or 'interrupted'.
+    ``running``: updated with the step each job is at (for progress lines)."""
     times_path = job.dir / STEPS_NAME
     times = json.loads(times_path.read_text(encoding="utf-8")) if times_path.is_file() else {}
     job.dir.mkdir(parents=True, exist_ok=True)
@@ -447,6 +448,8 @@ def run_job(job: Job, runner: Runner = subprocess_runner) -> str:
         if step.done.is_file():
             continue
         job.dir.mkdir(parents=True, exist_ok=True)
+        if running is not None:
+            running[job.name] = step
         start = time.perf_counter()
         code = runner(step, job.dir / "logs" / f"{step.name}.log")
         times[step.name] = round(times.get(step.name, 0.0) + time.perf_counter() - start, 1)
@@ -457,6 +460,39 @@ def run_job(job: Job, runner: Runner = subprocess_runner) -> str:
         if code != 0 or not step.done.is_file():
             return "failed"
     return "done"
+
+
+def step_error(job: Job) -> str | None:
+    """The last `error:` line of the job's most recent step log (why it failed), if any."""
+    logs = sorted((job.dir / "logs").glob("*.log"), key=lambda p: p.stat().st_mtime)
+    for log in reversed(logs[-1:]):
+        try:
+            lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return None
+        errors = [line.strip() for line in lines if line.startswith("error:")]
+        if errors:
+            return f"{log.stem}: {errors[-1]}"
+    return None
+
+
+def step_progress(job: Job, step: Step) -> str:
+    """Where a running step is, from its run directory's metrics.csv: 'search stage 2/3, epoch 14'."""
+    import csv
+
+    run_dir = step.done.parent
+    row: dict[str, str] = {}
+    try:
+        with open(run_dir / "metrics.csv", newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                pass
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return f"{step.name} (starting)"
+    if not row:
+        return f"{step.name} (first epoch)"
+    if step.name == "search" and row.get("stage"):
+        return f"search stage {row['stage']}/3, epoch {row.get('epoch', '?')} done"
+    return f"{step.name} epoch {row.get('epoch', '?')} done"
 
 
 def record_executed(job_dir: Path, step: Step, code: int) -> None:
@@ -510,7 +546,7 @@ def reuse_jobs(jobs: Sequence[Job], sources: Sequence[Path], log: Callable[[str]
 
 
 def _schedule(pending: Sequence[Job], workers: int, runner: Runner, status: dict[str, str],
-              log: Callable[[str], None], poll: float = 1.0) -> None:
+              log: Callable[[str], None], poll: float = 1.0, progress_every: float = 120.0) -> None:
     """Run ``pending`` jobs ``workers`` at a time, each once the files it requires exist (another
     variant's search or genotype); a job whose requirement can no longer appear fails at once."""
     import threading
@@ -538,21 +574,32 @@ def _schedule(pending: Sequence[Job], workers: int, runner: Runner, status: dict
                     lock.wait(poll)
             return None
 
+    running: dict[str, Step] = {}
+    by_name = {j.name: j for j in pending}
+
     def worker() -> None:
         while (job := take()) is not None:
             log(f"  start {job.name}")
-            result = run_job(job, runner)
+            result = run_job(job, runner, running)
             with lock:
+                running.pop(job.name, None)
                 status[job.name] = result
                 lock.notify_all()
-            log(f"  {result:<11} {job.name}" + (f" (logs: {job.dir / 'logs'})" if result == "failed" else ""))
+            why = step_error(job) if result == "failed" else None
+            log(f"  {result:<11} {job.name}" + (f": {why}" if why else "")
+                + (f" (logs: {job.dir / 'logs'})" if result == "failed" else ""))
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, min(workers, len(queue))))]
     for t in threads:
         t.start()
+    last = time.monotonic()
     for t in threads:
         while t.is_alive():
             t.join(0.5)  # a timed join keeps the main thread responsive to Ctrl-C
+            if progress_every and time.monotonic() - last >= progress_every:
+                last = time.monotonic()
+                for name, step in list(running.items()):
+                    log(f"  running     {name}: {step_progress(by_name[name], step)}")
 
 
 def _outputs(job: Job) -> list[Path]:
@@ -564,6 +611,21 @@ def _dead(producer: Job | None, status: Mapping[str, str], queue: Sequence[Job])
     return producer is None or (producer not in queue and producer.name in status)
 
 
+def check_data(o: StudyOptions) -> None:
+    """Refuse a study whose data no job could read, before the first job starts (one error line
+    instead of every job failing in its log)."""
+    from bats_cli.data import describe_spec
+    from bats_cli.data.sources import require_split_dirs
+
+    if o.dataset is None:
+        return  # each preset's own data (the embedded fashion-mini at tiny; CIFAR-10 otherwise)
+    if o.dataset == "imagefolder":
+        if not o.data_dir:
+            raise UserInputError("--dataset imagefolder needs --data-dir")
+        require_split_dirs(o.data_dir, "imagefolder")
+    describe_spec(o.dataset, o.data_dir)
+
+
 def run_study(o: StudyOptions, *, runner: Runner = subprocess_runner, log: Callable[[str], None] = print,
               reuse: Sequence[Path] = ()) -> dict:
     """Run every unfinished job (``o.jobs`` at a time), then write the summary; returns it.
@@ -571,6 +633,8 @@ def run_study(o: StudyOptions, *, runner: Runner = subprocess_runner, log: Calla
     ``reuse``: other studies' directories whose finished jobs with the same commands are copied
     instead of being run again."""
     jobs = build_jobs(o)
+    if any(not j.finished for j in jobs):
+        check_data(o)
     o.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(o.out / STUDY_NAME, study_record(o))
     for job in jobs:
@@ -761,6 +825,8 @@ def job_record(job: Job, status: str | None = None, *, eval_name: str = EVAL_NAM
     # The argv of every step as it ran (recorded by run_job), not regenerated from today's code.
     rec["executed"] = _read(job.dir / EXECUTED_NAME) or {}
     rec["reused_from"] = (_read(job.dir / JOB_NAME) or {}).get("reused_from")
+    if rec["status"] == "failed":
+        rec["error"] = step_error(job)
     if sr is not None:
         from bats_cli.search_health import summarise_run
 
@@ -1023,6 +1089,11 @@ def markdown(summary: Mapping[str, Any]) -> str:
             f"{_num(None if v['seconds_mean'] is None else v['seconds_mean'] / 60, '.1f')} |"
         )
     lines.append("")
+    failed = [j for j in s.get("jobs", []) if j.get("status") == "failed"]
+    if failed:
+        lines += ["Failed jobs (rerun the study to retry them):", ""]
+        lines += [f"- {j['variant']}/seed{j['seed']}: {j.get('error') or 'see its logs/'}" for j in failed]
+        lines.append("")
     if s.get("comparisons"):
         lines += ["## Paired comparisons (fully binary top-1, seed for seed)", "",
                   "Mean paired difference [seeded 95 % bootstrap interval], exact Wilcoxon signed-rank p, "

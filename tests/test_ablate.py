@@ -379,3 +379,37 @@ def test_evaluate_on_and_publish_recheck_a_study_without_training(tmp_path, caps
     code, out, err = cli(["ablate", "random", "--out", str(o.out), "--evaluate-on", str(tmp_path / "x"),
                           "--summary"], capsys)
     assert code == 2 and "at most one of" in err
+
+
+def test_a_study_checks_its_data_before_the_first_job(tmp_path, capsys):
+    from tests.helpers import one_line_error
+
+    code, _, err = cli(["ablate", "random", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "nowhere"),
+                        "--out", str(tmp_path / "s")], capsys)
+    one_line_error(code, err, "nowhere")
+    assert not (tmp_path / "s" / "searched").exists()  # no job started
+
+
+def test_a_failed_job_says_why_and_a_running_one_where_it_is(tmp_path):
+    from bats_cli.ablate import step_progress
+    from bats_cli.errors import RunFailure
+
+    o = StudyOptions(study="random", out=tmp_path / "study", variants=("random",))
+
+    def failing(step, log):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("training...\nerror: --batch-size 256 is larger than the 100 training images\n")
+        return 2
+
+    lines: list = []
+    with pytest.raises(RunFailure):
+        run_study(o, runner=failing, log=lines.append)
+    assert any("failed" in line and "derive: error: --batch-size 256" in line for line in lines)
+    summary = json.loads((o.out / "results.json").read_text())
+    assert summary["jobs"][0]["error"].startswith("derive: error:")
+    assert "random/seed0: derive: error:" in (o.out / "results.md").read_text()
+    job = build_jobs(o)[0]
+    train = next(s for s in job.steps if s.name == "train")
+    train.done.parent.mkdir(parents=True)
+    (train.done.parent / "metrics.csv").write_text("epoch,train_loss\n1,2.0\n2,1.5\n")
+    assert step_progress(job, train) == "train epoch 2 done"
