@@ -128,7 +128,10 @@ class Job:
         return self.result.is_file()
 
     def shell(self) -> str:
-        return " && ".join(step.shell() for step in self.steps)
+        """The job as one shell line; a job that reads another row's files first waits for them
+        (the rows run as separate processes under GNU parallel or a SLURM array)."""
+        wait = [f"until [ -e {shlex.quote(str(p))} ]; do sleep 60; done" for p in self.requires]
+        return " && ".join([*wait, *(step.shell() for step in self.steps)])
 
     def key(self) -> list[list[str]]:
         """The job's commands without what does not change its result (its directory, threads, --quiet):
@@ -406,9 +409,52 @@ def best_of_runs(run_dirs: Sequence[Path]) -> dict[str, Any]:
             "candidates": [{k: v for k, v in r.items() if k != "_g"} for r in rows]}
 
 
+EMIT_FORMATS = ("shell", "slurm")
+# SLURM sends SIGTERM this many seconds before a task's time limit: every long step saves a
+# resumable checkpoint on SIGTERM and exits 130, and the task requeues itself to continue.
+SLURM_TERM_MARGIN_S = 300
+
+
 def emit_lines(jobs: Sequence[Job]) -> list[str]:
     """One shell line per unfinished job."""
     return [job.shell() for job in jobs if not job.finished]
+
+
+def slurm_script(o: StudyOptions, jobs: Sequence[Job]) -> str:
+    """A SLURM array script with one task per unfinished job (`sbatch` it from the directory the
+    study's paths are relative to); a task stopped at its time limit requeues itself and resumes
+    (every step runs with --resume-or-start). Collect with `bats ablate ... --summary`."""
+    lines = emit_lines(jobs)
+    if not lines:
+        raise UserInputError(f"every job of the study in {o.out} has finished; nothing to submit "
+                             "(`--summary` writes the results)")
+    body = "\n".join(f"  {shlex.quote(line)}" for line in lines)
+    return f"""#!/bin/bash
+# bats ablate {o.study}: {len(lines)} unfinished job(s), one array task each.
+# Submit from the directory the study was planned in:  sbatch THIS_FILE
+# Then collect:  bats ablate {o.study} --out {shlex.quote(str(o.out))} --summary
+#SBATCH --job-name=bats-ablate-{o.study}
+#SBATCH --array=0-{len(lines) - 1}
+#SBATCH --requeue
+#SBATCH --signal=B:TERM@{SLURM_TERM_MARGIN_S}
+#SBATCH --output=bats-ablate-{o.study}-%A_%a.log
+set -uo pipefail
+cd "${{SLURM_SUBMIT_DIR:-.}}"
+jobs=(
+{body}
+)
+requeue() {{
+  # Time limit near: the running step saves a resumable checkpoint (exit 130); run again later.
+  kill -TERM "$child" 2>/dev/null
+  wait "$child"
+  scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
+  exit 0
+}}
+trap requeue TERM
+bash -c "${{jobs[$SLURM_ARRAY_TASK_ID]}}" &
+child=$!
+wait "$child"
+"""
 
 
 # --------------------------------------------------------------------------- running

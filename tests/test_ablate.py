@@ -103,7 +103,7 @@ def test_emit_prints_one_valid_bats_command_line_per_job(tmp_path, capsys):
     from bats_cli.cli import COMMAND_MODULES, _load_commands
     from bats_cli.cli.app import app
 
-    code, out, err = cli(["ablate", "temperature", "--emit", "--seeds", "2", "--dataset", "imagefolder",
+    code, out, err = cli(["ablate", "temperature", "--emit", "shell", "--seeds", "2", "--dataset", "imagefolder",
                           "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "s")], capsys)
     assert code == 0, err
     lines = out.splitlines()
@@ -142,7 +142,7 @@ def test_strategy_study_keeps_the_optimiser_fixed(tmp_path):
 def test_bad_study_is_one_line_error(capsys):
     from tests.helpers import one_line_error
 
-    code, _, err = cli(["ablate", "nonsense", "--emit"], capsys)
+    code, _, err = cli(["ablate", "nonsense", "--emit", "shell"], capsys)
     one_line_error(code, err, "unknown study")
 
 
@@ -204,9 +204,9 @@ def test_variants_selects_rows_and_rejects_unknown_names(tmp_path, capsys):
 
     o = StudyOptions(study="temperature", out=tmp_path, seeds=2, variants=("T0.05", "T1"))
     assert [j.name for j in build_jobs(o)] == ["T1/seed0", "T0.05/seed0", "T1/seed1", "T0.05/seed1"]
-    code, _, err = cli(["ablate", "temperature", "--variants", "T0.3", "--emit"], capsys)
+    code, _, err = cli(["ablate", "temperature", "--variants", "T0.3", "--emit", "shell"], capsys)
     one_line_error(code, err, "unknown --variants T0.3")
-    code, _, err = cli(["ablate", "temperature", "--reuse", str(tmp_path), "--emit"], capsys)
+    code, _, err = cli(["ablate", "temperature", "--reuse", str(tmp_path), "--emit", "shell"], capsys)
     one_line_error(code, err, "--reuse")
 
 
@@ -259,7 +259,7 @@ def test_zoo_has_the_binary_resnet18_baseline(tmp_path, capsys):
 
     variants = {v.name: v for v in study_variants("zoo")}
     assert variants["resnet18"].paper == "91.0" and "ResNet-18" in variants["resnet18"].label
-    code, out, err = cli(["ablate", "zoo", "--emit", "--out", str(tmp_path / "s")], capsys)
+    code, out, err = cli(["ablate", "zoo", "--emit", "shell", "--out", str(tmp_path / "s")], capsys)
     assert code == 0, err
     line = next(line for line in out.splitlines() if "/resnet18/" in line)
     _load_commands()
@@ -413,3 +413,26 @@ def test_a_failed_job_says_why_and_a_running_one_where_it_is(tmp_path):
     train.done.parent.mkdir(parents=True)
     (train.done.parent / "metrics.csv").write_text("epoch,train_loss\n1,2.0\n2,1.5\n")
     assert step_progress(job, train) == "train epoch 2 done"
+
+
+def test_emit_slurm_writes_an_array_script_with_one_task_per_unfinished_job(tmp_path, capsys):
+    import subprocess
+
+    out = tmp_path / "s"
+    o = StudyOptions(study="random", out=out, preset="tiny", seeds=2)
+    jobs = build_jobs(o)
+    jobs[0].result.parent.mkdir(parents=True)
+    jobs[0].result.write_text("{}")  # one finished job: not submitted again
+    code, script, err = cli(["ablate", "random", "--preset", "tiny", "--seeds", "2", "--out", str(out),
+                             "--emit", "slurm"], capsys)
+    assert code == 0, err
+    path = tmp_path / "random.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    assert f"#SBATCH --array=0-{len(jobs) - 2}" in script  # 10 jobs, 1 finished: tasks 0..8
+    assert "#SBATCH --requeue" in script and "--signal=B:TERM@" in script and "scontrol requeue" in script
+    # Each task's line is a job's steps; a row that reads another's search waits for it.
+    assert script.count("--resume-or-start") >= len(jobs) - 1
+    assert "until [ -e " in script and "searched/seed1/search/result.json" in script
+    code, _, err = cli(["ablate", "random", "--emit", "pbs"], capsys)
+    assert code == 2 and "--emit 'pbs'" in err

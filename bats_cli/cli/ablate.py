@@ -60,19 +60,21 @@ def ablate_command(
     evaluate_on: Annotated[Optional[Path], opt("--evaluate-on", panel="Output", file_okay=False, metavar="DATA_DIR", help="Re-evaluate every finished job's packed network on DATA_DIR/val (an ImageFolder test split) and write results-<name>.json/.md with the same statistics; trains nothing.")] = None,
     publish: Annotated[Optional[Path], opt("--publish", panel="Output", file_okay=False, metavar="DIR", help="Copy every finished job's genotype, packed network, results and predictions (no checkpoints) and the summary into DIR, a study directory others can re-check.")] = None,
     optimizer: Annotated[str, opt("--optimizer", panel=STUDY, help="Weights optimiser of every search: adam (default, §6.1); the same for every variant.")] = "adam",
-    emit: Annotated[bool, opt("--emit", panel="Output", help="Print each unfinished job as one shell line of `bats` commands and run nothing.")] = False,
+    emit: Annotated[Optional[str], opt("--emit", panel="Output", metavar="shell|slurm", help="Run nothing; print the unfinished jobs: shell = one shell line of `bats` commands per job (GNU parallel), slurm = a SLURM array script, one task per job, that requeues itself at its time limit.")] = None,
     summary: Annotated[bool, opt("--summary", panel="Output", help="Only write results.json/.md/.png from the jobs finished so far (e.g. while --emit's jobs run elsewhere); run nothing.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run an ablation study: every variant x seed is search -> derive -> train -> binarize -> eval.
 
     Finished jobs (OUT/VARIANT/seedN/eval.json) are skipped, so rerunning resumes a study. With
-    --emit the jobs are printed for SLURM / GNU parallel; rerun without --emit to summarise.
+    --emit shell|slurm the jobs are printed for GNU parallel / a SLURM array; collect with --summary.
 
     Example: bats ablate random --dataset imagefolder --data-dir ../shared/datasets/cifar10-mini
     --seeds 2 --out runs/ablate-random
 
-    Example: bats ablate temperature --emit | parallel -j 4
+    Example: bats ablate temperature --emit shell | parallel -j 4
+
+    Example: bats ablate random --emit slurm > random.sbatch && sbatch random.sbatch
 
     Example: bats ablate space --reuse runs/ablate-temperature (the BATS rows are not run twice)
     """
@@ -107,6 +109,13 @@ def ablate_command(
         emit_result(publish_study(o, publish, log=log), as_json=as_json, table_fn=result_table)
         return
     if emit:
+        from bats_cli.ablate import EMIT_FORMATS, slurm_script
+
+        if emit not in EMIT_FORMATS:
+            raise UserInputError(f"--emit {emit!r}: choose one of {', '.join(EMIT_FORMATS)}")
+        if emit == "slurm":
+            sys.stdout.write(slurm_script(o, build_jobs(o)))
+            return
         for line in emit_lines(build_jobs(o)):
             sys.stdout.write(line + "\n")
         return
