@@ -158,7 +158,13 @@ def _check_file(path: Path) -> None:
     if not path.exists():
         raise UserInputError(f"{path}: no such checkpoint file")
     if path.is_dir():
-        raise UserInputError(f"{path} is a directory; give a .safetensors checkpoint file")
+        if (path / LAST_NAME).is_file():
+            raise UserInputError(
+                f"{path} is a run directory; give one of its checkpoints, e.g. {path / LAST_NAME}"
+            )
+        raise UserInputError(
+            f"{path} is a directory without {LAST_NAME} (not a bats run); give a .safetensors checkpoint file"
+        )
     try:
         mode = path.stat().st_mode
     except OSError as exc:
@@ -174,8 +180,13 @@ def read_metadata(path: str | os.PathLike[str]) -> CheckpointMeta:
     """Read and validate a checkpoint's header without loading any tensor."""
     from safetensors import safe_open
 
+    from bats_cli.sniff import sniff, wrong_file
+
     path = Path(path)
     _check_file(path)
+    found = sniff(path)
+    if found.kind in ("genotype", "json", "onnx"):
+        raise UserInputError(wrong_file(path, found, "a bats checkpoint (.safetensors)"))
     try:
         with safe_open(str(path), framework="pt") as fh:
             raw = fh.metadata() or {}
@@ -238,9 +249,13 @@ def check_kind(meta: CheckpointMeta, expect_kind: str | Iterable[str], command: 
         return
     # Keep KINDS order so messages are stable regardless of set ordering.
     ordered = [k for k in KINDS if k in expected] + [k for k in expected if k not in KINDS]
+    from bats_cli.sniff import taken_by
+
     who = f"`bats {command}` expects" if command else "expected"
+    where = taken_by(meta.kind, meta.path)
     raise UserInputError(
         f"{meta.path} is a {meta.kind} checkpoint; {who} a {_join_or(ordered)} checkpoint"
+        + (f"; a {meta.kind} checkpoint goes to {where}" if where else "")
     )
 
 

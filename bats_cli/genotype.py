@@ -338,6 +338,11 @@ def load_genotype(path: str | os.PathLike[str]) -> Genotype:
         raise UserInputError(f"{name}: no such file{hint}")
     if p.is_dir():
         raise UserInputError(f"{name}: is a directory; expected a genotype .json file")
+    from bats_cli.sniff import sniff, wrong_file
+
+    found = sniff(p)
+    if found.is_checkpoint or found.kind in ("safetensors", "onnx"):
+        raise UserInputError(wrong_file(name, found, "a genotype JSON file"))
     raw = read_bounded(p, MAX_TEXT_BYTES, what="a genotype file")
     return Genotype.from_json(raw, origin=name)
 

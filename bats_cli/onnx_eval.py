@@ -18,7 +18,10 @@ from bats_cli.errors import UserInputError
 
 
 def is_onnx_file(path: str | Path) -> bool:
-    return Path(path).suffix.lower() == ".onnx"
+    """An ``.onnx`` name, or an ONNX model under another name (sniffed from its first bytes)."""
+    from bats_cli.sniff import sniff
+
+    return Path(path).suffix.lower() == ".onnx" or sniff(path).kind == "onnx"
 
 
 def read_onnx_metadata(path: str | Path) -> dict[str, str]:

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "bats_cli.outputs", "bats_cli.preflight", "bats_cli.spaces", "bats_cli.archs", "bats_cli.genotype",
                     "bats_cli.config", "bats_cli.presets", "bats_cli.fileio", "bats_cli.provenance",
                     "bats_cli.runtime", "bats_cli.signals", "bats_cli.rundir", "bats_cli.progress",
-                    "bats_cli.checkpoint",
+                    "bats_cli.checkpoint", "bats_cli.sniff",
                     "bats_cli.distributed", "bats_cli.schedule", "bats_cli.stats", "bats_cli.data*")),
     ("binary layers and ops", ("bats_cli.quant", "bats_cli.ops")),
     ("networks and supernet", ("bats_cli.networks", "bats_cli.resnet", "bats_cli.mixed_op*",

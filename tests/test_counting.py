@@ -287,4 +287,9 @@ def test_cli_checkpoint_without_genotype_is_refused(tmp_path, capsys):
     path = tmp_path / "search.safetensors"
     _write_checkpoint(path, kind="search", genotype_json=None, config={})
     code, out, err = _run_cli(["flops", str(path)], capsys)
+    # A search checkpoint without a recorded genotype is derived from its α, which this one lacks.
+    assert code == 2 and "search checkpoint without usable architecture state" in err
+    path = tmp_path / "train.safetensors"
+    _write_checkpoint(path, kind="train", genotype_json=None, config={"network": {"arch": "cells"}})
+    code, out, err = _run_cli(["flops", str(path)], capsys)
     assert code == 2 and "no genotype" in err

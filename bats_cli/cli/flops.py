@@ -20,10 +20,11 @@ def flops(
     target: Annotated[
         Optional[str],
         typer.Argument(
-            metavar="[GENOTYPE|CHECKPOINT]",
+            metavar="[GENOTYPE|CHECKPOINT|RUN_DIR]",
             help="A genotype .json, a bundled genotype name, resnet18 (Table 5's binary ResNet-18), "
-            "or a .safetensors checkpoint (its genotype and network settings are read from the "
-            "header). Default: bats_c10.",
+            "a train / binarize / packed checkpoint (its genotype and network settings are read from "
+            "the header), a search checkpoint (the evaluation network of the genotype it derives) "
+            "or a run directory (its last.safetensors). Default: bats_c10.",
         ),
     ] = None,
     dataset: Annotated[
@@ -90,6 +91,8 @@ def flops(
     Example: bats flops genotypes/darts_v2.json --real --json
 
     Example: bats flops runs/c10/best.safetensors --verbose
+
+    Example: bats flops runs/search-tiny   (a search: the network of the genotype it derives)
     """
     from bats_cli.counting import count_model, dataset_shape
 
@@ -101,6 +104,8 @@ def flops(
 
     checkpoint: dict[str, Any] | None = None
     settings: dict[str, Any] = {}
+    if target is not None:
+        target = _resolve_target(target)
     if target is not None and _is_checkpoint(target):
         genotype, settings, checkpoint = _read_checkpoint(Path(target))
     else:
@@ -165,19 +170,28 @@ def flops(
 # --------------------------------------------------------------------------- inputs
 
 
+def _resolve_target(target: str) -> str:
+    """A run directory counts as its ``last.safetensors``; an ONNX file is refused by name."""
+    from bats_cli.sniff import sniff, wrong_file
+
+    found = sniff(target)
+    if found.kind == "run":
+        return str(Path(target) / "last.safetensors")
+    if found.kind == "directory":
+        raise UserInputError(
+            f"{target} is a directory without last.safetensors (not a bats run directory); give a "
+            "genotype, a checkpoint or a run directory"
+        )
+    if found.kind == "onnx":
+        raise UserInputError(wrong_file(target, found, "a genotype or a bats checkpoint"))
+    return target
+
+
 def _is_checkpoint(target: str) -> bool:
-    path = Path(target)
-    if path.suffix.lower() == ".safetensors":
-        return True
-    if path.is_file() and path.suffix.lower() != ".json":
-        # A safetensors file starts with an 8-byte header length, then '{'.
-        try:
-            with path.open("rb") as fh:
-                head = fh.read(9)
-        except OSError:
-            return False
-        return len(head) == 9 and head[8:9] == b"{"
-    return False
+    from bats_cli.sniff import sniff
+
+    found = sniff(target)
+    return found.is_checkpoint or found.kind == "safetensors" or Path(target).suffix.lower() == ".safetensors"
 
 
 def _read_metadata(path: Path) -> tuple[str, dict[str, Any], str | None]:
@@ -222,6 +236,8 @@ def _read_checkpoint(path: Path):
     from bats_cli.archs import CELLS, arch_of
 
     kind, config, genotype_json = _read_metadata(path)
+    if kind == "search":
+        return _read_search_checkpoint(path, config, genotype_json)
     network = config.get("network") if isinstance(config.get("network"), dict) else {}
     if arch_of(network) != CELLS:
         genotype = None  # a fixed model (resnet18): the settings say everything
@@ -240,6 +256,43 @@ def _read_checkpoint(path: Path):
     if "binary_activations" in merged or "binary_weights" in merged:
         settings["real"] = not (merged.get("binary_activations") or merged.get("binary_weights"))
     info: dict[str, Any] = {"path": str(path), "kind": kind, "file_bytes": path.stat().st_size}
+    return genotype, settings, info
+
+
+# Settings of a search that carry over to the evaluation network of its genotype (the supernet's
+# cells, channels and image size do not: `bats train GENOTYPE` builds its own network).
+_SEARCH_KEYS = ("dataset", "activation", "group_policy", "channels_per_group", "reduce_shortcut",
+                "channel_shuffle")
+
+
+def _read_search_checkpoint(path: Path, config: dict[str, Any], genotype_json: str | None):
+    """A search checkpoint counts as the evaluation network of the genotype it derives."""
+    from bats_cli.genotype import Genotype
+
+    if genotype_json:
+        genotype = Genotype.from_json(genotype_json, origin=f"{path} (bats_genotype)")
+    else:
+        from bats_cli.derive import derive_from_checkpoint
+
+        genotype = derive_from_checkpoint(path)
+    settings = {k: config[k] for k in _SEARCH_KEYS if config.get(k) is not None}
+    if str(settings.get("dataset", "")).lower() == "imagefolder":
+        from bats_cli.checkpoint import read_metadata
+
+        try:
+            state = json.loads(read_metadata(path).extra.get("search_state") or "{}")
+        except ValueError:
+            state = {}
+        settings["image_size"] = config.get("image_size")
+        if isinstance(state, dict):
+            settings["num_classes"] = state.get("num_classes")
+            settings["in_channels"] = state.get("in_channels")
+        settings = {k: v for k, v in settings.items() if v is not None}
+    info: dict[str, Any] = {
+        "path": str(path), "kind": "search", "file_bytes": path.stat().st_size,
+        "counted": "the evaluation network of the genotype it derives, as `bats train GENOTYPE` "
+                   "builds it without --preset (--layers, --width, --channels change it)",
+    }
     return genotype, settings, info
 
 
@@ -364,7 +417,9 @@ def _print_tables(result: dict[str, Any], *, verbose: bool) -> None:
     table.add_row("size packed", _mb(result["size_packed_bytes"]),
                   f"1-bit binary weights; {result['compression']:.1f}x smaller")
     ckpt = result.get("checkpoint")
-    if ckpt is not None:
+    if ckpt is not None and ckpt["kind"] == "search":
+        console.print(console_text(f"{ckpt['path']} is a search checkpoint: counted {ckpt['counted']}"))
+    elif ckpt is not None:
         table.add_row("file", _mb(ckpt["file_bytes"]), console_text(f"{ckpt['kind']} checkpoint {ckpt['path']}"))
         if "compression" in ckpt:
             table.add_row("packed vs fp32", f"{ckpt['compression']:.1f}x",

@@ -1,0 +1,125 @@
+"""A newcomer's first hour: `bats flops` takes every file the pipeline writes, and a file handed
+to the wrong command hears what it is and which command takes it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.helpers import cli, one_line_error
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Smaller than --preset tiny (8 px, a handful of images), same commands.
+_SMALL = ["--preset", "tiny", "--subset", "32", "--image-size", "8", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """search -> train -> binarize (+ packed artifact), each run through the CLI."""
+    root = tmp_path_factory.mktemp("first-use")
+    from bats_cli.cli import main
+
+    def run(argv):
+        try:
+            main(argv)
+        except SystemExit as exc:
+            assert exc.code in (0, None), argv
+
+    run(["search", *_SMALL, "--layers", "3,3", "--ops", "8,3", "--epochs", "1", "--warmup", "0",
+         "--out", str(root / "search"), "-q"])
+    run(["train", str(root / "search" / "genotype.json"), *_SMALL, "--epochs", "1",
+         "--out", str(root / "train"), "-q"])
+    run(["binarize", str(root / "train" / "last.safetensors"), "--preset", "tiny", "--subset", "32",
+         "-o", str(root / "tiny.packed.safetensors"), "-q"])
+    return root
+
+
+@pytest.mark.parametrize("target, kind", [
+    ("search/last.safetensors", "search"), ("search/stage1.safetensors", "search"), ("search", "search"),
+    ("train/last.safetensors", "train"), ("train/best.safetensors", "train"), ("train", "train"),
+    ("train/binarize/last.safetensors", "binarize"), ("train/binarize", "binarize"),
+    ("tiny.packed.safetensors", "packed"),
+])
+def test_flops_takes_every_checkpoint_and_run_directory(pipeline, target, kind, capsys):
+    code, out, err = cli(["flops", str(pipeline / target), "--json"], capsys)
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["params"] > 0 and data["bops"] > 0
+    assert data["checkpoint"]["kind"] == kind
+
+
+def test_flops_of_a_search_counts_its_genotype_in_the_evaluation_network(pipeline, capsys):
+    code, out, err = cli(["flops", str(pipeline / "search"), "--json"], capsys)
+    assert code == 0, err
+    data = json.loads(out)
+    genotype = json.loads((pipeline / "search" / "genotype.json").read_text())
+    assert data["genotype"] == genotype["name"]
+    # What `bats flops genotype.json` counts on the search's data set: the same network.
+    code, out2, err = cli(["flops", str(pipeline / "search" / "genotype.json"), "--dataset",
+                           "fashion-mini", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out2)["params"] == data["params"]
+    assert data["network"]["layers"] == 20  # not the supernet's 3,3 cells
+    code, out, err = cli(["flops", str(pipeline / "search")], capsys)
+    assert code == 0 and "is a search checkpoint: counted the evaluation network" in out
+
+
+def test_flops_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("x")
+    code, _, err = cli(["flops", str(tmp_path)], capsys)
+    one_line_error(code, err, "not a bats run directory")
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["eval", "{search}/genotype.json"], ["is a genotype JSON file", "not a bats checkpoint",
+                                         "`bats train {search}/genotype.json`"]),
+    (["train", "{train}/last.safetensors", "--preset", "tiny"],
+     ["is a train checkpoint, not a genotype JSON file", "`bats binarize {train}/last.safetensors`",
+      "`bats eval`"]),
+    (["binarize", "{search}/last.safetensors"],
+     ["is a search checkpoint; `bats binarize` expects a train checkpoint", "`bats derive"]),
+    (["derive", "{train}/last.safetensors"],
+     ["is a train checkpoint; `bats derive` expects a search checkpoint", "`bats binarize"]),
+    (["eval", "{train}"], ["is a run directory", "{train}/last.safetensors"]),
+    (["train", "{root}/tiny.packed.safetensors"], ["is a packed checkpoint, not a genotype", "`bats eval"]),
+])
+def test_wrong_files_say_what_they_are_and_which_command_takes_them(pipeline, argv, needles, capsys):
+    subst = {"search": pipeline / "search", "train": pipeline / "train", "root": pipeline}
+    argv = [a.format(**subst) for a in argv]
+    code, _, err = cli(argv, capsys)
+    line = one_line_error(code, err, *[n.format(**subst) for n in needles])
+    assert "corrupt" not in line and "too large" not in line
+
+
+def test_an_onnx_file_is_recognised_under_any_name(pipeline, tmp_path, capsys):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    onnx_path = tmp_path / "tiny.onnx"
+    code, _, err = cli(["export", str(pipeline / "tiny.packed.safetensors"), "-o", str(onnx_path)], capsys)
+    assert code == 0, err
+    renamed = tmp_path / "model.bin"
+    shutil.copy(onnx_path, renamed)
+    from bats_cli.sniff import sniff
+
+    assert sniff(renamed).kind == "onnx"
+    for argv in (["train", str(renamed)], ["flops", str(onnx_path)], ["derive", str(renamed)]):
+        code, _, err = cli(argv, capsys)
+        one_line_error(code, err, "is an ONNX model", "`bats eval")
+
+
+def test_sniff_never_raises_and_tells_json_apart(tmp_path):
+    from bats_cli.sniff import sniff
+
+    (tmp_path / "g.json").write_text('{"name": "x", "normal": [], "reduce": []}')
+    (tmp_path / "c.json").write_text('{"epochs": 3}')
+    (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 20)
+    (tmp_path / "empty").write_bytes(b"")
+    assert sniff(tmp_path / "g.json").kind == "genotype"
+    assert sniff(tmp_path / "c.json").kind == "json"
+    assert sniff(tmp_path / "bad.safetensors").kind == "unknown"
+    assert sniff(tmp_path / "empty").kind == "unknown"
+    assert sniff(tmp_path / "nope").kind == "missing"
+    assert sniff(tmp_path).kind == "directory"
