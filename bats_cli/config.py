@@ -112,8 +112,17 @@ def _layered(
         data.update(presets[preset])
     if file_config:
         data.update(file_config)
+    given = {k for k, v in overrides.items() if v is not None}
+    for one, other in _ALTERNATIVES:
+        # A flag replaces a preset's (or file's) way of saying the same thing, not just its value.
+        if one in given and other not in given:
+            data.pop(other, None)
     data.update({k: v for k, v in overrides.items() if v is not None})
     return data
+
+
+# Settings that say one thing two ways (network width as a preset name or as channels).
+_ALTERNATIVES = (("width", "channels"), ("channels", "width"))
 
 
 # Keys of a run's config.json that describe the run, not settings (ignored by --config FILE).

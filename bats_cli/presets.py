@@ -4,7 +4,7 @@ Kept free of torch so that ``--help`` can show what each preset sets without loa
 command that has presets accepts the same names: ``paper`` (the defaults, spelled out), ``tiny``
 (about a minute on a CPU, on the embedded fashion-mini), ``small`` (a few minutes, for small
 real data such as an ImageFolder copy of part of CIFAR-10) and ``cpu`` (the smallest settings in
-which the search really learns on 2 CPU cores; `bats ablate --preset cpu`; issue 10).
+which the search really learns on 2 CPU cores; `bats ablate --preset cpu`).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # 12 channels, 10 epochs of at most 960 images at 16 px. Not tuned.
     "small": {"layers": 8, "channels": 12, "epochs": 10, "batch_size": 32, "subset": 960,
               "image_size": 16, "lr": 2e-3, "threads": 1},
-    # A searched cell's network in 4.5-8 minutes on 2 busy CPU cores (issue 10; measured in
+    # A searched cell's network in 4.5-8 minutes on 2 busy CPU cores (measured in
     # docs/pipeline.md: 477 s, 40.7 % top-1 on cifar10-mini's 2,000 validation images): 16 px
     # images like `search --preset cpu`, 6 cells of C = 12 (4 groups of the paper's 3
     # channels), 4 epochs of batch 64 (624 steps). Kept: Adam 1e-3 with cosine decay, the

@@ -254,10 +254,42 @@ def stdout_console():
     (rich would assume 80 columns)."""
     from rich.console import Console
 
-    width = None
-    if not sys.stdout.isatty():
-        width = max(160, int(os.environ.get("COLUMNS", "0") or 0))
-    return Console(file=sys.stdout, highlight=False, width=width)
+    if sys.stdout.isatty():
+        return Console(file=sys.stdout, highlight=False)
+    width = max(160, int(os.environ.get("COLUMNS", "0") or 0))
+    return Console(file=_LinesWithoutTrailingSpaces(sys.stdout), highlight=False, width=width)
+
+
+class _LinesWithoutTrailingSpaces:
+    """A text stream that drops the spaces rich pads table lines with (piped output is diffed and
+    grepped, where 160-column padding only gets in the way)."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        lines = (self._pending + text).split("\n")
+        self._pending = lines.pop()
+        for line in lines:
+            self._stream.write(line.rstrip() + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            self._stream.write(self._pending)
+            self._pending = ""
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self._stream, "encoding", None) or "utf-8"
 
 
 def emit_result(

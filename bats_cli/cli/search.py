@@ -150,8 +150,8 @@ def search_command(
 
     Example: bats search --preset tiny --out runs/search-tiny
 
-    Example: bats search --dataset imagefolder --data-dir ../shared/datasets/cifar10-mini
-    --preset small --out runs/c10mini
+    Example: bats search --dataset imagefolder --data-dir DIR --preset small --out runs/c10mini
+    (DIR: an ImageFolder tree with train/ and val/, e.g. a CIFAR-10 copy)
     """
     from bats_cli.config import load_config_file, resolve_config, resolve_resume_config
     from bats_cli.progress import Reporter
