@@ -33,7 +33,7 @@ from bats_cli.archs import RESNET18, model_key
 from bats_cli.errors import Interrupted, RunFailure, UserInputError
 from bats_cli.fileio import atomic_write_json, atomic_write_text
 
-STUDIES = ("space", "temperature", "strategy", "random", "zoo")
+STUDIES = ("space", "temperature", "strategy", "random", "zoo", "proxy")
 # tiny: a smoke test of a study's commands (about a minute per job), not a result.
 PRESETS = ("cpu", "paper", "tiny")
 EVAL_NAME = "eval.json"
@@ -61,7 +61,7 @@ MATCH_TOLERANCE = 0.1
 CANDIDATE_SEED_BASE = 1000
 # The row every other row of a study is compared with, seed for seed (the paper's setting).
 REFERENCE = {"space": "bats", "temperature": "T0.2", "strategy": "Wreal-Abinary", "random": "searched",
-             "zoo": "bats_c10"}
+             "zoo": "bats_c10", "proxy": "searched-c12"}
 
 
 @dataclass(frozen=True)
@@ -201,6 +201,17 @@ def study_variants(study: str, *, optimizer: str = "adam") -> list[Variant]:
                     random=True, match_of="searched"),
             Variant("random-search", "random search: best of N random cells on held-out training images",
                     random=True, candidates=-1, paper="92.9"),
+        ]
+    if study == "proxy":  # is the CPU search a faithful proxy? one change of it, against the same baselines
+        # The cpu preset's supernet has 6 channels (2 groups of 3) where the network it is judged
+        # in has 12 (4 groups): the supernet's grouped convs see different fan-ins. This study
+        # searches at the evaluation network's width; its searched and random rows are the random
+        # study's jobs (`--reuse` that study: the same commands and seeds).
+        return [
+            Variant("searched-c12", "BATS search at C = 12 (4 groups, as the evaluation network)",
+                    _search(optimizer) + ("--channels", "12")),
+            Variant("searched", "BATS search (the cpu preset: C = 6, 2 groups)", _search(optimizer)),
+            Variant("random", "one random cell of the BATS space", random=True),
         ]
     if study == "zoo":  # Table 5: published cells and the hand-designed ResNet-18, binarized as in §3
         zoo = [("bats_c10", "BATS (paper's cell)", "93.7"), ("darts_v1", "DARTS (first order)", "89.4"),
@@ -935,6 +946,8 @@ def comparison_pairs(study: str, names: Sequence[str]) -> list[tuple[str, str]]:
         pairs = [(a, b) for a in ("searched", "searched-perturbation")
                  for b in ("random", "random-matched", "random-search")]
         pairs.append(("searched-perturbation", "searched"))
+    elif study == "proxy":
+        pairs = [("searched-c12", "random"), ("searched", "random"), ("searched-c12", "searched")]
     else:
         ref = REFERENCE[study]
         pairs = [(ref, v) for v in names if v != ref]

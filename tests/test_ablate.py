@@ -154,7 +154,7 @@ def test_emit_skips_finished_jobs(tmp_path):
     assert len(emit_lines(build_jobs(o))) == len(jobs) - 1
 
 
-@pytest.mark.parametrize("study", ["space", "temperature", "strategy", "random"])
+@pytest.mark.parametrize("study", ["space", "temperature", "strategy", "random", "proxy"])
 def test_every_search_variant_is_a_valid_cpu_search(study, tmp_path):
     from bats_cli.config import resolve_config
     from bats_cli.search import SEARCH_PRESETS, SearchConfig
