@@ -3,11 +3,18 @@
 Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank runs the same command; rank 0 alone logs and
 writes files (see :mod:`bats_cli.runloop`). A single process is ``Dist()``: every helper here is
 then a no-op, so callers need no special case.
+
+``bats train`` averages gradients through DistributedDataParallel; ``bats search`` takes two
+partial steps per step (α only, then the weights only), so it averages them itself
+(:func:`average_gradients`) and checks that the ranks still hold one model
+(:func:`rank_divergence`, :func:`rank_digests`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -119,5 +126,71 @@ def agree(ok: bool, dist_info: Dist, device: torch.device) -> bool:
     return all_sum([0.0 if ok else 1.0], dist_info, device)[0] == 0
 
 
-__all__ = ["Dist", "agree", "all_gather_cat", "all_sum", "barrier", "broadcast_buffers",
-           "init_distributed", "init_run_device"]
+def average_gradients(params: Iterable[torch.Tensor], dist_info: Dist) -> None:
+    """Replace every gradient by its mean over the ranks (one all-reduce per dtype).
+
+    Parameters without a gradient are skipped; they must be the same on every rank (the same
+    network and step), or the all-reduce sizes differ and the collective fails.
+    """
+    if not dist_info.enabled:
+        return
+    import torch.distributed as dist
+
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist_info.world
+        offset = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[offset:offset + n].view_as(g))
+            offset += n
+
+
+def rank_divergence(tensor: torch.Tensor, dist_info: Dist, device: torch.device) -> float:
+    """The largest ``|tensor - rank 0's tensor|`` over every rank and element (0.0 in one
+    process; ``inf`` if any rank holds a non-finite difference)."""
+    if not dist_info.enabled:
+        return 0.0
+    import torch.distributed as dist
+
+    mine = tensor.detach().reshape(-1).to(device=device, dtype=torch.float64)
+    ref = mine.clone()
+    dist.broadcast(ref, 0)
+    diff = (mine - ref).abs().max() if mine.numel() else torch.zeros((), dtype=torch.float64, device=device)
+    diff = torch.nan_to_num(diff, nan=float("inf")).reshape(1)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return float(diff.item())
+
+
+def rank_digests(text: str, dist_info: Dist, device: torch.device) -> list[str]:
+    """Every rank's SHA-256 prefix (15 hex digits) of ``text``, in rank order."""
+    mine = hashlib.sha256(text.encode()).hexdigest()[:15]  # 60 bits: one int64
+    if not dist_info.enabled:
+        return [mine]
+    import torch.distributed as dist
+
+    local = torch.tensor([int(mine, 16)], dtype=torch.int64, device=device)
+    parts = [torch.zeros_like(local) for _ in range(dist_info.world)]
+    dist.all_gather(parts, local)
+    return [f"{int(p.item()):015x}" for p in parts]
+
+
+def broadcast_tensors(tensors: Iterable[torch.Tensor], dist_info: Dist) -> None:
+    """Overwrite ``tensors`` (parameters, buffers) in place with rank 0's values."""
+    if not dist_info.enabled:
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t.data, 0)
+
+
+__all__ = ["Dist", "agree", "all_gather_cat", "all_sum", "average_gradients", "barrier",
+           "broadcast_buffers", "broadcast_tensors", "init_distributed", "init_run_device",
+           "rank_digests", "rank_divergence"]

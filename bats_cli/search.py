@@ -15,6 +15,15 @@ Library entry point: :func:`run_search`. A run directory holds ``config.json``, 
 ``last.safetensors`` (resumable, kind "search"), ``stageK.safetensors`` (end of each stage),
 ``alphas/stageK_epochNN.json``, ``genotypes/stageK_epochNN.json``, ``genotypes/stageK.json``,
 ``genotype.json`` and ``result.json``.
+
+Data-parallel (``torchrun --nproc-per-node N -m bats_cli search ...``): ``batch_size`` is the
+global batch of each half, as in ``bats train``; every rank takes ``batch_size / N`` images of
+each step's architecture batch and weight batch (the single-process batches, sliced), the α
+gradients and then the weight gradients are averaged over the ranks before each optimiser step,
+so every rank holds the same α and weights. At every epoch end the ranks compare their derived
+cells and α (a :class:`~bats_cli.errors.RunFailure` names the rank that differs), then take rank
+0's parameters bit for bit. BatchNorm normalises with each rank's own images, so N processes
+match one process to a tolerance, not bit for bit. Rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -43,6 +52,16 @@ from bats_cli.derive import (
     parameter_free_share,
     safe_name,
     skip_count,
+)
+from bats_cli.distributed import (
+    Dist,
+    agree,
+    all_sum,
+    average_gradients,
+    barrier,
+    broadcast_tensors,
+    rank_digests,
+    rank_divergence,
 )
 from bats_cli.errors import RunFailure, UserInputError
 from bats_cli.genotype import Genotype
@@ -258,6 +277,11 @@ class SearchResult:
     skips: dict[str, int] = field(default_factory=dict)
     # Stages whose α did not learn (search_health); empty when every stage did.
     warnings: list[dict[str, Any]] = field(default_factory=list)
+    # Processes (torchrun), each one's share of --batch-size, and each one's SHA-256 prefix of
+    # the final cell it derived (checked equal before the result is written).
+    world_size: int = 1
+    per_rank_batch: int | None = None
+    rank_genotypes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -282,6 +306,9 @@ class SearchResult:
             "parameter_free_share": self.parameter_free_share,
             "skip_connections": self.skips,
             "warnings": self.warnings,
+            "world_size": self.world_size,
+            "per_rank_batch": self.per_rank_batch,
+            "rank_genotype_sha256": self.rank_genotypes,
         }
 
 
@@ -319,17 +346,25 @@ class Searcher(RunJob):
     kind = "search"
 
     def __init__(self, config: SearchConfig, *, run, device: torch.device, data, in_channels: int,
-                 num_classes: int, reporter=None) -> None:
+                 num_classes: int, reporter=None, dist_info: Dist = Dist(),
+                 out_dir: Path | None = None) -> None:
+        """``run``: the :class:`~bats_cli.rundir.RunDir` on rank 0, None on the other ranks
+        (they write nothing; ``out_dir`` then names the run)."""
         from bats_cli.progress import Reporter
 
         self.cfg = config
         self.run = run
+        self.out_dir = Path(run.path if run is not None else out_dir)
+        self.writes = run is not None
+        self.dist = dist_info
         self.reporter = reporter or Reporter(quiet=True)
         self.device = device
         self.weight_half, self.arch_half = data
         self.space = get_space(config.space)
         self.in_channels, self.num_classes = in_channels, num_classes
-        self.run_name = safe_name(config.name or run.path.name)
+        self.run_name = safe_name(config.name or self.out_dir.name)
+        # Every rank's SHA-256 prefix of the last cell it derived (result.json: proof they agree).
+        self.rank_genotypes: list[str] = []
         self.stage = 0
         self.epoch = 0
         self.step = 0
@@ -354,6 +389,7 @@ class Searcher(RunJob):
                 f"({len(self.arch_half)} images for the architecture, {len(self.weight_half)} for the "
                 "weights); lower --batch-size or raise --subset"
             )
+        check_search_batch(bs, dist_info)
 
     # -- building ---------------------------------------------------------------------------
     def build_stage(self, in_channels: int, num_classes: int) -> None:
@@ -404,9 +440,12 @@ class Searcher(RunJob):
         with autocast(self.device, self.cfg.precision):
             logits = self.model(x)
             loss = F.cross_entropy(logits.float(), y)
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        # Every rank stops together: one that raised alone would leave the others waiting.
+        if not agree(finite, self.dist, self.device):
+            value = f"{loss.item()}" if not finite else "non-finite on another rank"
             raise RunFailure(
-                f"the loss became {loss.item()} in stage {self.stage + 1}, epoch {self.epoch + 1}, "
+                f"the loss became {value} in stage {self.stage + 1}, epoch {self.epoch + 1}, "
                 f"step {self.step + 1}; lower --lr or --arch-lr"
             )
         return loss, int((logits.argmax(1) == y).sum())
@@ -419,6 +458,7 @@ class Searcher(RunJob):
         grads = torch.autograd.grad(self.scaler_a.scale(loss), params, allow_unused=True)
         for p, g in zip(params, grads):
             p.grad = g  # None (skipped by Adam) for a cell type the network does not contain
+        average_gradients(params, self.dist)
         self.scaler_a.step(self.opt_a)
         self.scaler_a.update()
         self.opt_a.zero_grad(set_to_none=True)
@@ -430,6 +470,7 @@ class Searcher(RunJob):
         self.opt_w.zero_grad(set_to_none=True)
         loss, correct = self._forward(x, y)
         self.scaler_w.scale(loss).backward(inputs=params)
+        average_gradients(params, self.dist)  # before clipping: every rank clips the same mean
         if self.cfg.grad_clip:
             self.scaler_w.unscale_(self.opt_w)
             torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
@@ -451,14 +492,15 @@ class Searcher(RunJob):
                 self.global_epoch() * self.steps_per_epoch, cfg.batch_size)
 
     def _loaders(self, search: bool):
-        from bats_cli.data import derive_seed, make_loader
+        from bats_cli.data import derive_seed
+        from bats_cli.data.loader import sharded_loader
 
         cfg = self.cfg
-        common = dict(batch_size=cfg.batch_size, shuffle=True, epoch=self.epoch,
-                      skip_batches=self.step, num_workers=cfg.num_workers, drop_last=True,
-                      pin_memory=self.device.type == "cuda")
-        w = make_loader(self.weight_half, seed=derive_seed(cfg.seed, 1, self.stage), **common)
-        a = make_loader(self.arch_half, seed=derive_seed(cfg.seed, 2, self.stage), **common) if search else None
+        # One process: make_loader's batches. N ranks: rank r takes its slice of each of them.
+        common = dict(batch_size=cfg.batch_size, epoch=self.epoch, skip=self.step, dist_info=self.dist,
+                      num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda")
+        w = sharded_loader(self.weight_half, seed=derive_seed(cfg.seed, 1, self.stage), **common)
+        a = sharded_loader(self.arch_half, seed=derive_seed(cfg.seed, 2, self.stage), **common) if search else None
         return w, a
 
     def _set_lr(self) -> float:
@@ -492,18 +534,25 @@ class Searcher(RunJob):
 
     def train_step(self, batch) -> dict[str, float]:
         xw, yw, arch_batch = batch
+        sums = [0.0, 0, 0]
         if arch_batch is not None:
             xa, ya = arch_batch
             xa, ya = xa.to(self.device, non_blocking=True), ya.to(self.device, non_blocking=True)
             a_loss, a_correct = self.arch_step(xa, ya)
-            self.accum.a_loss += a_loss * len(ya)
-            self.accum.a_correct += a_correct
-            self.accum.a_count += len(ya)
+            sums = [a_loss * len(ya), a_correct, len(ya)]
         xw, yw = xw.to(self.device, non_blocking=True), yw.to(self.device, non_blocking=True)
         w_loss, w_correct = self.weight_step(xw, yw)
-        self.accum.w_loss += w_loss * len(yw)
-        self.accum.w_correct += w_correct
-        self.accum.w_count += len(yw)
+        sums += [w_loss * len(yw), w_correct, len(yw)]
+        # The running sums cover the global batch, so that rank 0's checkpoint holds every rank's.
+        if self.dist.enabled:
+            sums = all_sum([float(v) for v in sums], self.dist, self.device)
+        if arch_batch is not None:
+            self.accum.a_loss += sums[0]
+            self.accum.a_correct += int(sums[1])
+            self.accum.a_count += int(sums[2])
+        self.accum.w_loss += sums[3]
+        self.accum.w_correct += int(sums[4])
+        self.accum.w_count += int(sums[5])
         return self.accum.progress()
 
     def end_epoch(self, bar) -> dict[str, Any]:
@@ -511,7 +560,9 @@ class Searcher(RunJob):
         bar.set(lr=self._lr)
         phase = "search" if self._search_phase else "warm-up"
         genotype = self.current_genotype(name=f"{self.run_name}_{self._tag()}")
-        genotype.save(self.run.path / "genotypes" / f"{self._tag()}.json")
+        self.check_ranks(genotype)
+        if self.writes:
+            genotype.save(self.run.path / "genotypes" / f"{self._tag()}.json")
         doc = self.write_alphas(genotype, phase)
         wn, wr = self.current_weights()
         ent_n, ent_r = edge_entropy(wn), edge_entropy(wr)
@@ -550,6 +601,8 @@ class Searcher(RunJob):
         """Derived edges changed since the stage's epoch e - STABLE_EPOCHS (epoch 0: initial α)."""
         from bats_cli.search_health import STABLE_EPOCHS, changed_edges, read_alphas
 
+        if not self.writes:  # the alphas files are rank 0's; so is the metrics row
+            return None
         before = read_alphas(self.run.path, self.stage + 1, max(self.epoch - STABLE_EPOCHS, 0))
         if before is None or not before.get("genotype"):
             return None
@@ -624,8 +677,18 @@ class Searcher(RunJob):
             "normal": edge_report(wn, self.candidates_normal, steps, self.model.alpha_normal.detach().cpu()),
             "reduce": edge_report(wr, self.candidates_reduce, steps, self.model.alpha_reduce.detach().cpu()),
         }
-        self.run.write_json(f"alphas/{self._tag()}.json", doc)
+        if self.writes:
+            self.run.write_json(f"alphas/{self._tag()}.json", doc)
         return doc
+
+    # -- one model on every rank ------------------------------------------------------------
+    def check_ranks(self, genotype: Genotype) -> None:
+        """Under torchrun: every rank derived ``genotype`` and holds rank 0's α and weights, or a
+        RunFailure says which rank differs; then every rank takes rank 0's parameters exactly."""
+        self.rank_genotypes = check_ranks_agree(
+            self.model, genotype, self.dist, self.device,
+            where=f"stage {self.stage + 1}, epoch {self.epoch}",
+        )
 
     def global_epoch(self) -> int:
         return self.stage * self.cfg.epochs + self.epoch
@@ -637,7 +700,7 @@ class Searcher(RunJob):
         return [
             StageResult(stage=past + 1, layers=cfg.layers[past], ops=cfg.ops[past], epochs=cfg.epochs,
                         seconds=self.stage_seconds[past],
-                        genotype_path=str(self.run.path / "genotypes" / f"stage{past + 1}.json"),
+                        genotype_path=str(self.out_dir / "genotypes" / f"stage{past + 1}.json"),
                         health=self._stage_health(past + 1))
             for past in range(self.stage)
         ]
@@ -646,6 +709,8 @@ class Searcher(RunJob):
         """The stage's untempered measures from its alphas files (search_health.summarise_stage)."""
         from bats_cli.search_health import summarise_stage
 
+        if not self.writes:
+            return None
         summary = summarise_stage(self.run.path, stage)
         if summary is None:
             return None
@@ -665,12 +730,14 @@ class Searcher(RunJob):
         if not self.finished:
             self.stage_seconds[self.stage] = self.clock() - self.stage_started
         genotype = self.current_genotype(name=f"{self.run_name}_stage{self.stage + 1}")
-        gpath = self.run.path / "genotypes" / f"stage{self.stage + 1}.json"
-        genotype.save(gpath)
-        stage_ckpt = self.run.path / f"stage{self.stage + 1}.safetensors"
-        shutil.copyfile(self.run.last, stage_ckpt.with_suffix(".safetensors.tmp"))
-        Path(stage_ckpt.with_suffix(".safetensors.tmp")).replace(stage_ckpt)
-        health = self._check_stage()
+        gpath = self.out_dir / "genotypes" / f"stage{self.stage + 1}.json"
+        health = None
+        if self.writes:
+            genotype.save(gpath)
+            stage_ckpt = self.run.path / f"stage{self.stage + 1}.safetensors"
+            shutil.copyfile(self.run.last, stage_ckpt.with_suffix(".safetensors.tmp"))
+            Path(stage_ckpt.with_suffix(".safetensors.tmp")).replace(stage_ckpt)
+            health = self._check_stage()
         result = StageResult(
             stage=self.stage + 1, layers=cfg.layers[self.stage], ops=cfg.ops[self.stage],
             epochs=cfg.epochs, seconds=self.stage_seconds[self.stage],
@@ -785,8 +852,9 @@ class Searcher(RunJob):
             in_channels, num_classes = int(state["in_channels"]), int(state["num_classes"])
             saved_steps = int(state["steps_per_epoch"])
             stage_started = float(state.get("stage_started", 0.0))
-        except (KeyError, ValueError, TypeError, AttributeError) as exc:
-            raise UserInputError(f"{path}: cannot resume, incomplete search state ({exc})") from None
+        except (KeyError, ValueError, TypeError, AttributeError, OverflowError) as exc:
+            raise UserInputError(f"{path}: cannot resume, incomplete search state ({str(exc)[:100]})") from None
+        self._check_restored(path, stage_started)
         if saved_steps != self.steps_per_epoch:
             raise UserInputError(
                 f"cannot resume: the data gives {self.steps_per_epoch} steps per epoch, the run had "
@@ -808,22 +876,121 @@ class Searcher(RunJob):
         except RuntimeError as exc:
             raise UserInputError(f"{path}: cannot resume, the supernet does not match ({str(exc).splitlines()[0]})") from None
         named = dict(self.model.named_parameters())
-        load_optimizer_state(self.opt_w, named, tensors, meta.extra[OPTIM_W_KEY], prefix="optim_w.")
-        load_optimizer_state(self.opt_a, named, tensors, meta.extra[OPTIM_A_KEY], prefix="optim_a.")
-        self.scaler_w.load_state_dict(state_from_json(state["scaler_w"]))
-        self.scaler_a.load_state_dict(state_from_json(state["scaler_a"]))
+        try:
+            load_optimizer_state(self.opt_w, named, tensors, meta.extra[OPTIM_W_KEY], prefix="optim_w.")
+            load_optimizer_state(self.opt_a, named, tensors, meta.extra[OPTIM_A_KEY], prefix="optim_a.")
+        except KeyError as exc:
+            raise UserInputError(f"{path}: cannot resume, no optimizer state {exc}") from None
+        from bats_cli.checkpoint import load_scaler_state
+
+        load_scaler_state(self.scaler_w, state["scaler_w"], where=f"{path}: scaler_w")
+        load_scaler_state(self.scaler_a, state["scaler_a"], where=f"{path}: scaler_a")
+
+    def _check_restored(self, path, stage_started: float) -> None:
+        """The restored position and state lie inside this run: a counter past the end, a stage
+        that does not exist, candidate lists another supernet would need are refused."""
+        import math
+
+        from bats_cli.runloop import check_position
+        from bats_cli.spaces import edge_count
+
+        cfg = self.cfg
+        bad = f"cannot resume: {path}"
+        if not 0 <= self.stage < cfg.stages:
+            raise UserInputError(f"{bad} is at stage {self.stage + 1} of a {cfg.stages}-stage search")
+        check_position(path, epoch=self.epoch, step=self.step, epochs=cfg.epochs,
+                       steps_per_epoch=self.steps_per_epoch, what=f"(stage {self.stage + 1})")
+        if self.finished and (self.stage != cfg.stages - 1 or self.epoch != cfg.epochs):
+            raise UserInputError(f"{bad} says the search finished at stage {self.stage + 1}, epoch "
+                                 f"{self.epoch} of {cfg.stages} stages of {cfg.epochs} epochs")
+        times = [*self.stage_seconds, stage_started]
+        if len(self.stage_seconds) != cfg.stages or not all(math.isfinite(t) and 0 <= t < 1e10 for t in times):
+            raise UserInputError(f"{bad}: its stage times are not {cfg.stages} durations")
+        acc = self.accum
+        counts = (acc.w_correct, acc.w_count, acc.a_correct, acc.a_count)
+        if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 10**12 for c in counts) or not all(
+                isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in (acc.w_loss, acc.a_loss)
+        ) or acc.w_correct > acc.w_count or acc.a_correct > acc.a_count:
+            raise UserInputError(f"{bad}: its running sums are not counts (a tampered checkpoint)")
+        if not all(isinstance(w, dict) and isinstance(w.get("stage"), int) and isinstance(w.get("message"), str)
+                   for w in self.warnings) or len(self.warnings) > 10_000:
+            raise UserInputError(f"{bad}: unreadable search warnings")
+        space = get_space(cfg.space).candidates
+        keep = cfg.ops[self.stage]
+        for cell, cands in (("normal", self.candidates_normal), ("reduce", self.candidates_reduce)):
+            if len(cands) != edge_count(cfg.nodes) or not all(
+                    len(ops) == keep and len(set(ops)) == keep and all(isinstance(op, str) and op in space for op in ops)
+                    for ops in cands):
+                raise UserInputError(
+                    f"{bad}: its {cell} candidate ops are not {edge_count(cfg.nodes)} edges of {keep} "
+                    f"distinct {cfg.space} ops (stage {self.stage + 1})"
+                )
+
+
+# Largest |α - rank 0's α| tolerated before a data-parallel search stops: the ranks apply the same
+# averaged gradients, so any difference at all means a bug, a non-deterministic all-reduce or a
+# faulty device; only float noise is let through (and then erased by taking rank 0's values).
+RANK_ALPHA_TOL = 1e-6
+RANK_WEIGHT_TOL = 1e-4
+
+
+def check_search_batch(batch_size: int, dist_info: Dist) -> None:
+    """``--batch-size`` is the global batch of each half: it must split evenly over the ranks."""
+    if batch_size % dist_info.world:
+        raise UserInputError(
+            f"--batch-size {batch_size} is the global batch and must be divisible by the number of "
+            f"processes ({dist_info.world}); each takes batch-size / {dist_info.world} images"
+        )
+
+
+def check_ranks_agree(model, genotype: Genotype, dist_info: Dist, device: torch.device, *,
+                      where: str) -> list[str]:
+    """Every rank's SHA-256 prefix of its derived ``genotype``, after checking that they are one
+    and that α and the weights match rank 0's (:data:`RANK_ALPHA_TOL`, :data:`RANK_WEIGHT_TOL`);
+    then rank 0's α and weights everywhere, bit for bit. One process: just its digest.
+
+    ``model`` has ``alpha_normal``, ``alpha_reduce`` and ``weight_parameters()`` (a SuperNet).
+    """
+    cell = json.dumps({k: v for k, v in genotype.to_dict().items() if k in ("normal", "reduce",
+                                                                             "normal_concat", "reduce_concat")},
+                      sort_keys=True)
+    digests = rank_digests(cell, dist_info, device)
+    if not dist_info.enabled:
+        return digests
+    fix = "the ranks apply the same averaged gradients, so this is a bug or a faulty device"
+    others = [r for r, d in enumerate(digests) if d != digests[0]]
+    if others:
+        raise RunFailure(
+            f"data-parallel search: rank {others[0]} derived another cell than rank 0 at {where} "
+            f"({len(others)} of {dist_info.world - 1} other ranks differ); {fix}"
+        )
+    alphas = [model.alpha_normal, model.alpha_reduce]
+    weights = list(model.weight_parameters())
+    d_alpha = rank_divergence(torch.cat([a.detach().reshape(-1) for a in alphas]), dist_info, device)
+    flat_w = torch.cat([w.detach().reshape(-1) for w in weights]) if weights else torch.zeros(0)
+    d_weight = rank_divergence(flat_w, dist_info, device)
+    if d_alpha > RANK_ALPHA_TOL or d_weight > RANK_WEIGHT_TOL:
+        raise RunFailure(
+            f"data-parallel search: the ranks hold different models at {where} (α differs from "
+            f"rank 0's by up to {d_alpha:.3g}, the weights by up to {d_weight:.3g}); {fix}"
+        )
+    broadcast_tensors([*alphas, *weights], dist_info)
+    return digests
 
 
 def _short(key: str) -> str:
     return {"train_loss": "w_loss", "train_acc": "w_acc", "arch_loss": "a_loss", "arch_acc": "a_acc"}.get(key, key)
 
 
-def load_search_data(config: SearchConfig):
-    """(weight half, architecture half, spec) of the training set, DARTS 50/50 split."""
+def load_search_data(config: SearchConfig, *, download: bool | None = None):
+    """(weight half, architecture half, spec) of the training set, DARTS 50/50 split.
+
+    ``download``: overrides ``config.download`` (False on the ranks that wait for rank 0's)."""
     from bats_cli.data import AugmentConfig, build_datasets, search_split
 
     data = build_datasets(
-        config.dataset, data_dir=config.data_dir, download=config.download, subset=config.subset,
+        config.dataset, data_dir=config.data_dir,
+        download=config.download if download is None else download, subset=config.subset,
         image_size=config.image_size,
         # DARTS searches with crop + flip only (no Cutout / MixUp).
         augment=AugmentConfig(), seed=config.seed,
@@ -843,8 +1010,32 @@ def _discard_if_unstarted(run):
     try:
         yield
     except UserInputError:
-        run.discard_if_unstarted()
+        if run is not None:
+            run.discard_if_unstarted()
         raise
+
+
+def _preflight_everywhere(preflight, plan_args: dict[str, Any], dist_info: Dist,
+                          device: torch.device) -> None:
+    """Rank 0 plans (and prints, refuses or stops for --dry-run); the other ranks follow it
+    instead of waiting in a collective for a rank that has left."""
+    from bats_cli.plan import DryRun
+
+    failure: BaseException | None = None
+    if dist_info.is_main:
+        try:
+            preflight(**plan_args)
+        except (DryRun, UserInputError, RunFailure) as exc:
+            failure = exc
+    # 0: go on; 1: --dry-run; 2: refused. Only rank 0 adds its code.
+    code = 0.0 if failure is None else 1.0 if isinstance(failure, DryRun) else 2.0
+    code = all_sum([code], dist_info, device)[0] if dist_info.enabled else code
+    if failure is not None:
+        raise failure
+    if code == 1.0:
+        raise DryRun(None)  # type: ignore[arg-type]  # rank 0 prints the plan
+    if code:
+        raise RunFailure("rank 0 refused to start the search (its message above)")
 
 
 @restores_threads
@@ -862,18 +1053,25 @@ def run_search(
     ``interrupt`` is anything with ``requested`` and ``raise_if_requested(save_fn)`` (default: a
     :class:`~bats_cli.signals.GracefulInterrupt` turning SIGINT/SIGTERM into a saved checkpoint and
     :class:`~bats_cli.errors.Interrupted`).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank calls this: the search is data-parallel
+    (module docstring), rank 0 reports and writes, every rank returns the same result.
     """
+    from bats_cli.distributed import init_run_device
     from bats_cli.progress import Reporter
-    from bats_cli.runtime import check_precision, select_device
 
     started = time.perf_counter()  # the run's time includes its start-up
-    reporter = reporter or Reporter(quiet=True)
     from bats_cli.preflight import check_sizes
 
     check_sizes(channels=config.channels, layers=max(config.layers), nodes=config.nodes,
                 what="the search supernet")
+    dist_info, device = init_run_device(config.device, config.precision)
+    reporter = reporter if reporter is not None and dist_info.is_main else Reporter(quiet=True)
+    check_search_batch(config.batch_size, dist_info)
     # Everything that can be refused is checked before the run directory exists.
     check_out_dir(Path(out_dir), resume)
+    # Every rank checked the directory before rank 0 creates it.
+    barrier(dist_info)
     ckpt = Path(out_dir) / "last.safetensors" if resume else None
     ckpt = ckpt if ckpt is not None and ckpt.is_file() else None
     if ckpt is not None:
@@ -883,48 +1081,66 @@ def run_search(
         if meta.kind != "search":
             raise UserInputError(f"{ckpt} is a {meta.kind} checkpoint; `bats search --resume` needs a search run")
         check_resume_config(meta.config, config, ignore=SEARCH_RESUME_IGNORED)
-    device = select_device(config.device)
-    check_precision(device, config.precision)
-    weight_half, arch_half, spec = load_search_data(config)
+    # With --download under torchrun, rank 0 downloads while the others wait for it.
+    wait_for_download = config.download is not False and dist_info.enabled
+    if wait_for_download and not dist_info.is_main:
+        barrier(dist_info)
+    weight_half, arch_half, spec = load_search_data(
+        config, download=None if dist_info.is_main else False)
+    if wait_for_download and dist_info.is_main:
+        barrier(dist_info)
     if preflight is not None:
         from bats_cli.plan import search_plan_args
 
-        preflight(**search_plan_args(config, spec, device, len(weight_half), len(arch_half)))
-    run = open_run_dir(Path(out_dir), resume)
-    if ckpt is None:
+        plan_args = search_plan_args(config, spec, device, len(weight_half), len(arch_half))
+        # Memory is per process: each rank holds a supernet and its share of the batch.
+        plan_args["batch_size"] = plan_args["eval_batch_size"] = config.batch_size // dist_info.world
+        _preflight_everywhere(preflight, plan_args, dist_info, device)
+    run = open_run_dir(Path(out_dir), resume, dist_info, device)
+    if ckpt is None and run is not None:
         run.write_config(config.model_dump(mode="json"), device=device, command="search")
     if config.threads and device.type == "cpu":
         set_threads(config.threads)
     with interrupt_guard(interrupt) as stop, _discard_if_unstarted(run):
         searcher = Searcher(config, run=run, reporter=reporter, device=device,
                             data=(weight_half, arch_half), in_channels=spec.in_channels,
-                            num_classes=spec.num_classes)
+                            num_classes=spec.num_classes, dist_info=dist_info, out_dir=Path(out_dir))
         loop = RunLoop(searcher, run_dir=run, reporter=reporter, interrupt=stop, device=device,
-                       started=started)
+                       dist_info=dist_info, started=started)
+        path = run.path if run is not None else Path(out_dir)
         if ckpt is not None:
             loop.resume(ckpt)
             reporter.line(
-                f"resuming {run.path}: stage {searcher.stage + 1}, epoch {searcher.epoch + 1}, "
+                f"resuming {path}: stage {searcher.stage + 1}, epoch {searcher.epoch + 1}, "
                 f"step {searcher.step}"
             )
         else:
             searcher.build_stage(spec.in_channels, spec.num_classes)
+            per_rank = (f" ({config.batch_size // dist_info.world} per process over {dist_info.world} processes)"
+                        if dist_info.enabled else "")
             reporter.line(
-                f"search {run.path}: {config.space} space, {config.strategy()}, "
-                f"{len(weight_half)}+{len(arch_half)} images, {searcher.steps_per_epoch} steps per epoch, "
+                f"search {path}: {config.space} space, {config.strategy()}, "
+                f"{len(weight_half)}+{len(arch_half)} images, batch {config.batch_size}{per_rank}, "
+                f"{searcher.steps_per_epoch} steps per epoch, "
                 f"stages {','.join(map(str, config.layers))} cells / {','.join(map(str, config.ops))} ops"
             )
         searcher.stage_results = searcher.past_stages()
         loop.run()
         final = searcher.current_genotype(final=True)
+        searcher.check_ranks(final)
         searcher.finished = True
         loop.save_last()
-    gpath = final.save(run.path / GENOTYPE_NAME)
+    gpath = final.save(path / GENOTYPE_NAME) if run is not None else path / GENOTYPE_NAME
     result = SearchResult(
-        out_dir=run.path, genotype=final, genotype_path=gpath, checkpoint=run.last,
+        out_dir=path, genotype=final, genotype_path=gpath,
+        checkpoint=run.last if run is not None else path / "last.safetensors",
         stages=searcher.stage_results, total_seconds=loop.elapsed(),
         parameter_free_share=parameter_free_share(final), skips=skip_count(final),
-        warnings=searcher.warnings,
+        warnings=searcher.warnings, world_size=dist_info.world,
+        per_rank_batch=config.batch_size // dist_info.world, rank_genotypes=searcher.rank_genotypes,
     )
-    run.write_json(RESULT_NAME, result.to_dict())
+    if run is not None:
+        run.write_json(RESULT_NAME, result.to_dict())
+    # The result exists once run_search returns, on every rank.
+    barrier(dist_info)
     return result

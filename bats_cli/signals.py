@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,11 +30,23 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+# Under torchrun, a signal sent to the whole job (Ctrl-C, SLURM, ``kill -- -PGID``) reaches each
+# worker twice: directly, and relayed by the launcher within milliseconds. The same signal again
+# within this many seconds is that relay, not a second request.
+RELAY_WINDOW_S = 2.0
+
+
+def under_launcher() -> bool:
+    """Whether this process is a worker started by torchrun (whose agent relays signals)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 class GracefulInterrupt:
     """Turn SIGINT/SIGTERM into a flag the training loop polls after each step.
 
-    A second signal raises ``KeyboardInterrupt`` at once (exit 130 without saving). Previous
-    handlers are restored on exit. Outside the main thread it installs nothing (``requested``
+    A second signal raises ``KeyboardInterrupt`` at once (exit 130 without saving); under
+    torchrun the same signal within :data:`RELAY_WINDOW_S` of the first is the launcher's relay
+    of it and only repeats the request. Previous handlers are restored on exit. Outside the main thread it installs nothing (``requested``
     stays False), because Python only allows signal handlers there.
 
     >>> with GracefulInterrupt() as stop:
@@ -46,6 +59,7 @@ class GracefulInterrupt:
         self.signals = signals
         self.requested = False
         self.signal_name: str | None = None
+        self._first: tuple[int, float] | None = None  # (signal, time.monotonic()) of the request
         self._previous: dict[int, Any] = {}
         self._pid = os.getpid()
 
@@ -71,8 +85,11 @@ class GracefulInterrupt:
                 _exit_soon(signum, frame)
             return
         if self.requested:
+            if self._is_relay(signum):
+                return
             raise KeyboardInterrupt
         self.requested = True
+        self._first = (signum, time.monotonic())
         self.signal_name = signal.Signals(signum).name
         # os.write is safe inside a signal handler, unlike print (rich may hold the stream).
         msg = (
@@ -81,6 +98,12 @@ class GracefulInterrupt:
         )
         with contextlib.suppress(OSError):
             os.write(2, msg.encode())
+
+    def _is_relay(self, signum: int) -> bool:
+        if self._first is None or not under_launcher():
+            return False
+        first, at = self._first
+        return signum == first and time.monotonic() - at < RELAY_WINDOW_S
 
     def raise_if_requested(self, save_fn: Callable[[], Any] | None = None) -> None:
         """If a signal arrived: call ``save_fn`` (may return the checkpoint path), raise Interrupted."""

@@ -28,6 +28,7 @@ from bats_cli.cli.options import (
     PrintConfigOpt,
     ResumeOrStartOpt,
     emit_result,
+    is_main_process,
     key_value_table,
     opt,
     path_or_none,
@@ -36,6 +37,7 @@ from bats_cli.cli.options import (
     print_config,
     resume_mode,
     run_planned,
+    starting,
 )
 from bats_cli.errors import UserInputError
 
@@ -81,6 +83,9 @@ def result_table(result: Mapping[str, Any]) -> Any:
         rows.append((f"stage {s['stage']}", f"{s['layers']} cells, {s['ops']} ops, {s['epochs']} epochs: "
                                             f"{s['seconds']:.1f} s"))
     rows.append(("total", f"{result['total_seconds']:.1f} s"))
+    if result.get("world_size", 1) > 1:
+        rows.append(("processes", f"{result['world_size']} (torchrun), {result['per_rank_batch']} images "
+                                  "of each batch per process; every rank derived this cell"))
     for w in result.get("warnings", []):
         rows.append(("warning", w["message"]))
     rows.append(("checkpoint", result["checkpoint"]))
@@ -105,7 +110,7 @@ def search_command(
     ops: Annotated[Optional[str], opt("--ops", panel=SCHED, metavar="K1,K2,..", help="Candidate ops per edge per stage (default 8,5,3).")] = None,
     epochs: Annotated[Optional[int], opt("--epochs", panel=SCHED, min=1, help="Epochs per stage (default 25).")] = None,
     warmup: Annotated[Optional[int], opt("--warmup", panel=SCHED, min=0, help="First epochs of each stage that train weights only (default 10).")] = None,
-    batch_size: Annotated[Optional[int], opt("--batch-size", panel=SCHED, min=1, help="Default 96.")] = None,
+    batch_size: Annotated[Optional[int], opt("--batch-size", panel=SCHED, min=1, help="Images per step in each half (architecture, weights): the global batch, split over processes under torchrun. Default 96.")] = None,
     channels: Annotated[Optional[int], opt("--channels", panel=SCHED, min=2, help="Supernet width (default 18 = 6 groups x 3 channels).")] = None,
     nodes: Annotated[Optional[int], opt("--nodes", panel=SCHED, min=1, help="Intermediate nodes per cell (default 4).")] = None,
     channels_per_group: Annotated[Optional[int], opt("--channels-per-group", panel=SPACE, min=1, help="Channels per group of the grouped convs (default 3, §4.1).")] = None,
@@ -147,12 +152,14 @@ def search_command(
     Writes OUT/genotype.json (for bats train / flops), OUT/last.safetensors (resumable; also
     `bats derive` input), OUT/metrics.csv, OUT/alphas/*.json, OUT/genotypes/*.json.
     Ctrl-C saves a checkpoint; rerun with --resume to continue at the same stage, epoch and step.
+    Multi-GPU: torchrun --nproc-per-node N -m bats_cli search ... (--batch-size stays the global batch).
 
     Example: bats search --preset tiny --out runs/search-tiny
 
     Example: bats search --dataset imagefolder --data-dir DIR --preset small --out runs/c10mini
     (DIR: an ImageFolder tree with train/ and val/, e.g. a CIFAR-10 copy)
     """
+    starting("search", "loading torch and the data", quiet=quiet or print_config_)
     from bats_cli.config import load_config_file, resolve_config, resolve_resume_config
     from bats_cli.progress import Reporter
     from bats_cli.search import SEARCH_PRESETS, SEARCH_RESUME_IGNORED, SearchConfig, run_search
@@ -201,7 +208,19 @@ def search_command(
         print_config(cfg)
         return
     hook = preflight_hook(dry_run=dry_run, force=force, as_json=as_json, quiet=quiet)
-    result = run_planned(lambda: run_search(cfg, out_dir=out, resume=resume, reporter=Reporter(quiet=quiet),
-                                            preflight=hook), as_json=as_json)
-    if result is not None:
+
+    def search() -> Any:
+        from bats_cli.plan import DryRun
+
+        try:
+            return run_search(cfg, out_dir=out, resume=resume, reporter=Reporter(quiet=quiet),
+                              preflight=hook)
+        except DryRun as dry:
+            if dry.plan is None:  # another rank under torchrun: rank 0 prints the plan
+                return None
+            raise
+
+    result = run_planned(search, as_json=as_json)
+    # Under torchrun every rank returns the result; rank 0 prints it.
+    if result is not None and is_main_process():
         emit_result(result.to_dict(), as_json=as_json, table_fn=result_table)
