@@ -796,6 +796,22 @@ def evaluate_on(o: StudyOptions, data_dir: str | Path, *, dataset: str = "imagef
         raise UserInputError(f"{o.out}: no finished job with a packed network (binarize/model.packed.safetensors) "
                              "to re-evaluate; is it a study directory of this study?")
     log(f"ablate {o.study}: re-evaluating {len(done)} networks on {data_dir} -> {eval_name}")
+    try:
+        failed = _evaluate_jobs(o, done, layout, slug, dataset, runner, log)
+    finally:
+        if layout != Path(data_dir):  # the temporary links only; the images are untouched
+            import shutil
+
+            shutil.rmtree(layout, ignore_errors=True)
+    summary = write_summary(o, jobs, eval_name=eval_name, stem=f"results-{slug}")
+    if failed:
+        raise RunFailure(f"{len(failed)} job(s) could not be evaluated on {data_dir}: {', '.join(failed)}")
+    return summary
+
+
+def _evaluate_jobs(o: StudyOptions, done: Sequence[Job], layout: Path, slug: str, dataset: str,
+                   runner: Runner, log: Callable[[str], None]) -> list[str]:
+    eval_name = f"eval-{slug}.json"
     failed = []
     for job in done:
         step = Step(f"eval-{slug}", ("eval", str(job.packed), "--dataset", dataset, "--data-dir", str(layout),
@@ -809,10 +825,7 @@ def evaluate_on(o: StudyOptions, data_dir: str | Path, *, dataset: str = "imagef
             log(f"  failed      {job.name} (log: {job.dir / 'logs' / (step.name + '.log')})")
         else:
             log(f"  evaluated   {job.name}")
-    summary = write_summary(o, jobs, eval_name=eval_name, stem=f"results-{slug}")
-    if failed:
-        raise RunFailure(f"{len(failed)} job(s) could not be evaluated on {data_dir}: {', '.join(failed)}")
-    return summary
+    return failed
 
 
 # --------------------------------------------------------------------------- summary
