@@ -14,6 +14,19 @@ measured step — the network, its measuring copy, their gradients and the outpu
 at the largest measured batch — so a network that could not survive its own measurement is one
 error line instead of an out-of-memory kill (with ``--force``: an unmeasured estimate).
 
+Measuring costs seconds to a minute on a CPU, so it is done only where it decides something:
+the meta-device forward also gives a peak estimate with a band (layer outputs per image x 1.3 to
+x 2.2, what measured steps of this project's networks span), and a run whose band lies far below
+the memory available (it fits) or far above it (it does not) is decided from the band alone.
+Either way one training step at batch 4 is timed (after a warm-up step) for the estimated time
+per epoch and in all, labelled as such. A plan measured once is kept in the cache
+(``$XDG_CACHE_HOME/bats/plans``, keyed by the network's shapes, data, batch, device, precision,
+threads and versions), so ``--resume`` and a run after its ``--dry-run`` reuse it (and suggest the
+same batch size).
+
+What it is doing is printed before it is done: the plan's first lines (command, data, network,
+steps) come before any estimate, and a line says what is measured or timed before it starts.
+
 Terms added by arithmetic, not measured: Adam's two moments (2 x parameter bytes) and the
 serialised checkpoint (weights + Adam state written as one safetensors buffer).
 
@@ -25,9 +38,12 @@ serialised checkpoint (weights + Adam state written as one safetensors buffer).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import os
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +57,17 @@ MEASURE_BATCHES = (2, 4)
 WARMUP_BATCH = 2
 # Keep this share of the available memory free (page cache, data loader, fragmentation).
 HEADROOM = 0.9
+# Measured train-step memory per image over the meta-device sum of layer outputs per image, for
+# this project's networks (tiny 1.75, paper CIFAR 1.50, 6 cells C=12 2.03; supernets alike): the
+# band within which the unmeasured estimate is trusted.
+META_FACTOR_LOW = 1.3
+META_FACTOR_HIGH = 2.2
+# Decided without measuring when the band's top is below this share of the room (fits) or its
+# bottom above this multiple of it (does not fit); in between the step is measured.
+FAR_BELOW = 0.8
+FAR_ABOVE = 1.25
+# The batch timed for the time estimate (after a warm-up step at WARMUP_BATCH).
+TIMED_BATCH = max(MEASURE_BATCHES)
 
 
 @dataclass(frozen=True)
@@ -70,6 +97,7 @@ class MemoryModel:
     fixed_bytes: float
     per_image_bytes: float
     measured: dict[str, int] = field(default_factory=dict)  # "train@2" -> bytes, ...
+    seconds: dict[str, float] = field(default_factory=dict)  # "train@4" -> seconds of that step
 
     def at(self, batch: int) -> int:
         return int(self.fixed_bytes + self.per_image_bytes * batch)
@@ -99,29 +127,92 @@ class Plan:
     available_memory_bytes: int | None
     largest_fitting_batch: int | None
     fits: bool
-    seconds_per_epoch: float | None = None  # measured after the first steps of the real run
+    seconds_per_epoch: float | None = None  # estimated from a timed step (None: not timed)
     network: str = ""
     measured: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    seconds_total: float | None = None  # estimated, like seconds_per_epoch
+    memory_source: str = "measured"  # "measured" or "estimated" (the meta-device band)
+    reused: bool = False  # taken from an earlier plan of the same network and data (the cache)
+    data_note: str = ""  # replaces "(N train / M test images)" when set (the search's split)
+    seconds_per_step: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def lines(self) -> list[str]:
+    def header_lines(self) -> list[str]:
+        """What the run is, known before anything is estimated or measured."""
+        return [data_line(self.command, self.device, self.dataset, self.train_images, self.test_images,
+                          self.data_note),
+                f"plan: network {self.network + ', ' if self.network else ''}{self.parameters:,} parameters",
+                steps_line(self.epochs, self.steps_per_epoch, self.batch_size, self.total_steps)]
+
+    def result_lines(self) -> list[str]:
+        """The verdict (memory) and the time estimate."""
         gib = 2**30
-        avail = (f"{self.available_memory_bytes / gib:.1f} GiB available" if
-                 self.available_memory_bytes is not None else "available memory unknown")
-        out = [
-            f"plan: {self.command} on {self.device}, {self.dataset} ({self.train_images:,} train / "
-            f"{self.test_images:,} test images)",
-            f"plan: network {self.network + ', ' if self.network else ''}{self.parameters:,} parameters",
-            f"plan: {self.epochs} epochs x {self.steps_per_epoch:,} steps of batch {self.batch_size}"
-            f" = {self.total_steps:,} steps",
-            f"plan: estimated peak {self.memory} {self.peak_memory_bytes / gib:.2f} GiB ({avail}); "
-            "ETA after the first steps",
-        ]
+        peak = f"{self.peak_memory_bytes / gib:.2f} GiB"
+        how = {
+            "measured": f"measured at batches {MEASURE_BATCHES[0]} and {MEASURE_BATCHES[-1]}, "
+                        f"extrapolated to {self.batch_size}",
+            "estimated": "meta-device estimate, upper end; not measured: far from the limit",
+        }.get(self.memory_source, self.memory_source)
+        if self.reused:
+            how += "; from an earlier plan of this network and data"
+        if self.available_memory_bytes is None:
+            verdict = f"plan: peak {self.memory} about {peak} ({how}); available memory unknown"
+        elif self.fits:
+            verdict = (f"plan: fits: peak {self.memory} about {peak} of "
+                       f"{self.available_memory_bytes / gib:.1f} GiB available ({how})")
+        else:
+            largest = self.largest_fitting_batch or 0
+            fix = (f"`--batch-size {largest}` fits" if largest >= 1 else
+                   "no batch size fits: use a smaller network or another device")
+            verdict = (f"plan: does not fit: peak {self.memory} about {peak} at batch {self.batch_size}, "
+                       f"{self.available_memory_bytes / gib:.1f} GiB available ({how}): the run would be "
+                       f"refused; {fix} (or --force to try anyway)")
+        out = [verdict]
+        if self.seconds_per_epoch is not None and self.seconds_total is not None:
+            out.append(
+                f"plan: time, estimated: about {clock(self.seconds_per_epoch)} per epoch, "
+                f"{clock(self.seconds_total)} in all (steps timed at batches {MEASURE_BATCHES[0]} and "
+                f"{TIMED_BATCH}, extrapolated to batch {self.batch_size}; the run prints its measured "
+                "speed after its first steps)")
         out += [f"plan: {note}" for note in self.notes]
         return out
+
+    def lines(self) -> list[str]:
+        return self.header_lines() + self.result_lines()
+
+
+def data_line(command: str, device, dataset: str, train_images: int, test_images: int,
+              data_note: str = "") -> str:
+    images = data_note or f"{train_images:,} train / {test_images:,} test images"
+    return f"plan: {command} on {device}, {dataset} ({images})"
+
+
+def steps_line(epochs: int, steps_per_epoch: int, batch_size: int, total_steps: int) -> str:
+    return (f"plan: {epochs} epoch{'' if epochs == 1 else 's'} x {steps_per_epoch:,} "
+            f"step{'' if steps_per_epoch == 1 else 's'} of batch {batch_size} = {total_steps:,} "
+            f"step{'' if total_steps == 1 else 's'}")
+
+
+def clock(seconds: float) -> str:
+    """``0:42``, ``12:05``, ``3:02:10``, ``2.5 days``: a duration the way a reader plans with it."""
+    s = int(round(seconds))
+    if s >= 2 * 86400:
+        return f"{seconds / 86400:.1f} days"
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+def round_batch(batch: int) -> int:
+    """A suggested batch size rounded down (multiples of 8 from 16 on, of 16 from 64 on): the
+    suggestion is stable against the noise of a measurement, so a dry run and the real run agree."""
+    for step, above in ((16, 64), (8, 16)):
+        if batch >= above:
+            return batch // step * step
+    return max(batch, 0)
 
 
 # --------------------------------------------------------------------------- memory available
@@ -241,6 +332,8 @@ def measure_memory(
         copy_bytes = sum(t.numel() * t.element_size() for t in list(net.parameters()) + list(net.buffers()))
         chosen = list(params(net)) if params is not None else list(net.parameters())
 
+        seconds: dict[str, float] = {}
+
         def step(batch: int, train: bool) -> int:
             x = torch.randn(batch, *input_shape, device=device)
             y = torch.randint(0, num_classes, (batch,), device=device)
@@ -249,6 +342,7 @@ def measure_memory(
                 torch.cuda.reset_peak_memory_stats(device)
             else:
                 _reset_peak_rss()
+            started = time.perf_counter()
             if train:
                 net.train()
                 with autocast(device, precision):
@@ -267,6 +361,7 @@ def measure_memory(
                 peak = torch.cuda.max_memory_allocated(device)
             else:
                 peak = _peak_rss_bytes()
+            seconds[f"{'train' if train else 'eval'}@{batch}"] = time.perf_counter() - started
             del grads, x, y
             return peak
 
@@ -285,9 +380,58 @@ def measure_memory(
         slope = max(0.0, (m1 - m0) / (b1 - b0))
         # The copy exists only while measuring; the real run holds one network, not two.
         return MemoryModel(fixed_bytes=m0 - slope * b0 - copy_bytes, per_image_bytes=slope,
-                           measured=dict(measured))
+                           measured=dict(measured), seconds=dict(seconds))
 
     return fit_line("train"), fit_line("eval")
+
+
+def time_steps(
+    model,
+    *,
+    input_shape: Sequence[int],
+    num_classes: int,
+    device,
+    precision: str = "fp32",
+    loss_fn: Callable[[Any, Any], Any] = default_loss,
+    params: Callable[[Any], Any] | None = None,
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """Seconds of one training step at each of ``MEASURE_BATCHES`` and one evaluation pass at
+    ``TIMED_BATCH`` (after a warm-up step), on a copy of ``model`` (RNG states restored: a seeded run is unchanged).
+    ``channels_last``: in the memory format ``bats train`` uses for grouped convs on a CPU."""
+    import torch
+
+    from bats_cli.runtime import autocast
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    seconds: dict[str, float] = {}
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        net = copy.deepcopy(model).to(device, memory_format=fmt)
+        chosen = list(params(net)) if params is not None else list(net.parameters())
+        # Two timed batch sizes: a step's fixed cost (per-op overhead, which dominates small
+        # networks) and its cost per image are told apart.
+        for batch, train, key in ((WARMUP_BATCH, True, None), (MEASURE_BATCHES[0], True, "train"),
+                                  (TIMED_BATCH, True, "train"), (TIMED_BATCH, False, "eval")):
+            x = torch.randn(batch, *input_shape, device=device).contiguous(memory_format=fmt)
+            y = torch.randint(0, num_classes, (batch,), device=device)
+            started = time.perf_counter()
+            if train:
+                net.train()
+                with autocast(device, precision):
+                    out = net(x)
+                torch.autograd.grad(loss_fn(out, y), chosen, allow_unused=True)
+            else:
+                net.eval()
+                with torch.no_grad(), autocast(device, precision):
+                    net(x)
+            if cuda:
+                torch.cuda.synchronize(device)
+            if key is not None:
+                seconds[f"{key}@{batch}"] = time.perf_counter() - started
+        del net, chosen
+    return seconds
 
 
 # --------------------------------------------------------------------------- before measuring
@@ -323,6 +467,7 @@ class StepEstimate:
     activation_bytes: int  # layer outputs at ``batch``
     batch: int
     built: bool  # the network already exists (its weights are in memory already)
+    fingerprint: str = ""  # the network's module types and tensor shapes, hashed (the plan cache key)
 
     @property
     def need_bytes(self) -> int:
@@ -340,8 +485,19 @@ def estimate_step(candidate, *, input_shape: Sequence[int]) -> StepEstimate:
     else:
         build = candidate.build_for_estimate or candidate.build
     batch = max(MEASURE_BATCHES)
-    est = estimate_network_bytes(build, input_shape=tuple(input_shape), batch_size=batch, training=False)
-    return StepEstimate(est.params, est.param_bytes, est.activation_bytes, batch, built)
+    shapes: list[str] = []
+
+    def build_and_describe():
+        net = build()
+        shapes.extend(f"{name}:{type(m).__name__}" for name, m in net.named_modules())
+        shapes.extend(f"{name}:{tuple(t.shape)}" for name, t in
+                      list(net.named_parameters()) + list(net.named_buffers()))
+        return net
+
+    est = estimate_network_bytes(build_and_describe, input_shape=tuple(input_shape), batch_size=batch,
+                                 training=False)
+    fingerprint = hashlib.sha256("\n".join(shapes).encode()).hexdigest()[:32]
+    return StepEstimate(est.params, est.param_bytes, est.activation_bytes, batch, built, fingerprint)
 
 
 def _gib(n: float) -> str:
@@ -379,21 +535,35 @@ def plan_run(
     params: Callable[[Any], Any] | None = None,
     force: bool = False,
     advice: str = "use fewer --channels or --layers",
+    data_note: str = "",
+    step_passes: float = 1.0,
+    announce: Callable[[str], None] | None = None,
+    cache: bool = True,
 ) -> Plan:
-    """Measure and assemble the plan. ``models`` (search stages: networks or :class:`Candidate`
-    builders, built one at a time) are measured too; the largest wins.
+    """Estimate, measure where it decides something, and assemble the plan. ``models`` (search
+    stages: networks or :class:`Candidate` builders, built one at a time, each run for an equal
+    share of the epochs) are planned too; the largest peak wins, their times add up.
 
-    A network whose measured step would not fit in the memory left is never measured: a
-    UserInputError ending in ``advice`` (the settings to lower), or with ``force`` a plan from the
-    meta-device estimate alone.
+    ``announce(line)`` receives the plan's first lines as soon as they are known and a line
+    before anything is measured or timed. ``step_passes``: training passes per optimisation step
+    (a search step is an architecture step plus a weight step). A network whose measured step
+    would not fit in the memory left is never measured: a UserInputError ending in ``advice``
+    (the settings to lower), or with ``force`` a plan from the meta-device estimate alone.
     """
     import torch
 
+    say = announce or (lambda line: None)
     device = torch.device(device)
+    total_steps = total_steps if total_steps is not None else steps_per_epoch * epochs
     candidates = list(models) or [model]
     memory, available, in_use = _memory_room(device)
+    # The meta-device estimate first: shapes only, no memory, a second or two.
     steps = [estimate_step(c, input_shape=input_shape) for c in candidates]
     n_params = (sum(p.numel() for p in model.parameters()) if model is not None else steps[0].params)
+    base = dict(command=command, device=str(device), dataset=dataset, train_images=train_images,
+                test_images=test_images, parameters=n_params, batch_size=batch_size,
+                steps_per_epoch=steps_per_epoch, epochs=epochs, total_steps=total_steps, memory=memory,
+                available_memory_bytes=available, network=network, data_note=data_note)
     if available is not None:
         room = HEADROOM * available - in_use
         worst = max(steps, key=lambda s: s.need_bytes)
@@ -408,22 +578,59 @@ def plan_run(
                 )
             peak = max(_unmeasured_plan(s, batch_size=batch_size, optimizer_moments=optimizer_moments)
                        for s in steps)
+            for line in Plan(**base, peak_memory_bytes=0, largest_fitting_batch=None, fits=True).header_lines():
+                say(line)
             return Plan(
-                command=command, device=str(device), dataset=dataset, train_images=train_images,
-                test_images=test_images, parameters=n_params, batch_size=batch_size,
-                steps_per_epoch=steps_per_epoch, epochs=epochs,
-                total_steps=total_steps if total_steps is not None else steps_per_epoch * epochs,
-                peak_memory_bytes=peak, memory=memory, available_memory_bytes=available,
-                largest_fitting_batch=0, fits=False, network=network,
+                **base, peak_memory_bytes=peak, largest_fitting_batch=0, fits=False,
+                memory_source="estimated",
                 notes=[f"estimate only, not measured: one measured step would need about "
                        f"{_gib(worst.need_bytes)} of {memory} ({_gib(max(room, 0))} free)"],
             )
-    best: tuple[int, MemoryModel, MemoryModel] | None = None
-    for cand in candidates:
-        net = cand.build() if isinstance(cand, Candidate) else cand
-        train_m, eval_m = measure_memory(net, input_shape=input_shape, num_classes=num_classes,
-                                         device=device, precision=precision, params=params)
-        param_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+    for line in Plan(**base, peak_memory_bytes=0, largest_fitting_batch=None, fits=True).header_lines():
+        say(line)
+
+    key = _cache_key(command=command, steps=steps, device=device, dataset=dataset,
+                     train_images=train_images, test_images=test_images, input_shape=input_shape,
+                     num_classes=num_classes, precision=precision) if cache else None
+    band = [_meta_band(s, in_use=in_use, batch_size=batch_size, optimizer_moments=optimizer_moments)
+            for s in steps]
+    high = max(b[1] for b in band)
+    low = max(b[0] for b in band)
+    decided = available is None or high <= FAR_BELOW * HEADROOM * available or \
+        low >= FAR_ABOVE * HEADROOM * available
+    cached = _load_cached(key)
+    reused = cached is not None and (cached[0] == "measured" or decided)
+    if reused:
+        source, per_stage = cached
+    else:
+        source = "estimated" if decided else "measured"
+        say(f"plan: timing a training step at batches {MEASURE_BATCHES[0]} and {TIMED_BATCH} "
+            "(after a warm-up step)"
+            + (f" of each of the {len(candidates)} networks" if len(candidates) > 1 else "") + "..."
+            if decided else
+            f"plan: measuring peak memory and speed: one training step at batches "
+            f"{MEASURE_BATCHES[0]} and {MEASURE_BATCHES[-1]} and one evaluation pass, on a copy of the "
+            + ("network" if len(candidates) == 1 else f"{len(candidates)} networks, one at a time") + "...")
+        per_stage = []
+        for cand, step in zip(candidates, steps):
+            net = cand.build() if isinstance(cand, Candidate) else cand
+            param_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+            if decided:
+                seconds = time_steps(net, input_shape=input_shape, num_classes=num_classes, device=device,
+                                     precision=precision, params=params,
+                                     channels_last=_runs_channels_last(cand, device, precision))
+                train_m, eval_m = _meta_models(step, in_use=in_use, param_bytes=param_bytes)
+            else:
+                train_m, eval_m = measure_memory(net, input_shape=input_shape, num_classes=num_classes,
+                                                 device=device, precision=precision, params=params)
+                seconds = {k: v for k, v in {**eval_m.seconds, **train_m.seconds}.items()
+                           if k.startswith("train@") or k == f"eval@{TIMED_BATCH}"}
+            per_stage.append((train_m, eval_m, seconds, param_bytes))
+            del net
+        _store_cached(key, source, per_stage)
+
+    best = None
+    for train_m, eval_m, _seconds, param_bytes in per_stage:
         # Adam's moments live through the run; the checkpoint is serialised as one more copy
         # of weights and moments (safetensors builds the file in memory).
         extra = optimizer_moments * param_bytes
@@ -431,25 +638,126 @@ def plan_run(
         peak = max(train_m.at(batch_size) + extra, eval_m.at(eval_batch_size) + extra,
                    train_m.fixed_bytes + extra + save)
         if best is None or peak > best[0]:
-            best = (peak, train_m, eval_m, extra)  # type: ignore[assignment]
-        del net
-    peak, train_m, eval_m, extra = best  # type: ignore[misc]
+            best = (peak, train_m, extra)
+    peak, train_m, extra = best
     largest = None
     fits = True
     if available is not None:
         # 5 % below the line: a batch suggested at the very edge may not fit on a second measure.
         budget = 0.95 * HEADROOM * available - extra
-        largest = max(0, train_m.largest_batch(budget))
+        largest = round_batch(max(0, train_m.largest_batch(budget)))
         fits = peak <= HEADROOM * available
+    per_epoch, per_step = _time_estimate(per_stage, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
+                                         test_images=test_images, step_passes=step_passes)
     return Plan(
-        command=command, device=str(device), dataset=dataset, train_images=train_images,
-        test_images=test_images, parameters=n_params, batch_size=batch_size,
-        steps_per_epoch=steps_per_epoch, epochs=epochs,
-        total_steps=total_steps if total_steps is not None else steps_per_epoch * epochs,
-        peak_memory_bytes=int(peak), memory=memory, available_memory_bytes=available,
-        largest_fitting_batch=largest, fits=fits, network=network,
-        measured=train_m.measured,
+        **base, peak_memory_bytes=int(peak), largest_fitting_batch=largest, fits=fits,
+        measured=train_m.measured, memory_source=source, reused=reused, seconds_per_epoch=per_epoch,
+        seconds_total=per_epoch * epochs if per_epoch is not None else None, seconds_per_step=per_step,
     )
+
+
+def _runs_channels_last(candidate, device, precision: str) -> bool:
+    """Whether the run moves this network to channels-last (train / binarize on a CPU with grouped
+    convs); the search's supernets (given as :class:`Candidate`) handle their layout inside."""
+    import torch
+
+    from bats_cli.runtime import memory_format
+
+    if isinstance(candidate, Candidate):
+        return False
+    return memory_format(device, candidate, precision=precision) == torch.channels_last
+
+
+def _meta_band(step: StepEstimate, *, in_use: int, batch_size: int, optimizer_moments: int) -> tuple[int, int]:
+    """(low, high) peak of the real run from the meta-device estimate: what the process holds,
+    weights' gradients and moments (and the weights, unless built), layer outputs x the band."""
+    per_image = step.activation_bytes / step.batch
+    fixed = in_use + (1 + optimizer_moments + (0 if step.built else 1)) * step.param_bytes
+    return (int(fixed + META_FACTOR_LOW * per_image * batch_size),
+            int(fixed + META_FACTOR_HIGH * per_image * batch_size))
+
+
+def _meta_models(step: StepEstimate, *, in_use: int, param_bytes: int) -> tuple[MemoryModel, MemoryModel]:
+    """Train / eval memory lines from the meta estimate, at the top of the band (so a batch it
+    suggests fits): the process as it is, the weights unless built, the gradients, layer outputs."""
+    per_image = META_FACTOR_HIGH * step.activation_bytes / step.batch
+    held = in_use + (0 if step.built else param_bytes)
+    train_m = MemoryModel(fixed_bytes=held + param_bytes, per_image_bytes=per_image)
+    # Evaluation keeps no layer outputs for backward: a fraction of training's (measured 1/8-1/4).
+    eval_m = MemoryModel(fixed_bytes=held, per_image_bytes=per_image / 4)
+    return train_m, eval_m
+
+
+def _time_estimate(per_stage, *, batch_size: int, steps_per_epoch: int, test_images: int,
+                   step_passes: float) -> tuple[float | None, float | None]:
+    """(seconds per epoch, seconds per step), averaged over the stages, from the timed steps."""
+    epochs, steps = [], []
+    small, large = MEASURE_BATCHES[0], TIMED_BATCH
+    for _train_m, _eval_m, seconds, _param_bytes in per_stage:
+        train_s = seconds.get(f"train@{large}")
+        if train_s is None:
+            return None, None
+        eval_s = seconds.get(f"eval@{large}", train_s / 3)
+        # A line through the two timed steps: fixed cost + cost per image. When noise makes the
+        # smaller batch the slower one, the larger step's time per image alone (an upper bound).
+        per_image = (train_s - seconds.get(f"train@{small}", train_s)) / (large - small)
+        if per_image <= 0:
+            fixed, per_image = 0.0, train_s / large
+        else:
+            fixed = max(train_s - per_image * large, 0.0)
+        step = step_passes * (fixed + per_image * batch_size)
+        steps.append(step)
+        epochs.append(step * steps_per_epoch + eval_s / TIMED_BATCH * test_images)
+    return sum(epochs) / len(epochs), sum(steps) / len(steps)
+
+
+# --------------------------------------------------------------------------- the plan cache
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "bats" / "plans"
+
+
+def _cache_key(*, command, steps, device, dataset, train_images, test_images, input_shape, num_classes,
+               precision) -> str:
+    import torch
+
+    import bats_cli
+
+    parts = [command, [s.fingerprint for s in steps], str(device), dataset, train_images, test_images,
+             list(input_shape), num_classes, precision, torch.get_num_threads(), torch.__version__,
+             bats_cli.__version__, MEASURE_BATCHES, TIMED_BATCH]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]
+
+
+def _load_cached(key: str | None):
+    """(source, per-stage lines) of an earlier plan with this key, or None."""
+    if key is None or os.environ.get("BATS_PLAN_CACHE") == "0":
+        return None
+    try:
+        data = json.loads((_cache_dir() / f"{key}.json").read_text())
+        stages = [(MemoryModel(**st["train"]), MemoryModel(**st["eval"]),
+                   {k: float(v) for k, v in st["seconds"].items()}, int(st["param_bytes"]))
+                  for st in data["stages"]]
+        if data["source"] not in ("measured", "estimated") or not stages:
+            return None
+        return data["source"], stages
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no entry, or one this version cannot read: plan again
+
+
+def _store_cached(key: str | None, source: str, per_stage) -> None:
+    if key is None or os.environ.get("BATS_PLAN_CACHE") == "0":
+        return
+    from bats_cli.fileio import atomic_write_json
+
+    stages = [{"train": asdict(t), "eval": asdict(e), "seconds": s, "param_bytes": pb}
+              for t, e, s, pb in per_stage]
+    try:
+        atomic_write_json(_cache_dir() / f"{key}.json", {"source": source, "stages": stages})
+    except Exception:  # a read-only or full cache only costs the next plan a measurement
+        pass
 
 
 def check_fits(plan: Plan, *, force: bool = False) -> None:
@@ -482,15 +790,21 @@ def make_preflight(*, dry_run: bool, force: bool, as_json: bool, quiet: bool) ->
     """The hook a long command passes to its library function: plan, print, refuse or stop.
 
     The library calls ``hook(**plan_run_arguments)`` once its data and network exist and before
-    its run directory is created.
+    its run directory is created. The plan's lines go to stderr as they are known (unless
+    ``quiet``; with ``--dry-run --quiet`` all at the end); ``--dry-run --json`` prints the plan as
+    one JSON object on stdout (the command does, from :class:`DryRun`).
     """
 
     def hook(**kwargs: Any) -> None:
-        plan = plan_run(**kwargs, force=force)
+        say = None if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+        plan = plan_run(**kwargs, force=force, announce=say)
+        if say is not None:
+            for line in plan.result_lines():
+                say(line)
+        elif dry_run and not as_json:
+            print_plan(plan)
         if dry_run:
             raise DryRun(plan)
-        if not quiet:
-            print_plan(plan)
         check_fits(plan, force=force)
 
     return hook
@@ -526,9 +840,14 @@ def search_plan_args(config, spec, device, weight_images: int, arch_images: int)
         stages.append(Candidate(build=builder(layers, ops, config.mixed_op),
                                 build_for_estimate=builder(layers, ops, "reference")))
     steps = min(weight_images // config.batch_size, arch_images // config.batch_size)
+    # Warm-up epochs train the weights only; the others add an architecture step to each step.
+    search_epochs = max(config.epochs, 1)
+    passes = (config.warmup + 2 * max(config.epochs - config.warmup, 0)) / search_epochs
     return dict(
         command="search", models=stages, device=device, dataset=spec.name,
         train_images=weight_images + arch_images, test_images=0,
+        data_note=f"{weight_images:,} + {arch_images:,} images: the weights' and the architecture's "
+                  "halves of the training split", step_passes=passes,
         input_shape=(spec.in_channels, spec.image_size, spec.image_size),
         num_classes=spec.num_classes, batch_size=config.batch_size,
         eval_batch_size=config.batch_size, steps_per_epoch=steps,

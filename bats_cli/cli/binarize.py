@@ -35,6 +35,7 @@ from bats_cli.cli.options import (
     print_config,
     resume_mode,
     run_planned,
+    starting,
 )
 
 FT = "Fine-tuning"
@@ -99,6 +100,7 @@ def binarize_command(
 
     Example: bats binarize runs/tiny/last.safetensors -o tiny.packed.safetensors
     """
+    starting("binarize", "loading torch, the checkpoint and the data", quiet=quiet or print_config_)
     from bats_cli.binarize import BINARIZE_PRESETS, BinarizeConfig, binarize
     from bats_cli.config import load_config_file, resolve_config
     from bats_cli.outputs import check_output_file

@@ -377,14 +377,25 @@ def preflight_hook(*, dry_run: bool, force: bool, as_json: bool, quiet: bool) ->
     return make_preflight(dry_run=dry_run, force=force, as_json=as_json, quiet=quiet)
 
 
+def starting(command: str, what: str, *, quiet: bool) -> None:
+    """At a terminal, one line before a long command's slow start (importing torch, reading the
+    data, building the network), so it is never silent for long; piped output stays as it was
+    (an error is then still the one line on stderr)."""
+    if quiet or os.environ.get("RANK", "0") != "0" or not sys.stderr.isatty():
+        return
+    print(f"{command}: starting: {what}; the plan follows", file=sys.stderr, flush=True)
+
+
 def run_planned(fn: Callable[[], Any], *, as_json: bool) -> Any:
-    """``fn()``; with ``--dry-run`` the plan it raised is printed instead and None returned."""
+    """``fn()``; with ``--dry-run`` None (the hook printed the plan's lines on stderr; with
+    ``--json`` the plan is printed here, as one JSON object on stdout)."""
     from bats_cli.plan import DryRun, print_plan
 
     try:
         return fn()
     except DryRun as dry:
-        print_plan(dry.plan, as_json=as_json)
+        if as_json and dry.plan is not None:
+            print_plan(dry.plan, as_json=True)
         return None
 
 

@@ -40,6 +40,7 @@ from bats_cli.cli.options import (
     print_config,
     resume_mode,
     run_planned,
+    starting,
 )
 
 NET = "Network"
@@ -136,6 +137,7 @@ def train_command(
 
     Example: bats train resnet18 --preset tiny --out runs/resnet-tiny
     """
+    starting("train", "loading torch, the data and the network", quiet=quiet or print_config_)
     from bats_cli.config import load_config_file, resolve_config
     from bats_cli.genotype import resolve_network
     from bats_cli.presets import train_presets
