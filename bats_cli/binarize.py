@@ -293,7 +293,8 @@ def _binarize(
         extra={"bats_binarize": json.dumps(carried), "bats_source": str(src)},
     )
     if cfg.epochs > 0:
-        reporter.line(f"fine-tuning with binary weights and activations: {cfg.epochs} epoch(s), "
+        reporter.line(f"fine-tuning with binary weights and activations: {cfg.epochs} "
+                      f"epoch{'' if cfg.epochs == 1 else 's'}, "
                       f"lr {cfg.lr:g} (cosine), batch {batch_size}")
         summary = fit(spec, data.train, data.val, device=device, dist_info=dist_info,
                       run_dir=run_dir, reporter=reporter, resume_from=resume_from,

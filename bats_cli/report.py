@@ -58,6 +58,7 @@ class Run:
     result: dict[str, Any] | None
     alphas: list[dict[str, Any]] = field(default_factory=list)
     genotype: Any = None
+    same_cell_as: str | None = None  # an earlier run of the report with this genotype (drawn there)
 
 
 def _number(text: str | None) -> Any:
@@ -110,8 +111,24 @@ def read_run(path: Path) -> Run:
                                       origin=str(path / "genotype.json"))
     elif isinstance(record.get("genotype"), dict):
         genotype = Genotype.from_dict(record["genotype"])
+    if genotype is None:
+        genotype = _checkpoint_genotype(path)
     return Run(path=path, name=path.resolve().name, kind=kind, config=record.get("config", {}),
                record=record, rows=rows, result=result, alphas=alphas, genotype=genotype)
+
+
+def _checkpoint_genotype(path: Path) -> Any:
+    """The genotype recorded in the run's checkpoint (a binarize run's config.json has none)."""
+    from bats_cli.checkpoint import read_metadata
+    from bats_cli.genotype import Genotype
+
+    last = path / "last.safetensors"
+    if not last.is_file():
+        return None
+    meta = read_metadata(last)
+    if not meta.genotype_json:
+        return None
+    return Genotype.from_json(meta.genotype_json, origin=f"{last} (bats_genotype)")
 
 
 # --------------------------------------------------------------------------- panels
@@ -144,6 +161,22 @@ def _figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _tidy_axes(ax, xs: list[float]) -> None:
+    """Integer epoch ticks, numbers without offset notation ("1e-5+9.999e-1"), a sane x range
+    around a single epoch."""
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for axis in (ax.xaxis, ax.yaxis):
+        formatter = axis.get_major_formatter()
+        if isinstance(formatter, ScalarFormatter):
+            formatter.set_useOffset(False)
+    finite = [x for x in xs if not math.isnan(x)]
+    if finite and max(finite) - min(finite) < 1:
+        ax.set_xlim(min(finite) - 1, max(finite) + 1)
+        ax.set_xticks(sorted(set(finite)))
+
+
 def _line_panel(plt, run: Run, pid: str, title: str, keys: list[tuple[str, str]], ylabel: str,
                 stage_marks: bool = False) -> Panel | None:
     present = [(k, label) for k, label in keys if _has(run.rows, k)]
@@ -151,16 +184,23 @@ def _line_panel(plt, run: Run, pid: str, title: str, keys: list[tuple[str, str]]
         return None
     epochs = _column(run.rows, "epoch")
     fig, ax = plt.subplots(figsize=(6, 3.6))
+    few = sum(not math.isnan(e) for e in epochs) < 2
     for key, label in present:
-        ax.plot(epochs, _column(run.rows, key), marker="o", markersize=3, label=label)
+        if few:  # one epoch: a point per curve, not a line through nothing
+            ax.plot(epochs, _column(run.rows, key), linestyle="none", marker="o", markersize=7, label=label)
+        else:
+            ax.plot(epochs, _column(run.rows, key), marker="o", markersize=3, label=label)
+
     if stage_marks and _has(run.rows, "stage"):
         stages = _column(run.rows, "stage")
         for i in range(1, len(stages)):
             if stages[i] != stages[i - 1]:
                 ax.axvline(epochs[i] - 0.5, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel(("epoch" if run.kind != "search" else "epoch (all stages)")
+                  + ("  (one epoch: one point per curve)" if few else ""))
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(f"{run.name}: {title}", fontsize=10)
+    _tidy_axes(ax, epochs)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return Panel(f"{run.name}/{pid}", title, _figure_png(fig), [label for _, label in present])
@@ -170,7 +210,7 @@ def _alpha_panel(plt, run: Run, cell: str) -> Panel | None:
     """softmax(α/T) of every op on every edge over the search's epochs (one small plot per edge)."""
     if not run.alphas:
         return None
-    steps = [f"s{d['stage']}e{d['epoch']}" for d in run.alphas]
+    steps = [f"{d['stage']}.{d['epoch']}" for d in run.alphas]
     edges = run.alphas[0][cell]
     n = len(edges)
     cols = min(5, n)
@@ -182,6 +222,14 @@ def _alpha_panel(plt, run: Run, cell: str) -> Panel | None:
             ops.extend(op for op in e["weights"] if op not in ops)
     colours = plt.get_cmap("tab10")
     x = list(range(len(run.alphas)))
+    from matplotlib.ticker import FuncFormatter
+
+    def stage_epoch(value, _pos):
+        i = int(round(value))
+        if abs(value - i) > 1e-6 or not 0 <= i < len(run.alphas):
+            return ""
+        return f"{run.alphas[i]['stage']}.{run.alphas[i]['epoch']}"
+
     for i, edge in enumerate(edges):
         ax = axes[i // cols][i % cols]
         for j, op in enumerate(ops):
@@ -191,6 +239,8 @@ def _alpha_panel(plt, run: Run, cell: str) -> Panel | None:
             ax.plot(x, y, color=colours(j % 10), linewidth=1.2, label=op)
         ax.set_title(f"node {edge['node']} <- {edge['input']}", fontsize=8)
         ax.tick_params(labelsize=6)
+        _tidy_axes(ax, [float(v) for v in x])
+        ax.xaxis.set_major_formatter(FuncFormatter(stage_epoch))
         for k in range(1, len(run.alphas)):
             if run.alphas[k]["stage"] != run.alphas[k - 1]["stage"]:
                 ax.axvline(k - 0.5, color="grey", linestyle=":", linewidth=0.8)
@@ -203,7 +253,8 @@ def _alpha_panel(plt, run: Run, cell: str) -> Panel | None:
                 seen.setdefault(label, handle)
     fig.legend(list(seen.values()), list(seen.keys()), loc="lower center", ncol=min(4, len(seen)),
                fontsize=7, bbox_to_anchor=(0.5, -0.02))
-    fig.suptitle(f"softmax(alpha/T) per edge, {cell} cell (x: {steps[0]} .. {steps[-1]})", fontsize=10)
+    fig.suptitle(f"{run.name}: softmax(alpha/T) per edge, {cell} cell (x: stage.epoch, from {steps[0]} "
+                 f"to {steps[-1]}; epoch 0 = the stage's start)", fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     return Panel(f"{run.name}/alpha-{cell}", f"α softmax per edge, {cell} cell", _figure_png(fig),
                  [f"{cell}:{e['node']}<-{e['input']}" for e in edges])
@@ -311,21 +362,86 @@ def _costs(run: Run) -> dict[str, Any]:
 # --------------------------------------------------------------------------- writing
 
 
-def _montage(panels: list[Panel]) -> bytes:
-    """All panels stacked in one PNG (two columns), white background."""
+def _table_png(plt, table: list[dict[str, Any]]) -> bytes:
+    """The comparison table as a picture (the same rows as the HTML's), with its footnote."""
+    header = [h for _, h, _ in COMPARISON_COLUMNS]
+    cells = [[html.unescape(_fmt(row.get(k), kind)) for k, _, kind in COMPARISON_COLUMNS] for row in table]
+    fig, ax = plt.subplots(figsize=(13, 0.25 * (len(cells) + 1)))
+    ax.axis("off")
+    t = ax.table(cellText=cells, colLabels=header, loc="center", cellLoc="right", colLoc="right",
+                 bbox=(0, 0, 1, 1))
+    t.auto_set_font_size(False)
+    t.set_fontsize(9)
+    t.auto_set_column_width(list(range(len(header))))
+    for (r, _c), cell in t.get_celld().items():
+        cell.set_edgecolor("#cccccc")
+        if r == 0:
+            cell.set_text_props(weight="bold")
+    ax.set_title("comparison", loc="left", fontsize=12, weight="bold")
+    import textwrap
+
+    ax.text(0, -0.12, "\n".join(textwrap.wrap(COMPARISON_NOTE, 190)), transform=ax.transAxes, fontsize=7.5,
+            color="dimgrey", va="top")
+    return _figure_png(fig)
+
+
+def _title_image(text: str, sub: str, width: int):
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.new("RGB", (width, 64), "#e8eef5")
+    draw = ImageDraw.Draw(image)
+    try:
+        big, small = ImageFont.load_default(size=26), ImageFont.load_default(size=15)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        big = small = ImageFont.load_default()
+    draw.text((14, 6), text, fill="black", font=big)
+    draw.text((14, 40), sub, fill="#333333", font=small)
+    return image
+
+
+def _sheet(plt, runs: list[Run], panels: list[Panel], table: list[dict[str, Any]]) -> bytes:
+    """One PNG: the comparison table, then one titled block per run holding only that run's
+    panels (curves two to a row; α grids and the cell drawing across the block)."""
     from PIL import Image
 
-    images = [Image.open(io.BytesIO(p.png)).convert("RGB") for p in panels]
-    cols = 2 if len(images) > 1 else 1
-    col_w = max(im.width for im in images)
-    rows = [images[i:i + cols] for i in range(0, len(images), cols)]
-    heights = [max(im.height for im in row) for row in rows]
-    sheet = Image.new("RGB", (col_w * cols, sum(heights)), "white")
+    def load(png: bytes):
+        return Image.open(io.BytesIO(png)).convert("RGB")
+
+    images = {p.id: load(p.png) for p in panels}
+    narrow = [im.width for pid, im in images.items() if not pid.endswith(("/cell",)) and "/alpha-" not in pid]
+    column = max(narrow, default=640)
+    width = max(2 * column, 1000)
+    blocks = [load(_table_png(plt, table))]
+    for run in runs:
+        own = [p for p in panels if p.id.startswith(run.name + "/")]
+        wide = [p for p in own if p.id.endswith("/cell") or "/alpha-" in p.id]
+        curves = [p for p in own if p not in wide]
+        where = f"{run.kind} run, {len(run.rows)} epoch{'' if len(run.rows) == 1 else 's'}: {run.path}"
+        if run.same_cell_as:
+            where += f"; its cell is {run.same_cell_as}'s, drawn above"
+        blocks.append(_title_image(run.name, where, width))
+        for i in range(0, len(curves), 2):
+            pair = [images[p.id] for p in curves[i:i + 2]]
+            row = Image.new("RGB", (width, max(im.height for im in pair)), "white")
+            for c, im in enumerate(pair):
+                row.paste(im, (c * column + (column - im.width) // 2, 0))
+            blocks.append(row)
+        for p in (p for p in own if p in wide):
+            im = images[p.id]
+            if im.width > width:
+                im = im.resize((width, round(im.height * width / im.width)), Image.LANCZOS)
+            row = Image.new("RGB", (width, im.height), "white")
+            row.paste(im, ((width - im.width) // 2, 0))
+            blocks.append(row)
+        blocks.append(Image.new("RGB", (width, 24), "white"))
+    for i, block in enumerate(blocks):
+        if block.width > width:  # the table at most as wide as the sheet
+            blocks[i] = block.resize((width, round(block.height * width / block.width)), Image.LANCZOS)
+    sheet = Image.new("RGB", (width, sum(b.height for b in blocks)), "white")
     y = 0
-    for row, h in zip(rows, heights):
-        for c, im in enumerate(row):
-            sheet.paste(im, (c * col_w, y))
-        y += h
+    for block in blocks:
+        sheet.paste(block, ((width - block.width) // 2, y))
+        y += block.height
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     return buf.getvalue()
@@ -352,6 +468,14 @@ COMPARISON_COLUMNS = (
 )
 
 
+COMPARISON_NOTE = (
+    "top-1: best validation top-1 for train / binarize runs, the architecture half's last-epoch "
+    "top-1 for a search. Params, FLOPs, BOPs and OPs exclude the auxiliary head, as `bats flops` "
+    "counts them; a search is counted as its derived cell in the CIFAR-10 network (20 cells, C=36), "
+    "a train / binarize run as the network it trained."
+)
+
+
 def _html(runs: list[Run], panels: list[Panel], table: list[dict[str, Any]]) -> str:
     parts = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'><title>bats report</title>",
              "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
@@ -364,12 +488,11 @@ def _html(runs: list[Run], panels: list[Panel], table: list[dict[str, Any]]) -> 
         for row in table:
             parts.append("<tr>" + "".join(f"<td>{_fmt(row.get(k), kind)}</td>" for k, _, kind in COMPARISON_COLUMNS)
                          + "</tr>")
-        parts.append("</table><p>top-1: best validation top-1 for train / binarize runs, the "
-                     "architecture half's last-epoch top-1 for a search. Params, FLOPs, BOPs and OPs "
-                     "exclude the auxiliary head, as <code>bats flops</code> counts them; a search is "
-                     "counted as its derived cell in the CIFAR-10 network.</p></section>")
+        parts.append(f"</table><p>{html.escape(COMPARISON_NOTE)}</p></section>")
     for run in runs:
         parts.append(f"<h2>{html.escape(run.name)} ({run.kind})</h2>")
+        if run.same_cell_as:
+            parts.append(f"<p>Its cell is {html.escape(run.same_cell_as)}'s, drawn above.</p>")
         for p in (p for p in panels if p.id.startswith(run.name + "/")):
             data = base64.b64encode(p.png).decode("ascii")
             parts.append(f"<section id='{html.escape(p.id)}'><h3>{html.escape(p.title)}</h3>"
@@ -396,13 +519,26 @@ def write_report(run_dirs: list[Path], *, out: Path, force: bool = False) -> dic
     runs = [read_run(Path(d)) for d in run_dirs]
     names = [r.name for r in runs]
     for i, run in enumerate(runs):
+        if run.kind == "binarize" and run.name == "binarize":
+            # binarize's default run directory is a "binarize" folder inside the training run's.
+            run.name = f"{run.path.resolve().parent.name}-binarize"
+    names = [r.name for r in runs]
+    for i, run in enumerate(runs):
         if names.count(run.name) > 1:
             run.name = f"{run.name}-{i + 1}"
     panels: list[Panel] = []
+    drawn: dict[str, str] = {}
     for run in runs:
-        panels.extend(run_panels(plt, run))
+        own = run_panels(plt, run)
+        cell = run.genotype.to_json() if run.genotype is not None else None
+        if cell in drawn:  # the same cell as an earlier run's (a train run and its binarize run)
+            own = [p for p in own if not p.id.endswith("/cell")]
+            run.same_cell_as = drawn[cell]
+        elif cell is not None:
+            drawn[cell] = run.name
+        panels.extend(own)
     table = [run_summary(r) for r in runs]
-    png = atomic_write_bytes(out / "report.png", _montage(panels))
+    png = atomic_write_bytes(out / "report.png", _sheet(plt, runs, panels, table))
     page = atomic_write_text(out / "report.html", _html(runs, panels, table))
     return {
         "png": str(png), "html": str(page),

@@ -607,7 +607,7 @@ def _train(
         + f" images): {network_label(settings)}, "
         f"{'real' if cfg.real else 'binary activations, real weights'}, {n_params:,} parameters "
         + (f"({n_infer:,} without the auxiliary head, as bats flops counts), " if n_infer != n_params else "")
-        + f"{epochs} epochs, batch {cfg.batch_size}"
+        + f"{epochs} epoch{'' if epochs == 1 else 's'}, batch {cfg.batch_size}"
         + (f" over {dist_info.world} processes" if dist_info.enabled else "")
         + f", device {device}" + (" (resuming)" if resuming else "")
     )

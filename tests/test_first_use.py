@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +124,53 @@ def test_sniff_never_raises_and_tells_json_apart(tmp_path):
     assert sniff(tmp_path / "empty").kind == "unknown"
     assert sniff(tmp_path / "nope").kind == "missing"
     assert sniff(tmp_path).kind == "directory"
+
+
+# --------------------------------------------------------------------------- bats report
+
+
+def test_report_has_one_titled_block_per_run_and_the_table(pipeline, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    runs = [pipeline / "search", pipeline / "train", pipeline / "train" / "binarize"]
+    code, out, err = cli(["report", *map(str, runs), "--out", str(tmp_path / "rep"), "--json"], capsys)
+    assert code == 0, err
+    manifest = json.loads(out)
+    rows = {r["run"]: r for r in manifest["comparison"]}
+    # binarize's default folder is named after its training run; its genotype and size are known.
+    assert set(rows) == {"search", "train", "train-binarize"}
+    assert rows["train-binarize"]["genotype"] == rows["train"]["genotype"]
+    assert rows["train-binarize"]["params"] == rows["train"]["params"] > 0
+    # The train run draws the cell the search derived (its genotype): not twice more.
+    assert "search/cell" in manifest["panels"]
+    assert "train/cell" not in manifest["panels"] and "train-binarize/cell" not in manifest["panels"]
+    with Image.open(manifest["png"]) as im:
+        assert 1000 <= im.width <= 2000 and im.height > 1500
+    page = Path(manifest["html"]).read_text()
+    assert "Its cell is search's, drawn above." in page
+
+
+def test_report_axes_integer_epochs_no_offset_and_single_points(monkeypatch):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from bats_cli import report
+
+    figures = []
+    monkeypatch.setattr(report, "_figure_png", lambda fig: figures.append(fig) or b"")
+    rows = [{"epoch": 1, "train_loss": 1.0, "val_loss": 0.9999912, "lr": 8.1e-7}]
+    run = report.Run(path=Path("x"), name="one", kind="binarize", config={}, record={}, rows=rows,
+                     result=None)
+    report._line_panel(plt, run, "loss", "loss", [("train_loss", "train"), ("val_loss", "validation")], "ce")
+    ax = figures[-1].axes[0]
+    assert "one point per curve" in ax.get_xlabel() and ax.get_title() == "one: loss"
+    assert all(line.get_linestyle() == "None" and line.get_marker() == "o" for line in ax.get_lines())
+    assert list(ax.get_xticks()) == [1.0]
+    assert not ax.yaxis.get_major_formatter().get_useOffset()
+    run.rows = [dict(rows[0], epoch=e, val_loss=0.99999 + e * 1e-6) for e in (1, 2, 3)]
+    report._line_panel(plt, run, "loss", "loss", [("val_loss", "validation")], "ce")
+    ax = figures[-1].axes[0]
+    figures[-1].canvas.draw()
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    assert ax.get_lines()[0].get_linestyle() == "-"
+    assert not any("+" in t.get_text() or "e-" in t.get_text() for t in ax.get_yticklabels())
+    assert ax.yaxis.get_offset_text().get_text() == ""

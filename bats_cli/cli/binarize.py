@@ -42,6 +42,10 @@ FT = "Fine-tuning"
 BinarizePresetOpt = preset_option(BINARIZE_PRESETS)
 
 
+def _epochs(n: int) -> str:
+    return f"{n} epoch{'' if n == 1 else 's'}"
+
+
 def result_table(result: Mapping[str, Any]) -> Any:
     rows = [
         ("source", result["source"]),
@@ -49,9 +53,10 @@ def result_table(result: Mapping[str, Any]) -> Any:
         ("top-1 step 1", pct(result["step1_top1"]) + "  (binary activations, real weights)"),
         ("top-1 binarized", pct(result["binarized_top1_no_calibration"]) + " -> "
          + pct(result["binarized_top1"]) + " after re-estimating BatchNorm"),
-        ("top-1 final", pct(result["final_top1"]) + f"  after {result['fine_tune_epochs']} "
-         f"fine-tuning epoch(s)  (top-5 {pct(result['final_top5'])})"),
-        ("drop vs step 1", "-" if result["drop_vs_step1"] is None else f"{result['drop_vs_step1']:.2f} points"),
+        ("top-1 final", pct(result["final_top1"]) + f"  after {_epochs(result['fine_tune_epochs'])} "
+         f"of fine-tuning  (top-5 {pct(result['final_top5'])})"),
+        ("change vs step 1", "-" if result["drop_vs_step1"] is None else
+         f"{-result['drop_vs_step1']:+.2f} points (final - step 1)"),
         ("checkpoint", result["last"]),
     ]
     if "packed" in result:

@@ -86,8 +86,14 @@ def result_table(result: Mapping[str, Any]) -> Any:
     if result.get("world_size", 1) > 1:
         rows.append(("processes", f"{result['world_size']} (torchrun), {result['per_rank_batch']} images "
                                   "of each batch per process; every rank derived this cell"))
-    for w in result.get("warnings", []):
-        rows.append(("warning", w["message"]))
+    messages = [w["message"] for w in result.get("warnings", [])]
+    heads = [m.split("; ", 1)[0] for m in messages]
+    tails = {m.split("; ", 1)[1] for m in messages if "; " in m}
+    if len(messages) > 1 and len(tails) == 1 and all("; " in m for m in messages):
+        # The same advice after each stage's finding: the findings, then the advice once.
+        rows += [("warning", head) for head in heads] + [("", tails.pop())]
+    else:
+        rows += [("warning", m) for m in messages]
     rows.append(("checkpoint", result["checkpoint"]))
     rows.append(("next", f"bats train {result['genotype_path']}"))
     return key_value_table(rows, fold=True)

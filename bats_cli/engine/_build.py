@@ -56,6 +56,19 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++"))
 
 
+def _say_if_compiling(cpp_extension, name: str) -> None:
+    """A ``note:`` line on stderr when the kernel is not built yet: its first build takes half a
+    minute, which should not look like a hang."""
+    try:
+        where = Path(cpp_extension._get_build_directory(name, verbose=False))
+        built = (where / f"{name}.so").is_file()
+    except Exception:  # a private helper of torch's: without it, build without a word
+        return
+    if not built:
+        print(f"note: compiling the bitwise engine's XNOR + popcount kernel (once, about 30 s; "
+              f"cached in {where})", file=sys.stderr, flush=True)
+
+
 @lru_cache(maxsize=1)
 def load_extension():
     """The compiled kernel module; :class:`EngineUnavailable` (one line) when it cannot be built.
@@ -79,6 +92,7 @@ def load_extension():
     from torch.utils import cpp_extension
 
     source = SOURCE.read_text()
+    _say_if_compiling(cpp_extension, extension_name(source))
     try:
         return cpp_extension.load_inline(
             name=extension_name(source),
