@@ -23,7 +23,18 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from bats_cli.config import RunConfig
+from bats_cli.config import (
+    MAX_BATCH,
+    MAX_CALIBRATION_BATCHES,
+    MAX_EPOCHS,
+    MAX_LR,
+    Device,
+    Images,
+    RunConfig,
+    Seed,
+    Threads,
+    Workers,
+)
 from bats_cli.errors import UserInputError
 from bats_cli.runloop import interrupt_guard, restores_threads
 
@@ -44,20 +55,20 @@ class BinarizeConfig(RunConfig):
     """Settings of ``bats binarize``; data, batch size and seed default to the training run's."""
 
     checkpoint: str
-    epochs: Optional[int] = Field(DEFAULT_EPOCHS, ge=0)
-    lr: Optional[float] = Field(DEFAULT_LR, gt=0)
-    lr_min: float = Field(0.0, ge=0)
-    batch_size: Optional[int] = Field(None, ge=1)
-    eval_batch_size: Optional[int] = Field(None, ge=1)
-    calibration_batches: int = Field(DEFAULT_CALIBRATION_BATCHES, ge=0)
-    seed: Optional[int] = Field(None, ge=0)
+    epochs: Optional[int] = Field(DEFAULT_EPOCHS, ge=0, le=MAX_EPOCHS)
+    lr: Optional[float] = Field(DEFAULT_LR, gt=0, le=MAX_LR)
+    lr_min: float = Field(0.0, ge=0, le=MAX_LR)
+    batch_size: Optional[int] = Field(None, ge=1, le=MAX_BATCH)
+    eval_batch_size: Optional[int] = Field(None, ge=1, le=MAX_BATCH)
+    calibration_batches: int = Field(DEFAULT_CALIBRATION_BATCHES, ge=0, le=MAX_CALIBRATION_BATCHES)
+    seed: Optional[Seed] = None
     data_dir: Optional[str] = None
-    subset: Optional[int] = Field(None, ge=1)
+    subset: Images = None
     keep_aux: bool = False
-    device: str = "auto"
+    device: Device = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    num_workers: int = Field(0, ge=0)
-    threads: Optional[int] = Field(None, ge=1)
+    num_workers: Workers = 0
+    threads: Threads = None
 
 
 from bats_cli.presets import BINARIZE_PRESETS  # noqa: E402  (torch-free, shown by --help)

@@ -14,14 +14,57 @@ Commands define their own model, e.g.::
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Annotated, Any, Optional, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from bats_cli.errors import UserInputError
 
 M = TypeVar("M", bound=BaseModel)
+
+# ---- limits every run setting shares, from a flag or a --config file alike ----------------------
+# A value no run can sensibly use is refused where it enters, never half-way through a run; a
+# checkpoint's records (bats_cli.metadata) accept at least these, so whatever a run starts with,
+# `eval` and `--resume` read back.
+MAX_EPOCHS = 1_000_000
+MAX_BATCH = 1_000_000
+MAX_IMAGES = 1_000_000_000  # --subset, --holdout
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+MAX_IMAGE_SIZE = 4096  # bats_cli.preflight refuses larger images as absurd too
+MAX_WORKERS = 256  # each a process: an absurd value is a fork bomb
+MAX_THREADS = 1024
+MAX_LR = 10.0  # far above any optimiser's useful step; larger ones only make NaN weights
+MAX_DECAY = 10.0
+MAX_CALIBRATION_BATCHES = 1_000_000
+MAX_TEXT_BYTES = 1 << 20  # a --config file
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d{1,4})?)$")
+
+
+def _device(value: str) -> str:
+    text = value.strip().lower()
+    if not _DEVICE_RE.match(text):
+        raise ValueError(f"{value[:40]!r}: choose auto, cpu, cuda or cuda:N")
+    return text
+
+
+def _run_name(value: Optional[str]) -> Optional[str]:
+    from bats_cli.names import has_control_chars
+
+    if value is not None and (not value.strip() or len(value) > 128 or has_control_chars(value)):
+        raise ValueError("a name is 1 to 128 characters, no control characters")
+    return value
+
+
+# Annotated field types for the commands' models.
+Device = Annotated[str, AfterValidator(_device)]
+RunName = Annotated[Optional[str], AfterValidator(_run_name)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Workers = Annotated[int, Field(ge=0, le=MAX_WORKERS)]
+Threads = Annotated[Optional[int], Field(None, ge=1, le=MAX_THREADS)]
+Images = Annotated[Optional[int], Field(None, ge=1, le=MAX_IMAGES)]
 
 # Keys that may change between the original run and its resume: where/how it runs, not what.
 RESUME_IGNORED_KEYS: frozenset[str] = frozenset(
@@ -42,7 +85,8 @@ RESUME_IGNORED_KEYS: frozenset[str] = frozenset(
 class RunConfig(BaseModel):
     """Base for command configs: unknown keys are errors, values are validated on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinity are no setting (``--lr inf``, ``"lr": NaN`` in a --config file).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # Settings whose flag is not their name with dashes (one spelling of weight decay everywhere).
@@ -75,10 +119,20 @@ def validation_message(exc: ValidationError, *, from_file: bool = False) -> str:
     flag = _flag(tuple(err.get("loc", ())))
     if err.get("type") == "extra_forbidden":
         return f"unknown setting {flag}{origin}"
-    value = err.get("input")
+    value = _short_value(err.get("input"))
     if err.get("type") == "missing":
         return f"{flag} is required{suffix}"
-    return f"invalid value for {flag}: {value!r}: {msg[0].lower() + msg[1:]}{suffix}{origin}"
+    msg = msg.removeprefix("Value error, ")
+    return f"invalid value for {flag}: {value}: {msg[0].lower() + msg[1:]}{suffix}{origin}"
+
+
+def _short_value(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` for a message: bounded, and no failure on a number of thousands of digits."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "a number with thousands of digits"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def resolve_config(
@@ -134,21 +188,41 @@ def load_config_file(path, model_cls: type[BaseModel]) -> dict[str, Any]:
     (whose ``config`` member holds them). Unknown keys are one error naming them."""
     from pathlib import Path
 
+    from bats_cli.genotype import read_bounded
+    from bats_cli.names import exists, safe_text
+
     path = Path(path)
+    if not exists(path):
+        raise UserInputError(f"--config {path}: no such file")
+    if path.is_dir():
+        raise UserInputError(f"--config {path}: is a directory; give a JSON file")
+    # Bounded by the bytes read: a FIFO or /dev/zero is refused, not read forever.
+    raw = read_bounded(path, MAX_TEXT_BYTES, what="a --config file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserInputError(f"--config {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UserInputError(f"--config {path}: not readable JSON ({exc})") from None
+        data = json.loads(raw.decode("utf-8-sig"), parse_constant=_no_constant)
+    except UnicodeDecodeError:
+        raise UserInputError(f"--config {path}: not a UTF-8 text file; expected JSON settings") from None
+    except RecursionError:
+        raise UserInputError(f"--config {path}: JSON nested far too deeply") from None
+    except ValueError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else "invalid"
+        if "digit" in reason:
+            reason = "a number with thousands of digits"
+        raise UserInputError(f"--config {path}: not readable JSON ({safe_text(reason, max_chars=120)})") from None
     if isinstance(data, dict) and isinstance(data.get("config"), dict):
         data = data["config"]
     if not isinstance(data, dict):
         raise UserInputError(f"--config {path}: expected a JSON object of settings")
     unknown = sorted(k for k in data if k not in model_cls.model_fields)
     if unknown:
-        raise UserInputError(f"--config {path}: unknown setting(s) {', '.join(unknown)}")
+        shown = ", ".join(safe_text(k, max_chars=40) for k in unknown[:5])
+        more = f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
+        raise UserInputError(f"--config {path}: unknown setting(s) {shown}{more}")
     return {k: v for k, v in data.items() if k not in _RECORD_ONLY}
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a setting")
 
 
 def validate_config(model_cls: type[M], data: Mapping[str, Any], *, from_file: bool = False) -> M:

@@ -43,10 +43,13 @@ def atomic_target(path: str | os.PathLike[str]) -> Iterator[Path]:
     On any exception the temp file is removed and ``path`` keeps its previous content.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory so os.replace is a rename, never a cross-device copy; *.tmp is git-ignored.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Same directory so os.replace is a rename, never a cross-device copy; *.tmp is git-ignored.
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise _write_failure(path, exc) from None
     tmp = Path(tmp_name)
     try:
         yield tmp
@@ -55,11 +58,30 @@ def atomic_target(path: str | os.PathLike[str]) -> Iterator[Path]:
         # mkstemp creates 0600; result files should get the usual umask-derived mode.
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) or _is_io_error(exc):
+            raise _write_failure(path, exc) from None
         raise
     _fsync_dir(path.parent)
+
+
+def _is_io_error(exc: BaseException) -> bool:
+    # safetensors reports a failed write (a full disk) as its own error type, "I/O error: ...".
+    return type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc)
+
+
+def _write_failure(path: Path, exc: BaseException) -> Exception:
+    """A failed write as one line (exit 1): a full disk, a read-only or vanished folder."""
+    from bats_cli.errors import RunFailure
+
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+    else:
+        reason = str(exc).split("I/O error:", 1)[-1].strip() or type(exc).__name__
+        reason = reason.split(" (os error")[0]
+    return RunFailure(f"cannot write {path} ({reason}); the previous file, if any, is unchanged")
 
 
 

@@ -38,7 +38,7 @@ from pydantic import (
 
 from bats_cli.archs import MODELS, model_key, not_cells
 from bats_cli.errors import RunFailure, UserInputError
-from bats_cli.names import has_control_chars
+from bats_cli.names import exists, has_control_chars
 from bats_cli.spaces import SPACES
 
 CellName = Literal["normal", "reduce"]
@@ -50,6 +50,16 @@ MAX_TEXT_BYTES = 1 << 20
 MAX_NAME_LENGTH = 128
 # DARTS-style cells have 4-5 intermediate nodes; a huge cell would be a memory bomb when built.
 MAX_CELL_NODES = 64
+# Any integer a genotype holds is a node index (< MAX_CELL_NODES + 2); text may hold at most this
+# much, so that no message prints a number with thousands of digits and no range() is enormous.
+MAX_INDEX = 1_000_000
+
+
+def _short_int(value: int) -> str:
+    """``value`` for a message: a huge integer as its digit count, never thousands of digits."""
+    if abs(value) <= 10**12:
+        return str(value)
+    return f"{'-' if value < 0 else ''}a {value.bit_length() * 30103 // 100000 + 1}-digit number"
 
 
 class Edge(NamedTuple):
@@ -116,6 +126,9 @@ class Genotype(BaseModel):
                 )
             for i, (op, src) in enumerate(entries):
                 node = i // 2
+                if abs(src) > MAX_INDEX:
+                    problems.append(f"{cell}[{i}]: input {_short_int(src)} is far out of range")
+                    continue
                 if op not in valid_ops:
                     problems.append(
                         f"{cell}[{i}]: op {op!r} is not in the {self.space!r} space; "
@@ -137,7 +150,7 @@ class Genotype(BaseModel):
             for j, idx in enumerate(concat):
                 if not 2 <= idx <= steps + 1:
                     problems.append(
-                        f"{cell}_concat[{j}]: {idx} is not a node of the {cell} cell; "
+                        f"{cell}_concat[{j}]: {_short_int(idx)} is not a node of the {cell} cell; "
                         f"valid: 2..{steps + 1} ({steps} nodes)"
                     )
                 elif idx in seen:
@@ -225,6 +238,11 @@ class Genotype(BaseModel):
             ) from None
         except (_JSONShapeError, RecursionError) as exc:
             raise UserInputError(f"{origin}: not valid genotype JSON ({exc})") from None
+        except ValueError:
+            # json refuses integers past Python's int-to-string digit limit with a bare ValueError.
+            raise UserInputError(
+                f"{origin}: not valid genotype JSON (a number with thousands of digits)"
+            ) from None
         return cls.from_dict(data, origin=origin)
 
     @classmethod
@@ -331,7 +349,7 @@ def load_genotype(path: str | os.PathLike[str]) -> Genotype:
     """Read and validate a genotype JSON file; every failure is one :class:`UserInputError` line."""
     p = Path(path)
     name = str(path)
-    if not p.exists():
+    if not exists(p):
         hint = ""
         if p.suffix == ".json" and p.stem in zoo_names():
             hint = f" (the bundled genotype of that name is available as `{p.stem}`)"
@@ -551,7 +569,9 @@ def _call_fields(call: ast.Call) -> dict[str, ast.AST]:
 
 def _literal(node: ast.AST, where: str) -> Any:
     """Value of a literal node; ``range(...)`` is the only call allowed. Never evaluates code."""
-    if isinstance(node, ast.Constant) and type(node.value) in (str, int):
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return _bounded_int(node.value, where)
+    if isinstance(node, ast.Constant) and type(node.value) is str:
         return node.value
     if (
         isinstance(node, ast.UnaryOp)
@@ -559,7 +579,7 @@ def _literal(node: ast.AST, where: str) -> Any:
         and isinstance(node.operand, ast.Constant)
         and type(node.operand.value) is int
     ):
-        return -node.operand.value
+        return -_bounded_int(node.operand.value, where)
     if isinstance(node, (ast.List, ast.Tuple)):
         return [_literal(e, where) for e in node.elts]
     if (
@@ -570,7 +590,9 @@ def _literal(node: ast.AST, where: str) -> Any:
     ):
         args = [_literal(a, where) for a in node.args]
         if node.func.id == "range" and 1 <= len(args) <= 3 and all(type(a) is int for a in args):
-            values = range(*args)
+            if len(args) == 3 and args[2] == 0:
+                raise UserInputError(f"DARTS genotype: {where}: range() step must not be zero")
+            values = range(*args)  # bounds are at most MAX_INDEX: len() cannot overflow
             if len(values) > 1000:
                 raise UserInputError(f"DARTS genotype: {where}: range too long")
             return list(values)
@@ -582,8 +604,20 @@ def _literal(node: ast.AST, where: str) -> Any:
     )
 
 
+def _bounded_int(value: int, where: str) -> int:
+    # Hexadecimal literals escape Python's digit limit: 0xfff... can be any size.
+    if abs(value) > MAX_INDEX:
+        raise UserInputError(
+            f"DARTS genotype: {where}: {_short_int(value)} is far too large for a node index"
+        )
+    return value
+
+
 def _snippet(node: ast.AST, limit: int = 60) -> str:
-    text = ast.unparse(node)
+    try:
+        text = ast.unparse(node)
+    except (ValueError, RecursionError):  # a huge hexadecimal literal, a deep nesting
+        return "that expression"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -607,9 +641,14 @@ def _pairs(node: ast.AST, where: str) -> list[list[Any]]:
         ):
             raise UserInputError(
                 f"DARTS genotype: {where}[{i}]: expected an (op, input) pair "
-                f"like ('sep_conv_3x3', 1), got {pair!r}"
+                f"like ('sep_conv_3x3', 1), got {_short_repr(pair)}"
             )
     return flat
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _int_list(node: ast.AST, where: str) -> list[int]:
@@ -670,7 +709,7 @@ def resolve_network(arg: str | os.PathLike[str]) -> Genotype | str:
     text = os.fspath(arg)
     p = Path(text)
     looks_like_path = p.suffix.lower() == ".json" or os.sep in text or "/" in text
-    if looks_like_path or p.exists():
+    if looks_like_path or exists(p):
         return load_genotype(p)
     key = text.strip().lower().replace("-", "_")
     if key in zoo_names():

@@ -13,11 +13,13 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bats_cli.config import MAX_IMAGE_SIZE as _MAX_IMAGE_SIZE
+from bats_cli.config import MAX_SEED
 from bats_cli.errors import UserInputError
 from bats_cli.names import safe_text
 from bats_cli.preflight import MAX_CHANNELS, MAX_LAYERS
@@ -29,7 +31,7 @@ MAX_JSON_DEPTH = 32
 # Sizes a network record may name (MAX_CHANNELS / MAX_LAYERS from preflight.py, which also
 # refuses what does not fit this machine).
 MAX_CLASSES = 1_000_000
-MAX_IMAGE_SIZE = 16384
+MAX_IMAGE_SIZE = _MAX_IMAGE_SIZE  # what --image-size allows
 
 # Tensor dtypes a bats checkpoint holds (names as torch prints them, without "torch.").
 DTYPES: dict[str, torch.dtype] = {
@@ -126,29 +128,44 @@ Name = Field(default=None, max_length=200)
 
 
 class NetworkRecord(_Record):
-    """``config.network``: what rebuilds the network (see ``network_settings``)."""
+    """``config.network``: what rebuilds the network (see ``network_settings``).
+
+    A key may be absent (older files; the rebuild then names what is missing) but never null or
+    of another type: every value here reaches a network builder.
+    """
 
     # bats_cli.archs.ARCHS; absent in files written before fixed models existed (cells then).
-    arch: Optional[Literal["cells", "resnet18"]] = None
-    kind: Optional[Literal["cifar", "imagenet"]] = None
-    num_classes: Optional[int] = Field(default=None, ge=1, le=MAX_CLASSES)
-    in_channels: Optional[int] = Field(default=None, ge=1, le=64)
-    channels: Optional[int] = Field(default=None, ge=1, le=MAX_CHANNELS)
-    layers: Optional[int] = Field(default=None, ge=1, le=MAX_LAYERS)
-    channels_per_group: Optional[int] = Field(default=None, ge=1, le=MAX_CHANNELS)
-    stem_groups: Optional[int] = Field(default=None, ge=1, le=MAX_CHANNELS)
-    image_size: Optional[int] = Field(default=None, ge=1, le=MAX_IMAGE_SIZE)
-    drop_path: Optional[float] = Field(default=None, ge=0.0, le=1.0)
-    auxiliary: Optional[bool] = None
-    real: Optional[bool] = None
-    binary_activations: Optional[bool] = None
-    binary_weights: Optional[bool] = None
-    width: Optional[str] = Name
-    activation: Optional[str] = Name
-    group_policy: Optional[str] = Name
-    reduce_shortcut: Optional[str] = Name
-    space: Optional[str] = Name
-    dataset: Optional[str] = Name
+    arch: Literal["cells", "resnet18"] = None  # type: ignore[assignment]
+    kind: Literal["cifar", "imagenet"] = None  # type: ignore[assignment]
+    num_classes: int = Field(default=None, ge=1, le=MAX_CLASSES)
+    in_channels: int = Field(default=None, ge=1, le=64)
+    channels: int = Field(default=None, ge=1, le=MAX_CHANNELS)
+    layers: int = Field(default=None, ge=1, le=MAX_LAYERS)
+    channels_per_group: int = Field(default=None, ge=1, le=MAX_CHANNELS)
+    stem_groups: int = Field(default=None, ge=1, le=MAX_CHANNELS)
+    channel_shuffle: int = Field(default=None, ge=0, le=MAX_CHANNELS)
+    image_size: int = Field(default=None, ge=1, le=MAX_IMAGE_SIZE)
+    drop_path: float = Field(default=None, ge=0.0, lt=1.0, allow_inf_nan=False)
+    auxiliary: bool = None  # type: ignore[assignment]
+    real: bool = None  # type: ignore[assignment]
+    binary_activations: bool = None  # type: ignore[assignment]
+    binary_weights: bool = None  # type: ignore[assignment]
+    width: str = Name
+    activation: Literal["prelu", "relu", "none"] = None  # type: ignore[assignment]
+    group_policy: Literal["groups", "channels"] = None  # type: ignore[assignment]
+    reduce_shortcut: Literal["avgpool", "factorized", "none"] = None  # type: ignore[assignment]
+    space: Literal["bats", "darts"] = None  # type: ignore[assignment]
+    dataset: str = Name
+
+
+class PackingRecord(BaseModel):
+    """``config.packing`` of a packed artifact: the layout and every binary conv's weight shape."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    layout: str = Field(max_length=64)
+    binary_convs: dict[str, Annotated[list[Annotated[int, Field(ge=1, le=MAX_CHANNELS * 64)]],
+                                      Field(min_length=1, max_length=8)]] = Field(max_length=100_000)
 
 
 class AugmentRecord(BaseModel):
@@ -164,7 +181,7 @@ class AugmentRecord(BaseModel):
 class RunRecord(_Record):
     """``config.run``: the settings a run was started with (values later runs reuse)."""
 
-    seed: Optional[int] = Field(default=None, ge=0)
+    seed: Optional[int] = Field(default=None, ge=0, le=MAX_SEED)
     batch_size: Optional[int] = Field(default=None, ge=1, le=10**7)
     epochs: Optional[int] = Field(default=None, ge=0, le=10**7)
     subset: Optional[int] = Field(default=None, ge=1)
@@ -183,11 +200,11 @@ class RunRecord(_Record):
 class DataRecord(_Record):
     """``config.data``: the data set a network was trained on."""
 
-    name: Optional[str] = Name
-    num_classes: Optional[int] = Field(default=None, ge=1, le=MAX_CLASSES)
-    image_size: Optional[int] = Field(default=None, ge=1, le=MAX_IMAGE_SIZE)
-    in_channels: Optional[int] = Field(default=None, ge=1, le=64)
-    network: Optional[str] = Name
+    name: str = Name
+    num_classes: int = Field(default=None, ge=1, le=MAX_CLASSES)
+    image_size: int = Field(default=None, ge=1, le=MAX_IMAGE_SIZE)
+    in_channels: int = Field(default=None, ge=1, le=64)
+    network: Literal["cifar", "imagenet"] = None  # type: ignore[assignment]
     data_dir: Optional[str] = Field(default=None, max_length=4096)
     augment: Optional[AugmentRecord] = None
 
@@ -296,7 +313,8 @@ def validate_config(path: Path | str, config: Any) -> dict[str, Any]:
     """A recorded config (checkpoint or ONNX metadata): an object whose known records check out."""
     if not isinstance(config, dict):
         raise UserInputError(f"{path}: config: expected an object")
-    for key, model in (("network", NetworkRecord), ("data", DataRecord), ("run", RunRecord)):
+    for key, model in (("network", NetworkRecord), ("data", DataRecord), ("run", RunRecord),
+                       ("packing", PackingRecord)):
         if key in config and config[key] is not None:
             validate(model, config[key], where=f"{path}: config.{key}")
     # A search checkpoint keeps its run settings at the top level.

@@ -51,3 +51,14 @@ def has_control_chars(text: str, *, allow_newlines: bool = False) -> bool:
     if allow_newlines:
         text = text.replace("\n", "").replace("\t", "").replace("\r", "")
     return bool(_CONTROL.search(text) or _BIDI.search(text))
+
+
+def exists(path: object) -> bool:
+    """``os.path.exists`` for a path named by a user or a file: False, never an error, for a
+    name the system refuses (too long, a NUL byte, a loop of links)."""
+    import os
+
+    try:
+        return os.path.lexists(os.fspath(path))  # type: ignore[arg-type]
+    except (OSError, ValueError, TypeError):
+        return False

@@ -34,6 +34,7 @@ def check_output_file(
     ``reserved`` are other files the command writes (a run's checkpoints): refused as well.
     """
     path = Path(path)
+    check_path_name(path, flag=flag)
     for other in inputs:
         if other is not None and Path(other).exists() and same_file(path, other):
             raise UserInputError(
@@ -56,21 +57,59 @@ def check_output_file(
     return path
 
 
+# Longest file name most file systems take; atomic writes add ``.`` + ``.XXXXXXXX.tmp``.
+MAX_NAME_BYTES = 255
+_TEMP_NAME_EXTRA = 16
+
+
+def check_path_name(path: str | os.PathLike[str], *, flag: str) -> None:
+    """No part of ``path`` too long for the file system (with room for a temp file's name)."""
+    try:
+        raw = os.fsencode(path)
+    except (TypeError, ValueError):
+        raise UserInputError(f"{flag}: not a usable file name") from None
+    if b"\0" in raw:
+        raise UserInputError(f"{flag}: a file name may not hold a NUL byte")
+    parts = raw.split(b"/")
+    for i, part in enumerate(parts):
+        room = _TEMP_NAME_EXTRA if i == len(parts) - 1 else 0
+        if len(part) + room > MAX_NAME_BYTES:
+            raise UserInputError(
+                f"{flag}: the name {os.fsdecode(part[:40])}... is longer than the "
+                f"{MAX_NAME_BYTES - room} bytes a file system allows; choose a shorter one"
+            )
+    if len(raw) > 4000:
+        raise UserInputError(f"{flag}: the path is longer than a file system allows")
+
+
 def check_writable_dir(directory: str | os.PathLike[str], *, flag: str) -> None:
-    """The folder (or the nearest existing folder above it, which will hold it) must be writable."""
+    """The folder (or the nearest existing folder above it, which will hold it) must be writable.
+
+    Tested by creating (and removing) a folder in it: permission bits say nothing for root, and
+    nothing about /proc, a read-only mount or a folder that is not there.
+    """
+    import tempfile
+
     directory = Path(directory) if str(directory) else Path(".")
+    check_path_name(directory, flag=flag)
     probe = directory
-    while not probe.exists():
-        if probe.is_symlink():
+    while not os.path.exists(probe):
+        if os.path.islink(probe):
             raise UserInputError(f"{flag}: {probe} is a dangling symbolic link")
         parent = probe.parent
         if parent == probe:
             break
         probe = parent
-    if probe.exists() and not probe.is_dir():
+    if os.path.exists(probe) and not os.path.isdir(probe):
         raise UserInputError(f"{flag}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserInputError(f"{flag}: cannot write into {probe} (permission denied)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".bats-write-test-", dir=probe))
+    except OSError as exc:
+        raise UserInputError(
+            f"{flag}: cannot write into {probe} ({exc.strerror or exc}); choose another place"
+        ) from None
 
 
 def check_distinct(named: dict[str, str | os.PathLike[str] | None]) -> None:

@@ -16,7 +16,6 @@ matplotlib is an optional extra (``pip install 'bats[report]'``).
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
@@ -61,16 +60,6 @@ class Run:
     same_cell_as: str | None = None  # an earlier run of the report with this genotype (drawn there)
 
 
-def _number(text: str | None) -> Any:
-    if text in (None, ""):
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        return text
-    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
-
-
 def read_run(path: Path) -> Run:
     """A run directory as a :class:`Run`; one error line when it is not one."""
     from bats_cli.genotype import Genotype
@@ -83,22 +72,13 @@ def read_run(path: Path) -> Run:
     if not metrics.is_file() or not config_path.is_file():
         raise UserInputError(f"{path}: no metrics.csv and config.json; is it a run directory that "
                              "finished at least one epoch?")
-    try:
-        record = json.loads(config_path.read_text(encoding="utf-8"))
-        with open(metrics, newline="", encoding="utf-8") as fh:
-            rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
-        result_path = path / "result.json"
-        result = json.loads(result_path.read_text(encoding="utf-8")) if result_path.is_file() else None
-    except (OSError, ValueError) as exc:
-        raise UserInputError(f"{path}: unreadable run files ({exc})") from None
+    from bats_cli.rundir import read_run_files
+
+    # Every file is checked where it is read (bounded, typed, finite): bats_cli/rundir.py.
+    files = read_run_files(path)
+    record, rows, result, alphas = files.record, files.rows, files.result, files.alphas
     if not rows:
         raise UserInputError(f"{path}: metrics.csv has no epochs yet")
-    alphas = []
-    for file in sorted((path / "alphas").glob("stage*_epoch*.json")):
-        try:
-            alphas.append(json.loads(file.read_text(encoding="utf-8")))
-        except (OSError, ValueError) as exc:
-            raise UserInputError(f"{file}: unreadable ({exc})") from None
     if record.get("command") == "search" or alphas:
         kind = "search"
     elif "source" in record:
@@ -107,13 +87,16 @@ def read_run(path: Path) -> Run:
         kind = "train"
     genotype = None
     if (path / "genotype.json").is_file():
-        genotype = Genotype.from_json((path / "genotype.json").read_text(encoding="utf-8"),
-                                      origin=str(path / "genotype.json"))
+        from bats_cli.genotype import load_genotype
+
+        genotype = load_genotype(path / "genotype.json")
     elif isinstance(record.get("genotype"), dict):
-        genotype = Genotype.from_dict(record["genotype"])
+        genotype = Genotype.from_dict(record["genotype"], origin=f"{config_path} genotype")
+    config = record.get("config")
     if genotype is None:
         genotype = _checkpoint_genotype(path)
-    return Run(path=path, name=path.resolve().name, kind=kind, config=record.get("config", {}),
+    return Run(path=path, name=path.resolve().name, kind=kind,
+               config=config if isinstance(config, dict) else {},
                record=record, rows=rows, result=result, alphas=alphas, genotype=genotype)
 
 
@@ -313,12 +296,17 @@ def run_summary(run: Run) -> dict[str, Any]:
         accuracy_name = "best validation top-1"
     row: dict[str, Any] = {
         "run": run.name, "kind": run.kind, "epochs": len(run.rows),
-        "accuracy": accuracy, "accuracy_is": accuracy_name,
-        "seconds": last.get("seconds"),
+        # A cell of metrics.csv may hold text: only numbers reach the table's number formats.
+        "accuracy": _num(accuracy), "accuracy_is": accuracy_name,
+        "seconds": _num(last.get("seconds")),
         "genotype": run.genotype.name if run.genotype is not None else _fixed_model(run),
     }
     row.update(_costs(run))
     return row
+
+
+def _num(value: Any) -> float | int | None:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _fixed_model(run: Run) -> str | None:
@@ -344,9 +332,9 @@ def _costs(run: Run) -> dict[str, Any]:
     from bats_cli.networks import build_network
 
     if isinstance(settings, dict):
-        from bats_cli.modelio import build_from_settings, network_label
+        from bats_cli.modelio import network_label, rebuild
 
-        model = build_from_settings(run.genotype, settings, auxiliary=False)
+        model = rebuild(run.genotype, {**settings, "auxiliary": False}, run.path / "config.json")
         size = int(settings.get("image_size") or (32 if settings.get("kind") == "cifar" else 224))
         input_size = (int(settings["in_channels"]), size, size)
         network = network_label(settings)

@@ -8,11 +8,13 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import platform
 import sys
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,15 @@ class MetricsCSV:
         rows = self.read()
         header = header + [k for k in row if k not in header]
         self._rewrite(header, [*rows, row])
+
+    def epochs(self, *, key: str = "epoch") -> int:
+        """The highest epoch number a row records (0 for none, or an unreadable file)."""
+        try:
+            numbers = [_as_number(r.get(key)) for r in self.read()]
+        except (OSError, ValueError, csv.Error):
+            return 0
+        finite = [int(n) for n in numbers if n is not None and n == n and abs(n) < 1e12]
+        return max(finite, default=0)
 
     def truncate_after(self, epoch: int, *, key: str = "epoch") -> None:
         """Drop rows whose ``key`` column is greater than ``epoch`` (used when resuming)."""
@@ -497,3 +508,115 @@ class RunDir:
     def resumed_at(self, epoch: int) -> None:
         """Call after loading the checkpoint: drops metrics rows beyond ``epoch`` (no duplicates)."""
         self.metrics.truncate_after(epoch)
+
+
+# --------------------------------------------------------------------------- reading a run's files
+
+# A run's own files are small (metrics.csv: one row per epoch); these bound what a copied or
+# tampered run directory can make a reader (`bats report`) hold.
+MAX_RUN_FILE_BYTES = 64 * 1024 * 1024
+MAX_METRICS_ROWS = 1_000_000
+MAX_ALPHA_FILES = 100_000
+
+
+@dataclass
+class RunFiles:
+    """What ``config.json``, ``metrics.csv``, ``result.json`` and ``alphas/*.json`` hold, checked:
+    ``rows`` hold finite numbers (or None, or short text), ``alphas`` one snapshot per file."""
+
+    record: dict[str, Any]
+    rows: list[dict[str, Any]]
+    result: dict[str, Any] | None
+    alphas: list[dict[str, Any]]
+
+
+def _number(text: str | None) -> Any:
+    """A metrics.csv cell: an int or a finite float, None when empty or not finite, else the text."""
+    if text in (None, ""):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return text[:200]
+    if not math.isfinite(value):
+        return None
+    return int(value) if value.is_integer() and abs(value) < 2**63 and text.strip().lstrip("-").isdigit() else value
+
+
+def _read_json_file(file: Path, *, what: str) -> Any:
+    from bats_cli.genotype import read_bounded
+    from bats_cli.metadata import load_json
+
+    raw = read_bounded(file, MAX_RUN_FILE_BYTES, what=what)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserInputError(f"{file}: not a UTF-8 text file; expected {what}") from None
+    return load_json(text, where=str(file), max_bytes=MAX_RUN_FILE_BYTES)
+
+
+def _alpha_snapshot(doc: Any, file: Path) -> dict[str, Any]:
+    """``alphas/stageK_epochNN.json``: stage, epoch, and per cell a list of edges
+    ``{"node": int, "input": int, "weights": {op: finite number}}``."""
+    bad = UserInputError(f"{file}: not an α snapshot of bats search (stage, epoch, normal, reduce edges)")
+    if not isinstance(doc, dict) or not all(type(doc.get(k)) is int for k in ("stage", "epoch")):
+        raise bad
+    for cell in ("normal", "reduce"):
+        edges = doc.get(cell)
+        if not isinstance(edges, list) or not edges or len(edges) > 10_000:
+            raise bad
+        for edge in edges:
+            if not (isinstance(edge, dict) and type(edge.get("node")) is int and type(edge.get("input")) is int
+                    and abs(edge["node"]) < 10**6 and abs(edge["input"]) < 10**6
+                    and isinstance(edge.get("weights"), dict) and edge["weights"]
+                    and all(isinstance(k, str) and type(v) in (int, float) and math.isfinite(v)
+                            for k, v in edge["weights"].items())):
+                raise bad
+    return doc
+
+
+def read_run_files(path: str | os.PathLike[str]) -> RunFiles:
+    """The files of a run directory, each bounded in size and checked in shape; every problem is
+    one UserInputError naming the file. The directory must hold ``config.json`` and ``metrics.csv``."""
+    path = Path(path)
+    config_path, metrics_path = path / CONFIG_NAME, path / METRICS_NAME
+    record = _read_json_file(config_path, what="a run's config.json")
+    if not isinstance(record, dict):
+        raise UserInputError(f"{config_path}: expected a JSON object (a run's config.json)")
+    network = record.get("network")
+    if network is not None:
+        from bats_cli.metadata import NetworkRecord, validate
+
+        validate(NetworkRecord, network, where=f"{config_path}: network")
+    from bats_cli.genotype import read_bounded
+
+    raw = read_bounded(metrics_path, MAX_RUN_FILE_BYTES, what="a run's metrics.csv")
+    try:
+        text = raw.decode("utf-8-sig")
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = []
+        for row in reader:
+            if len(rows) >= MAX_METRICS_ROWS:
+                raise UserInputError(f"{metrics_path}: more than {MAX_METRICS_ROWS:,} rows")
+            rows.append({str(k)[:200]: _number(v if isinstance(v, str) else None)
+                         for k, v in row.items() if k is not None})
+    except UnicodeDecodeError:
+        raise UserInputError(f"{metrics_path}: not a UTF-8 text file; expected a run's metrics.csv") from None
+    except csv.Error as exc:
+        raise UserInputError(f"{metrics_path}: unreadable CSV ({str(exc)[:100]})") from None
+    result = None
+    if (path / "result.json").is_file():
+        result = _read_json_file(path / "result.json", what="a run's result.json")
+        if not isinstance(result, dict):
+            raise UserInputError(f"{path / 'result.json'}: expected a JSON object")
+    alphas = []
+    files = sorted((path / "alphas").glob("stage*_epoch*.json"))[:MAX_ALPHA_FILES + 1]
+    if len(files) > MAX_ALPHA_FILES:
+        raise UserInputError(f"{path / 'alphas'}: more than {MAX_ALPHA_FILES:,} snapshots")
+    for file in files:
+        alphas.append(_alpha_snapshot(_read_json_file(file, what="an α snapshot"), file))
+    if alphas:
+        shape = [len(alphas[0][c]) for c in ("normal", "reduce")]
+        if any([len(d[c]) for c in ("normal", "reduce")] != shape for d in alphas):
+            raise UserInputError(f"{path / 'alphas'}: the snapshots disagree on the cells' edges")
+    return RunFiles(record=record, rows=rows, result=result, alphas=alphas)

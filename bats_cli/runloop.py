@@ -116,6 +116,21 @@ def interrupt_guard(interrupt=None, *, handle_signals: bool = True) -> Iterator[
 # --------------------------------------------------------------------------- the job interface
 
 
+def check_position(path, *, epoch: int, step: int, epochs: int, steps_per_epoch: int,
+                   what: str = "") -> None:
+    """UserInputError unless (``epoch`` completed, ``step`` taken in the next) lies inside a run
+    of ``epochs`` x ``steps_per_epoch`` steps: a counter past the end is a tampered or foreign
+    checkpoint, never a finished run that skips its training."""
+    where = f"cannot resume: {path}{' ' + what if what else ''}"
+    if not 0 <= epoch <= epochs:
+        raise UserInputError(f"{where} is at epoch {epoch}, but the run has {epochs} epochs")
+    if not 0 <= step <= steps_per_epoch:
+        raise UserInputError(f"{where} is at step {step} of an epoch of {steps_per_epoch} steps "
+                             "(different data or batch size?)")
+    if epoch == epochs and step:
+        raise UserInputError(f"{where} is at step {step} after its last epoch ({epochs})")
+
+
 @dataclass
 class Checkpoint:
     """What a job puts into a checkpoint besides the loop's RNG and clock."""
@@ -266,12 +281,22 @@ class RunLoop:
         restore_rng_state(tensors)
         try:
             self._seconds_before = float(json.loads(meta.extra.get(LOOP_STATE_KEY, "{}")).get("seconds", 0.0))
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError, OverflowError):
             raise UserInputError(f"{path}: unreadable {LOOP_STATE_KEY} metadata") from None
+        if not 0 <= self._seconds_before < 1e10:  # NaN included
+            raise UserInputError(f"{path}: {LOOP_STATE_KEY} metadata: {self._seconds_before} is no run time")
         if self.run_dir is not None:
+            done = self.job.metrics_epoch()
+            rows = self.run_dir.metrics.epochs()
+            if rows < done:
+                # The file may claim more progress than the run made: its training would be skipped.
+                raise UserInputError(
+                    f"cannot resume: {path} claims {done} finished epoch(s), but "
+                    f"{self.run_dir.metrics.path} records {rows} (a tampered checkpoint or metrics.csv)"
+                )
             # A crash between writing a metrics row and saving last.safetensors leaves a row
             # the resumed run will write again.
-            self.run_dir.resumed_at(self.job.metrics_epoch())
+            self.run_dir.resumed_at(done)
         return meta
 
     # -- interrupts
@@ -346,6 +371,7 @@ __all__ = [
     "RunJob",
     "RunLoop",
     "check_out_dir",
+    "check_position",
     "default_run_dir",
     "interrupt_guard",
     "open_run_dir",

@@ -36,13 +36,29 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from bats_cli.config import RESUME_IGNORED_KEYS, RunConfig, check_resume_config
+from bats_cli.config import (
+    MAX_BATCH,
+    MAX_DECAY,
+    MAX_EPOCHS,
+    MAX_IMAGE_SIZE,
+    MAX_IMAGES,
+    MAX_LR,
+    RESUME_IGNORED_KEYS,
+    Device,
+    RunConfig,
+    RunName,
+    Seed,
+    Threads,
+    Workers,
+    check_resume_config,
+)
+from bats_cli.preflight import MAX_CHANNELS, MAX_LAYERS, MAX_NODES
 from bats_cli.derive import (
     ARCH_STATE_KEY,
     derive_genotype,
@@ -96,6 +112,13 @@ def _default_mixed_op() -> str:
     return SupernetConfig().mixed_op
 
 
+# A search checkpoint records its stage in 0..64 (bats_cli.metadata.SearchState).
+MAX_STAGES = 64
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4
+# Adam's betas: each in [0, 1), as torch requires.
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
 class SearchConfig(RunConfig):
     """Every number of the search; defaults are the paper's (§6.1, §4.3, Appendix B for --real)."""
 
@@ -103,53 +126,54 @@ class SearchConfig(RunConfig):
     dataset: str = "cifar10"  # the paper searches on CIFAR-10 (§6.1)
     data_dir: str | None = None
     download: bool | None = None  # None: fetch torchvision data sets when missing
-    subset: int | None = Field(None, ge=4)
-    image_size: int | None = Field(None, ge=8)
-    seed: int = Field(0, ge=0)
+    subset: int | None = Field(None, ge=4, le=MAX_IMAGES)
+    image_size: int | None = Field(None, ge=8, le=MAX_IMAGE_SIZE)
+    seed: Seed = 0
     # search space and strategy (§4.1, §4.3, Table 4)
     space: Literal["bats", "darts"] = "bats"
     weights: Literal["real", "binary"] = "real"
     activations: Literal["real", "binary"] = "binary"
     # progressive schedule (§6.1, after P-DARTS)
-    layers: tuple[int, ...] = (5, 11, 17)
-    ops: tuple[int, ...] = (8, 5, 3)
-    epochs: int = Field(25, ge=1)
-    warmup: int = Field(10, ge=0)
-    batch_size: int = Field(96, ge=1)
-    channels: int = Field(18, ge=2)
-    nodes: int = Field(4, ge=1)
-    channels_per_group: int = Field(3, ge=1)
+    layers: tuple[Annotated[int, Field(le=MAX_LAYERS)], ...] = Field((5, 11, 17), max_length=MAX_STAGES)
+    ops: tuple[int, ...] = Field((8, 5, 3), max_length=MAX_STAGES)
+    epochs: int = Field(25, ge=1, le=MAX_EPOCHS)
+    warmup: int = Field(10, ge=0, le=MAX_EPOCHS)
+    batch_size: int = Field(96, ge=1, le=MAX_BATCH)
+    channels: int = Field(18, ge=2, le=MAX_CHANNELS)
+    nodes: int = Field(4, ge=1, le=MAX_NODES)
+    channels_per_group: int = Field(3, ge=1, le=MAX_CHANNELS)
     group_policy: Literal["groups", "channels"] = "groups"
     # Ablation switches (§4.1, not the paper's method): shortcut of stride-2 conv ops, shuffle.
     reduce_shortcut: Literal["avgpool", "factorized", "none"] = "avgpool"
-    channel_shuffle: int = Field(0, ge=0)
+    channel_shuffle: int = Field(0, ge=0, le=MAX_CHANNELS)
     activation: Literal["prelu", "relu", "none"] = "prelu"
-    temp_normal: float = Field(0.2, gt=0)
-    temp_reduce: float = Field(0.15, gt=0)
+    # Below 1e-4, α/T overflows float32 once α has moved; above 1e4 softmax is flat whatever α.
+    temp_normal: float = Field(0.2, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
+    temp_reduce: float = Field(0.15, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
     # architecture optimiser: Adam (§6.1)
-    arch_lr: float = Field(6e-4, gt=0)
-    arch_wd: float = Field(1e-3, ge=0)
-    arch_betas: tuple[float, float] = (0.5, 0.999)
+    arch_lr: float = Field(6e-4, gt=0, le=MAX_LR)
+    arch_wd: float = Field(1e-3, ge=0, le=MAX_DECAY)
+    arch_betas: tuple[Beta, Beta] = (0.5, 0.999)
     # weight optimiser: Adam (§6.1) whatever the search domain (Table 4 keeps it fixed); SGD
     # momentum 0.9, lr 0.1 only when asked for (--optimizer sgd, or the CLI's --real: Appendix B)
     optimizer: Literal["adam", "sgd"] = "adam"
-    lr: float | None = Field(None, gt=0)
-    wd: float | None = Field(None, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    momentum: float = Field(0.9, ge=0)
+    lr: float | None = Field(None, gt=0, le=MAX_LR)
+    wd: float | None = Field(None, ge=0, le=MAX_DECAY)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    momentum: float = Field(0.9, ge=0, le=1)
     lr_schedule: Literal["constant", "cosine"] | None = None
-    lr_min: float = Field(1e-3, ge=0)
-    grad_clip: float | None = Field(5.0, gt=0)
+    lr_min: float = Field(1e-3, ge=0, le=MAX_LR)
+    grad_clip: float | None = Field(5.0, gt=0, le=1e9)
     # derivation
-    max_skip: int | None = Field(None, ge=0)
-    name: str | None = None
+    max_skip: int | None = Field(None, ge=0, le=2 * MAX_NODES)
+    name: RunName = None
     # implementation
     mixed_op: Literal["fast", "reference"] | None = None
-    device: str = "auto"
+    device: Device = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    num_workers: int = Field(0, ge=0)
+    num_workers: Workers = 0
     # CPU threads for this run (None: torch's default). Not part of what is searched.
-    threads: int | None = Field(None, ge=1)
+    threads: Threads = None
 
     @model_validator(mode="before")
     @classmethod

@@ -38,7 +38,21 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from bats_cli.config import RESUME_IGNORED_KEYS, RunConfig
+from bats_cli.config import (
+    MAX_BATCH,
+    MAX_DECAY,
+    MAX_EPOCHS,
+    MAX_IMAGE_SIZE,
+    MAX_LR,
+    RESUME_IGNORED_KEYS,
+    Device,
+    Images,
+    RunConfig,
+    Seed,
+    Threads,
+    Workers,
+)
+from bats_cli.preflight import MAX_CHANNELS, MAX_LAYERS
 from bats_cli.data.loader import check_batch, sharded_loader, steps_per_epoch
 from bats_cli.distributed import Dist, all_sum, barrier, broadcast_buffers, init_run_device
 from bats_cli.errors import RunFailure, UserInputError
@@ -57,6 +71,7 @@ from bats_cli.runloop import (
     RunJob,
     RunLoop,
     check_out_dir,
+    check_position,
     default_run_dir,
     interrupt_guard,
     open_run_dir,
@@ -81,46 +96,46 @@ class TrainConfig(RunConfig):
     dataset: str = DEFAULT_DATASET
     data_dir: Optional[str] = None
     download: Optional[bool] = Field(None, description="None: fetch torchvision data sets when missing")
-    subset: Optional[int] = Field(None, ge=1)
+    subset: Images = None
     # Validate on N class-balanced training images held out of training (never the test split):
     # per-epoch validation and `best` then never read the test split (bats ablate, selection).
-    holdout: Optional[int] = Field(None, ge=1)
-    image_size: Optional[int] = Field(None, ge=8)
+    holdout: Images = None
+    image_size: Optional[int] = Field(None, ge=8, le=MAX_IMAGE_SIZE)
     # network
     width: str = "1x"
-    layers: Optional[int] = Field(None, ge=3)
-    channels: Optional[int] = Field(None, ge=1)
+    layers: Optional[int] = Field(None, ge=3, le=MAX_LAYERS)
+    channels: Optional[int] = Field(None, ge=1, le=MAX_CHANNELS)
     real: bool = False
     activation: Literal["prelu", "relu", "none"] = "prelu"
     group_policy: Literal["groups", "channels"] = "groups"
-    channels_per_group: Optional[int] = Field(None, ge=1)
+    channels_per_group: Optional[int] = Field(None, ge=1, le=MAX_CHANNELS)
     reduce_shortcut: Literal["avgpool", "factorized", "none"] = "avgpool"
-    channel_shuffle: int = Field(0, ge=0, description="0: off; G: shuffle in G groups after grouped convs")
+    channel_shuffle: int = Field(0, ge=0, le=MAX_CHANNELS, description="0: off; G: shuffle in G groups after grouped convs")
     auxiliary: bool = True
     # optimisation
-    epochs: Optional[int] = Field(None, ge=1, description="None: 600 (CIFAR-sized), 75 (ImageNet)")
-    batch_size: int = Field(256, ge=1)
-    eval_batch_size: Optional[int] = Field(None, ge=1)
+    epochs: Optional[int] = Field(None, ge=1, le=MAX_EPOCHS, description="None: 600 (CIFAR-sized), 75 (ImageNet)")
+    batch_size: int = Field(256, ge=1, le=MAX_BATCH)
+    eval_batch_size: Optional[int] = Field(None, ge=1, le=MAX_BATCH)
     # Adam (§6.2) by default; SGD momentum 0.9, lr 0.1 is Appendix B's recipe for real networks.
     optimizer: Literal["adam", "sgd"] = "adam"
-    momentum: float = Field(0.9, ge=0)
-    lr: Optional[float] = Field(None, gt=0, description="None: 1e-3 (Adam), 0.1 (SGD)")
-    lr_min: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, le=1)
+    lr: Optional[float] = Field(None, gt=0, le=MAX_LR, description="None: 1e-3 (Adam), 0.1 (SGD)")
+    lr_min: float = Field(0.0, ge=0, le=MAX_LR)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    aux_weight: float = Field(0.4, ge=0)
+    weight_decay: float = Field(0.0, ge=0, le=MAX_DECAY)
+    aux_weight: float = Field(0.4, ge=0, le=100)
     drop_path: float = Field(0.0, ge=0, lt=1)
     # augmentation: None = the paper's default for the data set; 0 = off
-    cutout: Optional[int] = Field(None, ge=0)
-    mixup: Optional[float] = Field(None, ge=0)
+    cutout: Optional[int] = Field(None, ge=0, le=MAX_IMAGE_SIZE)
+    mixup: Optional[float] = Field(None, ge=0, le=1000)
     autoaugment: bool = False
     # run
-    seed: int = Field(0, ge=0)
-    device: str = "auto"
+    seed: Seed = 0
+    device: Device = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    num_workers: int = Field(0, ge=0)
-    threads: Optional[int] = Field(None, ge=1, description="CPU threads; None: torch's default")
+    num_workers: Workers = 0
+    threads: Threads = Field(None, description="CPU threads; None: torch's default")
 
     @model_validator(mode="after")
     def _optimizer_lr(self) -> "TrainConfig":
@@ -368,7 +383,7 @@ class TrainJob(RunJob):
         )
 
     def restore(self, tensors, meta) -> None:
-        from bats_cli.checkpoint import load_optimizer_state, state_from_json
+        from bats_cli.checkpoint import load_optimizer_state
 
         path = meta.path
         load_model_tensors(self.model, tensors, path)
@@ -379,15 +394,23 @@ class TrainJob(RunJob):
         except KeyError:
             raise UserInputError(f"cannot resume from {path}: it holds no optimizer state") from None
         if "bats_scaler" in meta.extra:
-            self.scaler.load_state_dict(state_from_json(meta.extra["bats_scaler"]))
+            from bats_cli.checkpoint import load_scaler_state
+
+            load_scaler_state(self.scaler, meta.extra["bats_scaler"], where=f"{path}: bats_scaler")
         try:
             self.running = _Running(**running)
         except TypeError:
             raise UserInputError(f"cannot resume from {path}: unreadable running sums") from None
+        if self.running.seen > self.steps_per_epoch * self.spec.batch_size or (
+                self.running.correct > self.running.seen):
+            raise UserInputError(f"cannot resume from {path}: its running sums count more images than "
+                                 "an epoch has (a tampered checkpoint)")
         self.epoch, self.step = meta.epoch, meta.step
-        if self.step > self.steps_per_epoch:
-            raise UserInputError(f"cannot resume: {path} is at step {self.step} of an "
-                                 f"epoch of {self.steps_per_epoch} steps (different data or batch size)")
+        check_position(path, epoch=self.epoch, step=self.step, epochs=self.spec.epochs,
+                       steps_per_epoch=self.steps_per_epoch)
+        if self.running.best_epoch > self.epoch:
+            raise UserInputError(f"cannot resume: {path} names epoch {self.running.best_epoch} as its "
+                                 f"best, but only {self.epoch} are done (a tampered checkpoint)")
 
 
 def fit(

@@ -32,3 +32,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Fuzz tests (tests/test_fuzz.py) scale their example counts with max_examples: the default
+# profile keeps the suite within about a minute, `--hypothesis-profile=nightly` runs 25 times more.
+try:
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("nightly", max_examples=2500, deadline=None)
+except ImportError:  # pragma: no cover - hypothesis is a dev dependency
+    pass

@@ -9,6 +9,7 @@ a file that holds its traceback, never a traceback on the terminal.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import os
 import signal
@@ -254,8 +255,25 @@ def _run(argv: list[str] | None) -> int:
     except MemoryError:
         _print_error("out of memory; use a smaller --batch-size, network or data set")
         return EXIT_FAILED
+    except OSError as exc:
+        return _os_error(exc)
     except Exception as exc:
         return _internal_error(exc)
+
+
+# A path a user named that the system refuses: bad input. Any other system error (a full disk,
+# a read-only file system, an I/O error) is the environment's: the run failed.
+_BAD_PATH_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("ENOENT", "ENOTDIR", "EISDIR", "ENAMETOOLONG", "ELOOP", "EINVAL")
+)
+
+
+def _os_error(exc: OSError) -> int:
+    """A system error no check caught as one line: the file it names and the system's reason."""
+    where = exc.filename if exc.filename is not None else None
+    reason = exc.strerror or type(exc).__name__
+    _print_error(f"{where}: {reason}" if where is not None else reason)
+    return EXIT_BAD_INPUT if exc.errno in _BAD_PATH_ERRNOS else EXIT_FAILED
 
 
 def _internal_error(exc: BaseException) -> int:

@@ -37,6 +37,14 @@ def result_table(result: Mapping[str, Any]) -> Any:
         ("top-5", f"{result['top5']:.2f} %"),
         ("loss", f"{result['loss']:.4f}"),
     ]
+    info = result.get("engine_info")
+    if verbose and info:
+        rows.append(("SIMD path", f"{info['simd']} (this CPU: {', '.join(info['simd_available'])}); "
+                                  f"{info['threads']} thread(s)"))
+        rows.append(("binary layers", f"{info['binary_layers']} on the kernel; BatchNorm folded into "
+                                      f"thresholds: {info['bn_folded']}, kept float: "
+                                      f"{info['bn_kept_float']}; {info['fused_adds']} ops/cells "
+                                      "add in the kernel pass"))
     if result.get("predictions"):
         rows.append(("predictions", f"{result['predictions']} (per image; images_sha256 "
                                     f"{str(result.get('images_sha256', ''))[:12]}…)"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -11,7 +12,7 @@ import typer
 
 from bats_cli.cli.app import app
 from bats_cli.errors import UserInputError
-from bats_cli.names import safe_text
+from bats_cli.names import exists, safe_text
 
 genotype_app = typer.Typer(
     help=(
@@ -221,7 +222,14 @@ def import_(
 
     if text == "-":
         body = sys.stdin.read(MAX_TEXT_BYTES + 1)
-    elif "Genotype" not in text and Path(text).exists():
+    elif _names_a_missing_file(text):
+        raise UserInputError(
+            f"{text}: no such file; give a DARTS genotypes.py file, the text "
+            "'Genotype(normal=[...], ...)' itself, or - for stdin"
+        )
+    elif "Genotype" not in text and exists(text) and Path(text).is_dir():
+        raise UserInputError(f"{text}: is a directory; give a DARTS genotypes.py file")
+    elif "Genotype" not in text and exists(text):
         raw = read_bounded(text, MAX_TEXT_BYTES, what="a DARTS genotypes.py file")
         try:
             body = raw.decode("utf-8-sig")
@@ -243,6 +251,14 @@ def import_(
             safe_text(f"wrote {output} ({g.name}, {g.space}, {g.steps('normal')}+{g.steps('reduce')} nodes)"),
             file=sys.stderr,
         )
+
+
+def _names_a_missing_file(text: str) -> bool:
+    """True when ``text`` reads as a file name (no Python call in it) that does not exist."""
+    stripped = text.strip()
+    if not stripped or "Genotype" in text or "(" in text or "\n" in text or exists(text):
+        return False
+    return "/" in stripped or os.sep in stripped or Path(stripped).suffix.lower() in (".py", ".txt", ".json")
 
 
 @genotype_app.command("best")

@@ -28,8 +28,7 @@ RUN = "Run"
 OUTPUT = "Output"
 
 # Far beyond any machine: each is a process / thread, so an absurd value is a fork bomb.
-MAX_WORKERS = 256
-MAX_THREADS = 1024
+from bats_cli.config import MAX_THREADS, MAX_WORKERS  # noqa: E402  (one limit for flags and files)
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
