@@ -196,8 +196,16 @@ def _evaluate_checkpoint(path, *, dataset, data_dir, download, image_size, subse
         model, data.test, batch_size=batch_size, device=dev, precision=precision,
         num_workers=num_workers, return_predictions=return_predictions, reporter=reporter,
     )
-    return eval_result(loaded, path, data, metrics, kind=loaded.meta.kind, engine=engine,
-                       binary_weights=loaded.meta.kind == "packed")
+    result = eval_result(loaded, path, data, metrics, kind=loaded.meta.kind, engine=engine,
+                         binary_weights=loaded.meta.kind == "packed")
+    if engine == "bitwise":
+        from bats_cli.engine import engine_info
+
+        # What ran: the SIMD popcount path, threads, and how the binary layers were built.
+        info = engine_info(model)
+        result["engine_simd"] = info["simd"]
+        result["engine_info"] = info
+    return result
 
 
 def eval_data(loaded: LoadedModel, path, *, dataset, data_dir, download, image_size, subset):

@@ -1,8 +1,11 @@
-"""The bitwise engine: XNOR + popcount convs equal the float-emulated binary model exactly.
+"""The bitwise engine: XNOR + popcount layers equal the float-emulated binary model exactly.
 
 The kernel is compiled once per test session (then cached on disk by torch's extension cache).
-Binary convs sum ±1 products, which are exact integers in float32 as well, so every comparison
-here is exact equality, not a tolerance.
+Binary convs sum ±1 products, which are exact integers in float32 as well; BatchNorm + sign are
+folded into thresholds found on the BatchNorm itself; the float tail (× α, activation, adds) runs
+the same operations in the same order. So every comparison here is exact equality, not a
+tolerance: per layer, per op, on whole networks of every bundled genotype and ResNet-18, on
+every SIMD path this CPU has, and with one thread or two.
 """
 
 from __future__ import annotations
@@ -14,13 +17,17 @@ import json
 import pytest
 import torch
 
-from bats_cli.engine import BitwiseConv2d, EngineUnavailable, apply_engine, to_bitwise
+from bats_cli.engine import EngineUnavailable, apply_engine, to_bitwise
 from bats_cli.engine import _build
+from bats_cli.engine.bitwise import (BitwiseBlock, BitwiseCell, bitwise_conv_count, engine_info,
+                                     fold_bn_sign)
 from bats_cli.errors import UserInputError
-from bats_cli.genotype import resolve_genotype
+from bats_cli.genotype import resolve_genotype, zoo_names
 from bats_cli.networks import build_network
 from bats_cli.ops import OpContext, build_op
-from bats_cli.quant import STE_SIGN, BinarySpec, QuantConv2d, binarize_weights_, quant_convs
+from bats_cli.quant import (STE_SIGN, BinaryConvBlock, BinarySpec, QuantConv2d, binarize_weights_,
+                            quant_convs)
+from bats_cli.resnet import build_resnet
 from bats_cli.spaces import SPACES
 
 from helpers import cli, one_line_error
@@ -39,7 +46,8 @@ def kernel():
 
 
 def _randomize_bn(module: torch.nn.Module, gen: torch.Generator) -> None:
-    """Non-trivial BatchNorm statistics and affine terms, so signs depend on all of them."""
+    """Non-trivial BatchNorm statistics and affine terms (negative scales included, so folded
+    thresholds flip), PReLU slopes of both signs, α scales: signs depend on all of them."""
     for m in module.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
@@ -49,10 +57,13 @@ def _randomize_bn(module: torch.nn.Module, gen: torch.Generator) -> None:
                 m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
         if isinstance(m, QuantConv2d) and m.scale is not None:
             m.scale.data.uniform_(0.5, 1.5, generator=gen)
+        if isinstance(m, torch.nn.PReLU):
+            m.weight.data.uniform_(-0.5, 0.5, generator=gen)
 
 
 def _check_same(module: torch.nn.Module, x: torch.Tensor) -> int:
-    """Float-emulated vs bitwise outputs are identical; returns the number of convs swapped.
+    """Float-emulated vs bitwise outputs are identical; returns the number of binary convs the
+    kernel runs.
 
     Exact for whole networks too: the kernel gives its output the memory format PyTorch's conv
     would, so every float layer after it sums in the same order.
@@ -62,10 +73,9 @@ def _check_same(module: torch.nn.Module, x: torch.Tensor) -> int:
         want = module(x)
         fast = to_bitwise(copy.deepcopy(module))
         got = fast(x)
-    swapped = sum(isinstance(m, BitwiseConv2d) for m in fast.modules())
     assert got.shape == want.shape
     assert torch.equal(got, want), (got - want).abs().max()
-    return swapped
+    return bitwise_conv_count(fast)
 
 
 @pytest.mark.parametrize("k,stride,dilation,groups,c_in,c_out", [
@@ -138,19 +148,168 @@ def test_preprocess_and_factorized_reduce():
         assert _check_same(module, torch.randn(2, 18, 9, 9, generator=gen)) >= 1
 
 
-@pytest.mark.parametrize("genotype,kind,size", [("bats_c10", "cifar", 32), ("darts_v2", "cifar", 16),
-                                                ("bats_c10", "imagenet", 64)])
-def test_whole_network_outputs_equal(genotype, kind, size):
+@pytest.mark.parametrize("k,stride,dilation,groups,c_in,c_out,size", [
+    (5, 1, 1, 5, 25, 25, (9, 7)),     # 5 channels per group (ImageNet), odd sizes
+    (3, 2, 1, 5, 35, 35, (9, 9)),     # 7 channels per group, stride 2 on an odd size
+    (5, 1, 2, 3, 39, 39, (11, 8)),    # 13 channels per group: a 5-tap row needs two words
+    (5, 1, 1, 16, 320, 320, (7, 7)),  # ImageNet's last stage: 20 channels per group, 5x5
+    (3, 1, 1, 1, 131, 17, (6, 5)),    # dense 3x3 over 131 channels (3 words per tap), odd out
+    (3, 1, 1, 2, 140, 10, (5, 6)),    # 2 groups of 70 channels (wider than a word)
+    (3, 2, 1, 1, 64, 64, (7, 7)),     # exactly one word per tap (ResNet's first stage)
+    (3, 1, 1, 15, 15, 15, (8, 8)),    # depthwise over an odd channel count
+    (1, 1, 1, 1, 577, 9, (3, 4)),     # 1x1 over more than 512 channels
+])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_block_odd_channels_and_padding(k, stride, dilation, groups, c_in, c_out, size,
+                                               channels_last):
+    """BatchNorm -> sign -> conv × α -> PReLU folded into one kernel pass, + residual + add."""
+    gen = torch.Generator().manual_seed(c_in * 7 + k)
+    block = BinaryConvBlock(c_in, c_out, k, stride=stride, padding=dilation * (k // 2),
+                            dilation=dilation, groups=groups, spec=BINARY)
+    binarize_weights_(block)
+    _randomize_bn(block, gen)
+    block.eval()
+    x = torch.randn(2, c_in, *size, generator=gen)
+    x[0, :, 0, 0] = block.bn.running_mean  # a BatchNorm output of exactly 0: sign +1
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    with torch.no_grad():
+        want = block(x)
+        res = torch.randn(want.shape, generator=gen).contiguous(memory_format=fmt)
+        add = torch.randn(want.shape, generator=gen).contiguous(memory_format=fmt)
+        fast = to_bitwise(copy.deepcopy(block))
+        assert isinstance(fast, BitwiseBlock) and fast.folded
+        assert torch.equal(fast(x), want)
+        assert torch.equal(fast(x, res, add), (want + res) + add)
+        assert fast(x).is_contiguous(memory_format=fmt)
+
+
+def test_bn_folding_is_exact():
+    """sign(bn(x)) == (s·x >= t) for values next to every threshold and at random, for scales
+    of both signs, zero, tiny and huge variances, and a BatchNorm without affine terms."""
+    gen = torch.Generator().manual_seed(5)
+    C = 64
+    for affine in (True, False):
+        bn = torch.nn.BatchNorm2d(C, affine=affine, eps=1e-5).eval()
+        bn.running_mean.copy_(torch.randn(C, generator=gen) * 10)
+        bn.running_var.copy_(10 ** (torch.rand(C, generator=gen) * 12 - 8))
+        if affine:
+            bn.weight.data.copy_(torch.randn(C, generator=gen))
+            bn.weight.data[:4] = 0.0
+            bn.bias.data.copy_(torch.randn(C, generator=gen))
+        t, s = fold_bn_sign(bn)
+        x0 = t * s
+        finite = torch.where(torch.isfinite(x0), x0, torch.zeros(()))
+        probes = [finite, torch.nextafter(finite, torch.full_like(finite, -1e38)),
+                  torch.nextafter(finite, torch.full_like(finite, 1e38))]
+        probes += [torch.randn(C, generator=gen) * 10 ** float(e) for e in range(-6, 7)]
+        x = torch.stack(probes, dim=-1).view(1, C, 1, -1)
+        with torch.no_grad():
+            assert torch.equal(bn(x) >= 0, x * s.view(1, C, 1, 1) >= t.view(1, C, 1, 1))
+    no_stats = torch.nn.BatchNorm2d(C, track_running_stats=False)
+    assert fold_bn_sign(no_stats) is None
+
+
+def test_unfoldable_batchnorm_stays_float():
+    """A BatchNorm without running statistics (batch statistics in eval) is not a threshold:
+    it stays a float module before the kernel, and the outputs still match."""
+    gen = torch.Generator().manual_seed(2)
+    block = BinaryConvBlock(12, 12, 3, padding=1, groups=4, spec=BINARY)
+    block.bn = torch.nn.BatchNorm2d(12, track_running_stats=False)
+    binarize_weights_(block)
+    x = torch.randn(3, 12, 7, 7, generator=gen)
+    assert _check_same(block, x) == 1
+    assert not to_bitwise(copy.deepcopy(block)).folded
+
+
+def _small_network(name: str, kind: str):
     torch.manual_seed(0)
-    kw = {"channels": 40, "layers": 3} if kind == "imagenet" else {"channels": 6, "layers": 3}
-    net = build_network(resolve_genotype(genotype), kind=kind, in_channels=3, num_classes=10,
-                        auxiliary=False, **kw)
+    if name == "resnet18":
+        net = build_resnet(kind=kind, in_channels=3, num_classes=10, channels=16)
+    else:
+        kw = {"channels": 40, "layers": 4} if kind == "imagenet" else {"channels": 12, "layers": 4}
+        net = build_network(resolve_genotype(name), kind=kind, in_channels=3, num_classes=10,
+                            auxiliary=False, **kw)
     binarize_weights_(net)
     _randomize_bn(net, torch.Generator().manual_seed(0))
-    x = torch.randn(2, 3, size, size)
-    assert _check_same(net, x) == len(quant_convs(net))
-    x_cl = x.contiguous(memory_format=torch.channels_last)
-    assert _check_same(net, x_cl) == len(quant_convs(net))
+    return net.eval()
+
+
+# Every bundled genotype in both networks' shapes (CIFAR: C = 12, 4 groups of 3; ImageNet: C = 40,
+# 8 groups of 5, the grouped stem, factorized reduce from the stem), and the ResNet-18 baseline.
+WHOLE_NETWORKS = [(g, k) for g in zoo_names() for k in ("cifar", "imagenet")] + [
+    ("resnet18", "cifar"), ("resnet18", "imagenet")]
+
+
+@pytest.mark.parametrize("name,kind", WHOLE_NETWORKS)
+def test_whole_network_outputs_equal(name, kind):
+    net = _small_network(name, kind)
+    size = 64 if kind == "imagenet" else 17  # odd: padding and factorized reduce's odd path
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    n_binary = len(quant_convs(net))
+    assert _check_same(net, x.contiguous(memory_format=torch.channels_last)) == n_binary
+    if name in ("bats_c10", "resnet18"):
+        assert _check_same(net, x) == n_binary  # NCHW too
+
+
+def test_cells_and_ops_fuse_their_adds():
+    net = _small_network("bats_c10", "cifar")
+    fast = to_bitwise(copy.deepcopy(net))
+    info = engine_info(fast)
+    assert info["binary_layers"] >= 1 and info["bn_folded"] == info["binary_layers"]
+    assert info["bn_kept_float"] == 0 and info["fused_adds"] > 0
+    assert all(isinstance(c, BitwiseCell) for c in fast.cells)
+    assert info["simd"] in info["simd_available"] and info["threads"] == torch.get_num_threads()
+
+
+def test_every_simd_path_gives_the_same_outputs(kernel):
+    """AVX-512 VPOPCNTDQ, AVX2 and portable (whichever this CPU has) agree bit for bit."""
+    net = _small_network("bats_c10", "cifar")
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = net(x)
+        fast = to_bitwise(copy.deepcopy(net))
+        paths = list(kernel.simd_paths())
+        assert paths[-1] == "portable"
+        previous = kernel.simd_path()
+        try:
+            for path in paths:
+                kernel.set_simd(path)
+                assert kernel.simd_path() == path
+                assert torch.equal(fast(x), want), path
+        finally:
+            kernel.set_simd(previous)
+    with pytest.raises(RuntimeError, match="unknown SIMD path"):
+        kernel.set_simd("sse9")
+
+
+def test_threads_give_identical_results():
+    """--threads N splits rows between threads; every value is computed the same way."""
+    net = _small_network("bats_c10", "cifar")
+    x = torch.randn(5, 3, 17, 17, generator=torch.Generator().manual_seed(4))
+    x = x.contiguous(memory_format=torch.channels_last)
+    fast = to_bitwise(copy.deepcopy(net))
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one = fast(x)
+            torch.set_num_threads(2)
+            two = fast(x)
+            want = net(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two) and torch.equal(one, want)
+
+
+def test_converted_model_deep_copies(kernel):
+    fast = to_bitwise(_small_network("bats_c10", "cifar"))
+    clone = copy.deepcopy(fast)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(clone(x), fast(x))
+    assert kernel.popcount_peak(0.01, 1) > 1e8  # binary MAC/s of the XOR + popcount loop
 
 
 def test_step1_model_is_refused_and_auto_falls_back():
@@ -232,6 +391,11 @@ def test_cli_engine(real_image_artifact, capsys, monkeypatch):
     assert code == 0, err
     result = json.loads(out)
     assert result["engine"] == "bitwise" and result["images"] == 50
+    assert result["engine_simd"] == _build.load_extension().simd_path()
+    code, out, err = cli(["eval", str(real_image_artifact), "--engine", "bitwise", "--subset", "50",
+                          "--threads", "1", "--verbose"], capsys)
+    assert code == 0, err
+    assert "SIMD" in out and result["engine_simd"] in out
     code, out, err = cli(["eval", str(real_image_artifact), "--engine", "fast"], capsys)
     one_line_error(code, err, "--engine")
     monkeypatch.setattr(_build, "_compiler", lambda: None)
@@ -256,7 +420,12 @@ def test_flops_profile(capsys):
                                "real conv/linear", "other"}
         assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)
         assert shares["binary conv"] > 0
-    assert prof["float"]["layers"] == prof["bitwise"]["layers"]  # the same layers, swapped convs
+    fl, bw = prof["float"]["layers"], prof["bitwise"]["layers"]
+    # Each binary layer's BatchNorm and activation run inside its kernel pass (factorized reduce's
+    # two convs are one layer); what stays float is the real stem's BatchNorm, pools, stem/classifier.
+    assert bw["pool"] == fl["pool"] and bw["real conv/linear"] == fl["real conv/linear"]
+    assert 0 < bw["binary conv"] <= fl["binary conv"] and bw["activation"] == 0
+    assert bw["batchnorm"] == 1 < fl["batchnorm"]  # the stem's
     code, out, err = cli(["flops", "bats_c10", "--layers", "3", "--channels", "6", "--profile",
                           "--threads", "1"], capsys)
     assert code == 0 and "binary conv" in out and "bitwise ms" in out
@@ -276,3 +445,6 @@ def test_bench_quick_smoke():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["binary_conv_speedup"] > 0 and result["end_to_end_speedup"] > 0
     assert result["networks"][0]["batch1"]["binary_convs_s"]["bitwise"] > 0
+    assert result["simd"] == _build.load_extension().simd_path()
+    assert 0 < result["peak_fraction"] < 1 and result["peak_binary_macs_per_s"] > 0
+    assert "onnxruntime_speedup" in result  # None without onnxruntime (--no-onnx)

@@ -26,7 +26,7 @@ from bats_cli.cli.options import (
 )
 
 
-def result_table(result: Mapping[str, Any]) -> Any:
+def result_table(result: Mapping[str, Any], *, verbose: bool = False) -> Any:
     rows = [
         ("checkpoint", f"{result['checkpoint']} ({result['kind']}: {result['activations']} "
                        f"activations, {result['weights']} weights)"),
@@ -88,6 +88,13 @@ def eval_command(
     ] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", rich_help_panel="Output",
+                     help="With --engine bitwise: also show the SIMD popcount path used "
+                     "(AVX-512 VPOPCNTDQ, AVX2 or portable), threads, and how the binary layers "
+                     "were built (BatchNorm folded into thresholds or kept float)."),
+    ] = False,
 ) -> None:
     """Top-1 / top-5 of a checkpoint on the test split (default: the data set it was trained on).
 
@@ -132,4 +139,5 @@ def eval_command(
             engine=engine, reporter=Reporter(quiet=quiet), return_predictions=per_image is not None,
         )
     result = write_eval_files(result, output=output, predictions=per_image)
-    emit_result(result, as_json=as_json, table_fn=result_table)
+    emit_result(result, as_json=as_json,
+                table_fn=lambda r: result_table(r, verbose=verbose))

@@ -7,8 +7,10 @@ from bats_cli.engine.bitwise import (
     apply_engine,
     binary_conv_names,
     engine_available,
+    engine_info,
+    simd_path,
     to_bitwise,
 )
 
 __all__ = ["BitwiseConv2d", "ENGINES", "EngineUnavailable", "apply_engine", "binary_conv_names",
-           "engine_available", "to_bitwise"]
+           "engine_available", "engine_info", "simd_path", "to_bitwise"]

@@ -1,4 +1,10 @@
-"""Compile (once, cached) and load the bitwise kernel of ``bitwise.cpp``."""
+"""Compile (once, cached) and load the bitwise kernel of ``bitwise.cpp``.
+
+The module defines its own bindings (``BinaryLayer``, ``simd_paths``, ``simd_path``,
+``set_simd``, ``popcount_peak``). ``-ffp-contract=off``: the float tail (× α, activation, + residual)
+must round exactly as PyTorch's separate ops do, so no multiply-add may be fused. The SIMD popcount
+path is chosen at run time (``bitwise.cpp``); ``BATS_BITWISE_SIMD=avx2|portable`` forces a lower one.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +20,7 @@ from pathlib import Path
 from bats_cli.errors import UserInputError
 
 SOURCE = Path(__file__).with_name("bitwise.cpp")
-FUNCTIONS = ["window_words", "pack_weight", "pack_activations", "conv_packed", "binary_conv"]
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 
 
@@ -94,10 +99,9 @@ def load_extension():
     source = SOURCE.read_text()
     _say_if_compiling(cpp_extension, extension_name(source))
     try:
-        return cpp_extension.load_inline(
+        ext = cpp_extension.load_inline(
             name=extension_name(source),
             cpp_sources=[source],
-            functions=FUNCTIONS,
             extra_cflags=CFLAGS,
             extra_ldflags=LDFLAGS,
             verbose=False,
@@ -105,3 +109,10 @@ def load_extension():
     except (RuntimeError, OSError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EngineUnavailable(f"the bitwise engine's kernel did not build: {first}") from None
+    forced = os.environ.get("BATS_BITWISE_SIMD", "").strip()
+    if forced:
+        try:
+            ext.set_simd(forced)
+        except RuntimeError as exc:
+            raise EngineUnavailable(f"BATS_BITWISE_SIMD={forced}: {str(exc).splitlines()[0]}") from None
+    return ext

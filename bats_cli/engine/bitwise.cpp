@@ -1,437 +1,1020 @@
-// Bitwise binary convolution for the bats engine: XNOR + popcount on bit-packed signs.
+// Bitwise binary layers for the bats engine: BatchNorm + sign folded into bit-packing, XNOR +
+// popcount convolution, the float tail (α, activation, residual and node adds) in one pass.
 //
 // A binary conv computes sum_k sign(x_k) * sign(w_k) over its window. With x and w as bits
 // (1 = +1, 0 = -1), each valid term is +1 when the bits agree and -1 when they differ, so the
-// sum is  valid_bits - 2 * popcount(x XOR w)  (XNOR-Net). A padded position is 0, neither +1 nor
-// -1: it is masked out of the XOR and not counted in valid_bits. The result is an exact integer;
-// the XNOR-Net++ scale is applied after, as the float model does.
+// sum is  valid_bits - 2 * popcount(x XOR w)  (XNOR-Net). A zero-padded position is neither +1
+// nor -1: it is masked out of the XOR and not counted in valid_bits. The sum is an exact integer.
 //
-// Two window layouts (uint64 words stored in int64 tensors), chosen per conv by make_geometry:
-// * row strips (a window row of kw taps is S = kw * cg <= 64 bits; every BATS grouped conv on
-//   CIFAR, depthwise convs, small 1x1 convs): rpw = 64 / S rows share a word, tap (i, j) of
-//   channel c at word i / rpw, bit (i % rpw) * S + j * cg + c. Activations are packed into one
-//   plane of cg-bit fields per group; each input row's strips are built once and shared by the
-//   kh output rows that read it (conv_strips);
-// * fields (otherwise: dense 1x1 convs over > 64 channels, wide groups): per pixel and group
-//   fw = ceil(cg / 64) words; with fw == 1, fpw = 64 / cg taps share a word (tap t in word
-//   t / fpw at bit (t % fpw) * cg), otherwise tap t owns words t * fw .. t * fw + fw - 1
-//   (conv_packed).
-// Weights: [group][window word][output channel of the group], packed once at load time.
-// Inputs are read in place (NCHW or channels-last); the output takes the layout PyTorch's conv
-// would give it.
+// BatchNorm -> sign is a per-channel threshold: bn(x) >= 0  <=>  s_c * x >= t_c, with s_c = -1
+// where the BatchNorm's scale is negative. The thresholds are found at load time by bisection on
+// PyTorch's own BatchNorm (bitwise.py), so the bits equal the float path's exactly; here the
+// input is packed straight from the previous layer's float output with one compare per value,
+// and the BatchNorm'd float tensor is never written. A plain binary conv has s = 1, t = 0.
+//
+// Layout. Packed input P[n][h][w][f][g]: per pixel, group g's cg channel bits in fw = ceil(cg /
+// 64) words. Per output pixel a window of nw words per group is XORed with the weights of every
+// output channel. Three window layouts, chosen per conv (make_sub):
+// * direct (1x1, no padding): the window is the pixel's packed words, read in place;
+// * strips (cg <= 64, k x k): up to tpw = 64 / cg taps share a word; a row of kw taps is one word
+//   when it fits (then rpw rows share a word), else rw words. Each input row's strips (its taps
+//   for every output column) are built once and shared by the kh output rows that read it;
+// * fields (cg > 64, k x k): fw words per tap.
+// Weights: W[k][o] (window word k of output channel o's group, o padded to a multiple of 8).
+// The popcount runs with output channels in SIMD lanes: lane o reads the window word of its group
+// (a broadcast for dense convs, a permute for grouped ones), so the output of a pixel is
+// contiguous, as channels-last wants it.
+//
+// SIMD popcount, chosen at run time (simd_path / set_simd): AVX-512 VPOPCNTDQ (8 x 64-bit lanes),
+// AVX2 (4 lanes; nibble lookup with VPSHUFB, byte counts summed with VPSADBW), portable C++.
+// Threads: at::parallel_for over output rows; every output value is computed by one thread with
+// the same operations whatever the split, so results do not depend on the thread count.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
-#ifdef __AVX512F__
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define BATS_X86 1
 #include <immintrin.h>
+#define BATS_AVX512 __attribute__((target("avx512f,avx512vpopcntdq,popcnt")))
+#define BATS_AVX2 __attribute__((target("avx2,popcnt")))
+#else
+#define BATS_X86 0
 #endif
 
 namespace {
 
-struct Geometry {
-  int64_t C, G, cg, O, og, kh, kw, sh, sw, ph, pw, dh, dw, T, fw, fpw, nw;
-  // Row-strip layout: a window row of kw taps is S = kw * cg <= 64 bits, rpw rows per word.
-  bool strip;
-  int64_t S, rpw;
+using u64 = uint64_t;
+
+enum Isa { PORTABLE = 0, AVX2 = 1, AVX512 = 2 };
+const char* const ISA_NAMES[] = {"portable", "avx2", "avx512-vpopcntdq"};
+
+bool isa_supported(int isa) {
+#if BATS_X86
+  __builtin_cpu_init();
+  if (isa == AVX512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq");
+  if (isa == AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+#endif
+  return isa == PORTABLE;
+}
+
+int best_isa() {
+  for (int isa : {AVX512, AVX2}) if (isa_supported(isa)) return isa;
+  return PORTABLE;
+}
+
+std::atomic<int> g_isa{-1};
+
+int active_isa() {
+  int isa = g_isa.load(std::memory_order_relaxed);
+  if (isa < 0) { isa = best_isa(); g_isa.store(isa); }
+  return isa;
+}
+
+inline u64 low_bits(int64_t n) { return n >= 64 ? ~u64(0) : ((u64(1) << n) - 1); }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// How lane o of the popcount finds its window word among the G of its pixel.
+enum Expand { BCAST = 0, IDENT = 1, PERM = 2, GATHER = 3 };
+
+// One row of output pixels for one sub-conv: acc[p][o] = sum_k popcount((win[p][k][g(o)] ^
+// W[k][o]) & mask[p][k]) for o < Opad.
+struct PopArgs {
+  const u64* win;        // word k of group g of pixel p at win[p * pix_stride + k * k_stride + g]
+  int64_t pix_stride, k_stride;
+  int64_t n_pix;
+  const u64* masks;      // [n_pix][nw] or null (every bit valid)
+  int64_t nw, G, O, Opad;
+  const u64* W;          // [nw][Opad]
+  const int64_t* gidx;   // [Opad]: lane -> group (0 for padded lanes)
+  int32_t* acc;          // acc + p * acc_stride
+  int64_t acc_stride;
 };
 
-Geometry make_geometry(int64_t C, int64_t O, const std::vector<int64_t>& p) {
-  // p = {groups, kh, kw, sh, sw, ph, pw, dh, dw}
-  TORCH_CHECK(p.size() == 9, "geometry needs 9 values");
-  Geometry g;
-  g.C = C; g.O = O; g.G = p[0];
-  TORCH_CHECK(g.G >= 1 && C % g.G == 0 && O % g.G == 0, "channels not divisible by groups");
-  g.cg = C / g.G; g.og = O / g.G;
-  g.kh = p[1]; g.kw = p[2]; g.sh = p[3]; g.sw = p[4];
-  g.ph = p[5]; g.pw = p[6]; g.dh = p[7]; g.dw = p[8];
-  g.T = g.kh * g.kw;
-  g.fw = (g.cg + 63) / 64;
-  g.fpw = g.fw == 1 ? 64 / g.cg : 1;
-  g.nw = g.fw == 1 ? (g.T + g.fpw - 1) / g.fpw : g.T * g.fw;
-  g.S = g.kw * g.cg;
-  g.strip = g.fw == 1 && g.S <= 64;
-  g.rpw = g.strip ? 64 / g.S : 0;
-  if (g.strip) g.nw = (g.kh + g.rpw - 1) / g.rpw;
-  return g;
-}
+// ---- portable -----------------------------------------------------------------------------
 
-// The memory format PyTorch's own conv would give its output (it follows the input's suggested
-// format), so the float layers after the engine's convs see the same layouts as on the float path.
-inline bool wants_nhwc(const torch::Tensor& x) {
-  return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-}
-
-inline uint64_t low_bits(int64_t n) { return n >= 64 ? ~uint64_t(0) : ((uint64_t(1) << n) - 1); }
-
-// Sign bits (x >= 0 -> 1; NaN -> 0, as the float path's comparison) of C contiguous floats into
-// ceil(C / 64) zeroed words, bit c of the pixel at word c / 64, bit c % 64.
-inline void pixel_bits(const float* px, int64_t C, uint64_t* words) {
-  int64_t c = 0;
-#ifdef __AVX512F__
-  // 16 channels per compare; 16-bit chunks never straddle a word (c is a multiple of 16).
-  const __m512 zero = _mm512_setzero_ps();
-  for (; c + 16 <= C; c += 16) {
-    const uint64_t m = _mm512_cmp_ps_mask(_mm512_loadu_ps(px + c), zero, _CMP_GE_OQ);
-    words[c >> 6] |= m << (c & 63);
+template <int MODE, bool MASK>
+void pop_row_portable(const PopArgs& a) {
+  for (int64_t p = 0; p < a.n_pix; ++p) {
+    const u64* w0 = a.win + p * a.pix_stride;
+    const u64* m = MASK ? a.masks + p * a.nw : nullptr;
+    int32_t* acc = a.acc + p * a.acc_stride;
+    for (int64_t o = 0; o < a.Opad; ++o) {
+      const int64_t g = MODE == BCAST ? 0 : a.gidx[o];
+      int32_t s = 0;
+      for (int64_t k = 0; k < a.nw; ++k) {
+        u64 t = w0[k * a.k_stride + g] ^ a.W[k * a.Opad + o];
+        if (MASK) t &= m[k];
+        s += __builtin_popcountll(t);
+      }
+      acc[o] = s;
+    }
   }
-#endif
-  for (; c < C; ++c) words[c >> 6] |= uint64_t(px[c] >= 0.0f) << (c & 63);
 }
 
 // n <= 64 bits starting at bit b of a word array.
-inline uint64_t bit_range(const uint64_t* words, int64_t b, int64_t n) {
+inline u64 bit_range(const u64* words, int64_t b, int64_t n) {
   const int64_t w = b >> 6, s = b & 63;
-  uint64_t v = words[w] >> s;
+  u64 v = words[w] >> s;
   if (s && s + n > 64) v |= words[w + 1] << (64 - s);
   return v & low_bits(n);
 }
 
+// Packing a run of channels-last pixels: bit c of a pixel = (x[c] * s[c] >= t[c]), then each
+// group's cg bits to P[p][f][g].
+struct PackArgs {
+  const float* s; const float* t;
+  int64_t C, CW, G, cg, fw, PW;
+  const int64_t* ex_idx; const int64_t* ex_sh; const int64_t* ex_shl;  // [round_up(G, 8)]
+  u64 fmask;
+};
+
+void extract_generic(const PackArgs& a, const u64* bits, u64* dst) {
+  for (int64_t f = 0; f < a.fw; ++f)
+    for (int64_t g = 0; g < a.G; ++g)
+      dst[f * a.G + g] = bit_range(bits, g * a.cg + 64 * f, std::min<int64_t>(64, a.cg - 64 * f));
+}
+
+void pack_px_portable(const PackArgs& a, const float* x, int64_t n_pix, u64* P) {
+  std::vector<u64> bits(a.CW + 1);
+  for (int64_t p = 0; p < n_pix; ++p) {
+    const float* px = x + p * a.C;
+    u64* b = a.G == 1 ? P + p * a.PW : bits.data();
+    std::fill(b, b + a.CW, 0);
+    for (int64_t c = 0; c < a.C; ++c) b[c >> 6] |= u64(px[c] * a.s[c] >= a.t[c]) << (c & 63);
+    if (a.G > 1) extract_generic(a, b, P + p * a.PW);
+  }
+}
+
+#if BATS_X86
+// ---- AVX2 ---------------------------------------------------------------------------------
+
+BATS_AVX2 inline __m256i popcnt_bytes_avx2(__m256i v) {
+  // Nibble lookup (Mula): per byte, popcount(low nibble) + popcount(high nibble).
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  const __m256i lo = _mm256_and_si256(v, low);
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+  return _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
+}
+
+template <int MODE, bool MASK>
+BATS_AVX2 void pop_row_avx2(const PopArgs& a) {
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i pick = _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0);
+  for (int64_t p = 0; p < a.n_pix; ++p) {
+    const u64* w0 = a.win + p * a.pix_stride;
+    const u64* m = MASK ? a.masks + p * a.nw : nullptr;
+    int32_t* acc = a.acc + p * a.acc_stride;
+    for (int64_t ob = 0; ob < a.Opad; ob += 4) {
+      __m256i total = zero, bytes = zero;
+      int64_t pending = 0;
+      for (int64_t k = 0; k < a.nw; ++k) {
+        const u64* wk = w0 + k * a.k_stride;
+        __m256i x;
+        if (MODE == BCAST) {
+          x = _mm256_set1_epi64x(int64_t(wk[0]));
+        } else if (MODE == IDENT && ob + 4 <= a.O) {
+          x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + ob));
+        } else {
+          const int64_t* gi = a.gidx + ob;
+          x = _mm256_setr_epi64x(int64_t(wk[gi[0]]), int64_t(wk[gi[1]]), int64_t(wk[gi[2]]),
+                                 int64_t(wk[gi[3]]));
+        }
+        __m256i t = _mm256_xor_si256(
+            x, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.W + k * a.Opad + ob)));
+        if (MASK) t = _mm256_and_si256(t, _mm256_set1_epi64x(int64_t(m[k])));
+        bytes = _mm256_add_epi8(bytes, popcnt_bytes_avx2(t));
+        // A byte holds at most 8 per word: sum into 64-bit lanes before 31 words overflow it.
+        if (++pending == 31) {
+          total = _mm256_add_epi64(total, _mm256_sad_epu8(bytes, zero));
+          bytes = zero;
+          pending = 0;
+        }
+      }
+      total = _mm256_add_epi64(total, _mm256_sad_epu8(bytes, zero));
+      const __m256i lo32 = _mm256_permutevar8x32_epi32(total, pick);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(acc + ob), _mm256_castsi256_si128(lo32));
+    }
+  }
+}
+
+BATS_AVX2 void pack_px_avx2(const PackArgs& a, const float* x, int64_t n_pix, u64* P) {
+  std::vector<u64> bits(a.CW + 1);
+  for (int64_t p = 0; p < n_pix; ++p) {
+    const float* px = x + p * a.C;
+    u64* b = a.G == 1 ? P + p * a.PW : bits.data();
+    std::fill(b, b + a.CW, 0);
+    int64_t c = 0;
+    for (; c + 8 <= a.C; c += 8) {
+      const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(px + c), _mm256_loadu_ps(a.s + c));
+      const u64 m = u64(_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_loadu_ps(a.t + c), _CMP_GE_OQ)));
+      b[c >> 6] |= m << (c & 63);  // 8-bit chunks never straddle a word (c % 8 == 0)
+    }
+    for (; c < a.C; ++c) b[c >> 6] |= u64(px[c] * a.s[c] >= a.t[c]) << (c & 63);
+    if (a.G > 1) extract_generic(a, b, P + p * a.PW);
+  }
+}
+
+// ---- AVX-512 VPOPCNTDQ --------------------------------------------------------------------
+
+BATS_AVX512 inline __mmask8 lanes8(int64_t n) {
+  return n >= 8 ? __mmask8(0xff) : n <= 0 ? __mmask8(0) : __mmask8((1u << n) - 1);
+}
+
+// NB vectors of 8 output channels at a time, their sums in registers: a pixel's window words
+// are loaded (and its mask broadcast) once per word for all of them.
+template <int MODE, bool MASK, int NB>
+BATS_AVX512 inline void pop_block_avx512(const PopArgs& a, int64_t ob0) {
+  const __mmask8 g_lo = lanes8(a.G), g_hi = lanes8(a.G - 8);
+  __m512i idx[NB];
+  __mmask8 ol[NB];
+  for (int j = 0; j < NB; ++j) {
+    idx[j] = MODE == PERM || MODE == GATHER ? _mm512_loadu_si512(a.gidx + ob0 + 8 * j)
+                                            : _mm512_setzero_si512();
+    ol[j] = lanes8(a.O - ob0 - 8 * j);
+  }
+  for (int64_t p = 0; p < a.n_pix; ++p) {
+    const u64* w0 = a.win + p * a.pix_stride;
+    const u64* m = MASK ? a.masks + p * a.nw : nullptr;
+    __m512i v[NB];
+    for (int j = 0; j < NB; ++j) v[j] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < a.nw; ++k) {
+      const u64* wk = w0 + k * a.k_stride;
+      const u64* Wk = a.W + k * a.Opad + ob0;
+      __m512i b = _mm512_setzero_si512(), lo = b, hi = b, mk = b;
+      if (MODE == BCAST) b = _mm512_set1_epi64(int64_t(wk[0]));
+      if (MODE == PERM) {
+        lo = _mm512_maskz_loadu_epi64(g_lo, wk);
+        hi = _mm512_maskz_loadu_epi64(g_hi, wk + 8);
+      }
+      if (MASK) mk = _mm512_set1_epi64(int64_t(m[k]));
+      for (int j = 0; j < NB; ++j) {
+        __m512i x;
+        if (MODE == BCAST) x = b;
+        else if (MODE == IDENT) x = _mm512_maskz_loadu_epi64(ol[j], wk + ob0 + 8 * j);
+        else if (MODE == PERM) x = _mm512_permutex2var_epi64(lo, idx[j], hi);
+        else x = _mm512_i64gather_epi64(idx[j], reinterpret_cast<const void*>(wk), 8);
+        __m512i t = _mm512_xor_si512(x, _mm512_loadu_si512(Wk + 8 * j));
+        if (MASK) t = _mm512_and_si512(t, mk);
+        v[j] = _mm512_add_epi64(v[j], _mm512_popcnt_epi64(t));
+      }
+    }
+    int32_t* acc = a.acc + p * a.acc_stride + ob0;
+    for (int j = 0; j < NB; ++j)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + 8 * j), _mm512_cvtepi64_epi32(v[j]));
+  }
+}
+
+template <int MODE, bool MASK>
+BATS_AVX512 void pop_row_avx512(const PopArgs& a) {
+  int64_t ob = 0;
+  for (; ob + 32 <= a.Opad; ob += 32) pop_block_avx512<MODE, MASK, 4>(a, ob);
+  const int64_t rest = (a.Opad - ob) / 8;
+  if (rest == 3) pop_block_avx512<MODE, MASK, 3>(a, ob);
+  if (rest == 2) pop_block_avx512<MODE, MASK, 2>(a, ob);
+  if (rest == 1) pop_block_avx512<MODE, MASK, 1>(a, ob);
+}
+
+BATS_AVX512 void pack_px_avx512(const PackArgs& a, const float* x, int64_t n_pix, u64* P) {
+  u64 local[9];
+  std::vector<u64> big(a.G > 1 && a.CW > 8 ? a.CW + 1 : 0);
+  u64* bits = a.CW > 8 ? big.data() : local;
+  // Fields of <= 64 bits out of <= 512 bits, 8 groups per step: lane g takes bits
+  // [g * cg, g * cg + cg) from words idx[g] and idx[g] + 1.
+  const bool vec_extract = a.G > 1 && a.fw == 1 && a.CW <= 8;
+  const __m512i fm = _mm512_set1_epi64(int64_t(a.fmask));
+  const __m512i one = _mm512_set1_epi64(1), seven = _mm512_set1_epi64(7);
+  for (int64_t p = 0; p < n_pix; ++p) {
+    const float* px = x + p * a.C;
+    u64* b = a.G == 1 ? P + p * a.PW : bits;
+    for (int64_t w = 0; w < a.CW; ++w) {
+      const int64_t c0 = 64 * w, c1 = std::min<int64_t>(a.C, c0 + 64);
+      u64 word = 0;
+      for (int64_t c = c0; c < c1; c += 16) {
+        const __mmask16 lm = c1 - c >= 16 ? __mmask16(0xffff) : __mmask16((1u << (c1 - c)) - 1);
+        const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(lm, px + c), _mm512_loadu_ps(a.s + c));
+        word |= u64(_mm512_mask_cmp_ps_mask(lm, v, _mm512_loadu_ps(a.t + c), _CMP_GE_OQ)) << (c - c0);
+      }
+      b[w] = word;
+    }
+    if (a.G == 1) continue;
+    u64* dst = P + p * a.PW;
+    if (!vec_extract) { extract_generic(a, b, dst); continue; }
+    const __m512i bv = _mm512_maskz_loadu_epi64(lanes8(a.CW), b);
+    for (int64_t g = 0; g < a.G; g += 8) {
+      const __m512i il = _mm512_loadu_si512(a.ex_idx + g);
+      const __m512i ih = _mm512_min_epi64(_mm512_add_epi64(il, one), seven);
+      const __m512i lo = _mm512_srlv_epi64(_mm512_permutexvar_epi64(il, bv), _mm512_loadu_si512(a.ex_sh + g));
+      const __m512i hi = _mm512_sllv_epi64(_mm512_permutexvar_epi64(ih, bv), _mm512_loadu_si512(a.ex_shl + g));
+      _mm512_mask_storeu_epi64(dst + g, lanes8(a.G - g), _mm512_and_si512(_mm512_or_si512(lo, hi), fm));
+    }
+  }
+}
+#endif  // BATS_X86
+
+using PopFn = void (*)(const PopArgs&);
+using PackFn = void (*)(const PackArgs&, const float*, int64_t, u64*);
+
+PopFn pop_fn(int isa, int mode, bool mask) {
+#define BATS_POP_TABLE(fn)                                                          \
+  {                                                                                 \
+    static const PopFn table[4][2] = {{fn<BCAST, false>, fn<BCAST, true>},          \
+                                      {fn<IDENT, false>, fn<IDENT, true>},          \
+                                      {fn<PERM, false>, fn<PERM, true>},            \
+                                      {fn<GATHER, false>, fn<GATHER, true>}};       \
+    return table[mode][mask ? 1 : 0];                                               \
+  }
+#if BATS_X86
+  if (isa == AVX512) BATS_POP_TABLE(pop_row_avx512)
+  if (isa == AVX2) BATS_POP_TABLE(pop_row_avx2)
+#endif
+  BATS_POP_TABLE(pop_row_portable)
+#undef BATS_POP_TABLE
+}
+
+PackFn pack_fn(int isa) {
+#if BATS_X86
+  if (isa == AVX512) return pack_px_avx512;
+  if (isa == AVX2) return pack_px_avx2;
+#endif
+  return pack_px_portable;
+}
+
+// ---- one sub-conv (a layer has one; factorized reduce has two, on offset grids) --------------
+
+enum Layout { DIRECT = 0, STRIP = 1, FIELD = 2 };
+
+struct Sub {
+  int64_t O = 0, Opad = 0, G = 1, cg = 0, og = 0;
+  int64_t kh = 1, kw = 1, sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1;
+  int64_t oy = 0, ox = 0;    // window origin offset (factorized reduce's second conv: 1, 1)
+  bool fill_ones = false;    // an origin past the input reads +1 everywhere (a 0 after BatchNorm)
+  int layout = DIRECT, mode = BCAST;
+  int64_t fw = 1, nw = 1;
+  int64_t tpw = 1, rw = 1, rpw = 1, S = 0;  // strips: taps per word, words per row, rows per word
+  int64_t o0 = 0;            // first output channel of this sub in the layer's output
+  std::vector<u64> W;        // [nw][Opad]
+  std::vector<int64_t> gidx; // [Opad]
+
+  int64_t out_size(int64_t in, bool rows) const {
+    const int64_t k = rows ? kh : kw, s = rows ? sh : sw, p = rows ? ph : pw, d = rows ? dh : dw;
+    const int64_t off = rows ? oy : ox;
+    // A shifted grid (offset) is padded at the end to keep ceil(in / s) outputs (factorized reduce).
+    const int64_t span = off ? in - off + (in % 2) : in;
+    return (span + 2 * p - d * (k - 1) - 1) / s + 1;
+  }
+
+  // Bit position of tap (i, j), channel c of the group: (word, bit).
+  std::pair<int64_t, int64_t> where(int64_t i, int64_t j, int64_t c) const {
+    if (layout == STRIP) {
+      if (rw == 1) return {i / rpw, (i % rpw) * S + j * cg + c};
+      return {i * rw + j / tpw, (j % tpw) * cg + c};
+    }
+    const int64_t t = i * kw + j;  // DIRECT: t == 0
+    return {t * fw + c / 64, c % 64};
+  }
+};
+
+Sub make_sub(const torch::Tensor& weight, int64_t C, const std::vector<int64_t>& p) {
+  // p = {groups, kh, kw, sh, sw, ph, pw, dh, dw, oy, ox, fill_ones}
+  TORCH_CHECK(p.size() == 12, "a sub-conv needs 12 geometry values");
+  TORCH_CHECK(weight.dim() == 4, "weight must be 4-d");
+  Sub s;
+  s.G = p[0];
+  s.O = weight.size(0);
+  TORCH_CHECK(s.G >= 1 && C % s.G == 0 && s.O % s.G == 0, "channels not divisible by groups");
+  s.cg = C / s.G; s.og = s.O / s.G;
+  s.kh = p[1]; s.kw = p[2]; s.sh = p[3]; s.sw = p[4]; s.ph = p[5]; s.pw = p[6];
+  s.dh = p[7]; s.dw = p[8]; s.oy = p[9]; s.ox = p[10]; s.fill_ones = p[11] != 0;
+  TORCH_CHECK(s.kh >= 1 && s.kw >= 1 && s.sh >= 1 && s.sw >= 1 && s.dh >= 1 && s.dw >= 1 &&
+              s.ph >= 0 && s.pw >= 0, "bad conv geometry");
+  TORCH_CHECK(weight.size(1) == s.cg && weight.size(2) == s.kh && weight.size(3) == s.kw,
+              "weight shape does not match the geometry");
+  s.fw = ceil_div(s.cg, 64);
+  if (s.kh == 1 && s.kw == 1 && s.ph == 0 && s.pw == 0) {
+    s.layout = DIRECT;
+    s.nw = s.fw;
+  } else if (s.cg <= 64) {
+    TORCH_CHECK(s.oy == 0 && s.ox == 0, "offset grids are for 1x1 convs");
+    s.layout = STRIP;
+    s.tpw = 64 / s.cg;
+    s.rw = ceil_div(s.kw, s.tpw);
+    s.S = s.kw * s.cg;
+    s.rpw = s.rw == 1 ? 64 / s.S : 1;
+    s.nw = s.rw == 1 ? ceil_div(s.kh, s.rpw) : s.kh * s.rw;
+  } else {
+    TORCH_CHECK(s.oy == 0 && s.ox == 0, "offset grids are for 1x1 convs");
+    s.layout = FIELD;
+    s.nw = s.kh * s.kw * s.fw;
+  }
+  s.mode = s.G == 1 ? BCAST : s.og == 1 ? IDENT : s.G <= 16 ? PERM : GATHER;
+  s.Opad = round_up(s.O, 8);
+  s.gidx.assign(s.Opad, 0);
+  for (int64_t o = 0; o < s.O; ++o) s.gidx[o] = o / s.og;
+  s.W.assign(s.nw * s.Opad, 0);
+  auto w = weight.to(torch::kFloat).contiguous();
+  const float* src = w.data_ptr<float>();
+  for (int64_t o = 0; o < s.O; ++o)
+    for (int64_t c = 0; c < s.cg; ++c)
+      for (int64_t i = 0; i < s.kh; ++i)
+        for (int64_t j = 0; j < s.kw; ++j) {
+          if (!(src[((o * s.cg + c) * s.kh + i) * s.kw + j] >= 0.0f)) continue;  // sign(w): >= 0 -> 1
+          const auto wb = s.where(i, j, c);
+          s.W[wb.first * s.Opad + o] |= u64(1) << wb.second;
+        }
+  return s;
+}
+
+// The memory format PyTorch's conv would give the output (it follows the input's), so the float
+// layers after the engine see the same layouts as on the float path.
+inline bool wants_nhwc(const torch::Tensor& x) {
+  return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+enum Act { ACT_NONE = 0, ACT_RELU = 1, ACT_PRELU = 2 };
+
+// Scratch memory reused across calls (per thread): fresh large allocations would be fresh pages
+// every layer, and zeroing them cost more than the popcounts.
+template <class T>
+T* scratch(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+struct Scratch {
+  std::vector<u64> packed, strips, win, masks;
+  std::vector<int32_t> acc, vb;
+};
+thread_local Scratch tl_scratch;
+
+#ifdef BATS_PHASE_TIMING
+// Development aid (-DBATS_PHASE_TIMING): seconds per phase, one thread.
+double g_phase[6] = {0};
+struct PhaseTimer {
+  int i; std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+  explicit PhaseTimer(int i_) : i(i_) {}
+  ~PhaseTimer() { g_phase[i] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); }
+};
+#define BATS_PHASE(i) PhaseTimer bats_phase_timer_##i(i)
+#else
+#define BATS_PHASE(i)
+#endif
+
+struct Epi {
+  const int32_t* acc; int64_t aw;   // acc[p * aw + o]
+  const int32_t* vb;                // valid bits per pixel
+  int64_t n_pix, O;
+  const float* scale; const float* slope;
+  const float* res; const float* add;  // same layout as out (or null)
+  float* out;
+  int64_t o_stride, p_stride;          // out[o * o_stride + p * p_stride]
+};
+
+template <int ACT, bool RES, bool ADD>
+void epilogue(const Epi& e) {
+  // Same operations, in the same order, as the float path: conv (an exact integer) * α,
+  // activation, + residual, + the node's other term. Built with -ffp-contract=off.
+  if (e.o_stride == 1) {
+    for (int64_t p = 0; p < e.n_pix; ++p) {
+      const int32_t* a = e.acc + p * e.aw;
+      const int32_t vb = e.vb[p];
+      const int64_t base = p * e.p_stride;
+      float* __restrict out = e.out + base;
+      const float* __restrict res = RES ? e.res + base : nullptr;
+      const float* __restrict add = ADD ? e.add + base : nullptr;
+      for (int64_t o = 0; o < e.O; ++o) {
+        float v = float(vb - 2 * a[o]) * e.scale[o];
+        if (ACT == ACT_RELU) v = v > 0.0f ? v : 0.0f;
+        if (ACT == ACT_PRELU) v = v > 0.0f ? v : e.slope[o] * v;
+        if (RES) v = v + res[o];
+        if (ADD) v = v + add[o];
+        out[o] = v;
+      }
+    }
+    return;
+  }
+  for (int64_t o = 0; o < e.O; ++o) {
+    const float sc = e.scale[o], sl = ACT == ACT_PRELU ? e.slope[o] : 0.0f;
+    const int64_t base = o * e.o_stride;
+    for (int64_t p = 0; p < e.n_pix; ++p) {
+      float v = float(e.vb[p] - 2 * e.acc[p * e.aw + o]) * sc;
+      if (ACT == ACT_RELU) v = v > 0.0f ? v : 0.0f;
+      if (ACT == ACT_PRELU) v = v > 0.0f ? v : sl * v;
+      if (RES) v = v + e.res[base + p];
+      if (ADD) v = v + e.add[base + p];
+      e.out[base + p] = v;
+    }
+  }
+}
+
+using EpiFn = void (*)(const Epi&);
+
+EpiFn epi_fn(int act, bool res, bool add) {
+  static const EpiFn table[3][2][2] = {
+      {{epilogue<0, false, false>, epilogue<0, false, true>}, {epilogue<0, true, false>, epilogue<0, true, true>}},
+      {{epilogue<1, false, false>, epilogue<1, false, true>}, {epilogue<1, true, false>, epilogue<1, true, true>}},
+      {{epilogue<2, false, false>, epilogue<2, false, true>}, {epilogue<2, true, false>, epilogue<2, true, true>}}};
+  return table[act][res ? 1 : 0][add ? 1 : 0];
+}
+
 }  // namespace
 
-// Number of uint64 words of one packed window (for callers that size buffers).
-int64_t window_words(int64_t C, int64_t O, std::vector<int64_t> params) {
-  return make_geometry(C, O, params).nw;
-}
-
-// weight: [O, cg, kh, kw] float (its sign is used: >= 0 -> bit 1). Returns [G, nw, og] words.
-torch::Tensor pack_weight(torch::Tensor weight, int64_t C, std::vector<int64_t> params) {
-  TORCH_CHECK(weight.dim() == 4, "weight must be 4-d");
-  auto w = weight.to(torch::kFloat).contiguous();
-  const Geometry g = make_geometry(C, w.size(0), params);
-  TORCH_CHECK(w.size(1) == g.cg && w.size(2) == g.kh && w.size(3) == g.kw, "weight shape mismatch");
-  auto out = torch::zeros({g.G, g.nw, g.og}, torch::kLong);
-  auto* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
-  const float* src = w.data_ptr<float>();
-  for (int64_t o = 0; o < g.O; ++o) {
-    const int64_t grp = o / g.og, oi = o % g.og;
-    for (int64_t c = 0; c < g.cg; ++c) {
-      for (int64_t i = 0; i < g.kh; ++i) {
-        for (int64_t j = 0; j < g.kw; ++j) {
-          if (src[((o * g.cg + c) * g.kh + i) * g.kw + j] < 0) continue;
-          const int64_t t = i * g.kw + j;
-          int64_t word, bit;
-          if (g.strip) { word = i / g.rpw; bit = (i % g.rpw) * g.S + j * g.cg + c; }
-          else if (g.fw == 1) { word = t / g.fpw; bit = (t % g.fpw) * g.cg + c; }
-          else { word = t * g.fw + c / 64; bit = c % 64; }
-          dst[(grp * g.nw + word) * g.og + oi] |= uint64_t(1) << bit;
-        }
-      }
+// A binary layer ready to run: thresholds, packed weights, α, activation.
+class BinaryLayer {
+ public:
+  BinaryLayer(int64_t C, torch::Tensor thresholds, torch::Tensor signs,
+              std::vector<torch::Tensor> weights, std::vector<std::vector<int64_t>> params,
+              torch::Tensor scale, int64_t act, torch::Tensor slope)
+      : C_(C), act_(int(act)) {
+    TORCH_CHECK(C >= 1, "a layer needs input channels");
+    TORCH_CHECK(!weights.empty() && weights.size() == params.size(), "one geometry per weight");
+    TORCH_CHECK(act >= 0 && act <= 2, "activation must be 0 (none), 1 (relu) or 2 (prelu)");
+    auto th = thresholds.to(torch::kFloat).contiguous(), sg = signs.to(torch::kFloat).contiguous();
+    TORCH_CHECK(th.numel() == C && sg.numel() == C, "one threshold and one sign per input channel");
+    const int64_t Cp = round_up(C, 16);
+    thr_.assign(Cp, 0.0f); sgn_.assign(Cp, 1.0f);
+    std::copy(th.data_ptr<float>(), th.data_ptr<float>() + C, thr_.begin());
+    std::copy(sg.data_ptr<float>(), sg.data_ptr<float>() + C, sgn_.begin());
+    int64_t o0 = 0;
+    for (size_t i = 0; i < weights.size(); ++i) {
+      Sub s = make_sub(weights[i], C, params[i]);
+      s.o0 = o0;
+      o0 += s.O;
+      TORCH_CHECK(subs_.empty() || (s.G == subs_[0].G && s.layout == DIRECT &&
+                                    subs_[0].layout == DIRECT),
+                  "several sub-convs must be padding-free 1x1 convs over the same groups");
+      subs_.push_back(std::move(s));
     }
+    O_ = o0;
+    G_ = subs_[0].G; cg_ = C / G_; fw_ = ceil_div(cg_, 64); PW_ = G_ * fw_;
+    aw_ = 0;
+    for (const auto& s : subs_) aw_ = std::max(aw_, s.o0 + s.Opad);
+    auto sc = scale.to(torch::kFloat).contiguous();
+    TORCH_CHECK(sc.numel() == O_, "scale needs one value per output channel");
+    scale_.assign(sc.data_ptr<float>(), sc.data_ptr<float>() + O_);
+    slope_.assign(O_, 0.0f);
+    if (act_ == ACT_PRELU) {
+      auto sl = slope.to(torch::kFloat).contiguous();
+      TORCH_CHECK(sl.numel() == O_ || sl.numel() == 1, "PReLU needs one slope or one per channel");
+      for (int64_t o = 0; o < O_; ++o) slope_[o] = sl.data_ptr<float>()[sl.numel() == 1 ? 0 : o];
+    }
+    // Field extraction tables (groups of <= 64 bits out of a pixel's channel bits).
+    const int64_t Gp = round_up(G_, 8);
+    ex_idx_.assign(Gp, 0); ex_sh_.assign(Gp, 0); ex_shl_.assign(Gp, 64);
+    for (int64_t g = 0; g < G_; ++g) {
+      ex_idx_[g] = (g * cg_) >> 6;
+      ex_sh_[g] = (g * cg_) & 63;
+      ex_shl_[g] = 64 - ex_sh_[g];
+    }
+    ones_.assign(PW_, 0);
+    for (int64_t f = 0; f < fw_; ++f)
+      for (int64_t g = 0; g < G_; ++g) ones_[f * G_ + g] = low_bits(std::min<int64_t>(64, cg_ - 64 * f));
   }
-  return out;
-}
 
-// x: [N, C, H, W] float, NCHW or channels-last (read in place). Returns [N, H, W, G, fw] words.
-torch::Tensor pack_activations(torch::Tensor x, int64_t groups) {
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat, "x must be a 4-d float tensor");
-  const bool nhwc = wants_nhwc(x);
-  auto xc = x.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  const int64_t N = xc.size(0), C = xc.size(1), H = xc.size(2), W = xc.size(3);
-  TORCH_CHECK(C % groups == 0, "channels not divisible by groups");
-  const int64_t cg = C / groups, fw = (cg + 63) / 64, HW = H * W;
-  auto out = torch::empty({N, H, W, groups, fw}, torch::kLong);
-  auto* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
-  const float* src = xc.data_ptr<float>();
-  if (nhwc) {
-    at::parallel_for(0, N * HW, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
-                     [&](int64_t lo, int64_t hi) {
-      std::vector<uint64_t> bits((C + 63) / 64);
-      for (int64_t p = lo; p < hi; ++p) {
-        std::fill(bits.begin(), bits.end(), 0);
-        pixel_bits(src + p * C, C, bits.data());
-        uint64_t* out_px = dst + p * groups * fw;
-        for (int64_t grp = 0; grp < groups; ++grp) {
-          for (int64_t f = 0; f < fw; ++f) {
-            const int64_t c0 = f * 64, n = std::min<int64_t>(64, cg - c0);
-            out_px[grp * fw + f] = bit_range(bits.data(), grp * cg + c0, n);
-          }
+  int64_t out_channels() const { return O_; }
+
+  torch::Tensor forward(torch::Tensor x, c10::optional<torch::Tensor> residual,
+                        c10::optional<torch::Tensor> add) const {
+    TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat && x.device().is_cpu(),
+                "x must be a 4-d float32 CPU tensor");
+    TORCH_CHECK(x.size(1) == C_, "expected ", C_, " input channels, got ", x.size(1));
+    const bool nhwc = wants_nhwc(x);
+    const auto fmt = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+    auto xc = x.contiguous(fmt);
+    const int64_t N = xc.size(0), H = xc.size(2), W = xc.size(3);
+    const Sub& s0 = subs_[0];
+    const int64_t OH = s0.out_size(H, true), OW = s0.out_size(W, false);
+    TORCH_CHECK(OH > 0 && OW > 0, "input smaller than the kernel");
+    for (const auto& s : subs_)
+      TORCH_CHECK(s.out_size(H, true) == OH && s.out_size(W, false) == OW, "sub-conv sizes differ");
+    auto out = torch::empty({N, O_, OH, OW}, torch::TensorOptions().dtype(torch::kFloat).memory_format(fmt));
+    torch::Tensor rc, ac;
+    const float* res = nullptr;
+    const float* addp = nullptr;
+    if (residual.has_value() && residual->defined()) {
+      TORCH_CHECK(residual->sizes() == out.sizes() && residual->scalar_type() == torch::kFloat,
+                  "residual must match the output (", out.sizes(), ")");
+      rc = residual->contiguous(fmt);
+      res = rc.data_ptr<float>();
+    }
+    if (add.has_value() && add->defined()) {
+      TORCH_CHECK(add->sizes() == out.sizes() && add->scalar_type() == torch::kFloat,
+                  "add must match the output (", out.sizes(), ")");
+      ac = add->contiguous(fmt);
+      addp = ac.data_ptr<float>();
+    }
+    const int isa = active_isa();
+
+    // 1. Pack: thresholds applied, straight from the float input. P[n][h][w][f][g].
+    u64* P = scratch(tl_scratch.packed, size_t(N * H * W * PW_));
+    {
+      BATS_PHASE(0);
+      pack(xc.data_ptr<float>(), N, H, W, nhwc, isa, P);
+    }
+
+    // 2. Strips (strip layout): per input row and output column, the taps of that row.
+    const Sub& sub = subs_[0];
+    u64* strips = nullptr;
+    std::vector<u64> cmask;
+    std::vector<int32_t> ccount;
+    if (sub.layout == STRIP) {
+      cmask.assign(OW * sub.rw, 0);
+      ccount.assign(OW, 0);
+      for (int64_t ow = 0; ow < OW; ++ow)
+        for (int64_t j = 0; j < sub.kw; ++j) {
+          const int64_t iw = ow * sub.sw - sub.pw + j * sub.dw;
+          if (iw < 0 || iw >= W) continue;
+          const int64_t seg = sub.rw == 1 ? 0 : j / sub.tpw;
+          const int64_t shift = sub.rw == 1 ? j * sub.cg : (j % sub.tpw) * sub.cg;
+          cmask[ow * sub.rw + seg] |= low_bits(sub.cg) << shift;
+          ccount[ow] += 1;
         }
-      }
-    });
-  } else {
-    // NCHW: channel-outer so the inner loop runs over contiguous pixels (vectorizes).
-    const int64_t words = groups * fw;
-    at::parallel_for(0, N * words, 1, [&](int64_t lo, int64_t hi) {
+      strips = scratch(tl_scratch.strips, size_t(N * H * OW * sub.rw * G_));
+      BATS_PHASE(1);
+      build_strips(P, N, H, W, OW, strips);
+    }
+
+    // 3. Rows of output pixels: windows, popcounts, the float tail.
+    const EpiFn epi = epi_fn(act_, res != nullptr, addp != nullptr);
+    float* dst = out.data_ptr<float>();
+    int64_t work = 0;
+    for (const auto& s : subs_) work += s.nw * s.Opad;
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, OW * work));
+    at::parallel_for(0, N * OH, grain, [&](int64_t lo, int64_t hi) {
+      Scratch& sc = tl_scratch;  // this worker's
+      u64* win = sub.layout == DIRECT ? nullptr : scratch(sc.win, size_t(OW * sub.nw * G_));
+      u64* masks = sub.layout == DIRECT ? nullptr : scratch(sc.masks, size_t(OW * sub.nw));
+      int32_t* acc = scratch(sc.acc, size_t(OW * aw_));
+      int32_t* vb = scratch(sc.vb, size_t(OW));
       for (int64_t r = lo; r < hi; ++r) {
-        const int64_t n = r / words, k = r % words, grp = k / fw, f = k % fw;
-        const int64_t c0 = grp * cg + f * 64, cn = std::min<int64_t>(64, cg - f * 64);
-        uint64_t* o = dst + n * HW * words + k;
-        const float* xs = src + (n * C + c0) * HW;
-        for (int64_t p = 0; p < HW; ++p) o[p * words] = 0;
-        for (int64_t c = 0; c < cn; ++c) {
-          const float* xc_ = xs + c * HW;
-          for (int64_t p = 0; p < HW; ++p) o[p * words] |= uint64_t(xc_[p] >= 0.0f) << c;
+        const int64_t n = r / OH, oh = r % OH;
+        for (const auto& s : subs_) run_sub(s, P, strips, cmask, ccount, n, oh, H, W, OW, isa,
+                                            win, masks, acc, vb);
+        BATS_PHASE(4);
+        Epi e;
+        e.acc = acc; e.aw = aw_; e.vb = vb; e.n_pix = OW; e.O = O_;
+        e.scale = scale_.data(); e.slope = slope_.data();
+        if (nhwc) {
+          const int64_t base = (n * OH + oh) * OW * O_;
+          e.out = dst + base; e.res = res ? res + base : nullptr; e.add = addp ? addp + base : nullptr;
+          e.o_stride = 1; e.p_stride = O_;
+        } else {
+          const int64_t base = n * O_ * OH * OW + oh * OW;
+          e.out = dst + base; e.res = res ? res + base : nullptr; e.add = addp ? addp + base : nullptr;
+          e.o_stride = OH * OW; e.p_stride = 1;
         }
-      }
-    });
-  }
-  return out;
-}
-
-// Binary conv of packed activations [N, H, W, G, fw] with packed weights [G, nw, og]; returns
-// (valid_bits - 2 * popcount) * scale as a float [N, O, OH, OW] channels-last tensor.
-torch::Tensor conv_packed(torch::Tensor act, torch::Tensor wpack, torch::Tensor scale, int64_t C,
-                          std::vector<int64_t> params, bool channels_last) {
-  TORCH_CHECK(act.dim() == 5 && act.scalar_type() == torch::kLong, "packed activations expected");
-  TORCH_CHECK(wpack.dim() == 3 && wpack.scalar_type() == torch::kLong, "packed weights expected");
-  const int64_t O = wpack.size(0) * wpack.size(2);
-  const Geometry g = make_geometry(C, O, params);
-  TORCH_CHECK(!g.strip, "conv_packed is the field layout; this geometry uses row strips");
-  TORCH_CHECK(act.size(3) == g.G && act.size(4) == g.fw, "activation packing does not match");
-  TORCH_CHECK(wpack.size(0) == g.G && wpack.size(1) == g.nw, "weight packing does not match");
-  auto sc = scale.to(torch::kFloat).contiguous();
-  TORCH_CHECK(sc.numel() == O, "scale needs one value per output channel");
-  auto a = act.contiguous();
-  auto wp = wpack.contiguous();
-  const int64_t N = a.size(0), H = a.size(1), W = a.size(2);
-  const int64_t OH = (H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
-  const int64_t OW = (W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
-  TORCH_CHECK(OH > 0 && OW > 0, "input smaller than the kernel");
-  auto out = torch::empty({N, O, OH, OW},
-                          torch::TensorOptions().dtype(torch::kFloat).memory_format(
-                              channels_last ? at::MemoryFormat::ChannelsLast
-                                            : at::MemoryFormat::Contiguous));
-  float* dst = out.data_ptr<float>();
-  const auto* A = reinterpret_cast<const uint64_t*>(a.data_ptr<int64_t>());
-  const auto* Wt = reinterpret_cast<const uint64_t*>(wp.data_ptr<int64_t>());
-  const float* S = sc.data_ptr<float>();
-  const uint64_t field_mask = low_bits(g.cg);
-  const int64_t rows = N * OH;
-  // Enough popcounts per chunk that threading pays for itself on small maps.
-  const int64_t per_row = std::max<int64_t>(1, OW * O * g.nw);
-  const int64_t grain = std::max<int64_t>(1, 32768 / per_row);
-
-  at::parallel_for(0, rows, grain, [&](int64_t lo, int64_t hi) {
-    // Local copies (see conv_strips): keeps loop bounds in registers so the loops vectorise.
-    const Geometry gl = g;
-    const int64_t OW_ = OW, OH_ = OH, H_ = H, W_ = W, O_ = O;
-    std::vector<uint64_t> win(gl.nw * gl.G), mask(gl.nw);
-    std::vector<int32_t> acc(gl.og);
-    // NCHW output: a row is computed channels-last here, then written out per channel.
-    std::vector<float> row(channels_last ? 0 : OW_ * O_);
-    for (int64_t r = lo; r < hi; ++r) {
-      const int64_t n = r / OH_, oh = r % OH_;
-      float* row_out = channels_last ? dst + (n * OH_ + oh) * OW_ * O_ : row.data();
-      for (int64_t ow = 0; ow < OW_; ++ow) {
-        std::fill(win.begin(), win.end(), 0);
-        std::fill(mask.begin(), mask.end(), 0);
-        int64_t valid_bits = 0;
-        for (int64_t i = 0; i < gl.kh; ++i) {
-          const int64_t ih = oh * gl.sh - gl.ph + i * gl.dh;
-          if (ih < 0 || ih >= H_) continue;
-          for (int64_t j = 0; j < gl.kw; ++j) {
-            const int64_t iw = ow * gl.sw - gl.pw + j * gl.dw;
-            if (iw < 0 || iw >= W_) continue;
-            const int64_t t = i * gl.kw + j;
-            const uint64_t* src = A + ((n * H_ + ih) * W_ + iw) * gl.G * gl.fw;
-            valid_bits += gl.cg;
-            if (gl.fw == 1) {
-              const int64_t word = t / gl.fpw, shift = (t % gl.fpw) * gl.cg;
-              uint64_t* wrow = win.data() + word * gl.G;
-              for (int64_t grp = 0; grp < gl.G; ++grp) wrow[grp] |= src[grp] << shift;
-              mask[word] |= field_mask << shift;
-            } else {
-              for (int64_t f = 0; f < gl.fw; ++f) {
-                uint64_t* wrow = win.data() + (t * gl.fw + f) * gl.G;
-                for (int64_t grp = 0; grp < gl.G; ++grp) wrow[grp] = src[grp * gl.fw + f];
-                mask[t * gl.fw + f] = ~uint64_t(0);  // bits past cg are 0 in both operands
-              }
-            }
-          }
-        }
-        float* out_px = row_out + ow * O_;
-        for (int64_t grp = 0; grp < gl.G; ++grp) {
-          std::fill(acc.begin(), acc.end(), 0);
-          const uint64_t* wg = Wt + grp * gl.nw * gl.og;
-          for (int64_t k = 0; k < gl.nw; ++k) {
-            const uint64_t xw = win[k * gl.G + grp], m = mask[k];
-            const uint64_t* wk = wg + k * gl.og;
-            for (int64_t o = 0; o < gl.og; ++o)
-              acc[o] += __builtin_popcountll((xw ^ wk[o]) & m);
-          }
-          const float* sg = S + grp * gl.og;
-          float* og_out = out_px + grp * gl.og;
-          for (int64_t o = 0; o < gl.og; ++o)
-            og_out[o] = float(valid_bits - 2 * int64_t(acc[o])) * sg[o];
-        }
-      }
-      if (!channels_last) {
-        for (int64_t o = 0; o < O_; ++o) {
-          float* plane = dst + ((n * O_ + o) * OH_ + oh) * OW_;
-          for (int64_t ow = 0; ow < OW_; ++ow) plane[ow] = row[ow * O_ + o];
-        }
-      }
-    }
-  });
-  return out;
-}
-
-
-// Channel bits of every pixel, one plane per group: [N, G, H, W] words (cg <= 64).
-static torch::Tensor pack_planar(const torch::Tensor& x, int64_t groups) {
-  const bool nhwc = wants_nhwc(x);
-  auto xc = x.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  const int64_t N = xc.size(0), C = xc.size(1), H = xc.size(2), W = xc.size(3), HW = H * W;
-  const int64_t cg = C / groups;
-  auto out = torch::empty({N, groups, H, W}, torch::kLong);
-  auto* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
-  const float* src = xc.data_ptr<float>();
-  if (nhwc) {
-    // Whole pixels at a time (every group's bits from one pass over the channels).
-    at::parallel_for(0, N * HW, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
-                     [&](int64_t lo, int64_t hi) {
-      const int64_t HW_ = HW, C_ = C, cg_ = cg, groups_ = groups;  // locals: see conv_strips
-      std::vector<uint64_t> bits((C_ + 63) / 64);
-      for (int64_t q = lo; q < hi; ++q) {
-        const int64_t n = q / HW_, p = q % HW_;
-        std::fill(bits.begin(), bits.end(), 0);
-        pixel_bits(src + q * C_, C_, bits.data());
-        uint64_t* on = dst + n * groups_ * HW_ + p;
-        for (int64_t grp = 0; grp < groups_; ++grp) on[grp * HW_] = bit_range(bits.data(), grp * cg_, cg_);
+        epi(e);
       }
     });
     return out;
   }
-  at::parallel_for(0, N * groups, 1, [&](int64_t lo, int64_t hi) {
-    const int64_t HW_ = HW, C_ = C, cg_ = cg, groups_ = groups;  // locals: see conv_strips
-    for (int64_t r = lo; r < hi; ++r) {
-      const int64_t n = r / groups_, grp = r % groups_;
-      uint64_t* o = dst + r * HW_;
-      // NCHW: channel-outer, so the inner loop runs over contiguous pixels (vectorises).
-      const float* xs = src + (n * C_ + grp * cg_) * HW_;
-      for (int64_t p = 0; p < HW_; ++p) o[p] = uint64_t(xs[p] >= 0.0f);
-      for (int64_t c = 1; c < cg_; ++c) {
-        const float* xr = xs + c * HW_;
-        for (int64_t p = 0; p < HW_; ++p) o[p] |= uint64_t(xr[p] >= 0.0f) << c;
-      }
+
+  std::string describe() const {
+    static const char* names[] = {"direct", "strips", "fields"};
+    std::string d;
+    for (const auto& s : subs_) {
+      if (!d.empty()) d += " + ";
+      d += std::string(names[s.layout]) + " " + std::to_string(s.nw) + " word(s)/window, " +
+           std::to_string(s.G) + " group(s)";
     }
-  });
-  return out;
-}
+    return d;
+  }
 
-// Row-strip conv (every op whose window row fits a word: all CIFAR grouped convs). Phase 1
-// builds, for every input row and output column, the strip of the kw taps of that row; each
-// strip serves the kh output rows that read the input row. Phase 2 ORs kh strips into a window,
-// XORs it with each output channel's weight words and popcounts, vectorised over the row.
-static torch::Tensor conv_strips(const torch::Tensor& x, const torch::Tensor& wpack,
-                                 const torch::Tensor& scale, const Geometry& g) {
-  const bool nhwc = wants_nhwc(x);
-  auto planes = pack_planar(x, g.G);
-  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), O = g.O;
-  const int64_t OH = (H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
-  const int64_t OW = (W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
-  TORCH_CHECK(OH > 0 && OW > 0, "input smaller than the kernel");
-  auto out = torch::empty({N, O, OH, OW},
-                          torch::TensorOptions().dtype(torch::kFloat).memory_format(
-                              nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
-  float* dst = out.data_ptr<float>();
-  const auto* P = reinterpret_cast<const uint64_t*>(planes.data_ptr<int64_t>());
-  const auto* Wt = reinterpret_cast<const uint64_t*>(wpack.data_ptr<int64_t>());
-  const float* Sc = scale.data_ptr<float>();
-  const uint64_t field_mask = low_bits(g.cg);
-
-  // Column validity per output column (padding), shared by every row and group.
-  std::vector<uint64_t> cmask(OW, 0);
-  std::vector<int32_t> cbits(OW, 0);
-  for (int64_t ow = 0; ow < OW; ++ow)
-    for (int64_t j = 0; j < g.kw; ++j) {
-      const int64_t iw = ow * g.sw - g.pw + j * g.dw;
-      if (iw >= 0 && iw < W) { cmask[ow] |= field_mask << (j * g.cg); cbits[ow] += g.cg; }
+ private:
+  void pack(const float* x, int64_t N, int64_t H, int64_t W, bool nhwc, int isa, u64* P) const {
+    const int64_t C = C_, HW = H * W, CW = ceil_div(C, 64);
+    PackArgs a;
+    a.s = sgn_.data(); a.t = thr_.data(); a.C = C; a.CW = CW; a.G = G_; a.cg = cg_; a.fw = fw_;
+    a.PW = PW_; a.ex_idx = ex_idx_.data(); a.ex_sh = ex_sh_.data(); a.ex_shl = ex_shl_.data();
+    a.fmask = low_bits(cg_);
+    if (nhwc) {
+      const PackFn fn = pack_fn(isa);
+      at::parallel_for(0, N * HW, std::max<int64_t>(1, 8192 / C), [&](int64_t lo, int64_t hi) {
+        fn(a, x + lo * C, hi - lo, P + lo * PW_);
+      });
+      return;
     }
-
-  auto strips_t = torch::empty({N, g.G, H, OW}, torch::kLong);
-  auto* strips = reinterpret_cast<uint64_t*>(strips_t.data_ptr<int64_t>());
-  at::parallel_for(0, N * g.G * H, std::max<int64_t>(1, 4096 / (OW * g.kw)), [&](int64_t lo, int64_t hi) {
-    const int64_t OW_ = OW, W_ = W, kw_ = g.kw, dw_ = g.dw, pw_ = g.pw, sw_ = g.sw, cg_ = g.cg;
-    for (int64_t r = lo; r < hi; ++r) {
-      const uint64_t* in_row = P + r * W_;
-      uint64_t* srow = strips + r * OW_;
-      for (int64_t ow = 0; ow < OW_; ++ow) srow[ow] = 0;
-      for (int64_t j = 0; j < kw_; ++j) {
-        const int64_t off = j * dw_ - pw_, shift = j * cg_;
-        // Output columns whose tap j lands inside the row.
-        int64_t first = off < 0 ? (-off + sw_ - 1) / sw_ : 0;
-        int64_t last = (W_ - 1 - off) >= 0 ? (W_ - 1 - off) / sw_ : -1;
-        if (last > OW_ - 1) last = OW_ - 1;
-        if (sw_ == 1) {
-          for (int64_t ow = first; ow <= last; ++ow) srow[ow] |= in_row[ow + off] << shift;
-        } else {
-          for (int64_t ow = first; ow <= last; ++ow) srow[ow] |= in_row[ow * sw_ + off] << shift;
+    // NCHW: channel planes, 64 pixels at a time so the inner loop runs over contiguous pixels.
+    const int64_t chunks = ceil_div(HW, 64);
+    at::parallel_for(0, N * chunks, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<u64> bits(64 * (CW + 1));
+      for (int64_t r = lo; r < hi; ++r) {
+        const int64_t n = r / chunks, p0 = (r % chunks) * 64, np = std::min<int64_t>(64, HW - p0);
+        std::fill(bits.begin(), bits.end(), 0);
+        for (int64_t c = 0; c < C; ++c) {
+          const float* xc = x + (n * C + c) * HW + p0;
+          const float sc = a.s[c], tc = a.t[c];
+          const int64_t w = c >> 6, b = c & 63;
+          u64* bw = bits.data() + w;
+          for (int64_t q = 0; q < np; ++q) bw[q * (CW + 1)] |= u64(xc[q] * sc >= tc) << b;
+        }
+        for (int64_t q = 0; q < np; ++q) {
+          const u64* bq = bits.data() + q * (CW + 1);
+          u64* dst = P + (n * HW + p0 + q) * PW_;
+          if (G_ == 1) std::memcpy(dst, bq, sizeof(u64) * CW);
+          else extract_generic(a, bq, dst);
         }
       }
-    }
-  });
+    });
+  }
 
-  const int64_t items = N * OH * g.G;
-  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, OW * g.og * g.nw));
-  at::parallel_for(0, items, grain, [&](int64_t lo, int64_t hi) {
-    // Locals, not captured references: stores through uint64_t* may alias an int64_t captured by
-    // reference, which kept the compiler from vectorising (it reloaded loop bounds every pass).
-    const int64_t OW_ = OW, OH_ = OH, H_ = H, O_ = O, nw_ = g.nw, og_ = g.og, G_ = g.G, kh_ = g.kh;
-    const int64_t rpw_ = g.rpw, S_ = g.S, sh_ = g.sh, ph_ = g.ph, dh_ = g.dh;
-    std::vector<uint64_t> win(nw_ * OW_), mask(nw_ * OW_);
-    std::vector<int32_t> acc(OW_), vbits(OW_);
-    for (int64_t it = lo; it < hi; ++it) {
-      const int64_t grp = it % G_, oh = (it / G_) % OH_, n = it / (G_ * OH_);
-      std::fill(win.begin(), win.end(), 0);
-      std::fill(mask.begin(), mask.end(), 0);
-      int64_t rows = 0;
-      for (int64_t i = 0; i < kh_; ++i) {
-        const int64_t ih = oh * sh_ - ph_ + i * dh_;
-        if (ih < 0 || ih >= H_) continue;
+  void build_strips(const u64* P, int64_t N, int64_t H, int64_t W, int64_t OW, u64* strips) const {
+    const Sub& s = subs_[0];
+    const int64_t G = G_, rw = s.rw;
+    at::parallel_for(0, N * H, std::max<int64_t>(1, 2048 / std::max<int64_t>(1, OW * s.kw * G)),
+                     [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const u64* prow = P + r * W * G;
+        u64* srow = strips + r * OW * rw * G;
+        std::fill(srow, srow + OW * rw * G, 0);
+        for (int64_t j = 0; j < s.kw; ++j) {
+          const int64_t off = j * s.dw - s.pw;
+          const int64_t seg = rw == 1 ? 0 : j / s.tpw;
+          const int64_t shift = rw == 1 ? j * s.cg : (j % s.tpw) * s.cg;
+          // Output columns whose tap j lands inside the row.
+          const int64_t first = off < 0 ? (-off + s.sw - 1) / s.sw : 0;
+          const int64_t last = std::min<int64_t>(OW - 1, W - 1 - off >= 0 ? (W - 1 - off) / s.sw : -1);
+          if (last < first) continue;
+          if (s.sw == 1 && rw == 1) {
+            // Contiguous: output columns first..last read input columns first+off..last+off.
+            const u64* __restrict src = prow + (first + off) * G;
+            u64* __restrict d = srow + first * G;
+            const int64_t n = (last - first + 1) * G;
+            for (int64_t q = 0; q < n; ++q) d[q] |= src[q] << shift;
+            continue;
+          }
+          for (int64_t ow = first; ow <= last; ++ow) {
+            const u64* __restrict src = prow + (ow * s.sw + off) * G;
+            u64* __restrict d = srow + (ow * rw + seg) * G;
+            for (int64_t g = 0; g < G; ++g) d[g] |= src[g] << shift;
+          }
+        }
+      }
+    });
+  }
+
+  // One output row of one sub-conv: windows, masks and valid bits, then the popcounts.
+  void run_sub(const Sub& s, const u64* P, const u64* strips, const std::vector<u64>& cmask,
+               const std::vector<int32_t>& ccount, int64_t n, int64_t oh, int64_t H, int64_t W,
+               int64_t OW, int isa, u64* win, u64* masks, int32_t* acc, int32_t* vb) const {
+    const int64_t G = G_;
+    PopArgs a;
+    a.nw = s.nw; a.G = G; a.O = s.O; a.Opad = s.Opad; a.W = s.W.data(); a.gidx = s.gidx.data();
+    a.acc_stride = aw_;
+    if (s.layout == DIRECT) {
+      const int64_t ih = oh * s.sh + s.oy;
+      // Columns whose origin is inside the input; the rest (a shifted grid's last column) fill.
+      const int64_t first = 0;  // origins are never left of the input (offset >= 0)
+      int64_t last = ih >= H ? 0 : OW;  // [first, last) read from P, the rest fill
+      while (last > first && (last - 1) * s.sw + s.ox >= W) --last;
+      a.masks = nullptr;
+      const PopFn fn = pop_fn(isa, s.mode, false);
+      BATS_PHASE(3);
+      if (last > first) {
+        a.win = P + ((n * H + ih) * W + first * s.sw + s.ox) * PW_;
+        a.pix_stride = s.sw * PW_;
+        a.k_stride = G;
+        a.n_pix = last - first;
+        a.acc = acc + first * aw_ + s.o0;
+        fn(a);
+      }
+      if (last < OW) {
+        TORCH_CHECK(s.fill_ones, "1x1 window outside the input");
+        a.win = ones_.data(); a.pix_stride = 0; a.k_stride = G; a.n_pix = OW - last;
+        a.acc = acc + last * aw_ + s.o0;
+        fn(a);
+      }
+      if (s.o0 == 0) for (int64_t ow = 0; ow < OW; ++ow) vb[ow] = int32_t(s.cg);
+      return;
+    }
+    // Windows as rows [k][ow][g]: for each window word, the whole output row is contiguous.
+    const int64_t nw = s.nw, kst = OW * G;
+#ifdef BATS_PHASE_TIMING
+    auto tw = std::chrono::steady_clock::now();
+#endif
+    std::fill(win, win + OW * nw * G, 0);
+    std::fill(masks, masks + OW * nw, 0);
+    if (s.layout == STRIP) {
+      int32_t rows = 0;
+      for (int64_t i = 0; i < s.kh; ++i) {
+        const int64_t ih = oh * s.sh - s.ph + i * s.dh;
+        if (ih < 0 || ih >= H) continue;
         ++rows;
-        const int64_t k = i / rpw_, shift = (i % rpw_) * S_;
-        const uint64_t* __restrict srow = strips + ((n * G_ + grp) * H_ + ih) * OW_;
-        const uint64_t* __restrict cm = cmask.data();
-        uint64_t* __restrict wk = win.data() + k * OW_;
-        uint64_t* __restrict mk = mask.data() + k * OW_;
-        // Two loops with restrict pointers: the combined one did not vectorise (aliasing).
-        for (int64_t ow = 0; ow < OW_; ++ow) wk[ow] |= srow[ow] << shift;
-        for (int64_t ow = 0; ow < OW_; ++ow) mk[ow] |= cm[ow] << shift;
-      }
-      for (int64_t ow = 0; ow < OW_; ++ow) vbits[ow] = int32_t(rows) * cbits[ow];
-      const uint64_t* wg = Wt + grp * nw_ * og_;
-      for (int64_t oi = 0; oi < og_; ++oi) {
-        for (int64_t ow = 0; ow < OW_; ++ow) acc[ow] = 0;
-        for (int64_t k = 0; k < nw_; ++k) {
-          const uint64_t wbits = wg[k * og_ + oi];
-          const uint64_t* __restrict wk = win.data() + k * OW_;
-          const uint64_t* __restrict mk = mask.data() + k * OW_;
-          int32_t* __restrict ac = acc.data();
-          for (int64_t ow = 0; ow < OW_; ++ow)
-            ac[ow] += int32_t(__builtin_popcountll((wk[ow] ^ wbits) & mk[ow]));
-        }
-        const int64_t o = grp * og_ + oi;
-        const float so = Sc[o];
-        if (nhwc) {
-          float* base = dst + (n * OH_ + oh) * OW_ * O_ + o;
-          for (int64_t ow = 0; ow < OW_; ++ow) base[ow * O_] = float(vbits[ow] - 2 * acc[ow]) * so;
+        const u64* srow = strips + (n * H + ih) * OW * s.rw * G;
+        if (s.rw == 1) {
+          const int64_t k = i / s.rpw, shift = (i % s.rpw) * s.S;
+          const u64* __restrict src = srow;
+          u64* __restrict d = win + k * kst;
+          for (int64_t q = 0; q < kst; ++q) d[q] |= src[q] << shift;
+          for (int64_t ow = 0; ow < OW; ++ow) masks[ow * nw + k] |= cmask[ow] << shift;
         } else {
-          float* base = dst + ((n * O_ + o) * OH_ + oh) * OW_;
-          for (int64_t ow = 0; ow < OW_; ++ow) base[ow] = float(vbits[ow] - 2 * acc[ow]) * so;
+          for (int64_t seg = 0; seg < s.rw; ++seg) {
+            const int64_t k = i * s.rw + seg;
+            u64* __restrict d = win + k * kst;
+            for (int64_t ow = 0; ow < OW; ++ow) {
+              std::memcpy(d + ow * G, srow + (ow * s.rw + seg) * G, sizeof(u64) * G);
+              masks[ow * nw + k] = cmask[ow * s.rw + seg];
+            }
+          }
         }
+      }
+      for (int64_t ow = 0; ow < OW; ++ow) vb[ow] = int32_t(s.cg) * rows * ccount[ow];
+#ifdef BATS_PHASE_TIMING
+      g_phase[2] += std::chrono::duration<double>(std::chrono::steady_clock::now() - tw).count();
+#endif
+    } else {  // FIELD: fw words per tap
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        int32_t taps = 0;
+        for (int64_t i = 0; i < s.kh; ++i) {
+          const int64_t ih = oh * s.sh - s.ph + i * s.dh;
+          if (ih < 0 || ih >= H) continue;
+          for (int64_t j = 0; j < s.kw; ++j) {
+            const int64_t iw = ow * s.sw - s.pw + j * s.dw;
+            if (iw < 0 || iw >= W) continue;
+            ++taps;
+            const int64_t k0 = (i * s.kw + j) * s.fw;
+            const u64* src = P + ((n * H + ih) * W + iw) * PW_;
+            for (int64_t f = 0; f < s.fw; ++f) {
+              std::memcpy(win + (k0 + f) * kst + ow * G, src + f * G, sizeof(u64) * G);
+              masks[ow * nw + k0 + f] = ~u64(0);
+            }
+          }
+        }
+        vb[ow] = int32_t(s.cg) * taps;
       }
     }
-  });
+    a.win = win; a.pix_stride = G; a.k_stride = kst; a.n_pix = OW; a.masks = masks; a.acc = acc + s.o0;
+    BATS_PHASE(3);
+    pop_fn(isa, s.mode, true)(a);
+  }
+
+  int64_t C_, O_ = 0, G_ = 1, cg_ = 0, fw_ = 1, PW_ = 1, aw_ = 0;
+  int act_;
+  std::vector<float> thr_, sgn_, scale_, slope_;
+  std::vector<Sub> subs_;
+  std::vector<int64_t> ex_idx_, ex_sh_, ex_shl_;
+  std::vector<u64> ones_;
+};
+
+// ---- SIMD path, and the popcount peak of this machine ------------------------------------
+
+std::vector<std::string> simd_paths() {
+  std::vector<std::string> out;
+  for (int isa : {AVX512, AVX2, PORTABLE}) if (isa_supported(isa)) out.push_back(ISA_NAMES[isa]);
   return out;
 }
 
-// pack + conv in one call (one Python round trip per layer).
-torch::Tensor binary_conv(torch::Tensor x, torch::Tensor wpack, torch::Tensor scale,
-                          std::vector<int64_t> params) {
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat, "x must be a 4-d float tensor");
-  const int64_t O = wpack.size(0) * wpack.size(2);
-  const Geometry g = make_geometry(x.size(1), O, params);
-  TORCH_CHECK(wpack.size(0) == g.G && wpack.size(1) == g.nw, "weight packing does not match");
-  TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.numel() == O && scale.is_contiguous(),
-              "scale must be a contiguous float tensor with one value per output channel");
-  if (g.strip) return conv_strips(x, wpack.contiguous(), scale, g);
-  // The output keeps the input's memory format, so the float layers around it do too.
-  const bool nhwc = wants_nhwc(x);
-  return conv_packed(pack_activations(x, params[0]), wpack, scale, x.size(1), params, nhwc);
+std::string simd_path() { return ISA_NAMES[active_isa()]; }
+
+std::string set_simd(const std::string& name) {
+  const std::string previous = simd_path();
+  if (name.empty() || name == "auto") { g_isa.store(best_isa()); return previous; }
+  for (int isa : {AVX512, AVX2, PORTABLE}) {
+    if (name == ISA_NAMES[isa]) {
+      TORCH_CHECK(isa_supported(isa), "this CPU cannot run the ", name, " path");
+      g_isa.store(isa);
+      return previous;
+    }
+  }
+  TORCH_CHECK(false, "unknown SIMD path '", name, "'; choose auto, avx512-vpopcntdq, avx2 or portable");
+  return previous;
+}
+
+namespace {
+
+// XOR + popcount + accumulate over an L1-resident buffer, 8 independent chains: the most binary
+// multiply-accumulates per second the path can do (64 per word). Returns words processed.
+constexpr int64_t PEAK_WORDS = 512;  // 4 KiB
+
+u64 peak_loop_portable(const u64* buf, int64_t reps, u64 x) {
+  u64 a[8] = {0};
+  for (int64_t r = 0; r < reps; ++r)
+    for (int64_t i = 0; i < PEAK_WORDS; i += 8)
+      for (int j = 0; j < 8; ++j) a[j] += __builtin_popcountll(buf[i + j] ^ x);
+  u64 s = 0;
+  for (int j = 0; j < 8; ++j) s += a[j];
+  return s;
+}
+
+#if BATS_X86
+BATS_AVX2 u64 peak_loop_avx2(const u64* buf, int64_t reps, u64 x) {
+  const __m256i xv = _mm256_set1_epi64x(int64_t(x)), zero = _mm256_setzero_si256();
+  __m256i total = zero;
+  for (int64_t r = 0; r < reps; ++r) {
+    __m256i b0 = zero, b1 = zero, b2 = zero, b3 = zero;
+    // 128 words per pass: 8 words per byte lane at most, far below 255.
+    for (int64_t i = 0; i < PEAK_WORDS; i += 16) {
+      auto ld = [&](int64_t k) { return _mm256_xor_si256(xv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(buf + i + k))); };
+      b0 = _mm256_add_epi8(b0, popcnt_bytes_avx2(ld(0)));
+      b1 = _mm256_add_epi8(b1, popcnt_bytes_avx2(ld(4)));
+      b2 = _mm256_add_epi8(b2, popcnt_bytes_avx2(ld(8)));
+      b3 = _mm256_add_epi8(b3, popcnt_bytes_avx2(ld(12)));
+      if ((i & 127) == 112) {
+        total = _mm256_add_epi64(total, _mm256_sad_epu8(b0, zero));
+        total = _mm256_add_epi64(total, _mm256_sad_epu8(b1, zero));
+        total = _mm256_add_epi64(total, _mm256_sad_epu8(b2, zero));
+        total = _mm256_add_epi64(total, _mm256_sad_epu8(b3, zero));
+        b0 = b1 = b2 = b3 = zero;
+      }
+    }
+  }
+  alignas(32) u64 out[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(out), total);
+  return out[0] + out[1] + out[2] + out[3];
+}
+
+BATS_AVX512 u64 peak_loop_avx512(const u64* buf, int64_t reps, u64 x) {
+  const __m512i xv = _mm512_set1_epi64(int64_t(x));
+  __m512i a[8];
+  for (int j = 0; j < 8; ++j) a[j] = _mm512_setzero_si512();
+  for (int64_t r = 0; r < reps; ++r)
+    for (int64_t i = 0; i < PEAK_WORDS; i += 64)
+      for (int j = 0; j < 8; ++j)
+        a[j] = _mm512_add_epi64(a[j], _mm512_popcnt_epi64(_mm512_xor_si512(xv, _mm512_loadu_si512(buf + i + 8 * j))));
+  __m512i s = a[0];
+  for (int j = 1; j < 8; ++j) s = _mm512_add_epi64(s, a[j]);
+  return u64(_mm512_reduce_add_epi64(s));
+}
+#endif
+
+u64 peak_loop(int isa, const u64* buf, int64_t reps, u64 x) {
+#if BATS_X86
+  if (isa == AVX512) return peak_loop_avx512(buf, reps, x);
+  if (isa == AVX2) return peak_loop_avx2(buf, reps, x);
+#endif
+  return peak_loop_portable(buf, reps, x);
+}
+
+std::atomic<u64> g_sink{0};
+
+}  // namespace
+
+// Binary multiply-accumulates per second (64 per XORed word) of the active path's XOR + popcount
+// + add loop on L1-resident data, on `threads` threads at once (each runs `seconds`).
+double popcount_peak(double seconds, int64_t threads) {
+  const int isa = active_isa();
+  threads = std::max<int64_t>(1, threads);
+  std::vector<double> rate(threads, 0.0);
+  at::parallel_for(0, threads, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      std::vector<u64> buf(PEAK_WORDS);
+      u64 v = 0x9E3779B97F4A7C15ull + u64(t);
+      for (auto& b : buf) { v ^= v << 13; v ^= v >> 7; v ^= v << 17; b = v; }
+      using clock = std::chrono::steady_clock;
+      int64_t reps = 64, done = 0;
+      u64 sink = 0;
+      sink += peak_loop(isa, buf.data(), 16, v);  // warm up
+      const auto start = clock::now();
+      double elapsed = 0.0;
+      while (elapsed < seconds) {
+        sink += peak_loop(isa, buf.data(), reps, v + u64(done));
+        done += reps;
+        elapsed = std::chrono::duration<double>(clock::now() - start).count();
+        if (elapsed < seconds / 8) reps *= 2;
+      }
+      g_sink.fetch_add(sink, std::memory_order_relaxed);
+      rate[t] = double(done) * double(PEAK_WORDS) * 64.0 / elapsed;
+    }
+  });
+  double total = 0.0;
+  for (double r : rate) total += r;
+  return total;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "bats bitwise engine: binary layers as XNOR + popcount with folded BatchNorm thresholds";
+  // module_local: a second load of the same library (a cleared loader cache) registers it again.
+  pybind11::class_<BinaryLayer>(m, "BinaryLayer", pybind11::module_local())
+      .def(pybind11::init<int64_t, torch::Tensor, torch::Tensor, std::vector<torch::Tensor>,
+                          std::vector<std::vector<int64_t>>, torch::Tensor, int64_t, torch::Tensor>(),
+           pybind11::arg("in_channels"), pybind11::arg("thresholds"), pybind11::arg("signs"),
+           pybind11::arg("weights"), pybind11::arg("params"), pybind11::arg("scale"),
+           pybind11::arg("act"), pybind11::arg("slope"))
+      .def("forward", &BinaryLayer::forward, pybind11::arg("x"),
+           pybind11::arg("residual") = pybind11::none(), pybind11::arg("add") = pybind11::none())
+      .def("describe", &BinaryLayer::describe)
+      .def_property_readonly("out_channels", &BinaryLayer::out_channels);
+  m.def("simd_paths", &simd_paths, "SIMD popcount paths this CPU can run, best first");
+  m.def("simd_path", &simd_path, "the SIMD popcount path in use");
+  m.def("set_simd", &set_simd, "choose the SIMD path (auto, avx512-vpopcntdq, avx2, portable); "
+        "returns the previous one", pybind11::arg("name"));
+#ifdef BATS_PHASE_TIMING
+  m.def("phase_times", []() {
+    std::vector<double> v(g_phase, g_phase + 6);
+    for (double& d : g_phase) d = 0;
+    return v;
+  });
+#endif
+  m.def("popcount_peak", &popcount_peak, "binary MAC/s of the active path's XOR + popcount loop",
+        pybind11::arg("seconds") = 0.2, pybind11::arg("threads") = 1);
 }

@@ -1,63 +1,227 @@
-"""The bitwise inference engine: every binary conv of a model as XNOR + popcount.
+"""The bitwise inference engine: binary layers as XNOR + popcount, BatchNorm folded into the bits.
 
-:func:`to_bitwise` swaps each binary :class:`~bats_cli.quant.QuantConv2d` (binary weights and
-binary activations: a packed artifact or a ``binarize`` checkpoint) for a :class:`BitwiseConv2d`
-whose weights are packed to bits once, at conversion. At run time the conv's input is packed to
-sign bits (``x >= 0`` -> 1, the same sign as training: 0 maps to +1) and the C++ kernel of
-``bitwise.cpp`` computes the integer ``sign(x) ⊛ sign(W)`` with the padding correction, then
-multiplies by the XNOR-Net++ scale α. Everything else (BatchNorm, PReLU, pools, the f(x) + x
-adds, concatenations, the real stem and classifier) stays in PyTorch, in float.
+:func:`to_bitwise` rewrites a model with binary weights and activations (a packed artifact or a
+``binarize`` checkpoint) for inference, in place:
 
-Integer sums are exact in float32 too (|sum| < 2^24), so a converted model's outputs equal the
-float-emulated binary model's (``tests/test_engine.py`` checks this per op and end to end).
+* every binary layer ``BatchNorm -> sign -> conv × α -> activation`` (the paper's §3 layer,
+  :class:`~bats_cli.quant.BinaryConvBlock`) becomes one :class:`BitwiseBlock`: BatchNorm + sign are
+  a per-channel threshold (``bn(x) >= 0  <=>  s·x >= t``, ``s = -1`` where the BatchNorm scale is
+  negative), found at load time by bisection on the module's own BatchNorm and checked against it,
+  so the bits are exactly the float path's; the C++ kernel packs the input bits straight from the
+  previous layer's float output (the normalised tensor is never written), runs XNOR + popcount
+  and applies α, PReLU / ReLU and the adds that follow in the same pass;
+* a cell op ``f(x) + x`` (:class:`~bats_cli.ops.GroupConvOp`), ResNet's ``conv2(conv1(x)) + x``
+  and a cell node's sum of two ops hand their adds to that pass (:class:`BitwiseGroupConvOp`,
+  :class:`BitwiseBasicBlock`, :class:`BitwiseCell`); factorized reduce (BatchNorm, two binary 1×1
+  convs on offset grids, concat, activation) is one kernel call (:class:`BitwiseFactorizedReduce`);
+* any other binary conv becomes a :class:`BitwiseConv2d` (sign at 0, conv, × α).
+
+Integer sums are exact in float32 (|sum| < 2^24) and the float tail runs the same operations in
+the same order as PyTorch (the kernel is built with ``-ffp-contract=off``), so a converted
+model's outputs equal the float-emulated binary model's bit for bit (``tests/test_engine.py``).
+The SIMD popcount path (AVX-512 VPOPCNTDQ, AVX2, portable) is chosen at run time:
+:func:`simd_path`. Threads: ``torch.set_num_threads`` (``--threads``); results do not depend on it.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
 from bats_cli.engine._build import EngineUnavailable, load_extension
 from bats_cli.errors import UserInputError
-from bats_cli.quant import QuantConv2d
+from bats_cli.networks import Cell
+from bats_cli.ops import FactorizedReduce, GroupConvOp
+from bats_cli.quant import BinaryConvBlock, QuantConv2d
+from bats_cli.resnet import BasicBlock
 
 ENGINES = ("float", "bitwise", "auto")
+ACT_NONE, ACT_RELU, ACT_PRELU = 0, 1, 2
+
+_REAL_WEIGHTS = ("the bitwise engine needs binary weights and binary activations (a packed "
+                 "artifact or a binarize checkpoint), not a step-1 model with real weights")
 
 
 def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-class BitwiseConv2d(nn.Module):
-    """A binary conv (sign(x) ⊛ sign(W) × α) run by the bitwise kernel; inference only."""
+def _check_conv(conv: QuantConv2d) -> None:
+    if conv.input_quantizer is None or conv.kernel_quantizer is None:
+        raise UserInputError(_REAL_WEIGHTS)
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros" or conv.bias is not None:
+        raise UserInputError("the bitwise engine supports zero-padded convs without bias only")
+
+
+def _geometry(conv: QuantConv2d, offset: int = 0, fill_ones: bool = False) -> list[int]:
+    kh, kw = conv.kernel_size
+    sh, sw = _pair(conv.stride)
+    ph, pw = _pair(conv.padding)
+    dh, dw = _pair(conv.dilation)
+    return [conv.groups, kh, kw, sh, sw, ph, pw, dh, dw, offset, offset, int(fill_ones)]
+
+
+def _weight_signs(conv: QuantConv2d) -> torch.Tensor:
+    # The sign the float path applies (STE sign: w >= 0 -> +1), stored as int8.
+    return torch.where(conv.weight.detach().cpu() >= 0, 1, -1).to(torch.int8)
+
+
+# ---- BatchNorm + sign -> thresholds ---------------------------------------------------------
+
+_KMAX = 0x7F7FFFFF  # order key of the largest finite float32
+
+
+def _key_floats(keys: torch.Tensor) -> torch.Tensor:
+    """float32 values of order keys (int64): key order is float order, -0 and +0 share key 0."""
+    bits = torch.where(keys >= 0, keys, (-keys) | 0x80000000)
+    bits = torch.where(bits >= 2**31, bits - 2**32, bits)
+    return bits.to(torch.int32).view(torch.float32)
+
+
+@torch.no_grad()
+def fold_bn_sign(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(thresholds, signs)`` with ``sign(bn(x)) = +1  <=>  signs * x >= thresholds`` per channel.
+
+    Found by bisection over the float32 values on ``bn`` itself (eval mode), so the rounding of
+    PyTorch's BatchNorm is reproduced exactly; then checked on probes in NCHW and NHWC (values
+    next to each threshold and random ones). ``None`` when ``bn`` cannot be folded (not a
+    BatchNorm2d with running statistics) or the check fails: the caller keeps the float BatchNorm.
+    Non-finite inputs are outside the contract (the float path maps ±inf through x·0 = NaN where
+    a BatchNorm scale is 0).
+    """
+    if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or bn.running_var is None:
+        return None
+    was_training = bn.training
+    bn.eval()
+    try:
+        C = bn.num_features
+        w = bn.weight.detach().float().cpu() if bn.affine and bn.weight is not None else torch.ones(C)
+        dec = w < 0  # a negative scale turns the sign around: bit = x <= t
+
+        def pred(keys: torch.Tensor) -> torch.Tensor:
+            x = _key_floats(keys).view(1, C, 1, 1).to(bn.running_mean.device)
+            return (bn(x) >= 0).view(C).cpu()
+
+        lo = torch.full((C,), -_KMAX, dtype=torch.int64)
+        hi = torch.full((C,), _KMAX, dtype=torch.int64)
+        q_lo, q_hi = pred(lo) ^ dec, pred(hi) ^ dec  # q: False ... False True ... True
+        L, H = lo.clone(), hi.clone()
+        active = ~q_lo & q_hi
+        while bool(((H - L > 1) & active).any()):
+            M = torch.div(L + H, 2, rounding_mode="floor")
+            qm = pred(M) ^ dec
+            H = torch.where(active & qm, M, H)
+            L = torch.where(active & ~qm, M, L)
+        first_true = torch.where(q_lo, lo, torch.where(q_hi, H, hi + 1))  # smallest key with q
+        inf = torch.tensor(float("inf"))
+        t_inc = torch.where(first_true <= hi, _key_floats(first_true.clamp(max=_KMAX)), inf)
+        t_dec = torch.where(first_true - 1 >= lo, _key_floats((first_true - 1).clamp(min=-_KMAX)), -inf)
+        signs = torch.where(dec, -1.0, 1.0)
+        thresholds = torch.where(dec, -t_dec, t_inc)
+        if not _folding_holds(bn, thresholds, signs):
+            return None
+        return thresholds.contiguous(), signs.contiguous()
+    finally:
+        bn.train(was_training)
+
+
+def _folding_holds(bn: nn.Module, thresholds: torch.Tensor, signs: torch.Tensor) -> bool:
+    C = thresholds.numel()
+    t = thresholds * signs  # back to x units
+    finite = torch.isfinite(t)
+    t0 = torch.where(finite, t, torch.zeros(()))
+    near = [t0, torch.nextafter(t0, torch.full_like(t0, -float("inf"))),
+            torch.nextafter(t0, torch.full_like(t0, float("inf")))]
+    gen = torch.Generator().manual_seed(0)
+    mean = bn.running_mean.detach().float().cpu()
+    std = (bn.running_var.detach().float().cpu() + bn.eps).sqrt()
+    rand = [mean + std * torch.randn(C, generator=gen) * 3 for _ in range(13)]
+    x = torch.stack(near + rand + [torch.zeros(C)], dim=-1).view(1, C, 1, -1)  # 17 pixels
+    for probe in (x, x.contiguous(memory_format=torch.channels_last)):
+        want = bn(probe.to(bn.running_mean.device)).cpu() >= 0
+        got = probe * signs.view(1, C, 1, 1) >= thresholds.view(1, C, 1, 1)
+        if not torch.equal(want, got):
+            return False
+    return True
+
+
+def _plain_sign(C: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(C), torch.ones(C)
+
+
+def _activation(module: nn.Module | None, channels: int) -> tuple[int, torch.Tensor] | None:
+    """``(code, slopes)`` of an activation the kernel applies, ``None`` if it cannot."""
+    if module is None or isinstance(module, nn.Identity):
+        return ACT_NONE, torch.zeros(1)
+    if isinstance(module, nn.ReLU):
+        return ACT_RELU, torch.zeros(1)
+    if isinstance(module, nn.PReLU) and module.weight.numel() in (1, channels):
+        return ACT_PRELU, module.weight.detach().float().cpu().clone()
+    return None
+
+
+# ---- modules ---------------------------------------------------------------------------------
+
+class _KernelLayer(nn.Module):
+    """A layer run by one ``BinaryLayer`` of the C++ kernel, rebuilt from buffers when needed."""
+
+    grouped_conv = False  # runtime.memory_format: stands in for a grouped conv when True
+
+    def _set_layer(self, in_channels: int, thresholds, signs, convs: list[QuantConv2d],
+                   geometry: list[list[int]], scale: torch.Tensor, act: int, slope: torch.Tensor) -> None:
+        self.in_channels = in_channels
+        self.out_channels = sum(c.out_channels for c in convs)
+        self.n_convs = len(convs)
+        self.register_buffer("thresholds", thresholds.float().clone())
+        self.register_buffer("signs", signs.float().clone())
+        for i, conv in enumerate(convs):
+            self.register_buffer(f"weight_sign_{i}", _weight_signs(conv))
+        self.register_buffer("scale", scale.detach().float().cpu().clone())
+        self.register_buffer("slope", slope.float().clone())
+        self._geometry = geometry
+        self._act = act
+        self._handle = None
+        self.grouped_conv = any(c.groups > 1 for c in convs)
+        self.params = geometry[0][:9]  # groups, kh, kw, sh, sw, ph, pw, dh, dw (first conv)
+
+    def _layer(self):
+        if self._handle is None:
+            ext = load_extension()
+            weights = [getattr(self, f"weight_sign_{i}").float() for i in range(len(self._geometry))]
+            self._handle = ext.BinaryLayer(self.in_channels, self.thresholds, self.signs, weights,
+                                           self._geometry, self.scale, self._act, self.slope)
+        return self._handle
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["_handle"] = None  # the C++ object is rebuilt from the buffers (deepcopy, pickle)
+        return state
+
+    def _run(self, x: torch.Tensor, residual=None, add=None) -> torch.Tensor:
+        if x.device.type != "cpu":
+            raise UserInputError("the bitwise engine runs on the CPU; use --device cpu")
+        return self._layer().forward(x.float(), residual, add)
+
+    def kernel_layout(self) -> str:
+        """How the kernel lays out this layer's windows (for ``--verbose`` / debugging)."""
+        return self._layer().describe()
+
+
+class BitwiseConv2d(_KernelLayer):
+    """A binary conv (sign(x) ⊛ sign(W) × α, sign at 0) run by the kernel; inference only."""
+
+    accepts_add = True
 
     def __init__(self, conv: QuantConv2d) -> None:
         super().__init__()
-        if conv.input_quantizer is None or conv.kernel_quantizer is None:
-            raise UserInputError(
-                "the bitwise engine needs binary weights and binary activations (a packed "
-                "artifact or a binarize checkpoint), not a step-1 model with real weights"
-            )
-        if isinstance(conv.padding, str) or conv.padding_mode != "zeros" or conv.bias is not None:
-            raise UserInputError("the bitwise engine supports zero-padded convs without bias only")
-        kh, kw = conv.kernel_size
-        sh, sw = _pair(conv.stride)
-        ph, pw = _pair(conv.padding)
-        dh, dw = _pair(conv.dilation)
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.params = [conv.groups, kh, kw, sh, sw, ph, pw, dh, dw]
-        # Run the model in the memory format the float path picks for it (runtime.memory_format),
-        # so the float layers around the convs round exactly as they do there.
-        self.grouped_conv = conv.groups > 1
-        ext = load_extension()
-        self.register_buffer("packed_weight",
-                             ext.pack_weight(conv.weight.detach().cpu(), conv.in_channels, self.params))
-        self.register_buffer("scale", conv.scale.detach().cpu().float().clone())
+        _check_conv(conv)
+        self._set_layer(conv.in_channels, *_plain_sign(conv.in_channels), [conv], [_geometry(conv)],
+                        conv.scale, ACT_NONE, torch.zeros(1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
-            raise UserInputError("the bitwise engine runs on the CPU; use --device cpu")
-        return load_extension().binary_conv(x.float(), self.packed_weight, self.scale, self.params)
+    def forward(self, x: torch.Tensor, residual=None, add=None) -> torch.Tensor:
+        return self._run(x, residual, add)
 
     def extra_repr(self) -> str:
         g, kh, kw, sh, sw, ph, pw, dh, dw = self.params
@@ -65,15 +229,197 @@ class BitwiseConv2d(nn.Module):
                 f"stride=({sh}, {sw}), padding=({ph}, {pw}), dilation=({dh}, {dw}), groups={g}")
 
 
+class BitwiseBlock(_KernelLayer):
+    """BatchNorm -> sign -> conv × α -> activation [+ residual] [+ add] in one kernel pass.
+
+    When the BatchNorm cannot be folded (no running statistics, or the threshold check failed)
+    it stays a float module before the kernel (``self.bn``); an activation the kernel does not
+    know stays a module after it (``self.act``), and then the adds run in PyTorch, in the same
+    order as the float path.
+    """
+
+    accepts_add = True
+
+    def __init__(self, block: BinaryConvBlock) -> None:
+        super().__init__()
+        conv = block.conv
+        _check_conv(conv)
+        folded = fold_bn_sign(block.bn)
+        self.bn = None if folded is not None else block.bn
+        thresholds, signs = folded if folded is not None else _plain_sign(conv.in_channels)
+        act = _activation(block.act, conv.out_channels)
+        self.act = None if act is not None else block.act
+        code, slope = act if act is not None else (ACT_NONE, torch.zeros(1))
+        self._set_layer(conv.in_channels, thresholds, signs, [conv], [_geometry(conv)], conv.scale,
+                        code, slope)
+        self.folded = folded is not None
+
+    def forward(self, x: torch.Tensor, residual=None, add=None) -> torch.Tensor:
+        if self.bn is not None:
+            x = self.bn(x)
+        if self.act is None:
+            return self._run(x, residual, add)
+        y = self.act(self._run(x))
+        if residual is not None:
+            y = y + residual
+        return y if add is None else y + add
+
+
+class BitwiseFactorizedReduce(_KernelLayer):
+    """Factorized reduce (BatchNorm, two binary 1×1 stride-2 convs on grids offset by one pixel,
+    concatenated, activation) as one kernel call; the offset grid's padded edge is a 0 after
+    BatchNorm, so its bits are +1, as in the float path."""
+
+    accepts_add = True
+
+    def __init__(self, fr: FactorizedReduce) -> None:
+        super().__init__()
+        for conv in (fr.conv_1, fr.conv_2):
+            _check_conv(conv)
+        folded = fold_bn_sign(fr.pre)
+        self.pre = None if folded is not None else fr.pre
+        c_in = fr.conv_1.in_channels
+        thresholds, signs = folded if folded is not None else _plain_sign(c_in)
+        c_out = fr.conv_1.out_channels + fr.conv_2.out_channels
+        act = _activation(fr.post, c_out)
+        self.post = None if act is not None else fr.post
+        code, slope = act if act is not None else (ACT_NONE, torch.zeros(1))
+        scale = torch.cat([fr.conv_1.scale.detach(), fr.conv_2.scale.detach()])
+        self._set_layer(c_in, thresholds, signs, [fr.conv_1, fr.conv_2],
+                        [_geometry(fr.conv_1), _geometry(fr.conv_2, offset=1, fill_ones=True)],
+                        scale, code, slope)
+        self.folded = folded is not None
+
+    def forward(self, x: torch.Tensor, residual=None, add=None) -> torch.Tensor:
+        if self.pre is not None:
+            x = self.pre(x)
+        if self.post is None:
+            return self._run(x, residual, add)
+        y = self.post(self._run(x))
+        if residual is not None:
+            y = y + residual
+        return y if add is None else y + add
+
+
+class BitwiseGroupConvOp(nn.Module):
+    """§4.1's ``f(x) + x`` with the shortcut's add (and a node's add) in the kernel pass."""
+
+    accepts_add = True
+
+    def __init__(self, op: GroupConvOp, block: BitwiseBlock, shortcut: nn.Module | None) -> None:
+        super().__init__()
+        self.conv = block
+        self.shortcut = shortcut
+        self.identity = isinstance(shortcut, nn.Identity)
+
+    def forward(self, x: torch.Tensor, add=None) -> torch.Tensor:
+        if self.shortcut is None:
+            res = None
+        else:
+            res = x if self.identity else self.shortcut(x)
+        return self.conv(x, res, add)
+
+
+class BitwiseSequential(nn.Sequential):
+    """A sequence whose last module takes the add of the node it feeds (DARTS sep/dil convs)."""
+
+    accepts_add = True
+
+    def forward(self, x: torch.Tensor, add=None) -> torch.Tensor:  # type: ignore[override]
+        mods = list(self)
+        for m in mods[:-1]:
+            x = m(x)
+        return mods[-1](x, add=add)
+
+
+class BitwiseBasicBlock(nn.Module):
+    """ResNet's ``conv2(conv1(x)) + shortcut(x)`` with the add in conv2's kernel pass."""
+
+    def __init__(self, block: BasicBlock, conv1: nn.Module, conv2: BitwiseBlock,
+                 downsample: nn.Module | None) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.downsample = conv1, conv2, downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.conv2(self.conv1(x), residual=shortcut)
+
+
+class BitwiseCell(nn.Module):
+    """A genotype cell whose node sums ``op_a(x_a) + op_b(x_b)`` run in one op's kernel pass.
+
+    Same values as :class:`~bats_cli.networks.Cell` in eval mode: ``(0 + h_a) + h_b`` there,
+    ``h_a + h_b`` here (float addition is commutative; ``0 + h`` only turns -0 into +0).
+    """
+
+    def __init__(self, cell: Cell, ops: list[nn.Module]) -> None:
+        super().__init__()
+        self.reduction = cell.reduction
+        self.preprocess0, self.preprocess1 = cell.preprocess0, cell.preprocess1
+        self.ops = nn.ModuleList(ops)
+        self.steps, self.multiplier = cell.steps, cell.multiplier
+        self.indices, self.concat, self.op_names = list(cell.indices), list(cell.concat), list(cell.op_names)
+        self._accepts = [bool(getattr(op, "accepts_add", False)) for op in ops]
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float = 0.0) -> torch.Tensor:
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        ops, idx, accepts = self.ops, self.indices, self._accepts
+        for step in range(self.steps):
+            a, b = 2 * step, 2 * step + 1
+            if accepts[b]:
+                states.append(ops[b](states[idx[b]], add=ops[a](states[idx[a]])))
+            elif accepts[a]:
+                states.append(ops[a](states[idx[a]], add=ops[b](states[idx[b]])))
+            else:
+                states.append(ops[a](states[idx[a]]) + ops[b](states[idx[b]]))
+        return torch.cat([states[i] for i in self.concat], dim=1)
+
+
+# ---- conversion ------------------------------------------------------------------------------
+
 def binary_conv_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, QuantConv2d) and m.is_binary]
 
 
+def bitwise_conv_count(model: nn.Module) -> int:
+    """How many binary convs of ``model`` the kernel runs (factorized reduce's layer runs two)."""
+    return sum(m.n_convs for m in model.modules() if isinstance(m, _KernelLayer))
+
+
+def _is_binary_block(m: nn.Module) -> bool:
+    return isinstance(m, BinaryConvBlock) and m.conv.is_binary
+
+
+def _convert(m: nn.Module) -> nn.Module:
+    """The bitwise replacement of ``m`` (children first); ``m`` itself when nothing applies."""
+    if isinstance(m, QuantConv2d):
+        return BitwiseConv2d(m) if m.is_binary else m
+    if _is_binary_block(m):
+        return BitwiseBlock(m)
+    if isinstance(m, FactorizedReduce) and not m.darts_float and m.conv_1.is_binary:
+        return BitwiseFactorizedReduce(m)
+    if isinstance(m, GroupConvOp) and _is_binary_block(m.conv) and isinstance(m.shuffle, nn.Identity):
+        shortcut = None if m.shortcut is None else _convert(m.shortcut)
+        return BitwiseGroupConvOp(m, BitwiseBlock(m.conv), shortcut)
+    if isinstance(m, BasicBlock) and _is_binary_block(m.conv2):
+        down = None if m.downsample is None else _convert(m.downsample)
+        return BitwiseBasicBlock(m, _convert(m.conv1), BitwiseBlock(m.conv2), down)
+    for name, child in list(m.named_children()):
+        new = _convert(child)
+        if new is not child:
+            setattr(m, name, new)
+    if isinstance(m, Cell):
+        return BitwiseCell(m, list(m.ops))
+    if isinstance(m, nn.Sequential) and len(m) and getattr(m[-1], "accepts_add", False):
+        return BitwiseSequential(*list(m))
+    return m
+
+
 @torch.no_grad()
 def to_bitwise(model: nn.Module) -> nn.Module:
-    """Replace every binary conv of ``model`` (in place) by a :class:`BitwiseConv2d`; eval mode.
+    """Rewrite ``model`` (in place where it can) for the bitwise engine; returns it in eval mode.
 
-    Returns the model (a :class:`BitwiseConv2d` when ``model`` is itself one binary conv).
+    Returns the replacement when ``model`` itself is replaced (one binary conv or block).
 
     Raises :class:`EngineUnavailable` (one line) when the kernel cannot be compiled, and
     :class:`UserInputError` when the model has real weights or no binary conv at all.
@@ -81,14 +427,32 @@ def to_bitwise(model: nn.Module) -> nn.Module:
     names = binary_conv_names(model)
     if not names:
         raise UserInputError("the model has no binary convolutions; nothing for the bitwise engine")
-    load_extension()
-    if names == [""]:  # the model is a single binary conv
-        return BitwiseConv2d(model).eval()
     for name in names:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, BitwiseConv2d(getattr(parent, leaf)))
-    return model.eval()
+        _check_conv(model.get_submodule(name))
+    load_extension()
+    model.eval()
+    return _convert(model).eval()
+
+
+def simd_path() -> str:
+    """The SIMD popcount path the kernel uses on this CPU (``BATS_BITWISE_SIMD`` can force one)."""
+    return load_extension().simd_path()
+
+
+def engine_info(model: nn.Module | None = None) -> dict[str, Any]:
+    """What the bitwise engine runs here: SIMD path (and the CPU's others), threads, and for a
+    converted ``model`` its binary layers (BatchNorms folded into thresholds or kept in float)."""
+    ext = load_extension()
+    info: dict[str, Any] = {"simd": ext.simd_path(), "simd_available": list(ext.simd_paths()),
+                            "threads": torch.get_num_threads()}
+    if model is not None:
+        layers = [m for m in model.modules() if isinstance(m, _KernelLayer)]
+        info["binary_layers"] = len(layers)
+        info["bn_folded"] = sum(bool(getattr(m, "folded", False)) for m in layers)
+        info["bn_kept_float"] = sum(getattr(m, "folded", True) is False for m in layers)
+        info["fused_adds"] = sum(isinstance(m, (BitwiseGroupConvOp, BitwiseBasicBlock, BitwiseCell))
+                                 for m in model.modules())
+    return info
 
 
 def apply_engine(model: nn.Module, engine: str, *, device: torch.device | str = "cpu",
@@ -124,5 +488,8 @@ def engine_available() -> bool:
     return True
 
 
-__all__ = ["BitwiseConv2d", "ENGINES", "EngineUnavailable", "apply_engine", "binary_conv_names",
-           "engine_available", "to_bitwise"]
+__all__ = ["BitwiseBasicBlock", "BitwiseBlock", "BitwiseCell", "BitwiseConv2d",
+           "BitwiseFactorizedReduce", "BitwiseGroupConvOp", "BitwiseSequential", "ENGINES",
+           "EngineUnavailable", "apply_engine", "binary_conv_names", "bitwise_conv_count",
+           "engine_available",
+           "engine_info", "fold_bn_sign", "simd_path", "to_bitwise"]

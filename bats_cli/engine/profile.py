@@ -19,10 +19,11 @@ CATEGORIES = ("binary conv", "batchnorm", "activation", "pool", "real conv/linea
 
 def category(module: nn.Module) -> str | None:
     """The category of a leaf module (``None``: not timed on its own, counted in ``other``)."""
-    from bats_cli.engine.bitwise import BitwiseConv2d
+    from bats_cli.engine.bitwise import _KernelLayer
     from bats_cli.quant import QuantConv2d
 
-    if isinstance(module, BitwiseConv2d) or (isinstance(module, QuantConv2d) and module.is_binary):
+    # A bitwise layer also does its BatchNorm (as thresholds), activation and adds.
+    if isinstance(module, _KernelLayer) or (isinstance(module, QuantConv2d) and module.is_binary):
         return "binary conv"
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return "batchnorm"
