@@ -24,8 +24,10 @@ from unittest import mock
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis")  # a dev dependency (pyproject.toml)
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from helpers import cli
 
