@@ -26,7 +26,8 @@ from typing import Any
 
 from bats_cli.errors import UserInputError
 
-EXTRA_HINT = "bats report needs matplotlib: pip install 'bats[report]' (or pip install matplotlib)"
+EXTRA_HINT = ("bats report needs matplotlib: pip install -e '.[report]' in the clone (bats[report]), "
+              "or pip install matplotlib")
 
 
 def require_matplotlib():

@@ -359,6 +359,10 @@ def _warn_stderr(text: str) -> None:
 atexit.register(RunLock.release_all)
 
 
+# Names of files, not of run directories: an --out ending so was meant as -o.
+FILE_SUFFIXES = (".safetensors", ".json", ".onnx", ".npy", ".csv", ".png", ".svg", ".html")
+
+
 def check_run_dir_path(path: str | os.PathLike[str], resume: bool) -> None:
     """Refuse an ``--out`` that is a file, holds a run (without ``--resume``), holds files that
     are not a bats run (with ``--resume``: nothing there may be overwritten), or is locked."""
@@ -367,6 +371,12 @@ def check_run_dir_path(path: str | os.PathLike[str], resume: bool) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserInputError(f"--out {path} is a file, not a directory")
+    if not path.exists() and path.suffix.lower() in FILE_SUFFIXES:
+        # `--out model.packed.safetensors` where `-o` was meant would make a directory of that name.
+        raise UserInputError(
+            f"--out {path} looks like a file name, but --out names the run directory (-o names an "
+            f"output file); give a directory name without {path.suffix}"
+        )
     # Checked before the work starts, not when the first checkpoint is due.
     check_writable_dir(path, flag=f"--out {path}")
     if not path.is_dir():
@@ -375,11 +385,16 @@ def check_run_dir_path(path: str | os.PathLike[str], resume: bool) -> None:
         entries = [p.name for p in path.iterdir() if not p.name.startswith(".")]
     except OSError as exc:
         raise UserInputError(f"--out {path}: cannot read it ({exc.strerror or exc})") from None
+    markers = (CONFIG_NAME, LAST_NAME, METRICS_NAME)
+    if entries and not resume and not any((path / m).is_file() for m in markers):
+        shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+        raise UserInputError(
+            f"--out {path} is not empty and holds no bats run ({shown}); choose a new --out"
+        )
     if entries and not resume:
         raise UserInputError(
             f"{path} already holds a run; use --resume to continue it or choose another --out"
         )
-    markers = (CONFIG_NAME, LAST_NAME, METRICS_NAME)
     if entries and resume and not any((path / m).is_file() for m in markers):
         raise UserInputError(
             f"--out {path} holds files but no bats run (no {', '.join(markers)}); "

@@ -174,3 +174,40 @@ def test_report_axes_integer_epochs_no_offset_and_single_points(monkeypatch):
     assert ax.get_lines()[0].get_linestyle() == "-"
     assert not any("+" in t.get_text() or "e-" in t.get_text() for t in ax.get_yticklabels())
     assert ax.yaxis.get_offset_text().get_text() == ""
+
+
+# --------------------------------------------------------------------------- run directories
+
+
+def test_a_folder_that_is_not_a_run_gets_one_consistent_answer(tmp_path, capsys):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("mine")
+    code, _, err = cli(["train", "bats_c10", "--preset", "tiny", "--out", str(junk)], capsys)
+    line = one_line_error(code, err, "is not empty and holds no bats run (notes.txt)", "choose a new --out")
+    assert "--resume" not in line
+    code, _, err = cli(["train", "bats_c10", "--preset", "tiny", "--out", str(junk), "--resume"], capsys)
+    line = one_line_error(code, err, "holds no bats run (notes.txt)", "a new --out without --resume")
+    assert sorted(p.name for p in junk.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "bats_c10", "--preset", "tiny", "--out", "{tmp}/model.packed.safetensors"],
+    ["search", "--preset", "tiny", "--out", "{tmp}/genotype.json"],
+])
+def test_out_with_a_file_extension_is_refused(argv, tmp_path, capsys):
+    code, _, err = cli([a.format(tmp=tmp_path) for a in argv], capsys)
+    one_line_error(code, err, "looks like a file name", "-o names an output file")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["train", "bats_c10", "--preset", "tiyn"], ["unknown preset 'tiyn'", "did you mean 'tiny'?"]),
+    (["search", "--preset", "tyni"], ["did you mean 'tiny'?"]),
+    (["binarize", "x.safetensors", "--preset", "smal"], ["did you mean 'small'?"]),
+    (["eval", "x.safetensors", "--engine", "bitwize"], ["unknown engine 'bitwize'", "did you mean 'bitwise'?"]),
+])
+def test_bad_choices_are_refused_at_once_with_a_suggestion(argv, needles, capsys):
+    # Refused while the command line is parsed, before the command imports torch.
+    code, _, err = cli(argv, capsys)
+    one_line_error(code, err, *needles)

@@ -75,7 +75,7 @@ def binarize_command(
         typer.Argument(metavar="CHECKPOINT", help="A `bats train` checkpoint (last.safetensors or best.safetensors)."),
     ],
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=0, rich_help_panel=FT, help="Fine-tuning epochs with binary weights; 0 = binarize only. Default: half the training run's epochs (measured, docs/pipeline.md).")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", rich_help_panel=FT, help="Adam learning rate for fine-tuning (cosine to 0). Default: the training run's (1e-3).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", rich_help_panel=FT, help="Adam learning rate for fine-tuning (cosine to 0). Default: the training run's.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, rich_help_panel=FT, help="Default: the training run's.")] = None,
     calibration_batches: Annotated[Optional[int], typer.Option("--calibration-batches", min=0, rich_help_panel=FT, help="Training batches to re-estimate BatchNorm statistics on after binarizing; 0 = off. Default 20.")] = None,
     packed: Annotated[Optional[Path], typer.Option("-o", "--output", dir_okay=False, rich_help_panel=OUTPUT, help="Where to write the packed 1-bit artifact. Default OUT/model.packed.safetensors.")] = None,

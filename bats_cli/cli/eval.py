@@ -9,6 +9,7 @@ import typer
 
 from bats_cli.cli.app import app
 from bats_cli.cli.options import (
+    choice_callback,
     RUN,
     DataDirOpt,
     DatasetOpt,
@@ -20,7 +21,6 @@ from bats_cli.cli.options import (
     QuietOpt,
     PrecisionOpt,
     MAX_THREADS,
-    SubsetOpt,
     emit_result,
     key_value_table,
 )
@@ -61,7 +61,7 @@ def eval_command(
     data_dir: DataDirOpt = None,
     download: DownloadOpt = None,
     image_size: ImageSizeOpt = None,
-    subset: SubsetOpt = None,
+    subset: Annotated[Optional[int], typer.Option("--subset", min=1, metavar="N", rich_help_panel="Data", help="Evaluate only N test images (a class-balanced subset drawn with the model's training seed).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, rich_help_panel=RUN, help="Images per forward pass.")] = 256,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = None,
@@ -71,11 +71,12 @@ def eval_command(
         str,
         typer.Option(
             "--engine", metavar="float|bitwise|auto", rich_help_panel=RUN,
+            callback=choice_callback(("float", "bitwise", "auto"), "engine"),
             help="float: PyTorch. bitwise: binary convs as XNOR + popcount (CPU; binary weights; "
             "needs a C++ compiler, else exit 2). auto: bitwise where possible, else float.",
         ),
     ] = "float",
-    output: Annotated[Optional[Path], typer.Option("--output", dir_okay=False, rich_help_panel="Output", help="Also write the result as JSON to this file (atomically; `bats ablate` reads it), and the per-image predictions beside it (see --predictions).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", dir_okay=False, rich_help_panel="Output", help="Also write the result as JSON to this file (atomically; `bats ablate` reads it), and the per-image predictions beside it (see --predictions).")] = None,
     predictions: Annotated[
         Optional[Path],
         typer.Option(

@@ -179,6 +179,23 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def choice_callback(choices: Iterable[str], what: str) -> Callable[[Any], Any]:
+    """A typer callback refusing a value outside ``choices`` at parse time (before torch is
+    imported), with the closest name suggested."""
+    names = list(choices)
+
+    def check(value: Any) -> Any:
+        if value is None or value in names:
+            return value
+        import difflib
+
+        close = difflib.get_close_matches(str(value), names, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise typer.BadParameter(f"unknown {what} {str(value)[:40]!r}; {hint}choose one of: {', '.join(names)}")
+
+    return check
+
+
 def preset_option(presets: Mapping[str, Mapping[str, Any]], *, also: str = "") -> Any:
     """A ``--preset`` type whose help says what each of this command's presets sets (``also``:
     a further sentence, e.g. another network's presets)."""
@@ -192,6 +209,7 @@ def preset_option(presets: Mapping[str, Mapping[str, Any]], *, also: str = "") -
             help=f"Named settings; --config and explicit flags override them. "
                  f"{describe_presets(presets)}.{' ' + also if also else ''}",
             rich_help_panel=RUN,
+            callback=choice_callback(presets, "preset"),
         ),
     ]
 
@@ -345,6 +363,17 @@ ResumeOrStartOpt = Annotated[
 ]
 
 
+def _foreign_files(out: Path) -> str:
+    """The first names in ``out`` when it holds files but nothing of a bats run, else ''."""
+    try:
+        names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    except OSError:
+        return ""
+    if not names or {"config.json", "metrics.csv", "last.safetensors"} & set(names):
+        return ""
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
 def resume_mode(out: Path | None, resume: bool, resume_or_start: bool) -> bool:
     """The library's ``resume`` flag; ``--resume`` of a directory without a checkpoint is refused."""
     from bats_cli.errors import UserInputError
@@ -361,6 +390,11 @@ def resume_mode(out: Path | None, resume: bool, resume_or_start: bool) -> bool:
     busy = in_use_message(out)
     if busy:
         raise UserInputError(busy)
+    if resume and not (out / "last.safetensors").is_file() and _foreign_files(out):
+        raise UserInputError(
+            f"--resume: {out} holds no bats run ({_foreign_files(out)}); give the --out of the run "
+            "to continue, or a new --out without --resume"
+        )
     if resume and not (out / "last.safetensors").is_file():
         raise UserInputError(
             f"--resume: {out} holds no checkpoint (last.safetensors) to continue; start the run "
