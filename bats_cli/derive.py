@@ -175,9 +175,13 @@ def _random_cells(rng: random.Random, ops: Sequence[str], steps: int) -> dict[st
 
 
 def _random_ops(space: str, steps: int) -> list[str]:
+    from bats_cli.genotype import MAX_CELL_NODES
+
     sp = get_space(space)
     if steps < 1:
         raise UserInputError(f"a cell needs at least 1 intermediate node, got {steps}")
+    if steps > MAX_CELL_NODES:
+        raise UserInputError(f"--nodes {steps}: a cell has at most {MAX_CELL_NODES} intermediate nodes")
     return [op for op in sp.candidates if op != NONE_OP]
 
 

@@ -45,17 +45,45 @@ def read_onnx_metadata(path: str | Path) -> dict[str, str]:
 
 
 class OnnxModule(nn.Module):
-    """An onnxruntime session behind an ``nn.Module`` interface (CPU, float32 logits)."""
+    """An onnxruntime session behind an ``nn.Module`` interface (CPU, float32 logits).
 
-    def __init__(self, session) -> None:
+    The graph comes from a file: one image-batch input and one (batch, classes) float output are
+    checked when it is wrapped, and a graph that fails on the images (or answers in another
+    shape) is one error line naming the file, never an internal error.
+    """
+
+    def __init__(self, session, *, path: str | Path = "<onnx>", num_classes: int | None = None) -> None:
         super().__init__()
         self.session = session
-        self.input_name = session.get_inputs()[0].name
-        self.output_name = session.get_outputs()[0].name
+        self.path = path
+        self.num_classes = num_classes
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        if len(inputs) != 1 or not outputs:
+            raise UserInputError(f"{path}: the graph takes {len(inputs)} inputs and gives {len(outputs)} "
+                                 "outputs; bats export writes one image input and one logits output")
+        shape = inputs[0].shape
+        if shape is not None and len(shape) != 4:
+            raise UserInputError(f"{path}: the graph's input has {len(shape)} dimensions; expected "
+                                 "(batch, channels, height, width)")
+        self.input_name = inputs[0].name
+        self.output_name = outputs[0].name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+
         feed = {self.input_name: x.detach().cpu().float().contiguous().numpy()}
-        return torch.from_numpy(self.session.run([self.output_name], feed)[0])
+        try:
+            out = self.session.run([self.output_name], feed)[0]
+        except Exception as exc:  # onnxruntime's own error types (shape, type, a failing op)
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise UserInputError(f"{self.path}: the ONNX graph fails on these images ({reason})") from None
+        out = np.asarray(out)
+        wanted = (x.shape[0], self.num_classes) if self.num_classes else None
+        if out.ndim != 2 or out.shape[0] != x.shape[0] or (wanted and out.shape != wanted) or not (
+                np.issubdtype(out.dtype, np.floating)):
+            raise UserInputError(f"{self.path}: the ONNX graph answers {out.dtype} of shape {tuple(out.shape)}; "
+                                 f"expected float logits of shape (batch, classes)")
+        return torch.from_numpy(out.astype(np.float32, copy=False))
 
 
 def load_onnx(path: str | Path, *, threads: int | None = None):
@@ -78,8 +106,10 @@ def load_onnx(path: str | Path, *, threads: int | None = None):
     if arch_of(network) == CELLS:
         genotype = Genotype.from_json(props.get("bats_genotype", ""), origin=f"{path} (bats_genotype)")
     session = make_session(path, threads=threads)
+    classes = network.get("num_classes") or (config.get("data") or {}).get("num_classes")
     return LoadedModel(
-        model=OnnxModule(session), meta=props, settings=network,
+        model=OnnxModule(session, path=path, num_classes=classes if isinstance(classes, int) else None),
+        meta=props, settings=network,
         data=config.get("data") or {}, run=config.get("run") or {}, genotype=genotype,
     )
 

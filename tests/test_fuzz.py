@@ -635,3 +635,132 @@ def test_fuzz_flag_values(artifacts, tmp_path_factory, capsys, data):
     if name in ("train", "search"):
         argv += ["--out", str(tmp_path_factory.mktemp("flags") / "run")]
     check(argv, capsys)
+
+
+# --------------------------------------------------------------------------- accepted -> readable
+
+
+def _bounds(info):
+    """(low, high, is_int) of a numeric pydantic field, from its Ge/Gt/Le/Lt metadata."""
+    import annotated_types as at
+    import typing
+
+    low = high = None
+    for m in info.metadata:
+        if isinstance(m, (at.Ge, at.Gt)):
+            low = getattr(m, "ge", None) if isinstance(m, at.Ge) else m.gt
+        if isinstance(m, (at.Le, at.Lt)):
+            high = getattr(m, "le", None) if isinstance(m, at.Le) else m.lt
+    args = typing.get_args(info.annotation) or (info.annotation,)
+    is_int = int in args
+    return low, high, is_int
+
+
+def _boundary_values(model, draw) -> dict:
+    """Settings of ``model`` at or near the limits a flag or --config file may set."""
+    out = {}
+    for name, info in model.model_fields.items():
+        low, high, is_int = _bounds(info)
+        if low is None and high is None or not draw(st.booleans()):
+            continue
+        lo = low if low is not None else 0
+        hi = high if high is not None else lo + 10**6
+        if is_int:
+            out[name] = draw(st.sampled_from([int(lo), int(hi), int(lo) + 1, max(int(lo), int(hi) - 1)]))
+        else:
+            out[name] = draw(st.sampled_from([float(lo), float(hi) * 0.999999, (float(lo) + float(hi)) / 2]))
+    return out
+
+
+@fuzz(60)
+@given(data=st.data())
+def test_fuzz_every_accepted_setting_is_readable_back_from_a_checkpoint(data):
+    """A run started with settings at their limits writes records that `eval` / `--resume`
+    accept: the checkpoint's limits (bats_cli.metadata) contain the flags' (bats_cli.config)."""
+    from pydantic import ValidationError
+
+    from bats_cli.metadata import RunRecord, validate
+    from bats_cli.search import SearchConfig
+    from bats_cli.train import TrainConfig
+
+    model = data.draw(st.sampled_from([TrainConfig, SearchConfig, _model("binarize")]))
+    values = _boundary_values(model, data.draw)
+    base = {"genotype": "bats_c10"} if model is TrainConfig else {"checkpoint": "x"} if "checkpoint" in model.model_fields else {}
+    try:
+        cfg = model.model_validate({**base, **values})
+    except ValidationError:
+        return  # a check across settings refused it at the start: fine
+    record = json.loads(json.dumps(cfg.model_dump(mode="json")))
+    validate(RunRecord, record, where="run record")
+
+
+# --------------------------------------------------------------------------- ONNX files
+
+
+@pytest.fixture(scope="module")
+def onnx_model(artifacts):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    path = artifacts / "model.onnx"
+    if not path.exists():
+        code = cli(["export", str(artifacts / "model.packed.safetensors"), "-o", str(path)], _NoCapture())[0]
+        assert code == 0
+    return path
+
+
+def _hostile_graph(draw):
+    """A small graph that is no classifier: wrong ranks, dtypes, several inputs, a failing op."""
+    from onnx import TensorProto, helper
+
+    kind = draw(st.sampled_from(["identity", "rank2", "int_out", "two_inputs", "bad_reshape", "classes"]))
+    x4 = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])
+    if kind == "identity":
+        nodes, ins, out = [helper.make_node("Identity", ["x"], ["y"])], [x4], \
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 8, 8])
+    elif kind == "rank2":
+        nodes, ins, out = [helper.make_node("Identity", ["x"], ["y"])], \
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])], \
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])
+    elif kind == "int_out":
+        nodes = [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Cast", ["f"], ["y"], to=TensorProto.INT64)]
+        ins, out = [x4], helper.make_tensor_value_info("y", TensorProto.INT64, ["N", 64])
+    elif kind == "two_inputs":
+        nodes = [helper.make_node("Add", ["x", "z"], ["y"])]
+        ins = [x4, helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 1, 8, 8])]
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 8, 8])
+    elif kind == "bad_reshape":
+        shape = helper.make_tensor("s", TensorProto.INT64, [2], [7, 5])
+        nodes = [helper.make_node("Reshape", ["x", "s"], ["y"])]
+        ins, out = [x4], helper.make_tensor_value_info("y", TensorProto.FLOAT, [7, 5])
+        return helper.make_graph(nodes, "g", ins, [out], initializer=[shape])
+    else:  # logits of another number of classes
+        nodes = [helper.make_node("Flatten", ["x"], ["y"])]
+        ins, out = [x4], helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])
+    return helper.make_graph(nodes, "g", ins, [out])
+
+
+@fuzz(8)
+@given(data=st.data())
+def test_fuzz_onnx_files(onnx_model, tmp_path_factory, capsys, data):
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(onnx_model))
+    op = data.draw(st.sampled_from(["metadata", "metadata", "graph", "bytes"]))
+    path = tmp_path_factory.mktemp("onnx") / "m.onnx"
+    if op == "graph":
+        props = {p.key: p.value for p in model.metadata_props}
+        model = helper.make_model(_hostile_graph(data.draw), opset_imports=[helper.make_opsetid("", 17)])
+        for k, v in props.items():
+            model.metadata_props.add(key=k, value=v)
+    elif op == "metadata":
+        props = {p.key: p.value for p in model.metadata_props}
+        del model.metadata_props[:]
+        for k, v in mutate_metadata({k: v for k, v in props.items()}, data.draw).items():
+            model.metadata_props.add(key=k, value=v)
+    raw = model.SerializeToString()
+    if op == "bytes":
+        cut = data.draw(st.integers(0, len(raw)))
+        raw = raw[:cut] + data.draw(st.binary(max_size=8)) + raw[cut + data.draw(st.integers(0, 8)):]
+    path.write_bytes(raw)
+    check(["eval", str(path), *EVAL], capsys)

@@ -40,6 +40,10 @@ def _table(result: Mapping[str, Any]) -> Any:
     return t
 
 
+MAX_TOLERANCE = 10.0
+MAX_DRAWS = 100_000
+MAX_PERTURB_IMAGES = 1_000_000
+
 _SELECT = "Selection (--select perturbation)"
 _MATCH = "Matched random cells (--random --match)"
 
@@ -132,6 +136,16 @@ def derive_command(
         random_genotype,
     )
 
+    import math
+
+    # Bounds the flags' own types do not say: NaN passes every comparison, and a draw or an
+    # image more is time; each of these would otherwise run for hours (or for ever).
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance <= MAX_TOLERANCE):
+        raise UserInputError(f"--tolerance {tolerance}: give a fraction from 0 to {MAX_TOLERANCE:g}")
+    if max_draws is not None and max_draws > MAX_DRAWS:
+        raise UserInputError(f"--max-draws {max_draws}: at most {MAX_DRAWS:,}")
+    if perturb_images is not None and perturb_images > MAX_PERTURB_IMAGES:
+        raise UserInputError(f"--perturb-images {perturb_images}: at most {MAX_PERTURB_IMAGES:,}")
     if random and checkpoint is not None:
         raise UserInputError("give either a CHECKPOINT or --random, not both")
     if not random and checkpoint is None:
