@@ -169,7 +169,10 @@ def test_a_failed_write_leaves_nothing(models, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(np, "save", broken)
-    with pytest.raises(OSError):
+    from bats_cli.errors import RunFailure
+
+    # A failed write is one clear runtime error naming the file (bats_cli.fileio), nothing left behind.
+    with pytest.raises(RunFailure, match="disk full"):
         evaluate.write_eval_files(result, output=tmp_path / "eval.json")
     assert list(tmp_path.iterdir()) == []
 
