@@ -303,6 +303,25 @@ def test_threads_give_identical_results():
     assert torch.equal(one, two) and torch.equal(one, want)
 
 
+@pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 2, 1), (2, 2, 0)])
+def test_max_pool_same_values(k, stride, pad):
+    """The cells' max pools run on the kernel for channels-last input: the same values as
+    PyTorch's, NaN propagating and padding skipped; other layouts run PyTorch's."""
+    from bats_cli.engine.bitwise import BitwiseMaxPool2d
+
+    pool = torch.nn.MaxPool2d(k, stride=stride, padding=pad)
+    fast = BitwiseMaxPool2d(pool)
+    x = torch.randn(2, 37, 9, 11, generator=torch.Generator().manual_seed(k + stride))
+    x[0, 3, 4, 4] = float("nan")
+    x[1, 5, :3, :3] = float("-inf")
+    x[1, 6] = -0.0
+    for t in (x.contiguous(memory_format=torch.channels_last), x):
+        want, got = pool(t), fast(t)
+        assert torch.equal(torch.nan_to_num(got, nan=7.0), torch.nan_to_num(want, nan=7.0))
+        assert torch.isnan(got).sum() == torch.isnan(want).sum() > 0
+        assert got.is_contiguous(memory_format=torch.channels_last) == (t is not x)
+
+
 def test_converted_model_deep_copies(kernel):
     fast = to_bitwise(_small_network("bats_c10", "cifar"))
     clone = copy.deepcopy(fast)

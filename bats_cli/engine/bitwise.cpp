@@ -38,6 +38,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -495,7 +496,11 @@ void epilogue(const Epi& e) {
       for (int64_t o = 0; o < e.O; ++o) {
         float v = float(vb - 2 * a[o]) * e.scale[o];
         if (ACT == ACT_RELU) v = v > 0.0f ? v : 0.0f;
-        if (ACT == ACT_PRELU) v = v > 0.0f ? v : e.slope[o] * v;
+        if (ACT == ACT_PRELU) {
+          // Both sides computed, then a select: a conditional multiply stays a scalar branch.
+          const float neg = e.slope[o] * v;
+          v = v > 0.0f ? v : neg;
+        }
         if (RES) v = v + res[o];
         if (ADD) v = v + add[o];
         out[o] = v;
@@ -509,7 +514,10 @@ void epilogue(const Epi& e) {
     for (int64_t p = 0; p < e.n_pix; ++p) {
       float v = float(e.vb[p] - 2 * e.acc[p * e.aw + o]) * sc;
       if (ACT == ACT_RELU) v = v > 0.0f ? v : 0.0f;
-      if (ACT == ACT_PRELU) v = v > 0.0f ? v : sl * v;
+      if (ACT == ACT_PRELU) {
+        const float neg = sl * v;
+        v = v > 0.0f ? v : neg;
+      }
       if (RES) v = v + e.res[base + p];
       if (ADD) v = v + e.add[base + p];
       e.out[base + p] = v;
@@ -866,6 +874,92 @@ class BinaryLayer {
   std::vector<u64> ones_;
 };
 
+// ---- max pooling (a cell op), channels-last ---------------------------------------------
+
+namespace {
+
+// One output row: o[ow][c] = max over the window, scanned row by row, a value taken when greater
+// or NaN (torch.max_pool2d's rule), padding skipped. src points at the image (H x W x C).
+struct PoolRow {
+  const float* src; float* dst;
+  int64_t C, W, OW, ih0, ih1, stride, pad, k;
+};
+
+void max_pool_row_portable(const PoolRow& r) {
+  for (int64_t ow = 0; ow < r.OW; ++ow) {
+    const int64_t iw0 = std::max<int64_t>(0, ow * r.stride - r.pad);
+    const int64_t iw1 = std::min<int64_t>(r.W, ow * r.stride - r.pad + r.k);
+    float* __restrict o = r.dst + ow * r.C;
+    for (int64_t c = 0; c < r.C; ++c) o[c] = -std::numeric_limits<float>::infinity();
+    for (int64_t ih = r.ih0; ih < r.ih1; ++ih)
+      for (int64_t iw = iw0; iw < iw1; ++iw) {
+        const float* __restrict v = r.src + (ih * r.W + iw) * r.C;
+        for (int64_t c = 0; c < r.C; ++c) {
+          const float a = v[c];
+          o[c] = ((a > o[c]) | (a != a)) ? a : o[c];
+        }
+      }
+  }
+}
+
+#if BATS_X86
+BATS_AVX512 void max_pool_row_avx512(const PoolRow& r) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t ow = 0; ow < r.OW; ++ow) {
+    const int64_t iw0 = std::max<int64_t>(0, ow * r.stride - r.pad);
+    const int64_t iw1 = std::min<int64_t>(r.W, ow * r.stride - r.pad + r.k);
+    float* o = r.dst + ow * r.C;
+    for (int64_t c = 0; c < r.C; c += 16) {
+      const __mmask16 lm = r.C - c >= 16 ? __mmask16(0xffff) : __mmask16((1u << (r.C - c)) - 1);
+      __m512 m = ninf;
+      for (int64_t ih = r.ih0; ih < r.ih1; ++ih)
+        for (int64_t iw = iw0; iw < iw1; ++iw) {
+          const __m512 v = _mm512_maskz_loadu_ps(lm, r.src + (ih * r.W + iw) * r.C + c);
+          const __mmask16 take = _mm512_cmp_ps_mask(v, m, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+          m = _mm512_mask_mov_ps(m, take, v);
+        }
+      _mm512_mask_storeu_ps(o + c, lm, m);
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+// Same values as torch.max_pool2d (dilation 1, floor mode) for a channels-last input. PyTorch's
+// kernel also computes the argmax indices and, with 36-144 channels, costs as much as a binary
+// layer here.
+torch::Tensor max_pool_nhwc(torch::Tensor x, int64_t k, int64_t stride, int64_t pad) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat && x.device().is_cpu(),
+              "x must be a 4-d float32 CPU tensor");
+  TORCH_CHECK(k >= 1 && stride >= 1 && pad >= 0 && 2 * pad <= k, "bad pooling geometry");
+  auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t N = xc.size(0), C = xc.size(1), H = xc.size(2), W = xc.size(3);
+  const int64_t OH = (H + 2 * pad - k) / stride + 1, OW = (W + 2 * pad - k) / stride + 1;
+  TORCH_CHECK(OH > 0 && OW > 0, "input smaller than the pooling window");
+  auto out = torch::empty({N, C, OH, OW},
+                          torch::TensorOptions().dtype(torch::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
+  const float* src = xc.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  void (*row_fn)(const PoolRow&) = max_pool_row_portable;
+#if BATS_X86
+  if (active_isa() == AVX512) row_fn = max_pool_row_avx512;
+#endif
+  at::parallel_for(0, N * OH, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, OW * C * k)),
+                   [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t n = r / OH, oh = r % OH;
+      PoolRow row;
+      row.src = src + n * H * W * C; row.dst = dst + (n * OH + oh) * OW * C;
+      row.C = C; row.W = W; row.OW = OW; row.stride = stride; row.pad = pad; row.k = k;
+      row.ih0 = std::max<int64_t>(0, oh * stride - pad);
+      row.ih1 = std::min<int64_t>(H, oh * stride - pad + k);
+      row_fn(row);
+    }
+  });
+  return out;
+}
+
 // ---- SIMD path, and the popcount peak of this machine ------------------------------------
 
 std::vector<std::string> simd_paths() {
@@ -1004,6 +1098,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("residual") = pybind11::none(), pybind11::arg("add") = pybind11::none())
       .def("describe", &BinaryLayer::describe)
       .def_property_readonly("out_channels", &BinaryLayer::out_channels);
+  m.def("max_pool_nhwc", &max_pool_nhwc, "torch.max_pool2d's values for a channels-last input",
+        pybind11::arg("x"), pybind11::arg("kernel_size"), pybind11::arg("stride"), pybind11::arg("padding"));
   m.def("simd_paths", &simd_paths, "SIMD popcount paths this CPU can run, best first");
   m.def("simd_path", &simd_path, "the SIMD popcount path in use");
   m.def("set_simd", &set_simd, "choose the SIMD path (auto, avx512-vpopcntdq, avx2, portable); "

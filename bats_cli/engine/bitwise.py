@@ -200,9 +200,12 @@ class _KernelLayer(nn.Module):
         return state
 
     def _run(self, x: torch.Tensor, residual=None, add=None) -> torch.Tensor:
-        if x.device.type != "cpu":
+        handle = self._handle if self._handle is not None else self._layer()
+        if not x.is_cpu:
             raise UserInputError("the bitwise engine runs on the CPU; use --device cpu")
-        return self._layer().forward(x.float(), residual, add)
+        if x.dtype != torch.float32:
+            x = x.float()
+        return handle.forward(x, residual, add)
 
     def kernel_layout(self) -> str:
         """How the kernel lays out this layer's windows (for ``--verbose`` / debugging)."""
@@ -253,8 +256,11 @@ class BitwiseBlock(_KernelLayer):
         self._set_layer(conv.in_channels, thresholds, signs, [conv], [_geometry(conv)], conv.scale,
                         code, slope)
         self.folded = folded is not None
+        self._one_pass = self.bn is None and self.act is None
 
     def forward(self, x: torch.Tensor, residual=None, add=None) -> torch.Tensor:
+        if self._one_pass:
+            return self._run(x, residual, add)
         if self.bn is not None:
             x = self.bn(x)
         if self.act is None:
@@ -299,6 +305,28 @@ class BitwiseFactorizedReduce(_KernelLayer):
         if residual is not None:
             y = y + residual
         return y if add is None else y + add
+
+
+class BitwiseMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` (a cell op) with the kernel's channels-last max pool: the same values
+    (a max selects, so nothing rounds; NaN propagates as in PyTorch), without PyTorch's argmax
+    bookkeeping. Other layouts and options run PyTorch's."""
+
+    def __init__(self, pool: nn.MaxPool2d) -> None:
+        super().__init__(pool.kernel_size, stride=pool.stride, padding=pool.padding,
+                         dilation=pool.dilation, return_indices=pool.return_indices,
+                         ceil_mode=pool.ceil_mode)
+        k, s, p, d = (_pair(v) for v in (self.kernel_size, self.stride or self.kernel_size,
+                                          self.padding, self.dilation))
+        square = k[0] == k[1] and s[0] == s[1] and p[0] == p[1]
+        self._kernel_args = ((k[0], s[0], p[0]) if square and d == (1, 1) and not self.ceil_mode
+                             and not self.return_indices else None)
+
+    def forward(self, x: torch.Tensor):
+        if (self._kernel_args is not None and x.is_cpu and x.dtype == torch.float32 and x.dim() == 4
+                and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
+            return load_extension().max_pool_nhwc(x, *self._kernel_args)
+        return super().forward(x)
 
 
 class BitwiseGroupConvOp(nn.Module):
@@ -394,6 +422,8 @@ def _convert(m: nn.Module) -> nn.Module:
     """The bitwise replacement of ``m`` (children first); ``m`` itself when nothing applies."""
     if isinstance(m, QuantConv2d):
         return BitwiseConv2d(m) if m.is_binary else m
+    if type(m) is nn.MaxPool2d:
+        return BitwiseMaxPool2d(m)
     if _is_binary_block(m):
         return BitwiseBlock(m)
     if isinstance(m, FactorizedReduce) and not m.darts_float and m.conv_1.is_binary:
@@ -489,7 +519,8 @@ def engine_available() -> bool:
 
 
 __all__ = ["BitwiseBasicBlock", "BitwiseBlock", "BitwiseCell", "BitwiseConv2d",
-           "BitwiseFactorizedReduce", "BitwiseGroupConvOp", "BitwiseSequential", "ENGINES",
+           "BitwiseFactorizedReduce", "BitwiseGroupConvOp", "BitwiseMaxPool2d", "BitwiseSequential",
+           "ENGINES",
            "EngineUnavailable", "apply_engine", "binary_conv_names", "bitwise_conv_count",
            "engine_available",
            "engine_info", "fold_bn_sign", "simd_path", "to_bitwise"]
