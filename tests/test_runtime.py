@@ -30,7 +30,9 @@ def test_atomic_write_and_failure_keeps_old(tmp_path, monkeypatch):
     fileio.atomic_write_json(target, {"x": float("nan"), "p": Path("/y"), "t": torch.tensor([1, 2])})
     assert json.loads(target.read_text()) == {"x": None, "p": "/y", "t": [1, 2]}
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("nope")))
-    with pytest.raises(OSError):
+    from bats_cli.errors import RunFailure
+
+    with pytest.raises(RunFailure, match="nope"):  # one clear runtime error naming the file
         fileio.atomic_write_text(target, "new")
     monkeypatch.undo()
     assert json.loads(target.read_text())["p"] == "/y"
