@@ -622,12 +622,44 @@ class BinaryLayer {
       addp = ac.data_ptr<float>();
     }
     const int isa = active_isa();
+    const float* xp = xc.data_ptr<float>();
+    float* dst = out.data_ptr<float>();
+    const int64_t in_img = C_ * H * W, out_img = O_ * OH * OW;
+    if (N == 1) {
+      run_images(xp, dst, res, addp, 1, H, W, OH, OW, nhwc, isa);  // threads split its rows
+    } else {
+      // Image by image, the images split between threads: each image's packed bits and strips
+      // stay in its thread's cache (a whole batch's would not).
+      at::parallel_for(0, N, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t n = lo; n < hi; ++n)
+          run_images(xp + n * in_img, dst + n * out_img, res ? res + n * out_img : nullptr,
+                     addp ? addp + n * out_img : nullptr, 1, H, W, OH, OW, nhwc, isa);
+      });
+    }
+    return out;
+  }
 
+  std::string describe() const {
+    static const char* names[] = {"direct", "strips", "fields"};
+    std::string d;
+    for (const auto& s : subs_) {
+      if (!d.empty()) d += " + ";
+      d += std::string(names[s.layout]) + " " + std::to_string(s.nw) + " word(s)/window, " +
+           std::to_string(s.G) + " group(s)";
+    }
+    return d;
+  }
+
+ private:
+  // Images [0, N) of x (already offset): pack, strips, rows. Nested parallel_fors run inline when
+  // called from a parallel region.
+  void run_images(const float* x, float* dst, const float* res, const float* addp, int64_t N,
+                  int64_t H, int64_t W, int64_t OH, int64_t OW, bool nhwc, int isa) const {
     // 1. Pack: thresholds applied, straight from the float input. P[n][h][w][f][g].
     u64* P = scratch(tl_scratch.packed, size_t(N * H * W * PW_));
     {
       BATS_PHASE(0);
-      pack(xc.data_ptr<float>(), N, H, W, nhwc, isa, P);
+      pack(x, N, H, W, nhwc, isa, P);
     }
 
     // 2. Strips (strip layout): per input row and output column, the taps of that row.
@@ -654,7 +686,6 @@ class BinaryLayer {
 
     // 3. Rows of output pixels: windows, popcounts, the float tail.
     const EpiFn epi = epi_fn(act_, res != nullptr, addp != nullptr);
-    float* dst = out.data_ptr<float>();
     int64_t work = 0;
     for (const auto& s : subs_) work += s.nw * s.Opad;
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, OW * work));
@@ -684,21 +715,9 @@ class BinaryLayer {
         epi(e);
       }
     });
-    return out;
   }
 
-  std::string describe() const {
-    static const char* names[] = {"direct", "strips", "fields"};
-    std::string d;
-    for (const auto& s : subs_) {
-      if (!d.empty()) d += " + ";
-      d += std::string(names[s.layout]) + " " + std::to_string(s.nw) + " word(s)/window, " +
-           std::to_string(s.G) + " group(s)";
-    }
-    return d;
-  }
 
- private:
   void pack(const float* x, int64_t N, int64_t H, int64_t W, bool nhwc, int isa, u64* P) const {
     const int64_t C = C_, HW = H * W, CW = ceil_div(C, 64);
     PackArgs a;
