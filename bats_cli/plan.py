@@ -766,7 +766,7 @@ def check_fits(plan: Plan, *, force: bool = False) -> None:
         return
     gib = 2**30
     largest = plan.largest_fitting_batch or 0
-    hint = (f"use --batch-size {largest} (the largest that fits)" if largest >= 1 else
+    hint = (f"use --batch-size {largest} (it fits)" if largest >= 1 else
             "no batch size fits: use a smaller network (--width, --layers, --channels) or another device")
     raise UserInputError(
         f"{plan.command} needs about {plan.peak_memory_bytes / gib:.1f} GiB of {plan.memory} at "

@@ -337,7 +337,8 @@ def emit_result(
 DryRunOpt = Annotated[
     bool,
     typer.Option("--dry-run", rich_help_panel=RUN,
-                 help="Print the plan (sizes, steps, measured peak memory) and exit without training."),
+                 help="Print the plan (sizes, steps, peak memory, whether it fits, estimated time) "
+                      "and exit without training."),
 ]
 ForceOpt = Annotated[
     bool,
