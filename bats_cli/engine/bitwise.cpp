@@ -27,8 +27,11 @@
 //
 // SIMD popcount, chosen at run time (simd_path / set_simd): AVX-512 VPOPCNTDQ (8 x 64-bit lanes),
 // AVX2 (4 lanes; nibble lookup with VPSHUFB, byte counts summed with VPSADBW), portable C++.
-// Threads: at::parallel_for over output rows; every output value is computed by one thread with
+// Threads: at::parallel_for over output rows (one image) or over images (a batch: each image's
+// bits and strips stay in one thread's cache); every output value is computed by one thread with
 // the same operations whatever the split, so results do not depend on the thread count.
+// Also here: the cells' max pools, channels-last (max_pool_nhwc), and the popcount peak of this
+// machine for the roofline of bench/infer.py (popcount_peak).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>

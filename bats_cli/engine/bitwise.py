@@ -14,7 +14,8 @@
   and a cell node's sum of two ops hand their adds to that pass (:class:`BitwiseGroupConvOp`,
   :class:`BitwiseBasicBlock`, :class:`BitwiseCell`); factorized reduce (BatchNorm, two binary 1×1
   convs on offset grids, concat, activation) is one kernel call (:class:`BitwiseFactorizedReduce`);
-* any other binary conv becomes a :class:`BitwiseConv2d` (sign at 0, conv, × α).
+* any other binary conv becomes a :class:`BitwiseConv2d` (sign at 0, conv, × α);
+* max pools run the kernel's channels-last max pool (:class:`BitwiseMaxPool2d`, same values).
 
 Integer sums are exact in float32 (|sum| < 2^24) and the float tail runs the same operations in
 the same order as PyTorch (the kernel is built with ``-ffp-contract=off``), so a converted
