@@ -208,6 +208,21 @@ def entry() -> None:
     os._exit(code)
 
 
+_BUILT: tuple[Any, Any] | None = None  # (app, its click command)
+
+
+def _command(app: Any, build: Any) -> Any:
+    """The click command of ``app``, built once per process: building it inspects every
+    command's signature (half a second), which in-process callers (tests, notebooks) would pay
+    on every call."""
+    global _BUILT
+    if _BUILT is None or _BUILT[0] is not app:
+        command = build(app)
+        _tidy_help(command)
+        _BUILT = (app, command)
+    return _BUILT[1]
+
+
 def _run(argv: list[str] | None) -> int:
     from bats_cli.errors import BatsError
 
@@ -218,8 +233,7 @@ def _run(argv: list[str] | None) -> int:
         from bats_cli.cli.app import app
 
         _load_commands()
-        command = typer.main.get_command(app)
-        _tidy_help(command)
+        command = _command(app, typer.main.get_command)
         # Non-standalone: typer *returns* 130 on Ctrl-C (and an Exit's code) instead of exiting.
         rv = command.main(args=argv, standalone_mode=False, prog_name="bats")
         code = rv if isinstance(rv, int) and not isinstance(rv, bool) else EXIT_OK

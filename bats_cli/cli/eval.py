@@ -8,6 +8,7 @@ from typing import Annotated, Any, Mapping, Optional
 import typer
 
 from bats_cli.cli.app import app
+from bats_cli.config import MAX_BATCH, MAX_IMAGES
 from bats_cli.cli.options import (
     choice_callback,
     RUN,
@@ -61,8 +62,8 @@ def eval_command(
     data_dir: DataDirOpt = None,
     download: DownloadOpt = None,
     image_size: ImageSizeOpt = None,
-    subset: Annotated[Optional[int], typer.Option("--subset", min=1, metavar="N", rich_help_panel="Data", help="Evaluate only N test images (a class-balanced subset drawn with the model's training seed).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, rich_help_panel=RUN, help="Images per forward pass.")] = 256,
+    subset: Annotated[Optional[int], typer.Option("--subset", min=1, max=MAX_IMAGES, metavar="N", rich_help_panel="Data", help="Evaluate only N test images (a class-balanced subset drawn with the model's training seed).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=MAX_BATCH, rich_help_panel=RUN, help="Images per forward pass.")] = 256,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = None,
     num_workers: NumWorkersOpt = None,
@@ -111,6 +112,12 @@ def eval_command(
     from bats_cli.onnx_eval import is_onnx_file
 
     per_image = predictions_path(output, predictions)
+    if output is not None:
+        from bats_cli.outputs import check_output_file
+
+        # Replaced without --force (`bats ablate` rewrites it), but never the input or a folder,
+        # and its folder must take the file: all checked before the evaluation.
+        check_output_file(output, flag="--output", force=True, inputs=[checkpoint])
     if per_image is not None:
         from bats_cli.outputs import check_output_file
 

@@ -28,7 +28,13 @@ RUN = "Run"
 OUTPUT = "Output"
 
 # Far beyond any machine: each is a process / thread, so an absurd value is a fork bomb.
-from bats_cli.config import MAX_THREADS, MAX_WORKERS  # noqa: E402  (one limit for flags and files)
+from bats_cli.config import (  # noqa: E402  (one limit for flags and files)
+    MAX_IMAGE_SIZE,
+    MAX_IMAGES,
+    MAX_SEED,
+    MAX_THREADS,
+    MAX_WORKERS,
+)
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -70,6 +76,7 @@ SubsetOpt = Annotated[
     typer.Option(
         "--subset",
         min=1,
+        max=MAX_IMAGES,
         metavar="N",
         help="Use only N training images (a fixed, seeded subset); for quick tries.",
         rich_help_panel=DATA,
@@ -80,6 +87,7 @@ HoldoutOpt = Annotated[
     typer.Option(
         "--holdout",
         min=1,
+        max=MAX_IMAGES,
         metavar="N",
         help="Validate on N class-balanced training images held out of training instead of the test "
              "split (per-epoch validation and best.safetensors then never read the test split).",
@@ -89,12 +97,12 @@ HoldoutOpt = Annotated[
 ImageSizeOpt = Annotated[
     Optional[int],
     typer.Option(
-        "--image-size", min=8, metavar="PX", help="Input resolution.", rich_help_panel=DATA
+        "--image-size", min=8, max=MAX_IMAGE_SIZE, metavar="PX", help="Input resolution.", rich_help_panel=DATA
     ),
 ]
 SeedOpt = Annotated[
     Optional[int],
-    typer.Option("--seed", min=0, help="Random seed (weights, data order, augmentation).", rich_help_panel=RUN),
+    typer.Option("--seed", min=0, max=MAX_SEED, help="Random seed (weights, data order, augmentation).", rich_help_panel=RUN),
 ]
 OutOpt = Annotated[
     Optional[Path],
