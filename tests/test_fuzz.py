@@ -9,6 +9,8 @@ flag values at their extremes.
 Example counts are small so the default suite stays within about a minute; the nightly profile
 (``pytest tests/test_fuzz.py --hypothesis-profile=nightly``, registered in conftest.py) runs
 25 times as many. Every CLI call is in-process (tests/helpers.py) on tiny inputs.
+``BATS_FUZZ_TRACE=1 pytest -s`` prints every generated call with its exit code;
+``BATS_FUZZ_NO_SHRINK=1`` reports a failure as found (shrinking a torch example takes minutes).
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def check(argv: list[str], capsys, *, stdin: str | None = None) -> tuple[int, st
         code, out, err = cli(argv, capsys)
     shown = f"bats {' '.join(a[:200] for a in argv)}\nexit {code}\n{err[-3000:]}"
     if os.environ.get("BATS_FUZZ_TRACE"):
-        print(f"FUZZ {code} {argv[:2]}", file=sys.__stderr__)
+        print(f"FUZZ {code} {argv[:2]} {(stdin or argv[-1])[:300]!r}", file=sys.__stderr__)
     assert not crashes, f"internal error: {crashes[0]!r}\n{shown}"
     assert "Traceback" not in err, shown
     assert code in (0, 2), shown
@@ -255,6 +257,16 @@ def test_fuzz_genotype_json(tmp_path_factory, capsys, data):
     check([*command, str(path)], capsys)
 
 
+def _darts_range(draw, depth: int = 0) -> str:
+    """``range(...)``: mostly integer arguments at the edges (zero steps, huge bounds)."""
+    n = draw(st.sampled_from([0, 1, 2, 3, 3, 3, 4]))
+    bound = st.sampled_from(["0", "1", "2", "6", "-1", "1000000", "1000001", "9" * 30, "0x" + "f" * 100])
+    step = st.sampled_from(["0", "0", "1", "-1", "1000001"])
+    args = [draw(step if i == 2 else bound) if draw(st.integers(0, 5)) else _darts_expr(draw, depth + 1)
+            for i in range(n)]
+    return "range(" + ", ".join(args) + ")"
+
+
 def _darts_expr(draw, depth: int = 0) -> str:
     ints = draw(st.one_of(st.integers(-3, 8), st.sampled_from([0, 10**6, 10**7, 2**63, 10**300]).map(int)))
     kinds = ["int", "hex", "range", "list", "pair", "str", "call", "attr", "big", "neg"]
@@ -268,8 +280,7 @@ def _darts_expr(draw, depth: int = 0) -> str:
     if kind == "big":
         return "9" * draw(st.sampled_from([20, 4299, 4301, 6000]))
     if kind == "range":
-        n = draw(st.integers(0, 3))
-        return "range(" + ", ".join(_darts_expr(draw, depth + 1) for _ in range(n)) + ")"
+        return _darts_range(draw, depth)
     if kind == "list":
         n = draw(st.integers(0, 5))
         open_, close = draw(st.sampled_from([("[", "]"), ("(", ")")]))
@@ -289,10 +300,12 @@ def _darts_expr(draw, depth: int = 0) -> str:
 @given(data=st.data())
 def test_fuzz_darts_genotype_text(tmp_path_factory, capsys, data):
     valid_cell = "[('sep_conv_3x3', 0), ('skip_connect', 1)]"
-    fields = {}
-    for name in ("normal", "normal_concat", "reduce", "reduce_concat"):
-        valid = valid_cell if name in ("normal", "reduce") else "range(2, 3)"
-        fields[name] = data.draw(st.sampled_from([valid, valid, None])) or _darts_expr(data.draw)
+    names = ("normal", "normal_concat", "reduce", "reduce_concat")
+    fields = {name: valid_cell if name in ("normal", "reduce") else "range(2, 3)" for name in names}
+    # One field hostile (sometimes two), the others valid: an error in one never hides another's.
+    for name in data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=2, unique=True)):
+        hostile = _darts_range if "concat" in name and data.draw(st.booleans()) else _darts_expr
+        fields[name] = hostile(data.draw)
     text = "Genotype(" + ", ".join(f"{k}={v}" for k, v in fields.items()) + ")"
     text = data.draw(st.sampled_from(["{}", "X = {}", "X = {}\nY = X", "{}\n{}", "import os\n{}"])).replace(
         "{}", text, 2)
