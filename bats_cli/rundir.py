@@ -558,7 +558,8 @@ def _number(text: str | None) -> Any:
     return int(value) if value.is_integer() and abs(value) < 2**63 and text.strip().lstrip("-").isdigit() else value
 
 
-def _read_json_file(file: Path, *, what: str) -> Any:
+def read_json_file(file: Path, *, what: str) -> Any:
+    """A run file's JSON: a regular file read bounded (64 MB), UTF-8, size and depth limits."""
     from bats_cli.genotype import read_bounded
     from bats_cli.metadata import load_json
 
@@ -595,7 +596,7 @@ def read_run_files(path: str | os.PathLike[str]) -> RunFiles:
     one UserInputError naming the file. The directory must hold ``config.json`` and ``metrics.csv``."""
     path = Path(path)
     config_path, metrics_path = path / CONFIG_NAME, path / METRICS_NAME
-    record = _read_json_file(config_path, what="a run's config.json")
+    record = read_json_file(config_path, what="a run's config.json")
     if not isinstance(record, dict):
         raise UserInputError(f"{config_path}: expected a JSON object (a run's config.json)")
     network = record.get("network")
@@ -621,7 +622,7 @@ def read_run_files(path: str | os.PathLike[str]) -> RunFiles:
         raise UserInputError(f"{metrics_path}: unreadable CSV ({str(exc)[:100]})") from None
     result = None
     if (path / "result.json").is_file():
-        result = _read_json_file(path / "result.json", what="a run's result.json")
+        result = read_json_file(path / "result.json", what="a run's result.json")
         if not isinstance(result, dict):
             raise UserInputError(f"{path / 'result.json'}: expected a JSON object")
     alphas = []
@@ -629,7 +630,7 @@ def read_run_files(path: str | os.PathLike[str]) -> RunFiles:
     if len(files) > MAX_ALPHA_FILES:
         raise UserInputError(f"{path / 'alphas'}: more than {MAX_ALPHA_FILES:,} snapshots")
     for file in files:
-        alphas.append(_alpha_snapshot(_read_json_file(file, what="an α snapshot"), file))
+        alphas.append(_alpha_snapshot(read_json_file(file, what="an α snapshot"), file))
     if alphas:
         shape = [len(alphas[0][c]) for c in ("normal", "reduce")]
         if any([len(d[c]) for c in ("normal", "reduce")] != shape for d in alphas):

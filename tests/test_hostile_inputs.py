@@ -369,3 +369,16 @@ def test_hostile_metrics_values_are_plotted_or_skipped(tmp_path, capsys):
                                      + ",\n")
     code, _, err = cli(["report", str(run), "--out", str(tmp_path / "out")], capsys)
     assert code == 0, err
+
+
+def test_run_files_genotype_best_reads_are_checked(tmp_path, capsys):
+    run = tmp_path / "cand"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"command": "train", "genotype": {"name": "x"}}))
+    (run / "result.json").write_text(json.dumps({"command": "train", "val_split": "holdout",
+                                                 "final_val_top1": 10.0}))
+    one_line_error(*cli(["genotype", "best", str(run), "-o", str(tmp_path / "g.json")], capsys)[::2],
+                   "config.json (genotype)")
+    (run / "result.json").write_text("[]")
+    one_line_error(*cli(["genotype", "best", str(run), "-o", str(tmp_path / "g.json")], capsys)[::2],
+                   "result.json: expected a JSON object")

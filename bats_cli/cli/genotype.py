@@ -253,6 +253,22 @@ def import_(
         )
 
 
+def _check_run_files(runs: list[Path]) -> None:
+    """The files `genotype best` reads from each run, checked where they enter: bounded JSON
+    objects, and the recorded genotype a valid one."""
+    from bats_cli.genotype import Genotype
+    from bats_cli.rundir import read_json_file
+
+    for run in runs:
+        for name in ("result.json", "config.json"):
+            if (run / name).is_file():
+                data = read_json_file(run / name, what=f"a run's {name}")
+                if not isinstance(data, dict):
+                    raise UserInputError(f"{run / name}: expected a JSON object")
+                if name == "config.json" and data.get("genotype") is not None:
+                    Genotype.from_dict(data["genotype"], origin=f"{run / name} (genotype)")
+
+
 def _names_a_missing_file(text: str) -> bool:
     """True when ``text`` reads as a file name (no Python call in it) that does not exist."""
     stripped = text.strip()
@@ -279,6 +295,7 @@ def best(
     from bats_cli.outputs import check_output_file
 
     check_output_file(output, flag="--output", force=force, inputs=[])
+    _check_run_files(runs)
     picked = best_of_runs(runs)
     picked["genotype"].save(output)
     report = {"chosen": picked["chosen"], "genotype": picked["genotype"].name, "output": str(output),
