@@ -207,7 +207,7 @@ def _binarize(
         cfg = resolve_resume_config(BinarizeConfig, saved, preset=preset, presets=BINARIZE_PRESETS,
                                     overrides={**(overrides or {}), "checkpoint": saved.get("checkpoint")},
                                     ignore=TRAIN_RESUME_IGNORED)
-        carried = json.loads(rmeta.extra.get("bats_binarize", "{}"))
+        carried = _carried(rmeta)
 
     set_threads(cfg.threads)
     seed = cfg.seed if cfg.seed is not None else int(train_run.get("seed", 0))
@@ -361,6 +361,30 @@ def _binarize(
         if run_dir is not None:
             run_dir.write_json("result.json", result)
     return result
+
+
+# What a binarize checkpoint carries from before its fine-tuning (reported at the end).
+_CARRIED_PERCENT = ("step1_top1", "step1_top5", "binarized_top1_no_calibration", "binarized_top1",
+                    "binarized_top5")
+_CARRIED_COUNTS = ("binary_convs", "calibration_images")
+
+
+def _carried(meta) -> dict[str, Any]:
+    """``bats_binarize`` of a binarize checkpoint, checked: percentages in 0..100, counts."""
+    import math
+
+    from bats_cli.metadata import load_json
+
+    where = f"{meta.path}: bats_binarize"
+    data = load_json(meta.extra.get("bats_binarize", "{}"), where=where)
+    ok = isinstance(data, dict) and all(
+        k in data and type(data[k]) in (int, float) and math.isfinite(data[k]) and 0 <= data[k] <= 100
+        for k in _CARRIED_PERCENT) and all(
+        type(data.get(k)) is int and 0 <= data[k] <= 10**9 for k in _CARRIED_COUNTS)
+    if not ok:
+        raise UserInputError(f"{where}: not the accuracies a binarize run records before its fine-tuning "
+                             "(a tampered checkpoint)")
+    return data
 
 
 def _save_plain(spec, run_dir, data, *, device, dist_info) -> None:

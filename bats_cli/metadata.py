@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bats_cli.config import MAX_IMAGE_SIZE as _MAX_IMAGE_SIZE
-from bats_cli.config import MAX_SEED
+from bats_cli.config import MAX_IMAGES, MAX_LR, MAX_SEED
 from bats_cli.errors import UserInputError
 from bats_cli.names import safe_text
 from bats_cli.preflight import MAX_CHANNELS, MAX_LAYERS
@@ -184,12 +184,16 @@ class RunRecord(_Record):
     seed: Optional[int] = Field(default=None, ge=0, le=MAX_SEED)
     batch_size: Optional[int] = Field(default=None, ge=1, le=10**7)
     epochs: Optional[int] = Field(default=None, ge=0, le=10**7)
-    subset: Optional[int] = Field(default=None, ge=1)
-    lr: Optional[float] = Field(default=None, ge=0.0, allow_inf_nan=False)
-    lr_min: Optional[float] = Field(default=None, ge=0.0, allow_inf_nan=False)
+    subset: Optional[int] = Field(default=None, ge=1, le=MAX_IMAGES)
+    # What `bats binarize` reuses of the training run: the held-out images, the optimiser.
+    holdout: Optional[int] = Field(default=None, ge=1, le=MAX_IMAGES)
+    image_size: Optional[int] = Field(default=None, ge=1, le=MAX_IMAGE_SIZE)
+    optimizer: Optional[str] = Field(default=None, max_length=32)
+    lr: Optional[float] = Field(default=None, ge=0.0, le=MAX_LR, allow_inf_nan=False)
+    lr_min: Optional[float] = Field(default=None, ge=0.0, le=MAX_LR, allow_inf_nan=False)
     beta1: Optional[float] = Field(default=None, ge=0.0, lt=1.0)
     beta2: Optional[float] = Field(default=None, ge=0.0, lt=1.0)
-    aux_weight: Optional[float] = Field(default=None, ge=0.0, allow_inf_nan=False)
+    aux_weight: Optional[float] = Field(default=None, ge=0.0, le=100.0, allow_inf_nan=False)
     # Reused on resume: processes and threads, so an absurd value would be a fork bomb.
     num_workers: Optional[int] = Field(default=None, ge=0, le=256)
     threads: Optional[int] = Field(default=None, ge=1, le=1024)

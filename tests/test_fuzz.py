@@ -377,6 +377,15 @@ def artifacts(tmp_path_factory):
                     "--calibration-batches", "1", "--out", str(root / "bin"), "-o",
                     str(root / "model.packed.safetensors"), "--force", "-q"], _NoCapture())[0]
         assert code == 0
+        # bats binarize of the finished run, one fine-tuning epoch, stopped after its first step.
+        from bats_cli.binarize import BinarizeConfig, binarize
+
+        bcfg = BinarizeConfig(checkpoint=str(root / "done" / "last.safetensors"), epochs=1,
+                              calibration_batches=1, threads=1)
+        with pytest.raises(Interrupted):
+            binarize(bcfg, out=root / "binarize", packed=root / "unused.packed.safetensors", quiet=True,
+                     stop_after_steps=1, handle_signals=False)
+        torch.set_num_threads(threads)
         # bats search, one stage of 2 one-step epochs, stopped after the step of its second epoch
         # (polls: step, end of epoch 1, step): metrics.csv and alphas/ hold epoch 1.
         scfg = SearchConfig(dataset="fashion-mini", subset=16, image_size=8, batch_size=8, epochs=2,
@@ -501,8 +510,10 @@ def test_fuzz_checkpoint_metadata(artifacts, tmp_path_factory, capsys, data):
 
 # --------------------------------------------------------------------------- resume state
 
+BINARIZE_FLAGS = ["--epochs", "1", "--calibration-batches", "1", "--threads", "1"]
 RESUME_KEYS = {
     "train": ("bats_optimizer", "bats_running", "bats_epoch", "bats_step", "bats_loop"),
+    "binarize": ("bats_optimizer", "bats_running", "bats_epoch", "bats_step", "bats_loop", "bats_binarize"),
     "search": ("search_state", "arch_state", "optim_w", "optim_a", "bats_epoch", "bats_step", "bats_loop"),
 }
 
@@ -526,13 +537,16 @@ def _tampered_run(artifacts: Path, which: str, dst: Path, draw) -> Path:
     return run
 
 
-@fuzz(5)
+@fuzz(6)
 @given(data=st.data())
 def test_fuzz_resume_state(artifacts, tmp_path_factory, capsys, data):
-    which = data.draw(st.sampled_from(["train", "search"]))
+    which = data.draw(st.sampled_from(["train", "binarize", "search"]))
     run = _tampered_run(artifacts, which, tmp_path_factory.mktemp("resume"), data.draw)
     if which == "train":
         check(["train", "bats_c10", *TRAIN_FLAGS, "--out", str(run), "--resume", "--force", "-q"], capsys)
+    elif which == "binarize":
+        check(["binarize", str(artifacts / "done" / "last.safetensors"), *BINARIZE_FLAGS, "--out", str(run),
+               "-o", str(run.parent / "m.packed.safetensors"), "--resume", "--force", "-q"], capsys)
     else:
         check(["search", *SEARCH_FLAGS, "--out", str(run), "--resume", "--force", "-q"], capsys)
 
