@@ -201,7 +201,7 @@ def test_bitwise_engine_runs_the_resnet():
     import copy
 
     from bats_cli.engine import EngineUnavailable, _build, to_bitwise
-    from bats_cli.engine.bitwise import BitwiseConv2d
+    from bats_cli.engine.bitwise import binary_conv_names, bitwise_conv_count
 
     try:
         _build.load_extension()
@@ -211,7 +211,8 @@ def test_bitwise_engine_runs_the_resnet():
     net = build_resnet(channels=8).eval()
     binarize_weights_(net)
     fast = to_bitwise(copy.deepcopy(net))
-    assert sum(isinstance(m, BitwiseConv2d) for m in fast.modules()) == 16
+    assert bitwise_conv_count(fast) == 16  # basic blocks are fused, so count convs, not modules
+    assert binary_conv_names(fast) == []  # no float binary conv left behind
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), net(x), rtol=1e-4, atol=1e-4)
