@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from bats_cli.config import (
@@ -35,6 +35,7 @@ from bats_cli.config import (
     Threads,
     Workers,
 )
+from bats_cli.distill import ATTENTION_WEIGHT, KD_TEMPERATURE, KD_WEIGHT
 from bats_cli.errors import UserInputError
 from bats_cli.runloop import interrupt_guard, restores_threads
 
@@ -69,6 +70,21 @@ class BinarizeConfig(RunConfig):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     num_workers: Workers = 0
     threads: Threads = None
+    # distillation during fine-tuning (bats_cli.distill); None: cross-entropy only (the paper's
+    # step 2). Never implicit: real-to-binary's chain gives the step-1 checkpoint itself.
+    teacher: Optional[str] = Field(None, max_length=4096)
+    kd_temperature: float = Field(KD_TEMPERATURE, gt=0, le=100)
+    kd_weight: float = Field(KD_WEIGHT, ge=0, le=1)
+    attention_weight: float = Field(ATTENTION_WEIGHT, ge=0, le=1000)
+
+    @model_validator(mode="after")
+    def _distill(self) -> "BinarizeConfig":
+        from bats_cli.train import check_distill_options
+
+        check_distill_options(self)
+        if self.teacher is not None and self.epochs == 0:
+            raise ValueError("--teacher needs fine-tuning epochs (--epochs 0 binarizes without training)")
+        return self
 
 
 from bats_cli.presets import BINARIZE_PRESETS  # noqa: E402  (torch-free, shown by --help)
@@ -173,7 +189,7 @@ def _binarize(
     from bats_cli.progress import Reporter
     from bats_cli.runtime import seed_everything
     from bats_cli.data.loader import check_batch
-    from bats_cli.train import TRAIN_RESUME_IGNORED, FitSpec, fit
+    from bats_cli.train import DISTILL_DEFAULTS, TRAIN_RESUME_IGNORED, FitSpec, distill_line, fit, teacher_extra
 
     src = Path(cfg.checkpoint)
     meta = read_metadata(src)
@@ -204,6 +220,7 @@ def _binarize(
         rmeta = read_metadata(resume_from)
         check_kind(rmeta, "binarize", "binarize --resume")
         saved = rmeta.config.get("run", {})
+        saved = {**DISTILL_DEFAULTS, **saved} if isinstance(saved, dict) else saved
         cfg = resolve_resume_config(BinarizeConfig, saved, preset=preset, presets=BINARIZE_PRESETS,
                                     overrides={**(overrides or {}), "checkpoint": saved.get("checkpoint")},
                                     ignore=TRAIN_RESUME_IGNORED)
@@ -232,9 +249,21 @@ def _binarize(
     )
     check_dataset(data.spec, settings, src)
     check_batch(len(data.train), batch_size, dist_info)
+    plan_model = build_from_settings(genotype, settings)
+    distill = None
+    if cfg.teacher is not None and cfg.epochs > 0:
+        from bats_cli.distill import load_teacher, recorded_sha256
+
+        distill = load_teacher(
+            cfg.teacher, student=plan_model, settings=settings, dataset=data.spec.name,
+            input_shape=(data.spec.in_channels, data.spec.image_size, data.spec.image_size),
+            temperature=cfg.kd_temperature, weight=cfg.kd_weight, attention_weight=cfg.attention_weight,
+            expect_sha256=recorded_sha256(rmeta) if resume_from is not None else None,
+        )
     if preflight is not None and dist_info.is_main:
         preflight(
-            command="binarize", model=build_from_settings(genotype, settings), device=device,
+            command="binarize", model=plan_model, device=device,
+            teacher=None if distill is None else distill.teacher,
             dataset=data.spec.name, train_images=len(data.train), test_images=len(data.test),
             input_shape=(data.spec.in_channels, data.spec.image_size, data.spec.image_size),
             num_classes=data.spec.num_classes, batch_size=batch_size // dist_info.world,
@@ -242,6 +271,7 @@ def _binarize(
             steps_per_epoch=len(data.train) // batch_size, epochs=cfg.epochs, precision=cfg.precision,
             advice="binarize a smaller trained network, or use another device",
         )
+    del plan_model
     run_dir = open_run_dir(out, resume, dist_info, device)
     reporter = Reporter(quiet=quiet or not dist_info.is_main)
     eval_bs = cfg.eval_batch_size or max(batch_size, 256)
@@ -289,7 +319,9 @@ def _binarize(
                    "data_dir": None if data_dir is None else str(data_dir)}
     run_record = {**train_run, "data_dir": data_dir}
     if run_dir is not None and resume_from is None:
-        run_dir.write_config(run_config, device=device, source=str(src), network=bin_settings, data=data_record)
+        teacher = {"teacher": distill.record()} if distill is not None else {}
+        run_dir.write_config(run_config, device=device, source=str(src), network=bin_settings, data=data_record,
+                             **teacher)
     aux_weight = float(train_run.get("aux_weight", 0.4)) if settings.get("auxiliary") else 0.0
     spec = FitSpec(
         kind="binarize", model=model, run_config=run_config, settings=bin_settings,
@@ -301,8 +333,11 @@ def _binarize(
         weight_decay=0.0, aux_weight=aux_weight,
         mixup=augment.mixup if augment is not None else None, seed=seed,
         precision=cfg.precision, num_workers=cfg.num_workers,
-        extra={"bats_binarize": json.dumps(carried), "bats_source": str(src)},
+        extra={"bats_binarize": json.dumps(carried), "bats_source": str(src), **teacher_extra(distill)},
+        distill=distill,
     )
+    if distill is not None:
+        reporter.line(distill_line(distill))
     if cfg.epochs > 0:
         reporter.line(f"fine-tuning with binary weights and activations: {cfg.epochs} "
                       f"epoch{'' if cfg.epochs == 1 else 's'}, "
@@ -341,6 +376,8 @@ def _binarize(
         "last": str(out / "last.safetensors"),
         "best": str(out / "best.safetensors"),
     }
+    if distill is not None:
+        result["teacher"] = distill.record()
     if dist_info.is_main:
         packed_path = Path(packed) if packed is not None else out / PACKED_NAME
         # The final (last) weights are packed: with the cosine schedule ending near 0 they are

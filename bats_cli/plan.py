@@ -539,6 +539,7 @@ def plan_run(
     step_passes: float = 1.0,
     announce: Callable[[str], None] | None = None,
     cache: bool = True,
+    teacher=None,
 ) -> Plan:
     """Estimate, measure where it decides something, and assemble the plan. ``models`` (search
     stages: networks or :class:`Candidate` builders, built one at a time, each run for an equal
@@ -549,6 +550,9 @@ def plan_run(
     (a search step is an architecture step plus a weight step). A network whose measured step
     would not fit in the memory left is never measured: a UserInputError ending in ``advice``
     (the settings to lower), or with ``force`` a plan from the meta-device estimate alone.
+    ``teacher``: a frozen network that runs forward (no gradients) before every training step
+    (distillation); its weights are counted through the run, its forward pass's layer outputs
+    (meta-device estimate, an upper bound without autograd) on top of the step's fixed part.
     """
     import torch
 
@@ -640,6 +644,16 @@ def plan_run(
         if best is None or peak > best[0]:
             best = (peak, train_m, extra)
     peak, train_m, extra = best
+    notes: list[str] = []
+    if teacher is not None:
+        t_step = estimate_step(teacher, input_shape=input_shape)
+        t_weights = sum(t.numel() * t.element_size() for t in list(teacher.parameters()) + list(teacher.buffers()))
+        t_forward = int(t_step.activation_bytes / t_step.batch * batch_size)
+        peak = max(peak + t_weights, train_m.fixed_bytes + extra + t_weights + t_forward)
+        extra += t_weights
+        notes.append(f"teacher counted: {t_step.params:,} parameters ({t_weights / 2**20:.1f} MiB, frozen) "
+                     f"and its forward pass (up to {t_forward / 2**20:.1f} MiB at batch {batch_size}); "
+                     "the time estimate leaves out its forward pass")
     largest = None
     fits = True
     if available is not None:
@@ -653,6 +667,7 @@ def plan_run(
         **base, peak_memory_bytes=int(peak), largest_fitting_batch=largest, fits=fits,
         measured=train_m.measured, memory_source=source, reused=reused, seconds_per_epoch=per_epoch,
         seconds_total=per_epoch * epochs if per_epoch is not None else None, seconds_per_step=per_step,
+        notes=notes,
     )
 
 

@@ -54,6 +54,7 @@ from bats_cli.config import (
 )
 from bats_cli.preflight import MAX_CHANNELS, MAX_LAYERS
 from bats_cli.data.loader import check_batch, sharded_loader, steps_per_epoch
+from bats_cli.distill import ATTENTION_WEIGHT, KD_TEMPERATURE, KD_WEIGHT, Distill, capture, feature_modules
 from bats_cli.distributed import Dist, all_sum, barrier, broadcast_buffers, init_run_device
 from bats_cli.errors import RunFailure, UserInputError
 from bats_cli.archs import CELLS, arch_of
@@ -86,6 +87,22 @@ from bats_cli.schedule import cosine_lr
 PAPER_EPOCHS = {"cifar": 600, "imagenet": 75}
 # The paper's data (§6.2); --preset tiny uses the embedded fashion-mini instead.
 DEFAULT_DATASET = "cifar10"
+
+
+# Runs saved before the distillation settings existed resume as runs without a teacher.
+DISTILL_DEFAULTS = {"teacher": None, "kd_temperature": KD_TEMPERATURE, "kd_weight": KD_WEIGHT,
+                    "attention_weight": ATTENTION_WEIGHT}
+
+
+def check_distill_options(cfg) -> None:
+    """ValueError when a distillation setting is changed without a teacher (it would do nothing)."""
+    if cfg.teacher is not None:
+        return
+    changed = [flag for flag, value, default in (
+        ("--kd-temperature", cfg.kd_temperature, KD_TEMPERATURE), ("--kd-weight", cfg.kd_weight, KD_WEIGHT),
+        ("--attention-weight", cfg.attention_weight, ATTENTION_WEIGHT)) if value != default]
+    if changed:
+        raise ValueError(f"{', '.join(changed)} only apply with --teacher CKPT")
 
 
 class TrainConfig(RunConfig):
@@ -136,12 +153,18 @@ class TrainConfig(RunConfig):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     num_workers: Workers = 0
     threads: Threads = Field(None, description="CPU threads; None: torch's default")
+    # distillation (bats_cli.distill): None = cross-entropy only (the paper's recipe)
+    teacher: Optional[str] = Field(None, max_length=4096, description="Teacher checkpoint; None: no distillation")
+    kd_temperature: float = Field(KD_TEMPERATURE, gt=0, le=100)
+    kd_weight: float = Field(KD_WEIGHT, ge=0, le=1)
+    attention_weight: float = Field(ATTENTION_WEIGHT, ge=0, le=1000)
 
     @model_validator(mode="after")
     def _optimizer_lr(self) -> "TrainConfig":
         if self.lr is None:
             # Assignment re-validates; the default follows the optimizer chosen.
             self.lr = 0.1 if self.optimizer == "sgd" else 1e-3
+        check_distill_options(self)
         return self
 
 
@@ -194,6 +217,19 @@ def _loss(output, target: torch.Tensor, aux_weight: float) -> tuple[torch.Tensor
     return F.cross_entropy(output.float(), target), output
 
 
+def distill_line(distill: Distill) -> str:
+    """The run's line about its teacher."""
+    loss = ("KL divergence to the teacher" + (f" at T={distill.temperature:g}" if distill.temperature != 1 else "")
+            + (f", x{distill.weight:g} + cross-entropy x{1 - distill.weight:g}" if distill.weight < 1 else " (no cross-entropy)")
+            + (f", + attention matching x{distill.attention_weight:g}" if distill.attention_weight > 0 else ""))
+    return f"teacher {distill.path} ({distill.description}; frozen, eval mode): loss = {loss}"
+
+
+def teacher_extra(distill: Optional[Distill]) -> dict[str, str]:
+    """Checkpoint metadata naming the teacher (path, sha256, loss settings)."""
+    return {} if distill is None else {"bats_teacher": json.dumps(distill.record())}
+
+
 # --------------------------------------------------------------------------- the training job
 
 
@@ -223,6 +259,8 @@ class FitSpec:
     momentum: float = 0.9
     # extra metadata stored in every checkpoint of this run (e.g. binarize's pre-fine-tune numbers)
     extra: dict[str, str] = field(default_factory=dict)
+    # a frozen teacher: the loss becomes distillation (bats_cli.distill); None = cross-entropy
+    distill: Optional[Distill] = None
 
 
 @dataclass
@@ -280,6 +318,9 @@ class TrainJob(RunJob):
             ids = [device.index] if device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
         self.mix = make_mixup(spec.mixup, num_classes=spec.settings["num_classes"]) if spec.mixup else None
+        self.distill = spec.distill.to(device, self.fmt) if spec.distill is not None else None
+        self.features = (feature_modules(self.model)
+                         if self.distill is not None and self.distill.attention_weight > 0 else [])
 
     # -- position
     def segment_done(self) -> bool:
@@ -317,9 +358,19 @@ class TrainJob(RunJob):
         target = y
         if self.mix is not None:
             x, target = self.mix(x, y, seed=batch_seed(spec.seed, self.epoch, self.step))
-        with autocast(self.device, spec.precision):
-            output = self.ddp(x)
-        loss, logits = _loss(output, target, spec.aux_weight)
+        if self.distill is None:
+            with autocast(self.device, spec.precision):
+                output = self.ddp(x)
+            loss, logits = _loss(output, target, spec.aux_weight)
+        else:
+            # The teacher sees exactly the student's batch (augmented, mixed), in eval mode.
+            with autocast(self.device, spec.precision):
+                t_logits, t_feats = self.distill.forward(x)
+            with autocast(self.device, spec.precision), capture(self.features) as s_feats:
+                output = self.ddp(x)
+            loss, logits = self.distill.loss(output, target, t_logits, aux_weight=spec.aux_weight,
+                                             student_features=s_feats, teacher_features=t_feats)
+            del s_feats, t_feats
         if not torch.isfinite(loss):
             raise RunFailure(
                 f"training diverged: loss is {loss.item()} at epoch {self.epoch + 1}, "
@@ -555,6 +606,7 @@ def _train(
                 f"({genotype_name(meta.genotype_json)!r}); give the same GENOTYPE or another --out"
             )
         saved = meta.config.get("run", {})
+        saved = {**DISTILL_DEFAULTS, **saved} if isinstance(saved, dict) else saved
         cfg = resolve_resume_config(
             TrainConfig, saved, preset=preset, presets=train_presets(arch),
             overrides={**(overrides or {}), "genotype": saved.get("genotype", cfg.genotype)},
@@ -605,9 +657,19 @@ def _train(
                              real=cfg.real, activation=cfg.activation)
     settings = network_settings(model, width=cfg.width, data_spec=dspec)
     run_config = cfg.model_dump(mode="json")
+    distill = None
+    if cfg.teacher is not None:
+        from bats_cli.distill import load_teacher, recorded_sha256
+
+        distill = load_teacher(
+            cfg.teacher, student=model, settings=settings, dataset=dspec.name,
+            input_shape=(dspec.in_channels, dspec.image_size, dspec.image_size),
+            temperature=cfg.kd_temperature, weight=cfg.kd_weight, attention_weight=cfg.attention_weight,
+            expect_sha256=recorded_sha256(meta) if resuming else None,
+        )
     if preflight is not None and dist_info.is_main:
         preflight(
-            command="train", model=model, device=device, dataset=dspec.name,
+            command="train", model=model, teacher=None if distill is None else distill.teacher, device=device, dataset=dspec.name,
             train_images=len(data.train), test_images=len(data.test),
             input_shape=(dspec.in_channels, dspec.image_size, dspec.image_size),
             num_classes=dspec.num_classes, batch_size=cfg.batch_size // dist_info.world,
@@ -618,8 +680,9 @@ def _train(
     run_dir = open_run_dir(out, resume, dist_info, device)
     if run_dir is not None and not resuming:
         cells = {"genotype": genotype.to_dict()} if arch == CELLS else {}
+        teacher = {"teacher": distill.record()} if distill is not None else {}
         run_dir.write_config(run_config, device=device, network=settings, data=data_info(dspec, augment),
-                             **cells)
+                             **cells, **teacher)
     reporter = Reporter(quiet=quiet or not dist_info.is_main)
     n_params = sum(p.numel() for p in model.parameters())
     # `bats flops` counts the inference network: without the auxiliary head (training only).
@@ -634,6 +697,8 @@ def _train(
         + (f" over {dist_info.world} processes" if dist_info.enabled else "")
         + f", device {device}" + (" (resuming)" if resuming else "")
     )
+    if distill is not None:
+        reporter.line(distill_line(distill))
     fit_spec = FitSpec(
         kind="train", model=model, run_config=run_config, settings=settings,
         data=data_info(dspec, augment), genotype_json=genotype.to_json() if arch == CELLS else None,
@@ -643,6 +708,7 @@ def _train(
         weight_decay=cfg.weight_decay, aux_weight=cfg.aux_weight if settings["auxiliary"] else 0.0,
         mixup=augment.mixup, seed=cfg.seed, precision=cfg.precision,
         num_workers=cfg.num_workers, optimizer=cfg.optimizer, momentum=cfg.momentum,
+        distill=distill, extra=teacher_extra(distill),
     )
     summary = fit(
         fit_spec, data.train, data.val, device=device, dist_info=dist_info, run_dir=run_dir,
@@ -675,6 +741,8 @@ def _train(
         "last": str(out / "last.safetensors"),
         "best": str(out / "best.safetensors"),
     }
+    if distill is not None:
+        result["teacher"] = distill.record()
     if run_dir is not None:
         run_dir.write_json("result.json", result)
     return result

@@ -11,6 +11,10 @@ from bats_cli.cli.app import app
 from bats_cli.presets import BINARIZE_PRESETS
 from bats_cli.cli.options import (
     OUTPUT,
+    AttentionWeightOpt,
+    KdTemperatureOpt,
+    KdWeightOpt,
+    TeacherOpt,
     DataDirOpt,
     DeviceOpt,
     JsonOpt,
@@ -82,6 +86,10 @@ def binarize_command(
     out: Annotated[Optional[Path], typer.Option("--out", file_okay=False, rich_help_panel=OUTPUT, help="Run directory. Default: a 'binarize' folder next to CHECKPOINT.")] = None,
     force: Annotated[bool, typer.Option("--force", rich_help_panel=OUTPUT, help="Overwrite an existing -o file (never the input checkpoint), and start even when the plan's peak memory exceeds what is available.")] = False,
     keep_aux: Annotated[Optional[bool], typer.Option("--keep-aux", rich_help_panel=OUTPUT, help="Keep the auxiliary tower in the packed artifact (training only; dropped by default).")] = None,
+    teacher: TeacherOpt = None,
+    kd_temperature: KdTemperatureOpt = None,
+    kd_weight: KdWeightOpt = None,
+    attention_weight: AttentionWeightOpt = None,
     data_dir: DataDirOpt = None,
     subset: SubsetOpt = None,
     seed: SeedOpt = None,
@@ -104,6 +112,10 @@ def binarize_command(
     run's. Writes OUT/last.safetensors (kind binarize) and the packed artifact (-o FILE).
 
     Example: bats binarize runs/tiny/last.safetensors -o tiny.packed.safetensors
+
+    Fine-tuning distils from a teacher only when --teacher is given (default: none, cross-entropy
+    as in the paper). Real-to-binary's chain: --teacher CHECKPOINT (the step-1 network it starts
+    from); ReActNet's: --teacher a real-valued network (bats train --real).
     """
     starting("binarize", "loading torch, the checkpoint and the data", quiet=quiet or print_config_)
     from bats_cli.binarize import BINARIZE_PRESETS, BinarizeConfig, binarize
@@ -125,6 +137,8 @@ def binarize_command(
         "data_dir": path_or_none(data_dir), "subset": subset,
         "keep_aux": keep_aux, "device": device, "precision": precision,
         "num_workers": num_workers, "threads": threads,
+        "teacher": path_or_none(teacher), "kd_temperature": kd_temperature, "kd_weight": kd_weight,
+        "attention_weight": attention_weight,
     }
     file_config = load_config_file(config_file, BinarizeConfig) if config_file is not None else None
     cfg = resolve_config(BinarizeConfig, preset=preset, presets=BINARIZE_PRESETS, overrides=overrides,

@@ -446,3 +446,32 @@ def print_config(cfg: Any) -> None:
     from bats_cli.fileio import to_jsonable
 
     sys.stdout.write(json.dumps(to_jsonable(cfg), indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- distillation (train, binarize)
+
+DISTILL = "Distillation"
+TeacherOpt = Annotated[
+    Optional[Path],
+    typer.Option("--teacher", dir_okay=False, metavar="CKPT", rich_help_panel=DISTILL,
+                 help="Distil from this network (any bats train / binarize / packed file of the same data "
+                      "set, typically `bats train GENOTYPE --real`): the loss becomes the KL divergence to "
+                      "its outputs (ReActNet). It runs frozen, in eval mode, on the same augmented batch; "
+                      "its path and sha256 are recorded. Default: none (cross-entropy, the paper's recipe)."),
+]
+KdTemperatureOpt = Annotated[
+    Optional[float],
+    typer.Option("--kd-temperature", metavar="T", rich_help_panel=DISTILL,
+                 help="Softmax temperature of the distillation loss (scaled by T²). Default 1 (ReActNet)."),
+]
+KdWeightOpt = Annotated[
+    Optional[float],
+    typer.Option("--kd-weight", metavar="W", rich_help_panel=DISTILL,
+                 help="loss = W·KL + (1−W)·cross-entropy. Default 1: the distributional loss alone (ReActNet)."),
+]
+AttentionWeightOpt = Annotated[
+    Optional[float],
+    typer.Option("--attention-weight", metavar="W", rich_help_panel=DISTILL,
+                 help="Add W × attention matching of every cell (block) output (Real-to-Binary Nets); the "
+                      "teacher must have the student's genotype and stage shapes. Default 0 (off)."),
+]

@@ -10,6 +10,10 @@ from bats_cli.cli.app import app
 from bats_cli.presets import RESNET_TRAIN_PRESETS, TRAIN_PRESETS, describe_presets
 from bats_cli.cli.options import (
     ConfigFileOpt,
+    AttentionWeightOpt,
+    KdTemperatureOpt,
+    KdWeightOpt,
+    TeacherOpt,
     DataDirOpt,
     DryRunOpt,
     ForceOpt,
@@ -94,7 +98,7 @@ def train_command(
     width: Annotated[Optional[str], opt("--width", panel=NET, help="Width preset: 1x, medium, large or 2x (§6.2).")] = None,
     layers: Annotated[Optional[int], opt("--layers", panel=NET, min=3, help="Cells (default 20 CIFAR / 14 ImageNet).")] = None,
     channels: Annotated[Optional[int], opt("--channels", panel=NET, min=1, help="Initial channels C (overrides --width; default 36 / 80); resnet18: its base width (default 64).")] = None,
-    real: Annotated[Optional[bool], opt("--real", panel=NET, help="Real-valued activations too (no binarization at all).")] = None,
+    real: Annotated[Optional[bool], opt("--real", panel=NET, help="Real-valued activations too (no binarization at all): the real network of the same architecture, e.g. a --teacher. Keeps --optimizer adam unless told: Appendix B's real-valued recipe is --optimizer sgd (lr 0.1).")] = None,
     activation: Annotated[Optional[str], opt("--activation", panel=NET, help="After each binary conv: prelu (default), relu or none.")] = None,
     group_policy: Annotated[Optional[str], opt("--group-policy", panel=NET, help="groups (fixed number of groups, default) or channels (fixed channels per group).")] = None,
     channels_per_group: Annotated[Optional[int], opt("--channels-per-group", panel=NET, min=1, help="Channels per group of the grouped convs (default 3 CIFAR / 5 ImageNet, §4.1).")] = None,
@@ -112,6 +116,10 @@ def train_command(
     cutout: Annotated[Optional[int], opt("--cutout", panel=AUG, metavar="PX", help="Cutout hole side; 0 = off. Default 16 on cifar10, else off.")] = None,
     mixup: Annotated[Optional[float], opt("--mixup", panel=AUG, metavar="ALPHA", help="MixUp alpha; 0 = off. Default 0.2 on cifar100, else off.")] = None,
     autoaugment: Annotated[Optional[bool], opt("--autoaugment", panel=AUG, help="torchvision AutoAugment (CIFAR / ImageNet policy).")] = None,
+    teacher: TeacherOpt = None,
+    kd_temperature: KdTemperatureOpt = None,
+    kd_weight: KdWeightOpt = None,
+    attention_weight: AttentionWeightOpt = None,
     seed: SeedOpt = None,
     out: OutOpt = None,
     resume: ResumeOpt = False,
@@ -136,6 +144,9 @@ def train_command(
     Example: bats train bats_c10 --preset tiny --out runs/tiny
 
     Example: bats train resnet18 --preset tiny --out runs/resnet-tiny
+
+    Distillation: bats train bats_c10 --preset tiny --real --out runs/teacher, then
+    bats train bats_c10 --preset tiny --teacher runs/teacher/last.safetensors
     """
     starting("train", "loading torch, the data and the network", quiet=quiet or print_config_)
     from bats_cli.config import load_config_file, resolve_config
@@ -156,6 +167,8 @@ def train_command(
         "lr_min": lr_min, "weight_decay": weight_decay, "aux_weight": aux_weight,
         "drop_path": drop_path, "cutout": cutout, "mixup": mixup, "autoaugment": autoaugment,
         "seed": seed, "device": device, "precision": precision, "num_workers": num_workers, "threads": threads,
+        "teacher": path_or_none(teacher), "kd_temperature": kd_temperature, "kd_weight": kd_weight,
+        "attention_weight": attention_weight,
     }
     file_config = load_config_file(config_file, TrainConfig) if config_file is not None else None
     cfg = resolve_config(TrainConfig, preset=preset, presets=presets, overrides=overrides,

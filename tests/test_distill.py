@@ -1,0 +1,223 @@
+"""Distillation from a teacher (`--teacher`): the losses, a frozen teacher, refused teachers, the chain."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from bats_cli.binarize import BinarizeConfig, binarize
+from bats_cli.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from bats_cli.distributed import Dist
+from bats_cli.distill import Distill, attention_loss, file_sha256, kd_loss, load_teacher
+from bats_cli.errors import Interrupted, UserInputError
+from bats_cli.genotype import resolve_genotype
+from bats_cli.modelio import model_tensors, network_settings
+from bats_cli.networks import build_network
+from bats_cli.train import FitSpec, TrainConfig, TrainJob, train
+
+from helpers import cli, one_line_error
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# 3 cells of 6 channels on 128 fashion-mini images at 16 px: 4 steps per epoch.
+TINY = dict(genotype="bats_c10", dataset="fashion-mini", layers=3, channels=6, batch_size=32, subset=128,
+            image_size=16, epochs=1, device="cpu", threads=1)
+DATA = {"name": "fashion-mini", "image_size": 16, "num_classes": 10, "in_channels": 1, "network": "cifar"}
+
+
+# --------------------------------------------------------------------------- the losses
+
+
+def test_kd_loss_is_the_hand_computed_kl():
+    s = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    t = torch.tensor([[1.0, 1.0, 0.0], [3.0, -1.0, 0.0]])
+
+    def kl(ps, pt):
+        return sum(b * math.log(b / a) for a, b in zip(ps, pt))
+
+    def softmax(row, T):
+        e = [math.exp(v / T) for v in row]
+        return [v / sum(e) for v in e]
+
+    for T in (1.0, 4.0):
+        want = T * T * sum(kl(softmax(a, T), softmax(b, T)) for a, b in zip(s.tolist(), t.tolist())) / 2
+        assert kd_loss(s, t, T).item() == pytest.approx(want, rel=1e-6)
+    assert kd_loss(t, t).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_attention_loss_compares_normalised_maps():
+    a = torch.randn(2, 4, 3, 3)
+    assert attention_loss([a], [3 * a]).item() == pytest.approx(0.0, abs=1e-6)  # scale-free
+    b = torch.randn(2, 8, 3, 3)  # channel counts may differ: the map is a mean over channels
+    qa = a.pow(2).mean(1).flatten(1)
+    qb = b.pow(2).mean(1).flatten(1)
+    want = (qa / qa.norm(dim=1, keepdim=True) - qb / qb.norm(dim=1, keepdim=True)).norm(dim=1).mean()
+    assert attention_loss([a], [b]).item() == pytest.approx(want.item(), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- a frozen teacher
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, n=8):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 1, 16, 16, generator=g)
+        self.y = torch.randint(0, 10, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def test_teacher_gets_no_gradient_and_stays_in_eval_mode():
+    torch.manual_seed(0)
+    g = resolve_genotype("bats_c10")
+    teacher = build_network(g, in_channels=1, num_classes=10, layers=3, channels=6, real=True)
+    student = build_network(g, in_channels=1, num_classes=10, layers=3, channels=6)
+    teacher.train()  # the job must put it in eval mode itself
+    teacher.requires_grad_(False)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    from bats_cli.distill import feature_modules
+
+    distill = Distill(teacher=teacher, path="t", sha256="0" * 64, attention_weight=0.5,
+                      _features=feature_modules(teacher))
+    spec = FitSpec(kind="train", model=student, run_config={}, settings=network_settings(student), data={},
+                   genotype_json=g.to_json(), epochs=1, batch_size=4, eval_batch_size=4, lr=1e-3, lr_min=0.0,
+                   betas=(0.9, 0.999), weight_decay=0.0, aux_weight=0.4, mixup=None, seed=0,
+                   precision="fp32", num_workers=0, distill=distill)
+    job = TrainJob(spec, _Images(), _Images(), device=torch.device("cpu"),
+                   dist_info=Dist())
+    s_before = [p.clone() for p in student.parameters()]
+    _, loader = job.begin_epoch()
+    for batch in loader:
+        job.train_step(batch)
+        job.step += 1
+    assert not teacher.training
+    assert all(p.grad is None for p in teacher.parameters())
+    for k, v in teacher.state_dict().items():  # BatchNorm statistics too
+        assert torch.equal(v, before[k]), k
+    assert any(not torch.equal(a, b) for a, b in zip(s_before, student.parameters()))
+
+
+# --------------------------------------------------------------------------- refused teachers
+
+
+def _checkpoint(path, *, num_classes=10, channels=6, real=True, genotype="bats_c10", data=DATA):
+    g = resolve_genotype(genotype)
+    net = build_network(g, in_channels=1, num_classes=num_classes, layers=3, channels=channels, real=real)
+    return save_checkpoint(path, model_tensors(net), kind="train",
+                           config={"network": network_settings(net), "data": {**data, "num_classes": num_classes},
+                                   "run": {"seed": 0}}, epoch=1, genotype_json=g.to_json())
+
+
+def _train_argv(out, *extra):
+    return ["train", "bats_c10", "--dataset", "fashion-mini", "--subset", "32", "--image-size", "16",
+            "--layers", "3", "--channels", "6", "--batch-size", "16", "--epochs", "1", "--threads", "1",
+            "--device", "cpu", "--out", str(out), "--quiet", *extra]
+
+
+def test_mismatched_teachers_are_one_error(tmp_path, capsys):
+    five = _checkpoint(tmp_path / "five.safetensors", num_classes=5)
+    wide = _checkpoint(tmp_path / "wide.safetensors", channels=8)
+    other = _checkpoint(tmp_path / "darts.safetensors", genotype="darts_v2")
+    cifar = _checkpoint(tmp_path / "cifar.safetensors", data={**DATA, "name": "cifar10"})
+    cases = [
+        (["--teacher", str(five)], ("5 classes", "10")),
+        (["--teacher", str(wide), "--attention-weight", "1"], ("stage shapes",)),
+        (["--teacher", str(other), "--attention-weight", "1"], ("stage shapes",)),
+        (["--teacher", str(cifar)], ("cifar10", "fashion-mini")),
+        (["--teacher", str(tmp_path / "none.safetensors")], ("no such file",)),
+        (["--kd-weight", "0.5"], ("--kd-weight", "--teacher")),
+        (["--attention-weight", "1"], ("--attention-weight", "--teacher")),
+    ]
+    for extra, needles in cases:
+        one_line_error(*cli(_train_argv(tmp_path / "run", *extra), capsys)[::2], *needles)
+        assert not (tmp_path / "run").exists()  # refused before the run directory exists
+    # A wider teacher is fine without attention matching (only the outputs are compared).
+    assert load_teacher(wide, student=build_network(resolve_genotype("bats_c10"), in_channels=1,
+                                                    num_classes=10, layers=3, channels=6),
+                        settings={"num_classes": 10, "in_channels": 1, "kind": "cifar"},
+                        dataset="fashion-mini", input_shape=(1, 16, 16)).sha256 == file_sha256(wide)
+    code, _, err = cli(["binarize", str(five), "--teacher", str(five), "--epochs", "0"], capsys)
+    one_line_error(code, err, "--teacher", "--epochs 0")
+
+
+# --------------------------------------------------------------------------- the chain
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """teacher (--real) -> step 1 with the teacher (and attention) -> binarize with the teacher."""
+    root = tmp_path_factory.mktemp("distill")
+    g = resolve_genotype("bats_c10")
+    teacher = train(TrainConfig(**TINY, real=True), genotype=g, out=root / "T", quiet=True,
+                    handle_signals=False)
+    t_path = root / "teacher.safetensors"
+    shutil.copy(teacher["last"], t_path)
+    student = train(TrainConfig(**TINY, teacher=str(t_path), attention_weight=0.5), genotype=g,
+                    out=root / "S", quiet=True, handle_signals=False)
+    binarized = binarize(BinarizeConfig(checkpoint=student["last"], epochs=1, device="cpu", calibration_batches=2,
+                                        threads=1, teacher=str(t_path), kd_temperature=2.0),
+                         out=root / "B", packed=root / "b.packed.safetensors", quiet=True, handle_signals=False)
+    return root, t_path, student, binarized
+
+
+def test_runs_record_the_teacher(chain):
+    root, t_path, student, binarized = chain
+    digest = file_sha256(t_path)
+    for run, result in ((root / "S", student), (root / "B", binarized)):
+        assert result["teacher"]["sha256"] == digest and result["teacher"]["path"] == str(t_path)
+        config = json.loads((run / "config.json").read_text())
+        assert config["teacher"]["sha256"] == digest and config["config"]["teacher"] == str(t_path)
+        meta = read_metadata(run / "last.safetensors")
+        assert json.loads(meta.extra["bats_teacher"])["sha256"] == digest
+    assert binarized["teacher"]["temperature"] == 2.0 and student["teacher"]["attention_weight"] == 0.5
+
+
+def test_eval_export_and_bitwise_agree(chain, capsys):
+    from bats_cli.evaluate import evaluate_checkpoint
+
+    root, _, _, binarized = chain
+    packed = binarized["packed"]
+    runs = {e: evaluate_checkpoint(packed, device="cpu", engine=e, threads=1, return_predictions=True, subset=128)
+            for e in ("float", "bitwise")}
+    assert torch.equal(runs["float"]["predictions"], runs["bitwise"]["predictions"])
+    assert runs["float"]["top1"] == pytest.approx(binarized["final_top1"])
+    pytest.importorskip("onnxruntime")
+    onnx_path = root / "b.onnx"
+    assert cli(["export", packed, "-o", str(onnx_path)], capsys)[0] == 0
+    from bats_cli.onnx_eval import evaluate_onnx
+
+    ort = evaluate_onnx(onnx_path, threads=1, return_predictions=True, subset=128)
+    assert torch.equal(ort["predictions"], runs["float"]["predictions"])
+
+
+def test_resume_with_a_teacher_gives_the_same_result_and_checks_its_hash(chain):
+    root, t_path, student, _ = chain
+    g = resolve_genotype("bats_c10")
+    cfg = TrainConfig(**TINY, teacher=str(t_path), attention_weight=0.5)
+    with pytest.raises(Interrupted):
+        train(cfg, genotype=g, out=root / "cut", quiet=True, stop_after_steps=2, handle_signals=False)
+    saved = t_path.read_bytes()
+    t_path.write_bytes(saved[:-1] + bytes([saved[-1] ^ 1]))
+    try:
+        with pytest.raises(UserInputError, match="changed since the run started"):
+            train(TrainConfig(genotype="bats_c10"), genotype=g, out=root / "cut", resume=True, quiet=True,
+                  overrides={}, handle_signals=False)
+    finally:
+        t_path.write_bytes(saved)
+    resumed = train(TrainConfig(genotype="bats_c10"), genotype=g, out=root / "cut", resume=True, quiet=True,
+                    overrides={}, handle_signals=False)
+    a, _ = load_checkpoint(root / "S" / "last.safetensors")
+    b, _ = load_checkpoint(root / "cut" / "last.safetensors")
+    keys = [k for k in a if k.startswith(("model.", "optim."))]
+    assert keys and keys == [k for k in b if k.startswith(("model.", "optim."))]
+    for k in keys:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed["final_val_top1"] == student["final_val_top1"]
