@@ -151,7 +151,7 @@ class NetworkRecord(_Record):
     binary_activations: bool = None  # type: ignore[assignment]
     binary_weights: bool = None  # type: ignore[assignment]
     width: str = Name
-    activation: Literal["prelu", "relu", "none"] = None  # type: ignore[assignment]
+    activation: Literal["prelu", "rprelu", "relu", "none"] = None  # type: ignore[assignment]
     group_policy: Literal["groups", "channels"] = None  # type: ignore[assignment]
     reduce_shortcut: Literal["avgpool", "factorized", "none"] = None  # type: ignore[assignment]
     space: Literal["bats", "darts"] = None  # type: ignore[assignment]

@@ -190,22 +190,51 @@ class QuantConv2d(nn.Conv2d):
         return ", ".join([super().extra_repr(), *names])
 
 
+class RPReLU(nn.Module):
+    """ReActNet's RPReLU (Liu et al., ECCV 2020): ``PReLU(x − γ) + ζ`` with learnable per-channel
+    shifts γ, ζ (initialised to 0, so it starts as the PReLU) and slopes (0.25).
+
+    ReActNet's other learnable threshold, RSign (a per-channel shift before sign), is left out on
+    purpose: in every binary layer here a BatchNorm comes right before sign, and its bias already
+    is a learnable per-channel shift of the sign's threshold (``sign(γ·x̂ + β)`` switches at
+    ``x̂ = −β/γ``), so an RSign would add parameters that express nothing new (and the bitwise
+    engine folds that BatchNorm into its thresholds, exactly as it would an RSign).
+    Not an ``nn.PReLU`` subclass: code that handles a PReLU must not take it for one.
+    """
+
+    def __init__(self, channels: int, init: float = 0.25) -> None:
+        super().__init__()
+        self.shift_in = nn.Parameter(torch.zeros(channels))
+        self.weight = nn.Parameter(torch.full((channels,), float(init)))
+        self.shift_out = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return nn.functional.prelu(x - self.shift_in.view(shape), self.weight) + self.shift_out.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.numel()}"
+
+
 def make_activation(name: str, channels: int) -> nn.Module:
     """The activation after a binary conv (§3: BatchNorm, Sign, Conv, Activation).
 
     The paper names no activation; ``prelu`` (per channel) is the choice of the authors' other
-    binary networks (XNOR-Net++ follow-ups, Real-to-Binary) and our default.
+    binary networks (XNOR-Net++ follow-ups, Real-to-Binary) and our default; ``rprelu`` is
+    ReActNet's :class:`RPReLU` (not in the paper).
     """
     if name == "prelu":
         return nn.PReLU(channels, init=0.25)
+    if name == "rprelu":
+        return RPReLU(channels)
     if name == "relu":
         return nn.ReLU(inplace=False)
     if name in ("none", "identity"):
         return nn.Identity()
-    raise UserInputError(f"unknown activation {name!r}; choose prelu, relu or none")
+    raise UserInputError(f"unknown activation {name!r}; choose prelu, rprelu, relu or none")
 
 
-ACTIVATIONS = ("prelu", "relu", "none")
+ACTIVATIONS = ("prelu", "rprelu", "relu", "none")
 
 
 class BinaryConvBlock(nn.Module):
@@ -277,6 +306,7 @@ __all__ = [
     "QuantConv2d",
     "Quantizer",
     "REAL",
+    "RPReLU",
     "STE_SIGN",
     "binarize_weights_",
     "effective_weight",

@@ -123,7 +123,7 @@ class TrainConfig(RunConfig):
     layers: Optional[int] = Field(None, ge=3, le=MAX_LAYERS)
     channels: Optional[int] = Field(None, ge=1, le=MAX_CHANNELS)
     real: bool = False
-    activation: Literal["prelu", "relu", "none"] = "prelu"
+    activation: Literal["prelu", "rprelu", "relu", "none"] = "prelu"
     group_policy: Literal["groups", "channels"] = "groups"
     channels_per_group: Optional[int] = Field(None, ge=1, le=MAX_CHANNELS)
     reduce_shortcut: Literal["avgpool", "factorized", "none"] = "avgpool"

@@ -221,3 +221,97 @@ def test_resume_with_a_teacher_gives_the_same_result_and_checks_its_hash(chain):
     for k in keys:
         assert torch.equal(a[k], b[k]), k
     assert resumed["final_val_top1"] == student["final_val_top1"]
+
+
+# --------------------------------------------------------------------------- --activation rprelu
+
+
+def _rprelu_network(reduce_shortcut="factorized"):
+    """A binary bats_c10 network with RPReLU whose shifts, slopes and BatchNorms are all non-trivial."""
+    from bats_cli.quant import BinarySpec, RPReLU
+
+    gen = torch.Generator().manual_seed(3)
+    net = build_network(resolve_genotype("bats_c10"), in_channels=1, num_classes=10, layers=3, channels=6,
+                        activation="rprelu", spec=BinarySpec(activations=True, weights=True),
+                        reduce_shortcut=reduce_shortcut)
+    acts = [m for m in net.modules() if isinstance(m, RPReLU)]
+    assert acts
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            if m.affine:
+                m.weight.data.copy_(torch.randn(m.num_features, generator=gen))
+                m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
+        if isinstance(m, RPReLU):
+            m.weight.data.uniform_(-0.5, 0.5, generator=gen)
+            m.shift_in.data.copy_(torch.randn(m.weight.numel(), generator=gen))
+            m.shift_out.data.copy_(torch.randn(m.weight.numel(), generator=gen))
+    return net.eval()
+
+
+def test_rprelu_is_prelu_around_shifts_and_starts_as_prelu():
+    from bats_cli.quant import RPReLU
+
+    act = RPReLU(3)
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(act(x), torch.nn.PReLU(3, init=0.25)(x))
+    act.shift_in.data = torch.tensor([1.0, -1.0, 0.5])
+    act.shift_out.data = torch.tensor([0.1, 0.2, 0.3])
+    y = x - act.shift_in.view(1, 3, 1, 1)
+    want = torch.where(y > 0, y, 0.25 * y) + act.shift_out.view(1, 3, 1, 1)
+    assert torch.allclose(act(x), want)
+    # No RSign: every binary conv of the network has a BatchNorm right before its sign.
+    from bats_cli.ops import FactorizedReduce
+    from bats_cli.quant import BinaryConvBlock, quant_convs
+
+    net = _rprelu_network()
+    owners = [m for m in net.modules() if isinstance(m, (BinaryConvBlock, FactorizedReduce))]
+    inner = {id(c) for m in owners for _, c in quant_convs(m)}
+    assert inner == {id(c) for _, c in quant_convs(net)}
+    assert all(isinstance(m.bn if isinstance(m, BinaryConvBlock) else m.pre, torch.nn.BatchNorm2d) for m in owners)
+
+
+def test_rprelu_folds_into_the_bitwise_engine_with_identical_outputs():
+    import copy
+
+    from bats_cli.engine import to_bitwise
+    from bats_cli.engine.bitwise import ACT_RPRELU, BitwiseBlock, BitwiseFactorizedReduce
+
+    net = _rprelu_network()
+    gen = torch.Generator().manual_seed(4)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(3, 1, 16, 16, generator=gen).contiguous(memory_format=fmt)
+        with torch.no_grad():
+            want = net(x)
+            fast = to_bitwise(copy.deepcopy(net))
+            got = fast(x)
+        assert torch.equal(got, want), (got - want).abs().max()
+    layers = [m for m in fast.modules() if isinstance(m, (BitwiseBlock, BitwiseFactorizedReduce))]
+    assert any(isinstance(m, BitwiseFactorizedReduce) for m in layers)
+    # One kernel pass each: the shifts are in the kernel, no float activation is left behind.
+    assert layers and all(m._act == ACT_RPRELU for m in layers)
+    assert all(getattr(m, "act", None) is None and getattr(m, "post", None) is None for m in layers)
+
+
+def test_rprelu_pack_eval_and_export_agree(tmp_path, capsys):
+    from bats_cli.evaluate import evaluate_checkpoint
+    from bats_cli.modelio import unpack
+    from bats_cli.pack import save_packed
+
+    net = _rprelu_network(reduce_shortcut="avgpool")
+    path = save_packed(net, tmp_path / "r.packed.safetensors", settings=network_settings(net), data=DATA,
+                       run={"seed": 0}, genotype_json=resolve_genotype("bats_c10").to_json(), source={})
+    model, _ = unpack(path)
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x), net(x))
+    runs = {e: evaluate_checkpoint(path, device="cpu", engine=e, threads=1, return_predictions=True, subset=64)
+            for e in ("float", "bitwise")}
+    assert torch.equal(runs["float"]["predictions"], runs["bitwise"]["predictions"])
+    pytest.importorskip("onnxruntime")
+    from bats_cli.onnx_eval import evaluate_onnx
+
+    assert cli(["export", str(path), "-o", str(tmp_path / "r.onnx")], capsys)[0] == 0
+    ort = evaluate_onnx(tmp_path / "r.onnx", threads=1, return_predictions=True, subset=64)
+    assert torch.equal(ort["predictions"], runs["float"]["predictions"])

@@ -99,7 +99,7 @@ def train_command(
     layers: Annotated[Optional[int], opt("--layers", panel=NET, min=3, help="Cells (default 20 CIFAR / 14 ImageNet).")] = None,
     channels: Annotated[Optional[int], opt("--channels", panel=NET, min=1, help="Initial channels C (overrides --width; default 36 / 80); resnet18: its base width (default 64).")] = None,
     real: Annotated[Optional[bool], opt("--real", panel=NET, help="Real-valued activations too (no binarization at all): the real network of the same architecture, e.g. a --teacher. Keeps --optimizer adam unless told: Appendix B's real-valued recipe is --optimizer sgd (lr 0.1).")] = None,
-    activation: Annotated[Optional[str], opt("--activation", panel=NET, help="After each binary conv: prelu (default), relu or none.")] = None,
+    activation: Annotated[Optional[str], opt("--activation", panel=NET, help="After each binary conv: prelu (default), rprelu (ReActNet's PReLU(x - shift) + shift, learnable per channel; no RSign: the BatchNorm before each sign already shifts its threshold), relu or none.")] = None,
     group_policy: Annotated[Optional[str], opt("--group-policy", panel=NET, help="groups (fixed number of groups, default) or channels (fixed channels per group).")] = None,
     channels_per_group: Annotated[Optional[int], opt("--channels-per-group", panel=NET, min=1, help="Channels per group of the grouped convs (default 3 CIFAR / 5 ImageNet, §4.1).")] = None,
     reduce_shortcut: Annotated[Optional[str], opt("--reduce-shortcut", panel=NET, help="Identity connection of stride-2 conv ops: avgpool (default), factorized or none.")] = None,

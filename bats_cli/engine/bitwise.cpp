@@ -446,7 +446,8 @@ inline bool wants_nhwc(const torch::Tensor& x) {
   return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
 }
 
-enum Act { ACT_NONE = 0, ACT_RELU = 1, ACT_PRELU = 2 };
+// ACT_RPRELU: ReActNet's PReLU(v - shift_in) + shift_out.
+enum Act { ACT_NONE = 0, ACT_RELU = 1, ACT_PRELU = 2, ACT_RPRELU = 3 };
 
 // Scratch memory reused across calls (per thread): fresh large allocations would be fresh pages
 // every layer, and zeroing them cost more than the popcounts.
@@ -479,6 +480,7 @@ struct Epi {
   const int32_t* vb;                // valid bits per pixel
   int64_t n_pix, O;
   const float* scale; const float* slope;
+  const float* shift_in; const float* shift_out;  // ACT_RPRELU only
   const float* res; const float* add;  // same layout as out (or null)
   float* out;
   int64_t o_stride, p_stride;          // out[o * o_stride + p * p_stride]
@@ -498,12 +500,14 @@ void epilogue(const Epi& e) {
       const float* __restrict add = ADD ? e.add + base : nullptr;
       for (int64_t o = 0; o < e.O; ++o) {
         float v = float(vb - 2 * a[o]) * e.scale[o];
+        if (ACT == ACT_RPRELU) v = v - e.shift_in[o];
         if (ACT == ACT_RELU) v = v > 0.0f ? v : 0.0f;
-        if (ACT == ACT_PRELU) {
+        if (ACT == ACT_PRELU || ACT == ACT_RPRELU) {
           // Both sides computed, then a select: a conditional multiply stays a scalar branch.
           const float neg = e.slope[o] * v;
           v = v > 0.0f ? v : neg;
         }
+        if (ACT == ACT_RPRELU) v = v + e.shift_out[o];
         if (RES) v = v + res[o];
         if (ADD) v = v + add[o];
         out[o] = v;
@@ -512,15 +516,18 @@ void epilogue(const Epi& e) {
     return;
   }
   for (int64_t o = 0; o < e.O; ++o) {
-    const float sc = e.scale[o], sl = ACT == ACT_PRELU ? e.slope[o] : 0.0f;
+    const float sc = e.scale[o], sl = (ACT == ACT_PRELU || ACT == ACT_RPRELU) ? e.slope[o] : 0.0f;
+    const float si = ACT == ACT_RPRELU ? e.shift_in[o] : 0.0f, so = ACT == ACT_RPRELU ? e.shift_out[o] : 0.0f;
     const int64_t base = o * e.o_stride;
     for (int64_t p = 0; p < e.n_pix; ++p) {
       float v = float(e.vb[p] - 2 * e.acc[p * e.aw + o]) * sc;
+      if (ACT == ACT_RPRELU) v = v - si;
       if (ACT == ACT_RELU) v = v > 0.0f ? v : 0.0f;
-      if (ACT == ACT_PRELU) {
+      if (ACT == ACT_PRELU || ACT == ACT_RPRELU) {
         const float neg = sl * v;
         v = v > 0.0f ? v : neg;
       }
+      if (ACT == ACT_RPRELU) v = v + so;
       if (RES) v = v + e.res[base + p];
       if (ADD) v = v + e.add[base + p];
       e.out[base + p] = v;
@@ -531,10 +538,11 @@ void epilogue(const Epi& e) {
 using EpiFn = void (*)(const Epi&);
 
 EpiFn epi_fn(int act, bool res, bool add) {
-  static const EpiFn table[3][2][2] = {
+  static const EpiFn table[4][2][2] = {
       {{epilogue<0, false, false>, epilogue<0, false, true>}, {epilogue<0, true, false>, epilogue<0, true, true>}},
       {{epilogue<1, false, false>, epilogue<1, false, true>}, {epilogue<1, true, false>, epilogue<1, true, true>}},
-      {{epilogue<2, false, false>, epilogue<2, false, true>}, {epilogue<2, true, false>, epilogue<2, true, true>}}};
+      {{epilogue<2, false, false>, epilogue<2, false, true>}, {epilogue<2, true, false>, epilogue<2, true, true>}},
+      {{epilogue<3, false, false>, epilogue<3, false, true>}, {epilogue<3, true, false>, epilogue<3, true, true>}}};
   return table[act][res ? 1 : 0][add ? 1 : 0];
 }
 
@@ -545,11 +553,12 @@ class BinaryLayer {
  public:
   BinaryLayer(int64_t C, torch::Tensor thresholds, torch::Tensor signs,
               std::vector<torch::Tensor> weights, std::vector<std::vector<int64_t>> params,
-              torch::Tensor scale, int64_t act, torch::Tensor slope)
+              torch::Tensor scale, int64_t act, torch::Tensor slope,
+              c10::optional<torch::Tensor> shift_in, c10::optional<torch::Tensor> shift_out)
       : C_(C), act_(int(act)) {
     TORCH_CHECK(C >= 1, "a layer needs input channels");
     TORCH_CHECK(!weights.empty() && weights.size() == params.size(), "one geometry per weight");
-    TORCH_CHECK(act >= 0 && act <= 2, "activation must be 0 (none), 1 (relu) or 2 (prelu)");
+    TORCH_CHECK(act >= 0 && act <= 3, "activation must be 0 (none), 1 (relu), 2 (prelu) or 3 (rprelu)");
     auto th = thresholds.to(torch::kFloat).contiguous(), sg = signs.to(torch::kFloat).contiguous();
     TORCH_CHECK(th.numel() == C && sg.numel() == C, "one threshold and one sign per input channel");
     const int64_t Cp = round_up(C, 16);
@@ -574,10 +583,18 @@ class BinaryLayer {
     TORCH_CHECK(sc.numel() == O_, "scale needs one value per output channel");
     scale_.assign(sc.data_ptr<float>(), sc.data_ptr<float>() + O_);
     slope_.assign(O_, 0.0f);
-    if (act_ == ACT_PRELU) {
+    if (act_ == ACT_PRELU || act_ == ACT_RPRELU) {
       auto sl = slope.to(torch::kFloat).contiguous();
       TORCH_CHECK(sl.numel() == O_ || sl.numel() == 1, "PReLU needs one slope or one per channel");
       for (int64_t o = 0; o < O_; ++o) slope_[o] = sl.data_ptr<float>()[sl.numel() == 1 ? 0 : o];
+    }
+    shift_in_.assign(O_, 0.0f); shift_out_.assign(O_, 0.0f);
+    if (act_ == ACT_RPRELU) {
+      TORCH_CHECK(shift_in.has_value() && shift_out.has_value(), "RPReLU needs its two shifts");
+      auto si = shift_in->to(torch::kFloat).contiguous(), so = shift_out->to(torch::kFloat).contiguous();
+      TORCH_CHECK(si.numel() == O_ && so.numel() == O_, "RPReLU needs one shift per channel, before and after");
+      std::copy(si.data_ptr<float>(), si.data_ptr<float>() + O_, shift_in_.begin());
+      std::copy(so.data_ptr<float>(), so.data_ptr<float>() + O_, shift_out_.begin());
     }
     // Field extraction tables (groups of <= 64 bits out of a pixel's channel bits).
     const int64_t Gp = round_up(G_, 8);
@@ -706,6 +723,7 @@ class BinaryLayer {
         Epi e;
         e.acc = acc; e.aw = aw_; e.vb = vb; e.n_pix = OW; e.O = O_;
         e.scale = scale_.data(); e.slope = slope_.data();
+        e.shift_in = shift_in_.data(); e.shift_out = shift_out_.data();
         if (nhwc) {
           const int64_t base = (n * OH + oh) * OW * O_;
           e.out = dst + base; e.res = res ? res + base : nullptr; e.add = addp ? addp + base : nullptr;
@@ -890,7 +908,7 @@ class BinaryLayer {
 
   int64_t C_, O_ = 0, G_ = 1, cg_ = 0, fw_ = 1, PW_ = 1, aw_ = 0;
   int act_;
-  std::vector<float> thr_, sgn_, scale_, slope_;
+  std::vector<float> thr_, sgn_, scale_, slope_, shift_in_, shift_out_;
   std::vector<Sub> subs_;
   std::vector<int64_t> ex_idx_, ex_sh_, ex_shl_;
   std::vector<u64> ones_;
@@ -1112,10 +1130,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // module_local: a second load of the same library (a cleared loader cache) registers it again.
   pybind11::class_<BinaryLayer>(m, "BinaryLayer", pybind11::module_local())
       .def(pybind11::init<int64_t, torch::Tensor, torch::Tensor, std::vector<torch::Tensor>,
-                          std::vector<std::vector<int64_t>>, torch::Tensor, int64_t, torch::Tensor>(),
+                          std::vector<std::vector<int64_t>>, torch::Tensor, int64_t, torch::Tensor,
+                          c10::optional<torch::Tensor>, c10::optional<torch::Tensor>>(),
            pybind11::arg("in_channels"), pybind11::arg("thresholds"), pybind11::arg("signs"),
            pybind11::arg("weights"), pybind11::arg("params"), pybind11::arg("scale"),
-           pybind11::arg("act"), pybind11::arg("slope"))
+           pybind11::arg("act"), pybind11::arg("slope"),
+           pybind11::arg("shift_in") = pybind11::none(), pybind11::arg("shift_out") = pybind11::none())
       .def("forward", &BinaryLayer::forward, pybind11::arg("x"),
            pybind11::arg("residual") = pybind11::none(), pybind11::arg("add") = pybind11::none())
       .def("describe", &BinaryLayer::describe)

@@ -9,7 +9,7 @@
   negative), found at load time by bisection on the module's own BatchNorm and checked against it,
   so the bits are exactly the float path's; the C++ kernel packs the input bits straight from the
   previous layer's float output (the normalised tensor is never written), runs XNOR + popcount
-  and applies α, PReLU / ReLU and the adds that follow in the same pass;
+  and applies α, PReLU / ReLU / RPReLU (its shifts too) and the adds that follow in the same pass;
 * a cell op ``f(x) + x`` (:class:`~bats_cli.ops.GroupConvOp`), ResNet's ``conv2(conv1(x)) + x``
   and a cell node's sum of two ops hand their adds to that pass (:class:`BitwiseGroupConvOp`,
   :class:`BitwiseBasicBlock`, :class:`BitwiseCell`); factorized reduce (BatchNorm, two binary 1×1
@@ -35,11 +35,11 @@ from bats_cli.engine._build import EngineUnavailable, load_extension
 from bats_cli.errors import UserInputError
 from bats_cli.networks import Cell
 from bats_cli.ops import FactorizedReduce, GroupConvOp
-from bats_cli.quant import BinaryConvBlock, QuantConv2d
+from bats_cli.quant import BinaryConvBlock, QuantConv2d, RPReLU
 from bats_cli.resnet import BasicBlock
 
 ENGINES = ("float", "bitwise", "auto")
-ACT_NONE, ACT_RELU, ACT_PRELU = 0, 1, 2
+ACT_NONE, ACT_RELU, ACT_PRELU, ACT_RPRELU = 0, 1, 2, 3
 
 _REAL_WEIGHTS = ("the bitwise engine needs binary weights and binary activations (a packed "
                  "artifact or a binarize checkpoint), not a step-1 model with real weights")
@@ -152,14 +152,18 @@ def _plain_sign(C: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(C), torch.ones(C)
 
 
-def _activation(module: nn.Module | None, channels: int) -> tuple[int, torch.Tensor] | None:
-    """``(code, slopes)`` of an activation the kernel applies, ``None`` if it cannot."""
+def _activation(module: nn.Module | None, channels: int) -> tuple[int, torch.Tensor, tuple] | None:
+    """``(code, slopes, shifts)`` of an activation the kernel applies, ``None`` if it cannot;
+    ``shifts``: RPReLU's (before, after) per channel, else ``()``."""
     if module is None or isinstance(module, nn.Identity):
-        return ACT_NONE, torch.zeros(1)
+        return ACT_NONE, torch.zeros(1), ()
     if isinstance(module, nn.ReLU):
-        return ACT_RELU, torch.zeros(1)
+        return ACT_RELU, torch.zeros(1), ()
     if isinstance(module, nn.PReLU) and module.weight.numel() in (1, channels):
-        return ACT_PRELU, module.weight.detach().float().cpu().clone()
+        return ACT_PRELU, module.weight.detach().float().cpu().clone(), ()
+    if isinstance(module, RPReLU) and module.weight.numel() == channels:
+        shifts = tuple(t.detach().float().cpu().clone() for t in (module.shift_in, module.shift_out))
+        return ACT_RPRELU, module.weight.detach().float().cpu().clone(), shifts
     return None
 
 
@@ -171,7 +175,8 @@ class _KernelLayer(nn.Module):
     grouped_conv = False  # runtime.memory_format: stands in for a grouped conv when True
 
     def _set_layer(self, in_channels: int, thresholds, signs, convs: list[QuantConv2d],
-                   geometry: list[list[int]], scale: torch.Tensor, act: int, slope: torch.Tensor) -> None:
+                   geometry: list[list[int]], scale: torch.Tensor, act: int, slope: torch.Tensor,
+                   shifts: tuple = ()) -> None:
         self.in_channels = in_channels
         self.out_channels = sum(c.out_channels for c in convs)
         self.n_convs = len(convs)
@@ -181,6 +186,10 @@ class _KernelLayer(nn.Module):
             self.register_buffer(f"weight_sign_{i}", _weight_signs(conv))
         self.register_buffer("scale", scale.detach().float().cpu().clone())
         self.register_buffer("slope", slope.float().clone())
+        # RPReLU's shifts before and after the PReLU (ACT_RPRELU only), applied in the same pass.
+        self._shifts = len(shifts) == 2
+        for name, t in zip(("shift_in", "shift_out"), shifts or (torch.zeros(1), torch.zeros(1))):
+            self.register_buffer(name, t.float().clone())
         self._geometry = geometry
         self._act = act
         self._handle = None
@@ -191,8 +200,9 @@ class _KernelLayer(nn.Module):
         if self._handle is None:
             ext = load_extension()
             weights = [getattr(self, f"weight_sign_{i}").float() for i in range(len(self._geometry))]
+            shifts = (self.shift_in, self.shift_out) if self._shifts else (None, None)
             self._handle = ext.BinaryLayer(self.in_channels, self.thresholds, self.signs, weights,
-                                           self._geometry, self.scale, self._act, self.slope)
+                                           self._geometry, self.scale, self._act, self.slope, *shifts)
         return self._handle
 
     def __getstate__(self):
@@ -253,9 +263,9 @@ class BitwiseBlock(_KernelLayer):
         thresholds, signs = folded if folded is not None else _plain_sign(conv.in_channels)
         act = _activation(block.act, conv.out_channels)
         self.act = None if act is not None else block.act
-        code, slope = act if act is not None else (ACT_NONE, torch.zeros(1))
+        code, slope, shifts = act if act is not None else (ACT_NONE, torch.zeros(1), ())
         self._set_layer(conv.in_channels, thresholds, signs, [conv], [_geometry(conv)], conv.scale,
-                        code, slope)
+                        code, slope, shifts)
         self.folded = folded is not None
         self._one_pass = self.bn is None and self.act is None
 
@@ -290,11 +300,11 @@ class BitwiseFactorizedReduce(_KernelLayer):
         c_out = fr.conv_1.out_channels + fr.conv_2.out_channels
         act = _activation(fr.post, c_out)
         self.post = None if act is not None else fr.post
-        code, slope = act if act is not None else (ACT_NONE, torch.zeros(1))
+        code, slope, shifts = act if act is not None else (ACT_NONE, torch.zeros(1), ())
         scale = torch.cat([fr.conv_1.scale.detach(), fr.conv_2.scale.detach()])
         self._set_layer(c_in, thresholds, signs, [fr.conv_1, fr.conv_2],
                         [_geometry(fr.conv_1), _geometry(fr.conv_2, offset=1, fill_ones=True)],
-                        scale, code, slope)
+                        scale, code, slope, shifts)
         self.folded = folded is not None
 
     def forward(self, x: torch.Tensor, residual=None, add=None) -> torch.Tensor:

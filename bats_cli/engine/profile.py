@@ -27,7 +27,9 @@ def category(module: nn.Module) -> str | None:
         return "binary conv"
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return "batchnorm"
-    if isinstance(module, (nn.PReLU, nn.ReLU)):
+    from bats_cli.quant import RPReLU
+
+    if isinstance(module, (nn.PReLU, nn.ReLU, RPReLU)):
         return "activation"
     if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
         return "pool"
