@@ -33,7 +33,7 @@ from bats_cli.archs import RESNET18, model_key
 from bats_cli.errors import Interrupted, RunFailure, UserInputError
 from bats_cli.fileio import atomic_write_json, atomic_write_text
 
-STUDIES = ("space", "temperature", "strategy", "random", "zoo", "proxy")
+STUDIES = ("space", "temperature", "strategy", "random", "zoo", "proxy", "recipe")
 # tiny: a smoke test of a study's commands (about a minute per job), not a result.
 PRESETS = ("cpu", "paper", "tiny")
 EVAL_NAME = "eval.json"
@@ -61,7 +61,9 @@ MATCH_TOLERANCE = 0.1
 CANDIDATE_SEED_BASE = 1000
 # The row every other row of a study is compared with, seed for seed (the paper's setting).
 REFERENCE = {"space": "bats", "temperature": "T0.2", "strategy": "Wreal-Abinary", "random": "searched",
-             "zoo": "bats_c10", "proxy": "searched-c12"}
+             "zoo": "bats_c10", "proxy": "searched-c12", "recipe": "paper"}
+# The recipe study's attention-matching weight (Real-to-Binary's loss at this project's scale; not tuned).
+RECIPE_ATTENTION_WEIGHT = 1.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,12 @@ class Variant:
     # The random-search baseline: this many random cells, trained briefly, the best on held-out
     # training images kept (DARTS; Li & Talwalkar 2019).
     candidates: int = 0
+    # Distillation (the recipe study): the variant of the same seed whose job trains the real-valued
+    # teacher (`bats train GENOTYPE --real`; this variant's own name: it trains it), given as
+    # `--teacher` to both steps; and extra flags of step 1 (`train`) and step 2 (`binarize`).
+    teacher: str | None = None
+    train_flags: tuple[str, ...] = ()
+    binarize_flags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -212,6 +220,17 @@ def study_variants(study: str, *, optimizer: str = "adam") -> list[Variant]:
                     _search(optimizer) + ("--channels", "12")),
             Variant("searched", "BATS search (the cpu preset: C = 6, 2 groups)", _search(optimizer)),
             Variant("random", "one random cell of the BATS space", random=True),
+        ]
+    if study == "recipe":  # the training recipe on one cell: the paper's two steps against distillation
+        g = "bats_c10"
+        att = ("--attention-weight", f"{RECIPE_ATTENTION_WEIGHT:g}")
+        return [
+            Variant("paper", "two steps, cross-entropy (the paper)", genotype=g, paper="93.7"),
+            Variant("kd", "KL to the real-valued teacher in both steps (ReActNet's loss)", genotype=g, teacher="kd"),
+            Variant("kd+attention", "KL + attention matching of cell outputs (Real-to-Binary)", genotype=g,
+                    teacher="kd", train_flags=att, binarize_flags=att),
+            Variant("kd+rprelu", "KL + RPReLU activations (ReActNet)", genotype=g, teacher="kd",
+                    train_flags=("--activation", "rprelu")),
         ]
     if study == "zoo":  # Table 5: published cells and the hand-designed ResNet-18, binarized as in §3
         zoo = [("bats_c10", "BATS (paper's cell)", "93.7"), ("darts_v1", "DARTS (first order)", "89.4"),
@@ -378,10 +397,22 @@ def build_jobs(o: StudyOptions) -> list[Job]:
                 genotype = str(genotype_file)
             else:
                 genotype = str(variant.genotype)
-            job.steps.append(Step("train", ("train", genotype, *_train_flags(o), *common, "--out", str(d / "train")),
+            distill: tuple[str, ...] = ()
+            if variant.teacher is not None:
+                teacher_dir = o.out / variant.teacher / f"seed{seed}" / "teacher"
+                if variant.teacher == variant.name:
+                    # Same data, preset, seed and epochs as the student: only --real differs.
+                    job.steps.append(Step("teacher", ("train", genotype, *_train_flags(o), *common, "--real",
+                                                      "--out", str(teacher_dir)), teacher_dir / "result.json"))
+                else:
+                    job.requires.append(teacher_dir / "result.json")
+                distill = ("--teacher", str(teacher_dir / "last.safetensors"))
+            job.steps.append(Step("train", ("train", genotype, *_train_flags(o), *common, *distill,
+                                            *variant.train_flags, "--out", str(d / "train")),
                                   d / "train" / "result.json"))
             job.steps.append(Step("binarize", ("binarize", str(d / "train" / "last.safetensors"), "--preset",
-                                               o.preset, *_threads(o), "--resume-or-start", "--quiet", "--out",
+                                               o.preset, *_threads(o), *distill, *variant.binarize_flags,
+                                               "--resume-or-start", "--quiet", "--out",
                                                str(d / "binarize")), d / "binarize" / "result.json"))
             job.steps.append(Step("eval", ("eval", str(job.packed), *_data_flags(o), *_threads(o),
                                            "--output", str(job.result)), job.result))
@@ -725,7 +756,8 @@ PUBLISHED = ("job.json", "executed.json", "steps.json", "REUSED.txt", "match.jso
              "eval.json", "eval.predictions.npy", "search/result.json", "search/metrics.csv",
              "search/alphas/*.json", "train/result.json", "train/config.json", "train/metrics.csv",
              "candidates/*/genotype.json", "candidates/*/train/result.json", "candidates/*/train/config.json",
-             "binarize/result.json", "binarize/metrics.csv", "binarize/model.packed.safetensors")
+             "binarize/result.json", "binarize/metrics.csv", "binarize/model.packed.safetensors",
+             "teacher/result.json", "teacher/config.json", "teacher/metrics.csv")
 
 
 def publish(o: StudyOptions, dest: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -910,6 +942,12 @@ def job_record(job: Job, status: str | None = None, *, eval_name: str = EVAL_NAM
         rec["selection_seconds"] = round(sum(v for k, v in rec["seconds"].items() if k.startswith("candidate")), 1)
     if job.variant.match_of:
         rec["match"] = _read(job.dir / MATCH_NAME)
+    if job.variant.teacher is not None:
+        # The teacher's cost (trained by the job of variant `teacher`, shared by the seed's other rows).
+        te = _read(job.dir.parent.parent / job.variant.teacher / job.dir.name / "teacher" / "result.json")
+        rec["teacher"] = job.variant.teacher
+        rec["teacher_seconds"] = te.get("seconds") if te else None
+        rec["teacher_val_top1"] = te.get("final_val_top1") if te else None
     geno_src = job.variant.genotype or str(job.dir / "genotype.json")
     if job.variant.genotype and model_key(job.variant.genotype):
         # Not a cell network: no genotype and no parameter-free share of its cells.
@@ -1094,6 +1132,10 @@ def summarise(o: StudyOptions, jobs: Sequence[Job], status: Mapping[str, str] | 
         row["seconds_mean"] = statistics.fmean(secs) if secs else None
         ses = [r["top1_se"] for r in done if r.get("top1_se") is not None]
         row["top1_se_mean"] = statistics.fmean(ses) if ses else None
+        if v.teacher is not None:
+            tsecs = [r["teacher_seconds"] for r in done if r.get("teacher_seconds") is not None]
+            row["teacher"] = v.teacher
+            row["teacher_seconds_mean"] = statistics.fmean(tsecs) if tsecs else None
         searched = [r["genotype"] for r in done if r.get("genotype") and (v.search is not None or v.search_of)]
         if len(searched) > 1:
             from bats_cli.search_health import cell_similarity
@@ -1161,6 +1203,15 @@ def markdown(summary: Mapping[str, Any]) -> str:
             f"{_num(None if v['seconds_mean'] is None else v['seconds_mean'] / 60, '.1f')} |"
         )
     lines.append("")
+    taught = [v for v in s["variants"] if v.get("teacher")]
+    if taught:
+        owner = taught[0]["teacher"]
+        t = next((v["teacher_seconds_mean"] for v in taught if v.get("teacher_seconds_mean") is not None), None)
+        lines += [f"Same budget in every row: the same epochs of step 1 and of the fine-tuning. The distillation "
+                  f"rows add a real-valued teacher (`bats train --real`, the same cell, data, preset and "
+                  f"epochs), trained once per seed by the `{owner}` row and shared by the others: "
+                  f"{_num(None if t is None else t / 60, '.1f')} min per seed, counted in the time of the "
+                  f"`{owner}` row only; each distilled step also runs the teacher's forward pass.", ""]
     failed = [j for j in s.get("jobs", []) if j.get("status") == "failed"]
     if failed:
         lines += ["Failed jobs (rerun the study to retry them):", ""]

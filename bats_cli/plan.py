@@ -563,6 +563,15 @@ def plan_run(
     memory, available, in_use = _memory_room(device)
     # The meta-device estimate first: shapes only, no memory, a second or two.
     steps = [estimate_step(c, input_shape=input_shape) for c in candidates]
+    t_weights = t_forward = 0
+    if teacher is not None:
+        # Frozen weights through the run; its forward pass's layer outputs (meta estimate).
+        t_step = estimate_step(teacher, input_shape=input_shape)
+        t_weights = sum(t.numel() * t.element_size() for t in list(teacher.parameters()) + list(teacher.buffers()))
+        t_forward = int(t_step.activation_bytes / t_step.batch * batch_size)
+        t_note = (f"teacher counted: {t_step.params:,} parameters ({t_weights / 2**20:.1f} MiB, frozen) "
+                  f"and its forward pass (up to {t_forward / 2**20:.1f} MiB at batch {batch_size}); "
+                  "the time estimate leaves out its forward pass")
     n_params = (sum(p.numel() for p in model.parameters()) if model is not None else steps[0].params)
     base = dict(command=command, device=str(device), dataset=dataset, train_images=train_images,
                 test_images=test_images, parameters=n_params, batch_size=batch_size,
@@ -581,14 +590,15 @@ def plan_run(
                     f"free; {advice}"
                 )
             peak = max(_unmeasured_plan(s, batch_size=batch_size, optimizer_moments=optimizer_moments)
-                       for s in steps)
+                       for s in steps) + t_weights + t_forward
             for line in Plan(**base, peak_memory_bytes=0, largest_fitting_batch=None, fits=True).header_lines():
                 say(line)
             return Plan(
                 **base, peak_memory_bytes=peak, largest_fitting_batch=0, fits=False,
                 memory_source="estimated",
                 notes=[f"estimate only, not measured: one measured step would need about "
-                       f"{_gib(worst.need_bytes)} of {memory} ({_gib(max(room, 0))} free)"],
+                       f"{_gib(worst.need_bytes)} of {memory} ({_gib(max(room, 0))} free)"]
+                + ([t_note] if teacher is not None else []),
             )
     for line in Plan(**base, peak_memory_bytes=0, largest_fitting_batch=None, fits=True).header_lines():
         say(line)
@@ -644,16 +654,10 @@ def plan_run(
         if best is None or peak > best[0]:
             best = (peak, train_m, extra)
     peak, train_m, extra = best
-    notes: list[str] = []
+    notes: list[str] = [t_note] if teacher is not None else []
     if teacher is not None:
-        t_step = estimate_step(teacher, input_shape=input_shape)
-        t_weights = sum(t.numel() * t.element_size() for t in list(teacher.parameters()) + list(teacher.buffers()))
-        t_forward = int(t_step.activation_bytes / t_step.batch * batch_size)
         peak = max(peak + t_weights, train_m.fixed_bytes + extra + t_weights + t_forward)
         extra += t_weights
-        notes.append(f"teacher counted: {t_step.params:,} parameters ({t_weights / 2**20:.1f} MiB, frozen) "
-                     f"and its forward pass (up to {t_forward / 2**20:.1f} MiB at batch {batch_size}); "
-                     "the time estimate leaves out its forward pass")
     largest = None
     fits = True
     if available is not None:

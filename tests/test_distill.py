@@ -315,3 +315,75 @@ def test_rprelu_pack_eval_and_export_agree(tmp_path, capsys):
     assert cli(["export", str(path), "-o", str(tmp_path / "r.onnx")], capsys)[0] == 0
     ort = evaluate_onnx(tmp_path / "r.onnx", threads=1, return_predictions=True, subset=64)
     assert torch.equal(ort["predictions"], runs["float"]["predictions"])
+
+
+# --------------------------------------------------------------------------- bats ablate recipe
+
+
+def test_recipe_study_shares_one_teacher_per_seed_and_its_commands_parse(tmp_path, capsys):
+    import shlex
+
+    from typer.main import get_command
+
+    from bats_cli.ablate import StudyOptions, build_jobs, markdown, run_study
+    from bats_cli.cli import _load_commands
+    from bats_cli.cli.app import app
+
+    out = tmp_path / "study"
+    code, stdout, err = cli(["ablate", "recipe", "--preset", "tiny", "--emit", "shell", "--out", str(out)], capsys)
+    assert code == 0, err
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 4
+    _load_commands()
+    group = get_command(app)
+    teacher = str(out / "kd" / "seed0" / "teacher" / "last.safetensors")
+    for line in lines:
+        argvs = [shlex.split(part) for part in line.split(" && ") if part.startswith("bats ")]
+        for argv in argvs:  # every flag is accepted by the real command
+            group.get_command(None, argv[1]).make_context(argv[1], argv[2:])
+        steps = {a[1] if a[1] != "train" or "--real" not in a else "teacher": a for a in argvs}
+        if "/paper/" in line:
+            assert "--teacher" not in line and "teacher" not in steps
+            continue
+        assert steps["train"][steps["train"].index("--teacher") + 1] == teacher
+        assert steps["binarize"][steps["binarize"].index("--teacher") + 1] == teacher
+        # Only the kd row trains the teacher; the others wait for it.
+        assert ("teacher" in steps) == ("/kd/seed0/eval.json" in line)
+        if "/kd+attention/" in line:
+            assert "--attention-weight" in steps["train"] and "--attention-weight" in steps["binarize"]
+        if "/kd+rprelu/" in line:
+            assert steps["train"][steps["train"].index("--activation") + 1] == "rprelu"
+    # With a fake runner: the teacher's time is reported beside the same-budget note.
+    o = StudyOptions(study="recipe", out=tmp_path / "fake", preset="tiny", seeds=2)
+
+    def runner(step, log):
+        step.done.parent.mkdir(parents=True, exist_ok=True)
+        if step.name == "teacher":
+            step.done.write_text(json.dumps({"seconds": 120.0, "final_val_top1": 80.0}))
+        elif step.name == "eval":
+            step.done.write_text(json.dumps({"top1": 50.0, "n_images": 100}))
+        elif step.name == "binarize":
+            step.done.write_text(json.dumps({"step1_top1": 60.0}))
+        else:
+            step.done.write_text("{}")
+        return 0
+
+    summary = run_study(o, runner=runner, log=lambda m: None)
+    rows = {v["variant"]: v for v in summary["variants"]}
+    assert rows["kd+rprelu"]["teacher_seconds_mean"] == 120.0 and "teacher" not in rows["paper"]
+    assert {(c["a"], c["b"]) for c in summary["comparisons"]} == {("paper", "kd"), ("paper", "kd+attention"),
+                                                                   ("paper", "kd+rprelu")}
+    assert "2.0 min per seed" in markdown(summary) and len(build_jobs(o)) == 8
+
+
+def test_the_plan_counts_the_teacher(chain, tmp_path, capsys):
+    _, t_path, _, _ = chain
+    plans = {}
+    for extra in ((), ("--teacher", str(t_path))):
+        code, out, err = cli(_train_argv(tmp_path / "run", *extra, "--dry-run", "--json"), capsys)
+        assert code == 0, err
+        plans[bool(extra)] = json.loads(out)
+    weights = sum(t.numel() * 4 for k, t in load_checkpoint(t_path)[0].items() if k.startswith("model."))
+    assert plans[True]["peak_memory_bytes"] >= plans[False]["peak_memory_bytes"] + 0.9 * weights
+    assert any(n.startswith("teacher counted") for n in plans[True]["notes"]) and not plans[False]["notes"]
+    assert not (tmp_path / "run").exists()

@@ -44,7 +44,7 @@ def result_table(summary: Mapping[str, Any]) -> Any:
 
 @app.command("ablate")
 def ablate_command(
-    study: Annotated[str, typer.Argument(metavar="STUDY", help="space (Table 2), temperature (Table 3), strategy (Table 4), random (searched vs random cells) or zoo (Table 5's cells).")],
+    study: Annotated[str, typer.Argument(metavar="STUDY", help="space (Table 2), temperature (Table 3), strategy (Table 4), random (searched vs random cells), zoo (Table 5's cells), proxy (the CPU search's width) or recipe (the paper's two steps vs distillation from a real-valued teacher: kd, kd+attention, kd+rprelu).")],
     out: Annotated[Optional[Path], opt("--out", "-o", panel="Output", file_okay=False, help="Study directory (one run directory per job; results.json/.md/.png). Default runs/ablate-STUDY; rerun to resume.")] = None,
     preset: Annotated[str, opt("--preset", panel=STUDY, help="cpu (minutes per job on a CPU), paper (the paper's full settings, GPU) or tiny (a one-minute smoke test of the commands, not a result).")] = "cpu",
     dataset: DatasetOpt = None,
