@@ -223,6 +223,21 @@ def test_resume_with_a_teacher_gives_the_same_result_and_checks_its_hash(chain):
     assert resumed["final_val_top1"] == student["final_val_top1"]
 
 
+def test_binarize_with_a_teacher_resumes_to_the_same_result(chain):
+    root, t_path, student, binarized = chain
+    cfg = BinarizeConfig(checkpoint=student["last"], epochs=1, device="cpu", calibration_batches=2, threads=1,
+                         teacher=str(t_path), kd_temperature=2.0)
+    with pytest.raises(Interrupted):
+        binarize(cfg, out=root / "bin_cut", quiet=True, stop_after_steps=2, handle_signals=False)
+    resumed = binarize(BinarizeConfig(checkpoint=student["last"]), out=root / "bin_cut", resume=True, quiet=True,
+                       overrides={}, handle_signals=False, packed=root / "cut.packed.safetensors")
+    assert resumed["teacher"] == binarized["teacher"] and resumed["final_top1"] == binarized["final_top1"]
+    a, _ = load_checkpoint(binarized["last"])
+    b, _ = load_checkpoint(root / "bin_cut" / "last.safetensors")
+    for k in (k for k in a if k.startswith(("model.", "optim."))):
+        assert torch.equal(a[k], b[k]), k
+
+
 # --------------------------------------------------------------------------- --activation rprelu
 
 
