@@ -145,8 +145,9 @@ def train_command(
 
     Example: bats train resnet18 --preset tiny --out runs/resnet-tiny
 
-    Distillation: bats train bats_c10 --preset tiny --real --out runs/teacher, then
-    bats train bats_c10 --preset tiny --teacher runs/teacher/last.safetensors
+    Example (a real-valued teacher): bats train bats_c10 --preset tiny --real --out runs/teacher
+
+    Example (distillation from it): bats train bats_c10 --preset tiny --teacher runs/teacher/last.safetensors
     """
     starting("train", "loading torch, the data and the network", quiet=quiet or print_config_)
     from bats_cli.config import load_config_file, resolve_config
