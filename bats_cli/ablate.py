@@ -55,6 +55,9 @@ HOLDOUT = {"cpu": 1000, "paper": 5000, "tiny": 250}
 # scale, 4 at cpu scale) and their short training budget (cpu: 1 of the 4 epochs; paper: 60 of 600);
 CANDIDATES = {"cpu": 4, "paper": 8, "tiny": 2}
 CANDIDATE_EPOCHS = {"cpu": 1, "paper": 60, "tiny": 1}
+# searched-perturbation's held-out images per preset; absent: derive's default (512). The tiny
+# preset's supernet is a smoke test, so a few images show that the step runs.
+PERTURB_IMAGES = {"tiny": 64}
 # a matched random cell's size tolerance (±10 % of the searched cell's parameters);
 MATCH_TOLERANCE = 0.1
 # derive seeds of random-search candidates: disjoint from the `random` arm's seeds 0..N-1.
@@ -360,8 +363,10 @@ def build_jobs(o: StudyOptions) -> list[Job]:
             elif variant.search_of is not None:
                 search_dir = o.out / variant.search_of / f"seed{seed}" / "search"
                 job.requires.append(search_dir / "result.json")
+                images = PERTURB_IMAGES.get(o.preset)
+                perturb = ("--perturb-images", str(images)) if images and variant.select == "perturbation" else ()
                 job.steps.append(Step("derive", ("derive", str(search_dir), "--select", variant.select,
-                                                 *_data_flags(o), "--seed", str(seed), *_threads(o),
+                                                 *perturb, *_data_flags(o), "--seed", str(seed), *_threads(o),
                                                  *derive_out), genotype_file))
                 genotype = str(genotype_file)
             elif variant.match_of is not None:

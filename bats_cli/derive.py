@@ -287,17 +287,29 @@ def match_network(preset: str | None = DEFAULT_MATCH_PRESET, *, layers: int | No
     )
 
 
-def network_cost(genotype: Genotype, network: MatchNetwork) -> dict[str, Any]:
-    """Parameters and OPs (FLOPs + BOPs/64) of ``genotype``'s network, as `bats flops` counts them."""
+def network_cost(genotype: Genotype, network: MatchNetwork, by: str | None = None) -> dict[str, Any]:
+    """Parameters and OPs (FLOPs + BOPs/64) of ``genotype``'s network, as `bats flops` counts them
+    (``by="params"``: the parameters alone, without building real weights or a forward pass)."""
+    import torch
+
     from bats_cli.counting import count_model
     from bats_cli.networks import build_network
 
-    # The auxiliary tower is not counted (count_model drops it): not building it is faster.
-    model = build_network(
-        genotype, kind=network.kind, num_classes=network.num_classes,
-        in_channels=network.in_channels, layers=network.layers, channels=network.channels,
-        auxiliary=False,
-    )
+    def build():
+        # The auxiliary tower is not counted (count_model drops it): not building it is faster.
+        return build_network(
+            genotype, kind=network.kind, num_classes=network.num_classes,
+            in_channels=network.in_channels, layers=network.layers, channels=network.channels,
+            auxiliary=False,
+        )
+
+    if by == "params":
+        # Shapes only: a meta-device network has the same parameters as `bats flops` counts
+        # (every one, the auxiliary tower not built) at no cost for initialising weights.
+        with torch.device("meta"):
+            model = build()
+        return {"params": sum(p.numel() for p in model.parameters())}
+    model = build()
     report = count_model(model, (network.in_channels, network.image_size, network.image_size), meta=False)
     return {"params": int(report.params), "ops": float(report.ops)}
 
@@ -365,14 +377,14 @@ def matched_random_genotype(
             "nodes, all concatenated (the shape random cells have)"
         )
     ops = _random_ops(space, steps)
-    goal = network_cost(target, network)[by]
+    goal = network_cost(target, network, by)[by]
     rng = random.Random(seed)
     closest: float | None = None
     for draw in range(1, max_draws + 1):
         cells = _random_cells(rng, ops, steps)
         candidate = _genotype_of(cells, name="draw", space=space, steps=steps, source="-", notes="-",
                                  origin="random genotype")
-        value = network_cost(candidate, network)[by]
+        value = network_cost(candidate, network, by)[by]
         if closest is None or abs(value - goal) < abs(closest - goal):
             closest = value
         if abs(value - goal) <= tolerance * goal:

@@ -214,8 +214,9 @@ def test_the_random_study_runs_its_five_arms_end_to_end_with_the_real_commands(t
     # The real `bats` subprocesses, at the tiny preset: every step's flags are accepted on a fresh
     # run directory and every result file is where the summary looks for it.
     out = tmp_path / "study"
+    # A few hundred training images per network: the flags and files are what is checked here.
     code, stdout, err = cli(["ablate", "random", "--preset", "tiny", "--threads", "1", "--jobs", "2",
-                             "--out", str(out), "--json"], capsys)
+                             "--subset", "300", "--holdout", "60", "--out", str(out), "--json"], capsys)
     assert code == 0, err + "".join(p.read_text() for p in out.rglob("*.log"))
     summary = json.loads(stdout)
     jobs = {j["variant"]: j for j in summary["jobs"]}

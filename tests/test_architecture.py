@@ -7,6 +7,7 @@ Imports inside functions count too: a lazy import is still a dependency.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                                          "bats_cli.derive", "bats_cli.plot", "bats_cli.engine*",
                                          "bats_cli.search_health")),
     ("run loop and evaluation", ("bats_cli.runloop", "bats_cli.evaluate", "bats_cli.export",
-                                 "bats_cli.onnx_eval", "bats_cli.plan")),
+                                 "bats_cli.onnx_eval", "bats_cli.plan",
+                                 "bats_cli.distill")),
     ("pipeline stages", ("bats_cli.search", "bats_cli.train", "bats_cli.binarize",
                          "bats_cli.report", "bats_cli.selection")),
     ("studies", ("bats_cli.ablate",)),
@@ -74,6 +76,7 @@ def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
     return found
 
 
+@functools.cache  # parsed once per session: every parametrized test reads the same graph
 def _graph() -> dict[str, set[str]]:
     modules = _modules()
     return {name: _imports(path, modules) for name, path in modules.items()}

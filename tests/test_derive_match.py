@@ -42,6 +42,7 @@ def test_count_matches_bats_flops():
     report = count_model(model, (3, 16, 16))  # on the meta device
     cost = network_cost(TARGET, net)
     assert cost["params"] == report.params and cost["ops"] == pytest.approx(report.ops)
+    assert network_cost(TARGET, net, "params") == {"params": report.params}  # the meta-device count
 
 
 @pytest.mark.parametrize("by", ["params", "ops"])
