@@ -42,3 +42,10 @@ try:
     _hypothesis_settings.register_profile("nightly", max_examples=2500, deadline=None)
 except ImportError:  # pragma: no cover - hypothesis is a dev dependency
     pass
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with a `slow` test first (order kept otherwise): with one module per xdist worker,
+    the longest modules start at once instead of ending the run on one busy worker."""
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)

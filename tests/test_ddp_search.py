@@ -44,6 +44,7 @@ def _model(path: Path) -> dict[str, torch.Tensor]:
             if k.startswith("model.") and v.is_floating_point() and "running_" not in k}
 
 
+@pytest.mark.slow
 def test_two_processes_agree_resume_after_sigterm_and_match_one(tmp_path, monkeypatch):
     out = tmp_path / "ddp"
     # SIGTERM to the whole job (as SLURM or Ctrl-C send it): every worker gets it directly and

@@ -49,6 +49,7 @@ def test_holdout_larger_than_training_split_is_refused():
         build_datasets("fashion-mini", subset=100, holdout=100)
 
 
+@pytest.mark.slow
 def test_train_and_binarize_validate_on_the_holdout(tmp_path, capsys):
     out = tmp_path / "train"
     code, stdout, err = cli(["train", "bats_c10", "--preset", "tiny", "--subset", "600", "--holdout", "100",

@@ -240,6 +240,7 @@ def _bats(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tmp_path):
     reference = _bats([*TRAIN, "--out", str(tmp_path / "ref")])
     stopped_out = tmp_path / "stopped"
@@ -609,6 +610,7 @@ def _bats_peak_rss(args):
     return proc, time.monotonic() - started, maxrss_kib * 1024
 
 
+@pytest.mark.slow
 def test_search_too_big_to_measure_is_refused_before_allocating(tmp_path):
     # Parameters under every size cap, but one measured step (supernet, copy, gradients,
     # activations) is ~1 TB: refused from the meta-device estimate, nothing built or measured.

@@ -84,6 +84,7 @@ sys.exit(code or 0)
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+@pytest.mark.slow
 def test_dry_run_estimate_within_half_and_twice_the_real_peak(tmp_path):
     args = ["train", "bats_c10", "--preset", "tiny", "--epochs", "1", "--subset", "640", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -184,6 +185,7 @@ def tiny_runs(tmp_path_factory):
     return root, result
 
 
+@pytest.mark.slow
 def test_report_of_a_search_and_a_train(tiny_runs, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from PIL import Image

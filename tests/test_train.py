@@ -271,6 +271,7 @@ def test_train_sigterm_saves_and_exits_130(tmp_path):
     assert meta.epoch * 50 + meta.step >= 1
 
 
+@pytest.mark.slow
 def test_learns_on_real_images(cifar10_mini_dir, tmp_path):
     """The tiny network trained for 200 steps on cifar10-mini beats chance (10 %) clearly.
 
