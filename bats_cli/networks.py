@@ -300,6 +300,10 @@ def build_network(
     elif spec is None:
         spec = BinarySpec(activations=True, weights=False)
     space = getattr(genotype, "space", "bats")
+    if spec.real and space == "darts" and activation != "prelu":
+        # DARTS's float ops are ReLU -> conv -> BatchNorm: there is no activation to choose.
+        raise UserInputError(f"--activation {activation}: the DARTS space's real-valued ops (ReLU -> conv -> "
+                             "BatchNorm) have no activation after the conv; drop --activation")
     if stem_groups is None:
         # The DARTS float network keeps the DARTS stem; binary networks use §6.3's grouped stem.
         stem_groups = 1 if (spec.real and space == "darts") else 4

@@ -130,3 +130,12 @@ def test_bad_network_settings_are_user_input_errors():
         build_network(g, layers=2, channels=12)
     with pytest.raises(UserInputError):
         build_network(g, kind="mnist")
+
+
+def test_darts_real_network_refuses_an_activation_it_would_not_use():
+    """DARTS's float ops are ReLU -> conv -> BatchNorm: --activation there would be ignored."""
+    g = load_zoo_genotype("darts_v2")
+    build_network(g, layers=3, channels=8, real=True, auxiliary=False)  # the default is fine
+    with pytest.raises(UserInputError, match="DARTS space's real-valued ops"):
+        build_network(g, layers=3, channels=8, real=True, activation="relu", auxiliary=False)
+    build_network(g, layers=3, channels=12, activation="relu", auxiliary=False)  # binary: used
