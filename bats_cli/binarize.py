@@ -37,7 +37,7 @@ from bats_cli.config import (
 )
 from bats_cli.distill import ATTENTION_WEIGHT, KD_TEMPERATURE, KD_WEIGHT
 from bats_cli.errors import UserInputError
-from bats_cli.runloop import interrupt_guard, restores_threads
+from bats_cli.runloop import interrupt_guard, preflight_everywhere, restores_threads
 
 # Fine-tuning budget: a share of the training run's epochs (the paper gives none; the first
 # author's code treats step 2 as a full training stage). Measured (docs/pipeline.md, issue 10):
@@ -260,8 +260,8 @@ def _binarize(
             temperature=cfg.kd_temperature, weight=cfg.kd_weight, attention_weight=cfg.attention_weight,
             expect_sha256=recorded_sha256(rmeta) if resume_from is not None else None,
         )
-    if preflight is not None and dist_info.is_main:
-        preflight(
+    if preflight is not None:
+        preflight_everywhere(preflight, dict(
             command="binarize", model=plan_model, device=device,
             teacher=None if distill is None else distill.teacher,
             dataset=data.spec.name, train_images=len(data.train), test_images=len(data.test),
@@ -270,7 +270,7 @@ def _binarize(
             eval_batch_size=cfg.eval_batch_size or max(batch_size, 256),
             steps_per_epoch=len(data.train) // batch_size, epochs=cfg.epochs, precision=cfg.precision,
             advice="binarize a smaller trained network, or use another device",
-        )
+        ), dist_info, device)
     del plan_model
     run_dir = open_run_dir(out, resume, dist_info, device)
     reporter = Reporter(quiet=quiet or not dist_info.is_main)

@@ -378,3 +378,27 @@ __all__ = [
     "restores_threads",
     "set_threads",
 ]
+
+
+def preflight_everywhere(preflight, plan_args: dict[str, Any], dist_info: Dist,
+                          device: torch.device) -> None:
+    """Rank 0 plans (and prints, refuses or stops for --dry-run); the other ranks follow it
+    instead of waiting in a collective for a rank that has left."""
+    from bats_cli.distributed import all_sum
+    from bats_cli.plan import DryRun
+
+    failure: BaseException | None = None
+    if dist_info.is_main:
+        try:
+            preflight(**plan_args)
+        except (DryRun, UserInputError, RunFailure) as exc:
+            failure = exc
+    # 0: go on; 1: --dry-run; 2: refused. Only rank 0 adds its code.
+    code = 0.0 if failure is None else 1.0 if isinstance(failure, DryRun) else 2.0
+    code = all_sum([code], dist_info, device)[0] if dist_info.enabled else code
+    if failure is not None:
+        raise failure
+    if code == 1.0:
+        raise DryRun(None)  # type: ignore[arg-type]  # rank 0 prints the plan
+    if code:
+        raise RunFailure("rank 0 refused to start (its message above)")

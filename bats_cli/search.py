@@ -89,6 +89,7 @@ from bats_cli.runloop import (
     check_out_dir,
     interrupt_guard,
     open_run_dir,
+    preflight_everywhere,
     restores_threads,
     set_threads,
 )
@@ -1039,29 +1040,6 @@ def _discard_if_unstarted(run):
         raise
 
 
-def _preflight_everywhere(preflight, plan_args: dict[str, Any], dist_info: Dist,
-                          device: torch.device) -> None:
-    """Rank 0 plans (and prints, refuses or stops for --dry-run); the other ranks follow it
-    instead of waiting in a collective for a rank that has left."""
-    from bats_cli.plan import DryRun
-
-    failure: BaseException | None = None
-    if dist_info.is_main:
-        try:
-            preflight(**plan_args)
-        except (DryRun, UserInputError, RunFailure) as exc:
-            failure = exc
-    # 0: go on; 1: --dry-run; 2: refused. Only rank 0 adds its code.
-    code = 0.0 if failure is None else 1.0 if isinstance(failure, DryRun) else 2.0
-    code = all_sum([code], dist_info, device)[0] if dist_info.enabled else code
-    if failure is not None:
-        raise failure
-    if code == 1.0:
-        raise DryRun(None)  # type: ignore[arg-type]  # rank 0 prints the plan
-    if code:
-        raise RunFailure("rank 0 refused to start the search (its message above)")
-
-
 @restores_threads
 def run_search(
     config: SearchConfig,
@@ -1119,7 +1097,7 @@ def run_search(
         plan_args = search_plan_args(config, spec, device, len(weight_half), len(arch_half))
         # Memory is per process: each rank holds a supernet and its share of the batch.
         plan_args["batch_size"] = plan_args["eval_batch_size"] = config.batch_size // dist_info.world
-        _preflight_everywhere(preflight, plan_args, dist_info, device)
+        preflight_everywhere(preflight, plan_args, dist_info, device)
     run = open_run_dir(Path(out_dir), resume, dist_info, device)
     if ckpt is None and run is not None:
         run.write_config(config.model_dump(mode="json"), device=device, command="search")

@@ -76,6 +76,7 @@ from bats_cli.runloop import (
     default_run_dir,
     interrupt_guard,
     open_run_dir,
+    preflight_everywhere,
     restores_threads,
     set_threads,
 )
@@ -667,8 +668,8 @@ def _train(
             temperature=cfg.kd_temperature, weight=cfg.kd_weight, attention_weight=cfg.attention_weight,
             expect_sha256=recorded_sha256(meta) if resuming else None,
         )
-    if preflight is not None and dist_info.is_main:
-        preflight(
+    if preflight is not None:
+        preflight_everywhere(preflight, dict(
             command="train", model=model, teacher=None if distill is None else distill.teacher, device=device, dataset=dspec.name,
             train_images=len(data.train), test_images=len(data.test),
             input_shape=(dspec.in_channels, dspec.image_size, dspec.image_size),
@@ -676,7 +677,7 @@ def _train(
             eval_batch_size=cfg.eval_batch_size or max(cfg.batch_size, 256),
             steps_per_epoch=steps_per_epoch(len(data.train), cfg.batch_size), epochs=epochs,
             precision=cfg.precision, network=network_label(settings),
-        )
+        ), dist_info, device)
     run_dir = open_run_dir(out, resume, dist_info, device)
     if run_dir is not None and not resuming:
         cells = {"genotype": genotype.to_dict()} if arch == CELLS else {}

@@ -77,3 +77,24 @@ def test_mixed_precision_on_cuda(tmp_path, precision):
     # Latent weights stay fp32 under autocast.
     assert all(v.dtype == torch.float32 for k, v in tensors.items()
                if k.startswith("model.") and v.is_floating_point())
+
+
+@pytest.mark.parametrize("command", ["train", "binarize"])
+def test_dry_run_under_torchrun_stops_every_rank_with_exit_0(tmp_path, command):
+    """Rank 0 plans and stops; rank 1 follows it instead of waiting in a collective for it."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    if command == "train":
+        args = ["train", "bats_c10", *ARGS]
+    else:
+        cfg = TrainConfig(genotype="bats_c10", dataset="fashion-mini", layers=3, channels=6, batch_size=32,
+                          subset=64, epochs=1, device="cpu", threads=1)
+        train(cfg, genotype=resolve_genotype("bats_c10"), out=tmp_path / "step1", quiet=True, handle_signals=False)
+        args = ["binarize", str(tmp_path / "step1" / "last.safetensors"), "--device", "cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "bats_cli", *args, "--out", str(tmp_path / "dry"), "--dry-run"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "plan: fits" in proc.stderr and "internal error" not in proc.stderr
+    assert not (tmp_path / "dry").exists()  # nothing started
