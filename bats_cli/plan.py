@@ -561,6 +561,8 @@ def plan_run(
     total_steps = total_steps if total_steps is not None else steps_per_epoch * epochs
     candidates = list(models) or [model]
     memory, available, in_use = _memory_room(device)
+    # The data line at once: a search's three supernets take seconds to estimate.
+    say(data_line(command, str(device), dataset, train_images, test_images, data_note))
     # The meta-device estimate first: shapes only, no memory, a second or two.
     steps = [estimate_step(c, input_shape=input_shape) for c in candidates]
     t_weights = t_forward = 0
@@ -591,7 +593,7 @@ def plan_run(
                 )
             peak = max(_unmeasured_plan(s, batch_size=batch_size, optimizer_moments=optimizer_moments)
                        for s in steps) + t_weights + t_forward
-            for line in Plan(**base, peak_memory_bytes=0, largest_fitting_batch=None, fits=True).header_lines():
+            for line in Plan(**base, peak_memory_bytes=0, largest_fitting_batch=None, fits=True).header_lines()[1:]:
                 say(line)
             return Plan(
                 **base, peak_memory_bytes=peak, largest_fitting_batch=0, fits=False,
@@ -600,8 +602,8 @@ def plan_run(
                        f"{_gib(worst.need_bytes)} of {memory} ({_gib(max(room, 0))} free)"]
                 + ([t_note] if teacher is not None else []),
             )
-    for line in Plan(**base, peak_memory_bytes=0, largest_fitting_batch=None, fits=True).header_lines():
-        say(line)
+    for line in Plan(**base, peak_memory_bytes=0, largest_fitting_batch=None, fits=True).header_lines()[1:]:
+        say(line)  # the data line went first
 
     key = _cache_key(command=command, steps=steps, device=device, dataset=dataset,
                      train_images=train_images, test_images=test_images, input_shape=input_shape,
