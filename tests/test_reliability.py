@@ -617,7 +617,10 @@ def test_search_too_big_to_measure_is_refused_before_allocating(tmp_path):
     out = tmp_path / "big"
     args = ["search", "--preset", "tiny", "--channels", "15996", "--out", str(out), "--device", "cpu"]
     proc, seconds, peak = _bats_peak_rss([*args, "--dry-run"])
-    line = one_line_error(proc.returncode, proc.stderr, "measuring one step", "--channels", "--layers")
+    # The plan's data line comes first (printed before the estimate), then one error line.
+    *progress, last = proc.stderr.strip().splitlines()
+    assert all(p.startswith("plan: ") for p in progress) and len(progress) <= 1, proc.stderr
+    line = one_line_error(proc.returncode, last, "measuring one step", "--channels", "--layers")
     assert "GiB of RAM" in line and "Traceback" not in proc.stderr
     assert seconds < 120 and peak < 3 * 2**30, (seconds, peak)
     assert not out.exists()
