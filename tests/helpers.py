@@ -24,3 +24,27 @@ def one_line_error(code, err, *needles):
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+def randomize_bn(module, gen) -> None:
+    """Non-trivial BatchNorm statistics and affine terms (negative scales included, so folded
+    thresholds flip), PReLU slopes of both signs, α scales: signs depend on all of them."""
+    import torch
+
+    from bats_cli.quant import QuantConv2d, RPReLU
+
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            if m.affine:
+                m.weight.data.copy_(torch.randn(m.num_features, generator=gen))
+                m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
+        if isinstance(m, QuantConv2d) and m.scale is not None:
+            m.scale.data.uniform_(0.5, 1.5, generator=gen)
+        if isinstance(m, torch.nn.PReLU):
+            m.weight.data.uniform_(-0.5, 0.5, generator=gen)
+        if isinstance(m, RPReLU):  # ReActNet's learnable shifts around the slopes
+            m.weight.data.uniform_(-0.5, 0.5, generator=gen)
+            m.shift_in.data.copy_(torch.randn(m.weight.numel(), generator=gen))
+            m.shift_out.data.copy_(torch.randn(m.weight.numel(), generator=gen))

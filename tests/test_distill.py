@@ -244,24 +244,14 @@ def test_binarize_with_a_teacher_resumes_to_the_same_result(chain):
 def _rprelu_network(reduce_shortcut="factorized"):
     """A binary bats_c10 network with RPReLU whose shifts, slopes and BatchNorms are all non-trivial."""
     from bats_cli.quant import BinarySpec, RPReLU
+    from tests.helpers import randomize_bn
 
     gen = torch.Generator().manual_seed(3)
     net = build_network(resolve_genotype("bats_c10"), in_channels=1, num_classes=10, layers=3, channels=6,
                         activation="rprelu", spec=BinarySpec(activations=True, weights=True),
                         reduce_shortcut=reduce_shortcut)
-    acts = [m for m in net.modules() if isinstance(m, RPReLU)]
-    assert acts
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            if m.affine:
-                m.weight.data.copy_(torch.randn(m.num_features, generator=gen))
-                m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
-        if isinstance(m, RPReLU):
-            m.weight.data.uniform_(-0.5, 0.5, generator=gen)
-            m.shift_in.data.copy_(torch.randn(m.weight.numel(), generator=gen))
-            m.shift_out.data.copy_(torch.randn(m.weight.numel(), generator=gen))
+    assert any(isinstance(m, RPReLU) for m in net.modules())
+    randomize_bn(net, gen)
     return net.eval()
 
 

@@ -17,6 +17,8 @@ import json
 import pytest
 import torch
 
+from tests.helpers import randomize_bn
+
 from bats_cli.engine import EngineUnavailable, apply_engine, to_bitwise
 from bats_cli.engine import _build
 from bats_cli.engine.bitwise import (BitwiseBlock, BitwiseCell, bitwise_conv_count, engine_info,
@@ -43,22 +45,6 @@ def kernel():
         return _build.load_extension()
     except EngineUnavailable as exc:  # pragma: no cover - CI machines have a compiler
         pytest.fail(f"the bitwise kernel must build where the tests run: {exc}")
-
-
-def _randomize_bn(module: torch.nn.Module, gen: torch.Generator) -> None:
-    """Non-trivial BatchNorm statistics and affine terms (negative scales included, so folded
-    thresholds flip), PReLU slopes of both signs, α scales: signs depend on all of them."""
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            if m.affine:
-                m.weight.data.copy_(torch.randn(m.num_features, generator=gen))
-                m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
-        if isinstance(m, QuantConv2d) and m.scale is not None:
-            m.scale.data.uniform_(0.5, 1.5, generator=gen)
-        if isinstance(m, torch.nn.PReLU):
-            m.weight.data.uniform_(-0.5, 0.5, generator=gen)
 
 
 def _check_same(module: torch.nn.Module, x: torch.Tensor) -> int:
@@ -95,7 +81,7 @@ def test_conv_kernel_equals_float_conv(k, stride, dilation, groups, c_in, c_out,
     conv = QuantConv2d(c_in, c_out, k, stride=stride, padding=dilation * (k // 2),
                        dilation=dilation, groups=groups, input_quantizer=STE_SIGN,
                        kernel_quantizer=STE_SIGN)
-    _randomize_bn(conv, gen)
+    randomize_bn(conv, gen)
     for h, w in ((9, 11), (16, 16)):
         x = torch.randn(2, c_in, h, w, generator=gen)
         x[0, :, 0, 0] = 0.0  # sign(0) = +1 on both paths
@@ -110,7 +96,7 @@ def test_asymmetric_kernel_stride_and_padding():
     for k, s, p in (((1, 7), (1, 2), (0, 3)), ((7, 1), (2, 1), (3, 0))):
         conv = QuantConv2d(12, 12, k, stride=s, padding=p, input_quantizer=STE_SIGN,
                            kernel_quantizer=STE_SIGN)
-        _randomize_bn(conv, gen)
+        randomize_bn(conv, gen)
         assert _check_same(conv, torch.randn(2, 12, 10, 9, generator=gen)) == 1
 
 
@@ -129,7 +115,7 @@ def test_every_op_of_both_spaces(space, name, stride):
     ctx = OpContext(spec=BINARY, channels_per_group=3, base_channels=C, space=space,
                     reduce_shortcut="factorized" if stride == 2 and name.startswith("group") else "avgpool")
     op = build_op(name, C, stride, ctx)
-    _randomize_bn(op, gen)
+    randomize_bn(op, gen)
     has_binary = bool(quant_convs(op))
     x = torch.randn(2, C, 11, 11, generator=gen)
     if not has_binary:
@@ -144,7 +130,7 @@ def test_preprocess_and_factorized_reduce():
     gen = torch.Generator().manual_seed(3)
     ctx = OpContext(spec=BINARY, channels_per_group=3, base_channels=6)
     for module in (ctx.preprocess(18, 6), ctx.factorized_reduce(18, 6)):
-        _randomize_bn(module, gen)
+        randomize_bn(module, gen)
         assert _check_same(module, torch.randn(2, 18, 9, 9, generator=gen)) >= 1
 
 
@@ -167,7 +153,7 @@ def test_folded_block_odd_channels_and_padding(k, stride, dilation, groups, c_in
     block = BinaryConvBlock(c_in, c_out, k, stride=stride, padding=dilation * (k // 2),
                             dilation=dilation, groups=groups, spec=BINARY)
     binarize_weights_(block)
-    _randomize_bn(block, gen)
+    randomize_bn(block, gen)
     block.eval()
     x = torch.randn(2, c_in, *size, generator=gen)
     x[0, :, 0, 0] = block.bn.running_mean  # a BatchNorm output of exactly 0: sign +1
@@ -231,7 +217,7 @@ def _small_network(name: str, kind: str):
         net = build_network(resolve_genotype(name), kind=kind, in_channels=3, num_classes=10,
                             auxiliary=False, **kw)
     binarize_weights_(net)
-    _randomize_bn(net, torch.Generator().manual_seed(0))
+    randomize_bn(net, torch.Generator().manual_seed(0))
     return net.eval()
 
 
