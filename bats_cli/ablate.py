@@ -577,7 +577,7 @@ def step_progress(job: Job, step: Step) -> str:
     row: dict[str, str] = {}
     try:
         with open(run_dir / "metrics.csv", newline="", encoding="utf-8") as fh:
-            for row in csv.DictReader(fh):
+            for row in csv.DictReader(fh):  # noqa: B007 (the last row is wanted)
                 pass
     except (OSError, csv.Error, UnicodeDecodeError):
         return f"{step.name} (starting)"

@@ -174,6 +174,7 @@ def _binarize(
     from bats_cli.checkpoint import check_kind, load_checkpoint, read_metadata
     from bats_cli.config import resolve_resume_config
     from bats_cli.data import AugmentConfig, build_datasets
+    from bats_cli.data.loader import check_batch
     from bats_cli.distributed import broadcast_buffers, init_run_device
     from bats_cli.evaluate import evaluate_model
     from bats_cli.modelio import (
@@ -184,11 +185,10 @@ def _binarize(
         network_name,
     )
     from bats_cli.pack import packed_size_report, save_packed
+    from bats_cli.progress import Reporter
     from bats_cli.quant import binarize_weights_
     from bats_cli.runloop import check_out_dir, open_run_dir, set_threads
-    from bats_cli.progress import Reporter
     from bats_cli.runtime import seed_everything
-    from bats_cli.data.loader import check_batch
     from bats_cli.train import DISTILL_DEFAULTS, TRAIN_RESUME_IGNORED, FitSpec, distill_line, fit, teacher_extra
 
     src = Path(cfg.checkpoint)

@@ -380,7 +380,7 @@ def matched_random_genotype(
     goal = network_cost(target, network, by)[by]
     rng = random.Random(seed)
     closest: float | None = None
-    for draw in range(1, max_draws + 1):
+    for draw in range(1, max_draws + 1):  # noqa: B007 (the count of draws is reported)
         cells = _random_cells(rng, ops, steps)
         candidate = _genotype_of(cells, name="draw", space=space, steps=steps, source="-", notes="-",
                                  origin="random genotype")

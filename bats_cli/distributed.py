@@ -48,7 +48,6 @@ def init_distributed(device_name: str) -> Dist:
         return Dist()
     import torch.distributed as dist
 
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         use_cuda = device_name != "cpu" and torch.cuda.is_available()

@@ -116,9 +116,9 @@ def export_model(
     After writing, the file is checked with ``onnx.checker`` and run once with onnxruntime on a
     random batch of ``verify_batch`` images against PyTorch (``max_abs_diff`` in the result).
     """
+    from bats_cli.fileio import atomic_write_bytes
     from bats_cli.modelio import load_model
     from bats_cli.outputs import check_output_file
-    from bats_cli.fileio import atomic_write_bytes
     from bats_cli.provenance import software_versions
 
     onnx, ort = require_onnx("export")

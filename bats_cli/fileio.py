@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 
-
 # --------------------------------------------------------------------------- atomic writes
 
 # Read once at import: os.umask can only be read by setting it, which races with threads later.

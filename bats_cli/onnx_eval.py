@@ -88,10 +88,10 @@ class OnnxModule(nn.Module):
 
 def load_onnx(path: str | Path, *, threads: int | None = None):
     """A :class:`bats_cli.evaluate.LoadedModel` whose model runs ``path`` with onnxruntime."""
-    from bats_cli.modelio import LoadedModel
-    from bats_cli.export import make_session
     from bats_cli.archs import CELLS, arch_of
+    from bats_cli.export import make_session
     from bats_cli.genotype import Genotype
+    from bats_cli.modelio import LoadedModel
 
     path = Path(path)
     props = read_onnx_metadata(path)

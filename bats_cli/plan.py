@@ -334,7 +334,8 @@ def measure_memory(
 
         seconds: dict[str, float] = {}
 
-        def step(batch: int, train: bool) -> int:
+        # The network is an argument, not a closure variable, so `del net` below really frees it.
+        def step(net, chosen: list, batch: int, train: bool) -> int:
             x = torch.randn(batch, *input_shape, device=device)
             y = torch.randint(0, num_classes, (batch,), device=device)
             if cuda:
@@ -365,11 +366,11 @@ def measure_memory(
             del grads, x, y
             return peak
 
-        step(WARMUP_BATCH, True)
+        step(net, chosen, WARMUP_BATCH, True)
         measured = {}
         for train in (True, False):
             for b in batches:
-                measured[f"{'train' if train else 'eval'}@{b}"] = step(b, train)
+                measured[f"{'train' if train else 'eval'}@{b}"] = step(net, chosen, b, train)
         del net, chosen
         if cuda:
             torch.cuda.empty_cache()

@@ -12,7 +12,6 @@ from typing import Any, TextIO
 
 import torch
 
-
 # --------------------------------------------------------------------------- progress reporting
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -507,7 +506,7 @@ def write_report(run_dirs: list[Path], *, out: Path, force: bool = False) -> dic
     plt = require_matplotlib()
     runs = [read_run(Path(d)) for d in run_dirs]
     names = [r.name for r in runs]
-    for i, run in enumerate(runs):
+    for run in runs:
         if run.kind == "binarize" and run.name == "binarize":
             # binarize's default run directory is a "binarize" folder inside the training run's.
             run.name = f"{run.path.resolve().parent.name}-binarize"

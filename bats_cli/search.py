@@ -58,7 +58,6 @@ from bats_cli.config import (
     Workers,
     check_resume_config,
 )
-from bats_cli.preflight import MAX_CHANNELS, MAX_LAYERS, MAX_NODES
 from bats_cli.derive import (
     ARCH_STATE_KEY,
     derive_genotype,
@@ -81,6 +80,7 @@ from bats_cli.distributed import (
 )
 from bats_cli.errors import RunFailure, UserInputError
 from bats_cli.genotype import Genotype
+from bats_cli.preflight import MAX_CHANNELS, MAX_LAYERS, MAX_NODES
 from bats_cli.quant import BinarySpec
 from bats_cli.runloop import (
     Checkpoint,
@@ -103,8 +103,6 @@ RESULT_NAME = "result.json"
 GENOTYPE_NAME = "genotype.json"
 # Settings that may change when a run is resumed (where/how it runs, not what it searches).
 SEARCH_RESUME_IGNORED = RESUME_IGNORED_KEYS | {"threads"}
-
-from bats_cli.presets import SEARCH_PRESETS  # noqa: E402  (torch-free, shown by --help)
 
 
 def _default_mixed_op() -> str:
@@ -857,7 +855,7 @@ class Searcher(RunJob):
         )
 
     def restore(self, tensors, meta) -> None:
-        from bats_cli.checkpoint import load_optimizer_state, state_from_json
+        from bats_cli.checkpoint import load_optimizer_state
 
         path = meta.path
         check_resume_config(meta.config, self.cfg, ignore=SEARCH_RESUME_IGNORED)

@@ -147,7 +147,7 @@ def select_cells(
         src, dst = endpoints[e]
         decisions.append({
             "cell": cell, "edge": e, "input": src, "node": dst, "op": candidates[cell][e][best],
-            "without": {candidates[cell][e][k]: {"accuracy": a, "loss": l} for k, (a, l) in scores.items()},
+            "without": {candidates[cell][e][k]: {"accuracy": a, "loss": loss} for k, (a, loss) in scores.items()},
         })
         if scores:
             say(f"{cell} edge {src}->{dst}: {candidates[cell][e][best]} (accuracy without: "
@@ -178,7 +178,7 @@ def select_cells(
                     current[cell][starts[node] + j] = 0.0
         decisions.append({
             "cell": cell, "node": node + 2, "inputs": top,
-            "without": {str(j): {"accuracy": a, "loss": l} for j, (a, l) in scores.items()},
+            "without": {str(j): {"accuracy": a, "loss": loss} for j, (a, loss) in scores.items()},
         })
         if scores:
             say(f"{cell} node {node + 2}: inputs {top[0]}, {top[1]} (accuracy without: "

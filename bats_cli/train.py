@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from bats_cli.archs import CELLS, arch_of
 from bats_cli.config import (
     MAX_BATCH,
     MAX_DECAY,
@@ -52,12 +53,10 @@ from bats_cli.config import (
     Threads,
     Workers,
 )
-from bats_cli.preflight import MAX_CHANNELS, MAX_LAYERS
 from bats_cli.data.loader import check_batch, sharded_loader, steps_per_epoch
 from bats_cli.distill import ATTENTION_WEIGHT, KD_TEMPERATURE, KD_WEIGHT, Distill, capture, feature_modules
 from bats_cli.distributed import Dist, all_sum, barrier, broadcast_buffers, init_run_device
 from bats_cli.errors import RunFailure, UserInputError
-from bats_cli.archs import CELLS, arch_of
 from bats_cli.modelio import (
     data_info,
     genotype_differs,
@@ -67,6 +66,7 @@ from bats_cli.modelio import (
     network_label,
     network_settings,
 )
+from bats_cli.preflight import MAX_CHANNELS, MAX_LAYERS
 from bats_cli.runloop import (
     Checkpoint,
     RunJob,

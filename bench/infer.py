@@ -51,9 +51,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import interleaved_medians, machine, median
-
 import torch
+from _common import interleaved_medians, machine, median
 
 from bats_cli.engine import to_bitwise
 from bats_cli.engine._build import load_extension

@@ -20,16 +20,20 @@ import random
 import sys
 from pathlib import Path
 
-from _common import (
-    add_common_args, emit, interleaved_medians, machine, measure_in_subprocess, median,
-    peak_memory_of, setup,
-)
-
 import torch
 import torch.nn.functional as F
+from _common import (
+    add_common_args,
+    emit,
+    interleaved_medians,
+    machine,
+    measure_in_subprocess,
+    median,
+    peak_memory_of,
+    setup,
+)
 
-from bats_cli.spaces import get_space
-from bats_cli.spaces import edge_count
+from bats_cli.spaces import edge_count, get_space
 from bats_cli.supernet import SuperNet, SupernetConfig
 
 # §6.1: depth 5 -> 11 -> 17 cells while the candidates shrink 8 -> 5 -> 3 ops per edge; batch 96.

@@ -122,7 +122,8 @@ def test_emit_prints_one_valid_bats_command_line_per_job(tmp_path, capsys):
 
 def test_strategy_study_keeps_the_optimiser_fixed(tmp_path):
     from bats_cli.config import resolve_config
-    from bats_cli.search import SEARCH_PRESETS, SearchConfig
+    from bats_cli.presets import SEARCH_PRESETS
+    from bats_cli.search import SearchConfig
 
     seen = set()
     for job in build_jobs(StudyOptions(study="strategy", out=tmp_path)):

@@ -19,7 +19,6 @@ from bats_cli.genotype import load_zoo_genotype
 from bats_cli.networks import build_network
 from bats_cli.quant import STE_SIGN, QuantConv2d
 
-
 # Tiny convolutions: one torch thread for the whole module (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
 

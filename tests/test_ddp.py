@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from bats_cli.checkpoint import load_checkpoint
-from bats_cli.genotype import resolve_genotype
 from bats_cli.data import sharded_loader
 from bats_cli.distributed import Dist
+from bats_cli.genotype import resolve_genotype
 from bats_cli.train import TrainConfig, train
 
 ARGS = ["--dataset", "fashion-mini", "--layers", "3", "--channels", "6", "--batch-size", "32", "--subset", "128",

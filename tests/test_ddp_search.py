@@ -134,7 +134,10 @@ def _ranks(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     from bats_cli.distributed import (
-        Dist, average_gradients, rank_digests, rank_divergence,
+        Dist,
+        average_gradients,
+        rank_digests,
+        rank_divergence,
     )
     from bats_cli.errors import RunFailure
     from bats_cli.genotype import Genotype, resolve_genotype

@@ -8,6 +8,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 import torch
+from helpers import cli as _cli
+from helpers import one_line_error as _one_line_error
 
 from bats_cli.checkpoint import save_checkpoint
 from bats_cli.derive import (
@@ -20,8 +22,6 @@ from bats_cli.derive import (
 from bats_cli.errors import UserInputError
 from bats_cli.genotype import Genotype, load_genotype, load_zoo_genotype
 from bats_cli.spaces import SPACES, edge_endpoints
-from helpers import cli as _cli
-from helpers import one_line_error as _one_line_error
 
 OPS = list(SPACES["bats"].candidates)  # none, max, avg, skip, g3, g5, dg3, dg5
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import cli as _cli
+from helpers import one_line_error as _one_line_error
 
 from bats_cli.derive import (
     match_network,
@@ -14,8 +16,6 @@ from bats_cli.derive import (
 )
 from bats_cli.errors import UserInputError
 from bats_cli.genotype import load_genotype, load_zoo_genotype
-from helpers import cli as _cli
-from helpers import one_line_error as _one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from helpers import cli as _cli
+from helpers import one_line_error as _one_line_error
 from torch import nn
 
 from bats_cli.derive import derive_genotype
@@ -19,8 +21,6 @@ from bats_cli.selection import (
     supernet_evaluator,
 )
 from bats_cli.spaces import edge_endpoints
-from helpers import cli as _cli
-from helpers import one_line_error as _one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

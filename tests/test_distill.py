@@ -8,18 +8,17 @@ import shutil
 
 import pytest
 import torch
+from helpers import cli, one_line_error
 
 from bats_cli.binarize import BinarizeConfig, binarize
 from bats_cli.checkpoint import load_checkpoint, read_metadata, save_checkpoint
-from bats_cli.distributed import Dist
 from bats_cli.distill import Distill, attention_loss, file_sha256, kd_loss, load_teacher
+from bats_cli.distributed import Dist
 from bats_cli.errors import Interrupted, UserInputError
 from bats_cli.genotype import resolve_genotype
 from bats_cli.modelio import model_tensors, network_settings
 from bats_cli.networks import build_network
 from bats_cli.train import FitSpec, TrainConfig, TrainJob, train
-
-from helpers import cli, one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,28 +11,23 @@ every SIMD path this CPU has, and with one thread or two.
 from __future__ import annotations
 
 import copy
-import zlib
 import json
+import zlib
 
 import pytest
 import torch
+from helpers import cli, one_line_error
 
-from tests.helpers import randomize_bn
-
-from bats_cli.engine import EngineUnavailable, apply_engine, to_bitwise
-from bats_cli.engine import _build
-from bats_cli.engine.bitwise import (BitwiseBlock, BitwiseCell, bitwise_conv_count, engine_info,
-                                     fold_bn_sign)
+from bats_cli.engine import EngineUnavailable, _build, apply_engine, to_bitwise
+from bats_cli.engine.bitwise import BitwiseBlock, BitwiseCell, bitwise_conv_count, engine_info, fold_bn_sign
 from bats_cli.errors import UserInputError
 from bats_cli.genotype import resolve_genotype, zoo_names
 from bats_cli.networks import build_network
 from bats_cli.ops import OpContext, build_op
-from bats_cli.quant import (STE_SIGN, BinaryConvBlock, BinarySpec, QuantConv2d, binarize_weights_,
-                            quant_convs)
+from bats_cli.quant import STE_SIGN, BinaryConvBlock, BinarySpec, QuantConv2d, binarize_weights_, quant_convs
 from bats_cli.resnet import build_resnet
 from bats_cli.spaces import SPACES
-
-from helpers import cli, one_line_error
+from tests.helpers import randomize_bn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -353,8 +348,8 @@ def test_no_compiler_is_one_line(monkeypatch):
 def real_image_artifact(cifar10_mini_dir, tmp_path_factory):
     """A tiny binarized network with BatchNorm statistics from real CIFAR-10 images, packed."""
     from bats_cli.data import AugmentConfig, build_datasets
-    from bats_cli.pack import save_packed
     from bats_cli.modelio import network_settings
+    from bats_cli.pack import save_packed
 
     torch.manual_seed(0)
     genotype = resolve_genotype("bats_c10")

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import cli, one_line_error
 
 from bats_cli.checkpoint import save_checkpoint
 from bats_cli.evaluate import load_predictions
@@ -17,8 +18,6 @@ from bats_cli.modelio import model_tensors, network_settings
 from bats_cli.networks import build_network
 from bats_cli.pack import save_packed
 from bats_cli.quant import binarize_weights_
-
-from helpers import cli, one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

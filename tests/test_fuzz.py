@@ -29,10 +29,9 @@ import pytest
 import torch
 
 pytest.importorskip("hypothesis")  # a dev dependency (pyproject.toml)
+from helpers import cli
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-from helpers import cli
 
 REPO = Path(__file__).resolve().parents[1]
 GENOTYPES = REPO / "bats_cli" / "genotypes"
@@ -676,8 +675,9 @@ def test_fuzz_flag_values(artifacts, tmp_path_factory, capsys, data):
 
 def _bounds(info):
     """(low, high, is_int) of a numeric pydantic field, from its Ge/Gt/Le/Lt metadata."""
-    import annotated_types as at
     import typing
+
+    import annotated_types as at
 
     low = high = None
     for m in info.metadata:

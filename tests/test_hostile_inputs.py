@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli, one_line_error
 
 from bats_cli.errors import RunFailure, UserInputError
-from helpers import cli, one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 BATS_C10 = REPO / "bats_cli" / "genotypes" / "bats_c10.json"
@@ -188,8 +188,8 @@ def test_counters_past_the_end_are_refused_not_treated_as_finished(stopped_run, 
 
 
 def test_optimizer_buffer_of_another_shape_is_refused_on_resume(stopped_run, tmp_path, capsys):
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     run = shutil.copytree(stopped_run, tmp_path / "run")
     last = run / "last.safetensors"

@@ -8,6 +8,7 @@ import torch
 
 from bats_cli.errors import UserInputError
 from bats_cli.genotype import resolve_genotype
+from bats_cli.modelio import network_settings, unpack
 from bats_cli.networks import build_network
 from bats_cli.pack import (
     pack_bits,
@@ -16,7 +17,6 @@ from bats_cli.pack import (
     unpack_bits,
 )
 from bats_cli.quant import binarize_weights_, effective_weight, quant_convs
-from bats_cli.modelio import network_settings, unpack
 
 
 def test_bits_round_trip_and_zero_is_plus_one():

@@ -70,10 +70,16 @@ def test_far_below_the_limit_is_timed_not_measured_and_says_so_first(plan_env):
     assert "plan: time, estimated: about" in text and "per epoch" in text and "in all" in text
 
 
-def test_far_above_the_limit_is_refused_with_a_batch_that_fits(plan_env):
-    plan, room, calls = plan_env
-    rss = plan._proc_kib("VmRSS") * 1024
-    room.update(available=rss + 400 * 2**20, in_use=rss)
+def test_far_above_the_limit_is_refused_with_a_batch_that_fits(plan_env, monkeypatch):
+    plan, _room, calls = plan_env
+    # 400 MiB of room beyond what the process holds *now*: the first plan's timing step loads
+    # kernels lazily (RSS grows by ~200 MiB on a CUDA build of torch), and a room fixed before it
+    # would shrink under the second plan's measurement.
+    def room_now(device):
+        rss = plan._proc_kib("VmRSS") * 1024
+        return "RAM", rss + 400 * 2**20, rss
+
+    monkeypatch.setattr(plan, "_memory_room", room_now)
     p = plan.plan_run(**_args(batch_size=4096))
     assert calls["measure"] == 0 and not p.fits
     text = "\n".join(p.result_lines())

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import cli
 
 from bats_cli.checkpoint import load_checkpoint, read_metadata
 from bats_cli.supernet import SuperNet, SupernetConfig
-from helpers import cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,8 +92,8 @@ def test_search_train_binarize_in_bf16_on_cpu(tmp_path, capsys):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_search_steps_on_cuda(tmp_path, precision):
     """The fast mixed op under CUDA autocast (fp16 with the grad scaler): a short search runs."""
-    from bats_cli.search import SearchConfig, run_search
     from bats_cli.runtime import check_precision
+    from bats_cli.search import SearchConfig, run_search
 
     try:
         check_precision(torch.device("cuda"), precision)

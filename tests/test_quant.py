@@ -19,7 +19,6 @@ from bats_cli.quant import (
     quant_convs,
 )
 
-
 # Tiny convolutions: one torch thread for the whole module (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import cli, one_line_error
 from PIL import Image
 
 from bats_cli.errors import UserInputError
-from helpers import cli, one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ from torch import nn
 
 from bats_cli.checkpoint import read_metadata
 from bats_cli.errors import Interrupted
-from bats_cli.runloop import Checkpoint, RunJob, RunLoop
 from bats_cli.rundir import RunDir
+from bats_cli.runloop import Checkpoint, RunJob, RunLoop
 
 
 class ToyJob(RunJob):

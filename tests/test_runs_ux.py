@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import cli, one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,26 +9,25 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli as _cli
+from helpers import one_line_error as _one_line_error
 
 from bats_cli.checkpoint import load_checkpoint, read_metadata
 from bats_cli.config import validate_config
 from bats_cli.derive import edge_entropy, load_arch_snapshot
 from bats_cli.errors import Interrupted, UserInputError
 from bats_cli.genotype import load_genotype
+from bats_cli.presets import SEARCH_PRESETS
 from bats_cli.search import (
-    SEARCH_PRESETS,
     SearchConfig,
     Searcher,
     drop_weakest_ops,
     run_search,
 )
 from bats_cli.spaces import SPACES
-from helpers import cli as _cli
-from helpers import one_line_error as _one_line_error
 
 # Small enough for CPU tests: 8 px images, 2 steps per epoch, 3 cells (the least with a normal cell).
 TINY = dict(

@@ -17,8 +17,8 @@ from bats_cli.binarize import BinarizeConfig, binarize
 from bats_cli.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from bats_cli.errors import Interrupted
 from bats_cli.evaluate import evaluate_checkpoint
-from bats_cli.modelio import load_model
 from bats_cli.genotype import resolve_genotype
+from bats_cli.modelio import load_model
 from bats_cli.quant import effective_weight, quant_convs
 from bats_cli.schedule import cosine_lr
 from bats_cli.train import TrainConfig, train

@@ -33,12 +33,13 @@ def result_table(summary: Mapping[str, Any]) -> Any:
               caption="\n".join(verdicts) or None, caption_justify="left")
     for col in ("variant", "paper", "n", "binary top-1", "step-1 top-1", "param-free normal"):
         t.add_column(col)
+    def pm(v: dict, key: str) -> str:
+        m, s = v[f"{key}_mean"], v[f"{key}_std"]
+        return "-" if m is None else (f"{m:.1f} ± {s:.1f}" if v["n"] > 1 else f"{m:.1f}")
+
     for v in summary["variants"]:
-        def pm(key: str) -> str:
-            m, s = v[f"{key}_mean"], v[f"{key}_std"]
-            return "-" if m is None else (f"{m:.1f} ± {s:.1f}" if v["n"] > 1 else f"{m:.1f}")
         pf = "-" if v["param_free_normal"] is None else f"{v['param_free_normal']:.2f}"
-        t.add_row(v["label"], v["paper"] or "-", str(v["n"]), pm("binary_top1"), pm("step1_top1"), pf)
+        t.add_row(v["label"], v["paper"] or "-", str(v["n"]), pm(v, "binary_top1"), pm(v, "step1_top1"), pf)
     return t
 
 

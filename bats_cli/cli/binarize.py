@@ -8,32 +8,31 @@ from typing import Annotated, Any, Mapping, Optional
 import typer
 
 from bats_cli.cli.app import app
-from bats_cli.presets import BINARIZE_PRESETS
 from bats_cli.cli.options import (
     OUTPUT,
     AttentionWeightOpt,
-    KdTemperatureOpt,
-    KdWeightOpt,
-    TeacherOpt,
+    ConfigFileOpt,
     DataDirOpt,
     DeviceOpt,
+    DryRunOpt,
     JsonOpt,
+    KdTemperatureOpt,
+    KdWeightOpt,
     NumWorkersOpt,
     PrecisionOpt,
+    PrintConfigOpt,
     QuietOpt,
     ResumeOpt,
+    ResumeOrStartOpt,
     SeedOpt,
     SubsetOpt,
+    TeacherOpt,
     ThreadsOpt,
     emit_result,
     is_main_process,
     key_value_table,
     path_or_none,
     pct,
-    ConfigFileOpt,
-    DryRunOpt,
-    PrintConfigOpt,
-    ResumeOrStartOpt,
     preflight_hook,
     preset_option,
     print_config,
@@ -41,6 +40,7 @@ from bats_cli.cli.options import (
     run_planned,
     starting,
 )
+from bats_cli.presets import BINARIZE_PRESETS
 
 FT = "Fine-tuning"
 BinarizePresetOpt = preset_option(BINARIZE_PRESETS)

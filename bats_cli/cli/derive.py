@@ -128,6 +128,8 @@ def derive_command(
 
     Example: bats derive --random --seed 3 --match bats_c10 --match-by params --json
     """
+    import math
+
     from bats_cli.derive import (
         derive_from_checkpoint,
         edge_entropy,
@@ -135,8 +137,6 @@ def derive_command(
         parameter_free_share,
         random_genotype,
     )
-
-    import math
 
     # Bounds the flags' own types do not say: NaN passes every comparison, and a draw or an
     # image more is time; each of these would otherwise run for hours (or for ever).

@@ -8,9 +8,8 @@ from typing import Annotated, Any, Mapping, Optional
 import typer
 
 from bats_cli.cli.app import app
-from bats_cli.config import MAX_BATCH, MAX_IMAGES
 from bats_cli.cli.options import (
-    choice_callback,
+    MAX_THREADS,
     RUN,
     DataDirOpt,
     DatasetOpt,
@@ -19,12 +18,13 @@ from bats_cli.cli.options import (
     ImageSizeOpt,
     JsonOpt,
     NumWorkersOpt,
-    QuietOpt,
     PrecisionOpt,
-    MAX_THREADS,
+    QuietOpt,
+    choice_callback,
     emit_result,
     key_value_table,
 )
+from bats_cli.config import MAX_BATCH, MAX_IMAGES
 
 
 def result_table(result: Mapping[str, Any], *, verbose: bool = False) -> Any:

@@ -94,7 +94,7 @@ def flops(
 
     Example: bats flops runs/search-tiny   (a search: the network of the genotype it derives)
     """
-    from bats_cli.counting import count_model, dataset_shape
+    from bats_cli.counting import count_model
 
     for name, value in (("--layers", layers), ("--channels", channels)):
         if value is not None and value < 1:
@@ -231,9 +231,8 @@ _DATA_KEYS = ("num_classes", "image_size", "in_channels")
 
 
 def _read_checkpoint(path: Path):
-    from bats_cli.genotype import Genotype
-
     from bats_cli.archs import CELLS, arch_of
+    from bats_cli.genotype import Genotype
 
     kind, config, genotype_json = _read_metadata(path)
     if kind == "search":

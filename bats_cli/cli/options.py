@@ -13,15 +13,14 @@ the value; pass them to ``bats_cli.config.resolve_config`` as overrides.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import typer
-
 
 DATA = "Data"
 RUN = "Run"
@@ -334,7 +333,6 @@ def emit_result(
         sys.stdout.write(json.dumps(to_jsonable(result), allow_nan=False) + "\n")
         sys.stdout.flush()
         return
-    from rich.console import Console
 
     renderable = table_fn(result) if table_fn is not None else _default_table(result)
     stdout_console().print(renderable)

@@ -7,26 +7,25 @@ from pathlib import Path
 from typing import Annotated, Any, Mapping, Optional
 
 from bats_cli.cli.app import app
-from bats_cli.presets import SEARCH_PRESETS
 from bats_cli.cli.options import (
+    ConfigFileOpt,
     DataDirOpt,
     DatasetOpt,
     DeviceOpt,
     DownloadOpt,
+    DryRunOpt,
+    ForceOpt,
     ImageSizeOpt,
     JsonOpt,
     NumWorkersOpt,
     OutOpt,
     PrecisionOpt,
+    PrintConfigOpt,
     QuietOpt,
     ResumeOpt,
+    ResumeOrStartOpt,
     SeedOpt,
     SubsetOpt,
-    ConfigFileOpt,
-    DryRunOpt,
-    ForceOpt,
-    PrintConfigOpt,
-    ResumeOrStartOpt,
     emit_result,
     is_main_process,
     key_value_table,
@@ -40,6 +39,7 @@ from bats_cli.cli.options import (
     starting,
 )
 from bats_cli.errors import UserInputError
+from bats_cli.presets import SEARCH_PRESETS
 
 SPACE = "Search space and strategy (§4.1, §4.3)"
 SCHED = "Progressive schedule (§6.1)"
@@ -168,7 +168,7 @@ def search_command(
     starting("search", "loading torch and the data", quiet=quiet or print_config_)
     from bats_cli.config import load_config_file, resolve_config, resolve_resume_config
     from bats_cli.progress import Reporter
-    from bats_cli.search import SEARCH_PRESETS, SEARCH_RESUME_IGNORED, SearchConfig, run_search
+    from bats_cli.search import SEARCH_RESUME_IGNORED, SearchConfig, run_search
 
     if real:
         for flag, value in (("--weights", weights), ("--activations", activations)):

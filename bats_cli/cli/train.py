@@ -7,31 +7,30 @@ from typing import Annotated, Any, Mapping, Optional
 import typer
 
 from bats_cli.cli.app import app
-from bats_cli.presets import RESNET_TRAIN_PRESETS, TRAIN_PRESETS, describe_presets
 from bats_cli.cli.options import (
-    ConfigFileOpt,
     AttentionWeightOpt,
-    KdTemperatureOpt,
-    KdWeightOpt,
-    TeacherOpt,
+    ConfigFileOpt,
     DataDirOpt,
-    DryRunOpt,
-    ForceOpt,
-    PrintConfigOpt,
-    ResumeOrStartOpt,
     DatasetOpt,
     DeviceOpt,
     DownloadOpt,
+    DryRunOpt,
+    ForceOpt,
     HoldoutOpt,
     ImageSizeOpt,
     JsonOpt,
+    KdTemperatureOpt,
+    KdWeightOpt,
     NumWorkersOpt,
     OutOpt,
     PrecisionOpt,
+    PrintConfigOpt,
     QuietOpt,
     ResumeOpt,
+    ResumeOrStartOpt,
     SeedOpt,
     SubsetOpt,
+    TeacherOpt,
     ThreadsOpt,
     emit_result,
     is_main_process,
@@ -46,6 +45,7 @@ from bats_cli.cli.options import (
     run_planned,
     starting,
 )
+from bats_cli.presets import RESNET_TRAIN_PRESETS, TRAIN_PRESETS, describe_presets
 
 NET = "Network"
 OPTIM = "Optimisation (defaults: the paper, §6.2)"

@@ -24,8 +24,8 @@ from bats_cli.data.spec import DATASETS, AugmentConfig, DataSpec
 from bats_cli.data.transforms import (
     MixUp,
     cutout,
-    mixup,
     eval_transform,
+    mixup,
     train_transform,
 )
 
