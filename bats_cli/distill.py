@@ -168,9 +168,9 @@ class Distill:
 
 def _shapes(model: nn.Module, modules: Sequence[nn.Module], input_shape: Sequence[int]) -> list[tuple[int, ...]]:
     """Output shapes of ``modules`` for one image, on the meta device (no memory, no time)."""
-    from bats_cli.plan import _meta_twin
+    from bats_cli.plan_measure import meta_twin
 
-    twin = _meta_twin(model)
+    twin = meta_twin(model)
     index = {id(m): i for i, m in enumerate(model.modules())}
     twin_modules = list(twin.modules())
     chosen = [twin_modules[index[id(m)]] for m in modules]

@@ -1,34 +1,9 @@
 """The preflight plan of a long run: what it will do, how much memory it needs, whether it fits.
 
-Peak memory is *measured*, never guessed: one training step (forward + backward) and one
-evaluation forward of a copy of the real network on the real device, at two small batch sizes,
-fitted by a straight line in the batch size and extrapolated to the run's batch. A network whose
-real batch cannot fit is therefore never run at that batch. On CPU the measure is the process's
-peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs`` between measurements), so
-the estimate is the whole process's peak RSS — interpreter, torch, data set, network — which is
-what the kernel's OOM killer looks at; the C heap is trimmed before each measured step so that
-memory freed earlier cannot hide a step's growth. On CUDA it is ``torch.cuda.max_memory_allocated``.
-
-Before anything is measured (or, for a search, even built) a meta-device forward sizes one
-measured step — the network, its measuring copy, their gradients and the outputs of every layer
-at the largest measured batch — so a network that could not survive its own measurement is one
-error line instead of an out-of-memory kill (with ``--force``: an unmeasured estimate).
-
-Measuring costs seconds to a minute on a CPU, so it is done only where it decides something:
-the meta-device forward also gives a peak estimate with a band (layer outputs per image x 1.3 to
-x 2.2, what measured steps of this project's networks span), and a run whose band lies far below
-the memory available (it fits) or far above it (it does not) is decided from the band alone.
-Either way one training step at batch 4 is timed (after a warm-up step) for the estimated time
-per epoch and in all, labelled as such. A plan measured once is kept in the cache
-(``$XDG_CACHE_HOME/bats/plans``, keyed by the network's shapes, data, batch, device, precision,
-threads and versions), so ``--resume`` and a run after its ``--dry-run`` reuse it (and suggest the
-same batch size).
-
-What it is doing is printed before it is done: the plan's first lines (command, data, network,
-steps) come before any estimate, and a line says what is measured or timed before it starts.
-
-Terms added by arithmetic, not measured: Adam's two moments (2 x parameter bytes) and the
-serialised checkpoint (weights + Adam state written as one safetensors buffer).
+A meta-device estimate first (:mod:`bats_cli.plan_measure`); peak memory measured on a copy of the
+network only where the estimate's band straddles the limit, a training step timed either way; the
+result cached (:mod:`bats_cli.plan_cache`). Lines are printed as they are known. How and why:
+docs/reliability.md, "How the plan measures".
 
     plan = plan_run(command="train", model=model, train_images=50000, ...)
     print_plan(plan)
@@ -37,49 +12,34 @@ serialised checkpoint (weights + Adam state written as one safetensors buffer).
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
-import os
-import re
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
+from bats_cli import memory as probes
 from bats_cli.errors import UserInputError
+from bats_cli.memory import format_bytes
+from bats_cli.plan_cache import cache_key, load_cached, store_cached
+from bats_cli.plan_measure import (
+    MEASURE_BATCHES,
+    TIMED_BATCH,
+    Candidate,
+    estimate_step,
+    measure_memory,
+    meta_band,
+    meta_models,
+    time_steps,
+    unmeasured_peak,
+)
 
-# Batch sizes measured: small enough that no network that exists in this project runs out of
-# memory on them; two points after a warm-up step give the line (one-off allocations excluded).
-MEASURE_BATCHES = (2, 4)
-WARMUP_BATCH = 2
 # Keep this share of the available memory free (page cache, data loader, fragmentation).
 HEADROOM = 0.9
-# Measured train-step memory per image over the meta-device sum of layer outputs per image, for
-# this project's networks (tiny 1.75, paper CIFAR 1.50, 6 cells C=12 2.03; supernets alike): the
-# band within which the unmeasured estimate is trusted.
-META_FACTOR_LOW = 1.3
-META_FACTOR_HIGH = 2.2
 # Decided without measuring when the band's top is below this share of the room (fits) or its
 # bottom above this multiple of it (does not fit); in between the step is measured.
 FAR_BELOW = 0.8
 FAR_ABOVE = 1.25
-# The batch timed for the time estimate (after a warm-up step at WARMUP_BATCH).
-TIMED_BATCH = max(MEASURE_BATCHES)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A network the plan builds only after its meta-device estimate says measuring it fits.
-
-    ``build_for_estimate`` builds the same shapes from modules the ``meta`` device supports
-    (e.g. the reference mixed op instead of the fused one); default: ``build``.
-    """
-
-    build: Callable[[], Any]
-    build_for_estimate: Callable[[], Any] | None = None
 
 
 class DryRun(Exception):
@@ -88,24 +48,6 @@ class DryRun(Exception):
     def __init__(self, plan: Plan) -> None:
         super().__init__("dry run")
         self.plan = plan
-
-
-@dataclass
-class MemoryModel:
-    """``peak(batch) = fixed_bytes + per_image_bytes * batch`` (train step or eval pass)."""
-
-    fixed_bytes: float
-    per_image_bytes: float
-    measured: dict[str, int] = field(default_factory=dict)  # "train@2" -> bytes, ...
-    seconds: dict[str, float] = field(default_factory=dict)  # "train@4" -> seconds of that step
-
-    def at(self, batch: int) -> int:
-        return int(self.fixed_bytes + self.per_image_bytes * batch)
-
-    def largest_batch(self, budget: float) -> int:
-        if self.per_image_bytes <= 0:
-            return sys.maxsize
-        return int((budget - self.fixed_bytes) // self.per_image_bytes)
 
 
 @dataclass
@@ -149,8 +91,7 @@ class Plan:
 
     def result_lines(self) -> list[str]:
         """The verdict (memory) and the time estimate."""
-        gib = 2**30
-        peak = f"{self.peak_memory_bytes / gib:.2f} GiB"
+        peak = format_bytes(self.peak_memory_bytes, 2)
         how = {
             "measured": f"measured at batches {MEASURE_BATCHES[0]} and {MEASURE_BATCHES[-1]}, "
                         f"extrapolated to {self.batch_size}",
@@ -162,13 +103,13 @@ class Plan:
             verdict = f"plan: peak {self.memory} about {peak} ({how}); available memory unknown"
         elif self.fits:
             verdict = (f"plan: fits: peak {self.memory} about {peak} of "
-                       f"{self.available_memory_bytes / gib:.1f} GiB available ({how})")
+                       f"{format_bytes(self.available_memory_bytes)} available ({how})")
         else:
             largest = self.largest_fitting_batch or 0
             fix = (f"`--batch-size {largest}` fits" if largest >= 1 else
                    "no batch size fits: use a smaller network or another device")
             verdict = (f"plan: does not fit: peak {self.memory} about {peak} at batch {self.batch_size}, "
-                       f"{self.available_memory_bytes / gib:.1f} GiB available ({how}): the run would be "
+                       f"{format_bytes(self.available_memory_bytes)} available ({how}): the run would be "
                        f"refused; {fix} (or --force to try anyway)")
         out = [verdict]
         if self.seconds_per_epoch is not None and self.seconds_total is not None:
@@ -215,300 +156,13 @@ def round_batch(batch: int) -> int:
     return max(batch, 0)
 
 
-# --------------------------------------------------------------------------- memory available
-
-
-def _proc_kib(field_name: str, path: str = "/proc/self/status") -> int | None:
-    try:
-        text = Path(path).read_text()
-    except OSError:
-        return None
-    match = re.search(rf"^{field_name}:\s+(\d+)\s*kB", text, re.M)
-    return int(match.group(1)) if match else None
-
-
-def _cgroup_limit() -> int | None:
-    """The memory limit of this process's cgroup (v2 or v1), if any."""
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(path).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit() and int(text) < 2**60:
-            return int(text)
-    return None
-
-
-def available_ram_bytes() -> int | None:
-    """What this process may still grow by plus what it holds: MemAvailable + VmRSS, cgroup-capped."""
-    avail = _proc_kib("MemAvailable", "/proc/meminfo")
-    if avail is None:
-        return None
-    total = (avail + (_proc_kib("VmRSS") or 0)) * 1024
-    limit = _cgroup_limit()
-    return min(total, limit) if limit is not None else total
-
-
-def available_gpu_bytes(device) -> int | None:
-    import torch
-
-    try:
-        free, _total = torch.cuda.mem_get_info(device)
-    except (RuntimeError, AssertionError):
-        return None
-    return int(free + torch.cuda.memory_allocated(device))
-
-
-# --------------------------------------------------------------------------- measuring
-
-
-def _trim_heap() -> None:
-    """Give the C heap's free memory back to the OS (glibc ``malloc_trim``), so that a step's
-    allocations grow the RSS instead of silently reusing memory freed earlier (data loading,
-    earlier work in a long-lived process): without it the per-image slope is underestimated."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to trim with
-
-
-def _reset_peak_rss() -> bool:
-    _trim_heap()
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes() -> int:
-    hwm = _proc_kib("VmHWM")
-    if hwm is not None:
-        return hwm * 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def default_loss(output, target):
-    """Cross-entropy of the logits, plus the auxiliary head's when the network returns one."""
-    import torch.nn.functional as F
-
-    if isinstance(output, tuple):
-        return F.cross_entropy(output[0].float(), target) + F.cross_entropy(output[1].float(), target)
-    return F.cross_entropy(output.float(), target)
-
-
-def measure_memory(
-    model,
-    *,
-    input_shape: Sequence[int],
-    num_classes: int,
-    device,
-    precision: str = "fp32",
-    batches: Sequence[int] = MEASURE_BATCHES,
-    loss_fn: Callable[[Any, Any], Any] = default_loss,
-    params: Callable[[Any], Any] | None = None,
-) -> tuple[MemoryModel, MemoryModel]:
-    """(train-step model, eval-pass model) of the process's peak memory, measured on a copy.
-
-    ``params(model)`` selects the tensors the step differentiates (default: all parameters).
-    Global RNG states are restored afterwards, so a seeded run is unchanged by its plan.
-    """
-    import torch
-
-    from bats_cli.runtime import autocast
-
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    devices = [device] if cuda else []
-    with torch.random.fork_rng(devices=devices):
-        net = copy.deepcopy(model).to(device)
-        copy_bytes = sum(t.numel() * t.element_size() for t in list(net.parameters()) + list(net.buffers()))
-        chosen = list(params(net)) if params is not None else list(net.parameters())
-
-        seconds: dict[str, float] = {}
-
-        # The network is an argument, not a closure variable, so `del net` below really frees it.
-        def step(net, chosen: list, batch: int, train: bool) -> int:
-            x = torch.randn(batch, *input_shape, device=device)
-            y = torch.randint(0, num_classes, (batch,), device=device)
-            if cuda:
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            else:
-                _reset_peak_rss()
-            started = time.perf_counter()
-            if train:
-                net.train()
-                with autocast(device, precision):
-                    out = net(x)
-                loss = loss_fn(out, y)
-                grads = torch.autograd.grad(loss, chosen, allow_unused=True)
-                del out, loss
-            else:
-                net.eval()
-                with torch.no_grad(), autocast(device, precision):
-                    out = net(x)
-                grads = None
-                del out
-            if cuda:
-                torch.cuda.synchronize(device)
-                peak = torch.cuda.max_memory_allocated(device)
-            else:
-                peak = _peak_rss_bytes()
-            seconds[f"{'train' if train else 'eval'}@{batch}"] = time.perf_counter() - started
-            del grads, x, y
-            return peak
-
-        step(net, chosen, WARMUP_BATCH, True)
-        measured = {}
-        for train in (True, False):
-            for b in batches:
-                measured[f"{'train' if train else 'eval'}@{b}"] = step(net, chosen, b, train)
-        del net, chosen
-        if cuda:
-            torch.cuda.empty_cache()
-
-    def fit_line(kind: str) -> MemoryModel:
-        b0, b1 = batches[0], batches[-1]
-        m0, m1 = measured[f"{kind}@{b0}"], measured[f"{kind}@{b1}"]
-        slope = max(0.0, (m1 - m0) / (b1 - b0))
-        # The copy exists only while measuring; the real run holds one network, not two.
-        return MemoryModel(fixed_bytes=m0 - slope * b0 - copy_bytes, per_image_bytes=slope,
-                           measured=dict(measured), seconds=dict(seconds))
-
-    return fit_line("train"), fit_line("eval")
-
-
-def time_steps(
-    model,
-    *,
-    input_shape: Sequence[int],
-    num_classes: int,
-    device,
-    precision: str = "fp32",
-    loss_fn: Callable[[Any, Any], Any] = default_loss,
-    params: Callable[[Any], Any] | None = None,
-    channels_last: bool = False,
-) -> dict[str, float]:
-    """Seconds of one training step at each of ``MEASURE_BATCHES`` and one evaluation pass at
-    ``TIMED_BATCH`` (after a warm-up step), on a copy of ``model`` (RNG states restored: a seeded run is unchanged).
-    ``channels_last``: in the memory format ``bats train`` uses for grouped convs on a CPU."""
-    import torch
-
-    from bats_cli.runtime import autocast
-
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    seconds: dict[str, float] = {}
-    with torch.random.fork_rng(devices=[device] if cuda else []):
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        net = copy.deepcopy(model).to(device, memory_format=fmt)
-        chosen = list(params(net)) if params is not None else list(net.parameters())
-        # Two timed batch sizes: a step's fixed cost (per-op overhead, which dominates small
-        # networks) and its cost per image are told apart.
-        for batch, train, key in ((WARMUP_BATCH, True, None), (MEASURE_BATCHES[0], True, "train"),
-                                  (TIMED_BATCH, True, "train"), (TIMED_BATCH, False, "eval")):
-            x = torch.randn(batch, *input_shape, device=device).contiguous(memory_format=fmt)
-            y = torch.randint(0, num_classes, (batch,), device=device)
-            started = time.perf_counter()
-            if train:
-                net.train()
-                with autocast(device, precision):
-                    out = net(x)
-                torch.autograd.grad(loss_fn(out, y), chosen, allow_unused=True)
-            else:
-                net.eval()
-                with torch.no_grad(), autocast(device, precision):
-                    net(x)
-            if cuda:
-                torch.cuda.synchronize(device)
-            if key is not None:
-                seconds[f"{key}@{batch}"] = time.perf_counter() - started
-        del net, chosen
-    return seconds
-
-
-# --------------------------------------------------------------------------- before measuring
-
-
-def _meta_twin(model):
-    """A copy of ``model`` whose parameters and buffers live on the ``meta`` device (no memory)."""
-    import torch
-
-    memo: dict[int, Any] = {}
-    for p in model.parameters():
-        memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-    for b in model.buffers():
-        memo[id(b)] = torch.empty_like(b, device="meta")
-    return copy.deepcopy(model, memo)
-
-
 def _memory_room(device) -> tuple[str, int | None, int]:
     """("RAM" or "GPU", memory this process may hold in all, what it holds now)."""
     import torch
 
     if device.type == "cuda":
-        return "GPU", available_gpu_bytes(device), int(torch.cuda.memory_allocated(device))
-    return "RAM", available_ram_bytes(), (_proc_kib("VmRSS") or 0) * 1024
-
-
-@dataclass(frozen=True)
-class StepEstimate:
-    """What measuring one network needs beyond what the process holds now (meta forward)."""
-
-    params: int
-    param_bytes: int  # fp32 weights
-    activation_bytes: int  # layer outputs at ``batch``
-    batch: int
-    built: bool  # the network already exists (its weights are in memory already)
-    fingerprint: str = ""  # the network's module types and tensor shapes, hashed (the plan cache key)
-
-    @property
-    def need_bytes(self) -> int:
-        # The network itself unless built, the measuring copy, the gradients, the activations.
-        return (2 if self.built else 3) * self.param_bytes + self.activation_bytes
-
-
-def estimate_step(candidate, *, input_shape: Sequence[int]) -> StepEstimate:
-    """Meta-device estimate of measuring ``candidate`` (a built network or a :class:`Candidate`)."""
-    from bats_cli.preflight import estimate_network_bytes
-
-    built = not isinstance(candidate, Candidate)
-    if built:
-        build = lambda: _meta_twin(candidate)  # noqa: E731
-    else:
-        build = candidate.build_for_estimate or candidate.build
-    batch = max(MEASURE_BATCHES)
-    shapes: list[str] = []
-
-    def build_and_describe():
-        net = build()
-        shapes.extend(f"{name}:{type(m).__name__}" for name, m in net.named_modules())
-        shapes.extend(f"{name}:{tuple(t.shape)}" for name, t in
-                      list(net.named_parameters()) + list(net.named_buffers()))
-        return net
-
-    est = estimate_network_bytes(build_and_describe, input_shape=tuple(input_shape), batch_size=batch,
-                                 training=False)
-    fingerprint = hashlib.sha256("\n".join(shapes).encode()).hexdigest()[:32]
-    return StepEstimate(est.params, est.param_bytes, est.activation_bytes, batch, built, fingerprint)
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"
-
-
-def _unmeasured_plan(step: StepEstimate, *, batch_size: int, optimizer_moments: int) -> int:
-    """Peak of the real run from the meta estimate alone: weights, gradients, moments, activations."""
-    per_image = step.activation_bytes / step.batch
-    return int((2 + optimizer_moments) * step.param_bytes + per_image * batch_size)
+        return "GPU", probes.available_gpu_bytes(device), int(torch.cuda.memory_allocated(device))
+    return "RAM", probes.available_ram_bytes(), probes.rss_bytes()
 
 
 # --------------------------------------------------------------------------- the plan
@@ -572,8 +226,8 @@ def plan_run(
         t_step = estimate_step(teacher, input_shape=input_shape)
         t_weights = sum(t.numel() * t.element_size() for t in list(teacher.parameters()) + list(teacher.buffers()))
         t_forward = int(t_step.activation_bytes / t_step.batch * batch_size)
-        t_note = (f"teacher counted: {t_step.params:,} parameters ({t_weights / 2**20:.1f} MiB, frozen) "
-                  f"and its forward pass (up to {t_forward / 2**20:.1f} MiB at batch {batch_size}); "
+        t_note = (f"teacher counted: {t_step.params:,} parameters ({format_bytes(t_weights, 2)}, frozen) "
+                  f"and its forward pass (up to {format_bytes(t_forward, 2)} at batch {batch_size}); "
                   "the time estimate leaves out its forward pass")
     n_params = (sum(p.numel() for p in model.parameters()) if model is not None else steps[0].params)
     base = dict(command=command, device=str(device), dataset=dataset, train_images=train_images,
@@ -587,12 +241,12 @@ def plan_run(
             if not force:
                 raise UserInputError(
                     f"{command}: measuring one step (batch {worst.batch}) needs about "
-                    f"{_gib(worst.need_bytes)} of {memory} ({network + ': ' if network else ''}"
-                    f"{worst.params:,} parameters, {_gib(worst.param_bytes)} each for weights, copy and "
-                    f"gradients; activations {_gib(worst.activation_bytes)}) but {_gib(max(room, 0))} is "
-                    f"free; {advice}"
+                    f"{format_bytes(worst.need_bytes)} of {memory} ({network + ': ' if network else ''}"
+                    f"{worst.params:,} parameters, {format_bytes(worst.param_bytes)} each for weights, copy and "
+                    f"gradients; activations {format_bytes(worst.activation_bytes)}) but "
+                    f"{format_bytes(max(room, 0))} is free; {advice}"
                 )
-            peak = max(_unmeasured_plan(s, batch_size=batch_size, optimizer_moments=optimizer_moments)
+            peak = max(unmeasured_peak(s, batch_size=batch_size, optimizer_moments=optimizer_moments)
                        for s in steps) + t_weights + t_forward
             for line in Plan(**base, peak_memory_bytes=0, largest_fitting_batch=None, fits=True).header_lines()[1:]:
                 say(line)
@@ -600,22 +254,22 @@ def plan_run(
                 **base, peak_memory_bytes=peak, largest_fitting_batch=0, fits=False,
                 memory_source="estimated",
                 notes=[f"estimate only, not measured: one measured step would need about "
-                       f"{_gib(worst.need_bytes)} of {memory} ({_gib(max(room, 0))} free)"]
+                       f"{format_bytes(worst.need_bytes)} of {memory} ({format_bytes(max(room, 0))} free)"]
                 + ([t_note] if teacher is not None else []),
             )
     for line in Plan(**base, peak_memory_bytes=0, largest_fitting_batch=None, fits=True).header_lines()[1:]:
         say(line)  # the data line went first
 
-    key = _cache_key(command=command, steps=steps, device=device, dataset=dataset,
+    key = cache_key(command=command, steps=steps, device=device, dataset=dataset,
                      train_images=train_images, test_images=test_images, input_shape=input_shape,
                      num_classes=num_classes, precision=precision) if cache else None
-    band = [_meta_band(s, in_use=in_use, batch_size=batch_size, optimizer_moments=optimizer_moments)
+    band = [meta_band(s, in_use=in_use, batch_size=batch_size, optimizer_moments=optimizer_moments)
             for s in steps]
     high = max(b[1] for b in band)
     low = max(b[0] for b in band)
     decided = available is None or high <= FAR_BELOW * HEADROOM * available or \
         low >= FAR_ABOVE * HEADROOM * available
-    cached = _load_cached(key)
+    cached = load_cached(key)
     reused = cached is not None and (cached[0] == "measured" or decided)
     if reused:
         source, per_stage = cached
@@ -636,7 +290,7 @@ def plan_run(
                 seconds = time_steps(net, input_shape=input_shape, num_classes=num_classes, device=device,
                                      precision=precision, params=params,
                                      channels_last=_runs_channels_last(cand, device, precision))
-                train_m, eval_m = _meta_models(step, in_use=in_use, param_bytes=param_bytes)
+                train_m, eval_m = meta_models(step, in_use=in_use, param_bytes=param_bytes)
             else:
                 train_m, eval_m = measure_memory(net, input_shape=input_shape, num_classes=num_classes,
                                                  device=device, precision=precision, params=params)
@@ -644,7 +298,7 @@ def plan_run(
                            if k.startswith("train@") or k == f"eval@{TIMED_BATCH}"}
             per_stage.append((train_m, eval_m, seconds, param_bytes))
             del net
-        _store_cached(key, source, per_stage)
+        store_cached(key, source, per_stage)
 
     best = None
     for train_m, eval_m, _seconds, param_bytes in per_stage:
@@ -690,26 +344,6 @@ def _runs_channels_last(candidate, device, precision: str) -> bool:
     return memory_format(device, candidate, precision=precision) == torch.channels_last
 
 
-def _meta_band(step: StepEstimate, *, in_use: int, batch_size: int, optimizer_moments: int) -> tuple[int, int]:
-    """(low, high) peak of the real run from the meta-device estimate: what the process holds,
-    weights' gradients and moments (and the weights, unless built), layer outputs x the band."""
-    per_image = step.activation_bytes / step.batch
-    fixed = in_use + (1 + optimizer_moments + (0 if step.built else 1)) * step.param_bytes
-    return (int(fixed + META_FACTOR_LOW * per_image * batch_size),
-            int(fixed + META_FACTOR_HIGH * per_image * batch_size))
-
-
-def _meta_models(step: StepEstimate, *, in_use: int, param_bytes: int) -> tuple[MemoryModel, MemoryModel]:
-    """Train / eval memory lines from the meta estimate, at the top of the band (so a batch it
-    suggests fits): the process as it is, the weights unless built, the gradients, layer outputs."""
-    per_image = META_FACTOR_HIGH * step.activation_bytes / step.batch
-    held = in_use + (0 if step.built else param_bytes)
-    train_m = MemoryModel(fixed_bytes=held + param_bytes, per_image_bytes=per_image)
-    # Evaluation keeps no layer outputs for backward: a fraction of training's (measured 1/8-1/4).
-    eval_m = MemoryModel(fixed_bytes=held, per_image_bytes=per_image / 4)
-    return train_m, eval_m
-
-
 def _time_estimate(per_stage, *, batch_size: int, steps_per_epoch: int, test_images: int,
                    step_passes: float) -> tuple[float | None, float | None]:
     """(seconds per epoch, seconds per step), averaged over the stages, from the timed steps."""
@@ -733,66 +367,16 @@ def _time_estimate(per_stage, *, batch_size: int, steps_per_epoch: int, test_ima
     return sum(epochs) / len(epochs), sum(steps) / len(steps)
 
 
-# --------------------------------------------------------------------------- the plan cache
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "bats" / "plans"
-
-
-def _cache_key(*, command, steps, device, dataset, train_images, test_images, input_shape, num_classes,
-               precision) -> str:
-    import torch
-
-    import bats_cli
-
-    parts = [command, [s.fingerprint for s in steps], str(device), dataset, train_images, test_images,
-             list(input_shape), num_classes, precision, torch.get_num_threads(), torch.__version__,
-             bats_cli.__version__, MEASURE_BATCHES, TIMED_BATCH]
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]
-
-
-def _load_cached(key: str | None):
-    """(source, per-stage lines) of an earlier plan with this key, or None."""
-    if key is None or os.environ.get("BATS_PLAN_CACHE") == "0":
-        return None
-    try:
-        data = json.loads((_cache_dir() / f"{key}.json").read_text())
-        stages = [(MemoryModel(**st["train"]), MemoryModel(**st["eval"]),
-                   {k: float(v) for k, v in st["seconds"].items()}, int(st["param_bytes"]))
-                  for st in data["stages"]]
-        if data["source"] not in ("measured", "estimated") or not stages:
-            return None
-        return data["source"], stages
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # no entry, or one this version cannot read: plan again
-
-
-def _store_cached(key: str | None, source: str, per_stage) -> None:
-    if key is None or os.environ.get("BATS_PLAN_CACHE") == "0":
-        return
-    from bats_cli.fileio import atomic_write_json
-
-    stages = [{"train": asdict(t), "eval": asdict(e), "seconds": s, "param_bytes": pb}
-              for t, e, s, pb in per_stage]
-    try:
-        atomic_write_json(_cache_dir() / f"{key}.json", {"source": source, "stages": stages})
-    except Exception:  # a read-only or full cache only costs the next plan a measurement
-        pass
-
-
 def check_fits(plan: Plan, *, force: bool = False) -> None:
     """UserInputError (exit 2) when the plan does not fit in memory, unless ``force``."""
     if plan.fits or force:
         return
-    gib = 2**30
     largest = plan.largest_fitting_batch or 0
     hint = (f"use --batch-size {largest} (it fits)" if largest >= 1 else
             "no batch size fits: use a smaller network (--width, --layers, --channels) or another device")
     raise UserInputError(
-        f"{plan.command} needs about {plan.peak_memory_bytes / gib:.1f} GiB of {plan.memory} at "
-        f"batch {plan.batch_size} but {plan.available_memory_bytes / gib:.1f} GiB is available; "
+        f"{plan.command} needs about {format_bytes(plan.peak_memory_bytes)} of {plan.memory} at "
+        f"batch {plan.batch_size} but {format_bytes(plan.available_memory_bytes)} is available; "
         f"{hint}, or --force to try anyway"
     )
 

@@ -10,7 +10,6 @@ network, or a genotype with huge cells) is one error line instead of an out-of-m
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from bats_cli.errors import UserInputError
+from bats_cli.memory import format_bytes, memory_limit_bytes
 
 # Sizes far beyond any BATS/DARTS network (20 cells, C <= 256, 4-5 nodes); checked before even
 # the meta-device build, whose Python objects alone would exhaust memory for a million cells.
@@ -118,42 +118,6 @@ def _activation_bytes(model: nn.Module, input_shape: tuple[int, ...], batch_size
     return total
 
 
-def memory_limit_bytes(device: torch.device | str = "cpu") -> int | None:
-    """Memory the device has: a GPU's total, or RAM (the cgroup limit when lower); None if unknown."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        try:
-            return int(torch.cuda.get_device_properties(device).total_memory)
-        except (RuntimeError, AssertionError):
-            return None
-    if device.type != "cpu":
-        return None
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        ram = None
-    limit = _cgroup_limit()
-    if ram is None:
-        return limit
-    return min(ram, limit) if limit else ram
-
-
-def _cgroup_limit() -> int | None:
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(path, encoding="ascii") as fh:
-                text = fh.read(64).strip()
-        except OSError:
-            continue
-        if text.isdigit() and int(text) < 1 << 60:
-            return int(text)
-    return None
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
 def check_fits(
     estimate: MemoryEstimate,
     *,
@@ -165,12 +129,12 @@ def check_fits(
     limit = memory_limit_bytes(device)
     if limit is None or estimate.total_bytes <= limit:
         return
-    parts = f"{estimate.params:,} parameters: {_gb(estimate.param_bytes)}"
+    parts = f"{estimate.params:,} parameters: {format_bytes(estimate.param_bytes)}"
     if estimate.activation_bytes:
-        parts += f", activations for batch {estimate.batch_size}: {_gb(estimate.activation_bytes)}"
+        parts += f", activations for batch {estimate.batch_size}: {format_bytes(estimate.activation_bytes)}"
     raise UserInputError(
-        f"{what} needs about {_gb(estimate.total_bytes)} ({parts}) but {torch.device(device).type} "
-        f"memory is {_gb(limit)}; {advice}"
+        f"{what} needs about {format_bytes(estimate.total_bytes)} ({parts}) but {torch.device(device).type} "
+        f"memory is {format_bytes(limit)}; {advice}"
     )
 
 

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bats_cli"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("bats_cli", "bats_cli.errors", "bats_cli.names", "bats_cli.metadata",
                     "bats_cli.outputs", "bats_cli.preflight", "bats_cli.spaces", "bats_cli.archs", "bats_cli.genotype",
-                    "bats_cli.config", "bats_cli.presets", "bats_cli.fileio", "bats_cli.provenance",
+                    "bats_cli.memory", "bats_cli.config", "bats_cli.presets", "bats_cli.fileio", "bats_cli.provenance",
                     "bats_cli.runtime", "bats_cli.signals", "bats_cli.rundir", "bats_cli.progress",
                     "bats_cli.checkpoint", "bats_cli.sniff",
                     "bats_cli.distributed", "bats_cli.schedule", "bats_cli.stats", "bats_cli.data*")),
@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                                          "bats_cli.search_health")),
     ("run loop and evaluation", ("bats_cli.runloop", "bats_cli.evaluate", "bats_cli.export",
                                  "bats_cli.onnx_eval", "bats_cli.plan",
+                                 "bats_cli.plan_measure", "bats_cli.plan_cache",
                                  "bats_cli.distill")),
     ("pipeline stages", ("bats_cli.search", "bats_cli.train", "bats_cli.binarize",
                          "bats_cli.report", "bats_cli.selection")),

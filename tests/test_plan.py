@@ -40,8 +40,8 @@ def plan_env(monkeypatch, tmp_path):
 
 
 def _args(batch_size=32):
-    from bats_cli.genotype import resolve_genotype
     from bats_cli.networks import build_network
+    from bats_cli.zoo import resolve_genotype
 
     net = build_network(resolve_genotype("bats_c10"), layers=3, channels=6, num_classes=10, in_channels=1)
     return dict(command="train", model=net, device="cpu", dataset="fashion-mini", train_images=640,
@@ -71,12 +71,14 @@ def test_far_below_the_limit_is_timed_not_measured_and_says_so_first(plan_env):
 
 
 def test_far_above_the_limit_is_refused_with_a_batch_that_fits(plan_env, monkeypatch):
+    from bats_cli.memory import rss_bytes
+
     plan, _room, calls = plan_env
     # 400 MiB of room beyond what the process holds *now*: the first plan's timing step loads
     # kernels lazily (RSS grows by ~200 MiB on a CUDA build of torch), and a room fixed before it
     # would shrink under the second plan's measurement.
     def room_now(device):
-        rss = plan._proc_kib("VmRSS") * 1024
+        rss = rss_bytes()
         return "RAM", rss + 400 * 2**20, rss
 
     monkeypatch.setattr(plan, "_memory_room", room_now)
@@ -93,10 +95,12 @@ def test_far_above_the_limit_is_refused_with_a_batch_that_fits(plan_env, monkeyp
 
 
 def test_near_the_limit_is_measured_once_then_reused(plan_env):
+    from bats_cli.plan_measure import meta_band
+
     plan, room, calls = plan_env
     args = _args()
     step = plan.estimate_step(args["model"], input_shape=args["input_shape"])
-    low, high = plan._meta_band(step, in_use=room["in_use"], batch_size=32, optimizer_moments=2)
+    low, high = meta_band(step, in_use=room["in_use"], batch_size=32, optimizer_moments=2)
     # Room between the band's ends: only a measurement can tell.
     room["available"] = int(high / plan.HEADROOM)
     first = plan.plan_run(**args)
@@ -109,6 +113,8 @@ def test_near_the_limit_is_measured_once_then_reused(plan_env):
 
 
 def test_an_estimated_plan_is_reused_unless_memory_got_tight(plan_env):
+    from bats_cli.plan_measure import meta_band
+
     plan, room, calls = plan_env
     first = plan.plan_run(**_args())
     assert calls["time"] == 1 and first.memory_source == "estimated" and not first.reused
@@ -118,7 +124,7 @@ def test_an_estimated_plan_is_reused_unless_memory_got_tight(plan_env):
     # ... unless memory got tight since: then it is measured after all.
     args = _args()
     step = plan.estimate_step(args["model"], input_shape=args["input_shape"])
-    _low, high = plan._meta_band(step, in_use=room["in_use"], batch_size=32, optimizer_moments=2)
+    _low, high = meta_band(step, in_use=room["in_use"], batch_size=32, optimizer_moments=2)
     room["available"] = int(high / plan.HEADROOM)
     assert plan.plan_run(**args).memory_source == "measured" and calls["measure"] == 1
 

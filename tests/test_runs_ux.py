@@ -104,14 +104,14 @@ def test_dry_run_estimate_within_half_and_twice_the_real_peak(tmp_path):
 
 
 def test_plan_refuses_a_batch_that_cannot_fit(monkeypatch, tmp_path, capsys):
-    from bats_cli import plan
+    from bats_cli import memory
 
     # Room for this process as it is now plus some images, not for 2048 of them. Fixed once:
     # the plan trims the heap before measuring, so the process's RSS moves between the calls.
-    budget = plan._proc_kib("VmRSS") * 1024 + 800 * 2**20
+    budget = memory.rss_bytes() + 800 * 2**20
     room = lambda *device: budget  # noqa: E731
-    monkeypatch.setattr(plan, "available_ram_bytes", room)
-    monkeypatch.setattr(plan, "available_gpu_bytes", room)
+    monkeypatch.setattr(memory, "available_ram_bytes", room)
+    monkeypatch.setattr(memory, "available_gpu_bytes", room)
     out = tmp_path / "run"
     code, _, err = cli(["train", "bats_c10", "--preset", "tiny", "--batch-size", "2048", "--subset",
                         "2500", "--out", str(out), "-q"], capsys)
@@ -128,7 +128,8 @@ def test_plan_refuses_a_batch_that_cannot_fit(monkeypatch, tmp_path, capsys):
 
 
 def test_memory_model_arithmetic():
-    from bats_cli.plan import MemoryModel, Plan, check_fits
+    from bats_cli.plan import Plan, check_fits
+    from bats_cli.plan_measure import MemoryModel
 
     m = MemoryModel(fixed_bytes=100.0, per_image_bytes=10.0)
     assert m.at(5) == 150 and m.largest_batch(205) == 10
