@@ -58,24 +58,15 @@ class DatasetShape:
         return (self.in_channels, self.image_size, self.image_size)
 
 
-DATASET_SHAPES: dict[str, DatasetShape] = {
-    "cifar10": DatasetShape("cifar10", 32, 3, 10, "cifar"),
-    "cifar100": DatasetShape("cifar100", 32, 3, 100, "cifar"),
-    "imagenet": DatasetShape("imagenet", 224, 3, 1000, "imagenet"),
-    # Fashion-MNIST's 28 px images are fed zero-padded to 32 px.
-    "fashion-mini": DatasetShape("fashion-mini", 32, 1, 10, "cifar"),
-    "fashion-mnist": DatasetShape("fashion-mnist", 32, 1, 10, "cifar"),
-}
-
-
 def dataset_shape(name: str) -> DatasetShape:
+    """The shape of a data set whose shape does not depend on files (the table in data/spec.py)."""
+    from bats_cli.data.spec import FIXED_SPECS  # lazily: the data package imports torchvision
+
     key = str(name).strip().lower().replace("_", "-")
-    try:
-        return DATASET_SHAPES[key]
-    except KeyError:
-        raise UserInputError(
-            f"unknown --dataset {name!r}; choose one of: {', '.join(DATASET_SHAPES)}"
-        ) from None
+    if key not in FIXED_SPECS:
+        raise UserInputError(f"unknown --dataset {name!r}; choose one of: {', '.join(FIXED_SPECS)}")
+    spec = FIXED_SPECS[key]
+    return DatasetShape(key, spec.image_size, spec.in_channels, spec.num_classes, spec.network)
 
 
 @dataclass(frozen=True)
@@ -403,7 +394,6 @@ def model_meta(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str, 
 __all__ = [
     "BOPS_PER_FLOP",
     "CostReport",
-    "DATASET_SHAPES",
     "DatasetShape",
     "LayerCost",
     "count_model",

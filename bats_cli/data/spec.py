@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bats_cli.errors import UserInputError
 
@@ -97,17 +97,28 @@ def network_for(image_size: int) -> str:
     return "cifar" if image_size <= SMALL_IMAGE_MAX else "imagenet"
 
 
+# The data sets whose shape does not depend on files: the one table of classes, sides, channels
+# and network families (``counting.dataset_shape`` reads it too). Fashion-MNIST's 28 px images
+# are fed zero-padded to 32 px.
+FIXED_SPECS: dict[str, DataSpec] = {
+    "cifar10": DataSpec("cifar10", 10, 32, 3, "cifar", *CIFAR10_STATS),
+    "cifar100": DataSpec("cifar100", 100, 32, 3, "cifar", *CIFAR100_STATS),
+    "imagenet": DataSpec("imagenet", 1000, 224, 3, "imagenet", *IMAGENET_STATS),
+    "fashion-mini": DataSpec("fashion-mini", 10, 32, 1, "cifar", *FASHION_STATS),
+    "fashion-mnist": DataSpec("fashion-mnist", 10, 32, 1, "cifar", *FASHION_STATS),
+}
+
+
 def fixed_spec(name: str, *, num_classes: int | None = None, image_size: int | None = None) -> DataSpec:
-    """The spec of a data set whose shape does not depend on files (all but imagefolder)."""
-    if name in ("fashion-mini", "fashion-mnist"):
-        # Small images stay small images: a larger image_size only resizes them for the CIFAR network.
-        return DataSpec(name, 10, image_size or 32, 1, "cifar", *FASHION_STATS)
-    if name in ("cifar10", "cifar100"):
-        stats = CIFAR10_STATS if name == "cifar10" else CIFAR100_STATS
-        return DataSpec(name, 10 if name == "cifar10" else 100, image_size or 32, 3, "cifar", *stats)
-    if name == "imagenet":
-        return DataSpec(name, num_classes or 1000, image_size or 224, 3, "imagenet", *IMAGENET_STATS)
-    raise ValueError(f"{name} has no fixed spec")
+    """The spec of a data set whose shape does not depend on files (all but imagefolder); only
+    ImageNet's class count follows its directory. A larger ``image_size`` of small images only
+    resizes them for the CIFAR network."""
+    try:
+        spec = FIXED_SPECS[name]
+    except KeyError:
+        raise ValueError(f"{name} has no fixed spec") from None
+    classes = (num_classes or spec.num_classes) if name == "imagenet" else spec.num_classes
+    return replace(spec, num_classes=classes, image_size=image_size or spec.image_size)
 
 
 def imagefolder_spec(num_classes: int, image_size: int) -> DataSpec:
