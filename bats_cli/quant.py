@@ -5,12 +5,14 @@ per-output-channel scale (XNOR-Net++ drops XNOR-Net's input scale β). Activatio
 quantized independently, because the search binarizes activations only (§4.3) and ``bats
 binarize`` turns the weights binary afterwards.
 
-Quantizers are named objects with a precision, in the style of larq: a :class:`QuantConv2d` with
-no quantizer *is* the float ``nn.Conv2d`` (same parameters, same output, no ``α``).
+Quantizers are named objects carrying their function and precision, in the style of larq
+(``STE_SIGN``, the only one the paper needs); a :class:`QuantConv2d` with no quantizer *is* the
+float ``nn.Conv2d`` (same parameters, same output, no ``α``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,21 +36,6 @@ class _SignSTE(torch.autograd.Function):
         return grad * (x.abs() <= 1).to(grad.dtype)
 
 
-@dataclass(frozen=True)
-class Quantizer:
-    """A named quantizer: ``precision`` bits, applied by calling it on a tensor."""
-
-    name: str
-    precision: int
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _SignSTE.apply(x)
-        # No gradient to shape: plain ops, so tracers and ONNX export see Where(x >= 0, 1, -1)
-        # instead of an opaque autograd Function. Same values as the STE's forward.
-        return sign_pm1(x)
-
-
 def sign_pm1(x: torch.Tensor) -> torch.Tensor:
     """sign with 0 -> +1 (binary tensors are exactly ±1), without a gradient rule."""
     out = torch.where(x >= 0, 1.0, -1.0)
@@ -56,20 +43,30 @@ def sign_pm1(x: torch.Tensor) -> torch.Tensor:
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
-STE_SIGN = Quantizer(name="ste_sign", precision=1)
-QUANTIZERS: dict[str, Quantizer] = {STE_SIGN.name: STE_SIGN}
+def ste_sign(x: torch.Tensor) -> torch.Tensor:
+    """:func:`sign_pm1` with the straight-through gradient of :class:`_SignSTE`."""
+    return _SignSTE.apply(x)
 
 
-def get_quantizer(name: str | None) -> Quantizer | None:
-    """The quantizer called ``name``; ``None`` means full precision (no quantizer)."""
-    if name is None:
-        return None
-    try:
-        return QUANTIZERS[name]
-    except KeyError:
-        raise UserInputError(
-            f"unknown quantizer {name!r}; choose one of: {', '.join(QUANTIZERS)}"
-        ) from None
+@dataclass(frozen=True)
+class Quantizer:
+    """A named quantizer of ``precision`` bits: ``ste`` in training (values of ``fn``, a
+    straight-through gradient), ``fn`` where no gradient flows."""
+
+    name: str
+    precision: int
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    ste: Callable[[torch.Tensor], torch.Tensor]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return self.ste(x)
+        # No gradient to shape: plain ops, so tracers and ONNX export see Where(x >= 0, 1, -1)
+        # instead of an opaque autograd Function.
+        return self.fn(x)
+
+
+STE_SIGN = Quantizer(name="ste_sign", precision=1, fn=sign_pm1, ste=ste_sign)
 
 
 @dataclass(frozen=True)
@@ -106,8 +103,8 @@ class QuantConv2d(nn.Conv2d):
     """``nn.Conv2d`` with optional input / kernel quantizers and a learned output scale.
 
     The scale (the paper's α of eq. 1, named ``scale`` here so it is never confused with the
-    architecture weights α of eq. 2) exists only when some quantizer is set, so a layer with neither is exactly the float
-    layer (same ``state_dict`` keys, same output). Bias is never used (a BatchNorm follows or
+    architecture weights α of eq. 2) exists only when some quantizer is set, so a layer with
+    neither is exactly the float layer (same ``state_dict`` keys, same output). Bias is never used (a BatchNorm follows or
     precedes every conv in these networks).
     """
 
@@ -216,6 +213,15 @@ class RPReLU(nn.Module):
         return f"{self.weight.numel()}"
 
 
+# The activation after a binary conv, by name (``--activation``).
+ACTIVATIONS: dict[str, Callable[[int], nn.Module]] = {
+    "prelu": lambda channels: nn.PReLU(channels, init=0.25),
+    "rprelu": RPReLU,
+    "relu": lambda channels: nn.ReLU(inplace=False),
+    "none": lambda channels: nn.Identity(),
+}
+
+
 def make_activation(name: str, channels: int) -> nn.Module:
     """The activation after a binary conv (§3: BatchNorm, Sign, Conv, Activation).
 
@@ -223,18 +229,11 @@ def make_activation(name: str, channels: int) -> nn.Module:
     binary networks (XNOR-Net++ follow-ups, Real-to-Binary) and our default; ``rprelu`` is
     ReActNet's :class:`RPReLU` (not in the paper).
     """
-    if name == "prelu":
-        return nn.PReLU(channels, init=0.25)
-    if name == "rprelu":
-        return RPReLU(channels)
-    if name == "relu":
-        return nn.ReLU(inplace=False)
-    if name in ("none", "identity"):
-        return nn.Identity()
-    raise UserInputError(f"unknown activation {name!r}; choose prelu, rprelu, relu or none")
-
-
-ACTIVATIONS = ("prelu", "rprelu", "relu", "none")
+    try:
+        build = ACTIVATIONS[name]
+    except KeyError:
+        raise UserInputError(f"unknown activation {name!r}; choose one of: {', '.join(ACTIVATIONS)}") from None
+    return build(channels)
 
 
 class BinaryConvBlock(nn.Module):
@@ -302,7 +301,6 @@ __all__ = [
     "ACTIVATIONS",
     "BinaryConvBlock",
     "BinarySpec",
-    "QUANTIZERS",
     "QuantConv2d",
     "Quantizer",
     "REAL",
@@ -310,8 +308,8 @@ __all__ = [
     "STE_SIGN",
     "binarize_weights_",
     "effective_weight",
-    "get_quantizer",
     "make_activation",
     "quant_convs",
     "sign_pm1",
+    "ste_sign",
 ]

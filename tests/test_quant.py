@@ -13,14 +13,14 @@ from bats_cli.quant import (
     BinaryConvBlock,
     BinarySpec,
     QuantConv2d,
+    Quantizer,
     binarize_weights_,
     effective_weight,
-    get_quantizer,
+    make_activation,
     quant_convs,
 )
 
 # Tiny convolutions: one torch thread for the whole module (see conftest.one_thread).
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _capture_conv_input(conv: QuantConv2d, store: list) -> None:
@@ -162,12 +162,20 @@ def test_real_block_has_no_quantizer_and_no_scale():
     assert [n for n, _ in quant_convs(BinaryConvBlock(4, 4, 1, spec=BinarySpec()))] == ["conv"]
 
 
-def test_spec_parse_and_quantizer_lookup():
+def test_spec_parse_and_the_quantizer_is_its_function():
     assert BinarySpec.parse(weights="binary", activations="binary") == BinarySpec(True, True)
     assert BinarySpec.parse(weights="real", activations="real").real
     with pytest.raises(UserInputError):
         BinarySpec.parse(weights="ternary", activations="binary")
-    assert get_quantizer(None) is None
-    assert get_quantizer("ste_sign") is STE_SIGN and STE_SIGN.precision == 1
-    with pytest.raises(UserInputError):
-        get_quantizer("dorefa")
+    assert BinarySpec().input_quantizer is STE_SIGN and STE_SIGN.precision == 1
+    # The named quantizer applies the function it carries, with or without a gradient.
+    doubled = Quantizer("double", 32, fn=lambda t: 2 * t, ste=lambda t: 2 * t)
+    x = torch.tensor([-0.5, 0.0, 0.7], requires_grad=True)
+    assert torch.equal(doubled(x), 2 * x) and torch.equal(STE_SIGN(x), torch.tensor([-1.0, 1.0, 1.0]))
+
+
+@pytest.mark.parametrize("name, kind", [("prelu", nn.PReLU), ("relu", nn.ReLU), ("none", nn.Identity)])
+def test_activations_by_name_and_unknown_names_refused(name, kind):
+    assert type(make_activation(name, 4)) is kind
+    with pytest.raises(UserInputError, match="choose one of: prelu, rprelu, relu, none"):
+        make_activation("identity", 4)
