@@ -912,8 +912,8 @@ def job_record(job: Job, status: str | None = None, *, eval_name: str = EVAL_NAM
     """What one job produced (read from its result files); ``eval_name``: which eval result of the
     job is its top-1 (``eval.json``, or one written by ``--evaluate-on``); paths relative to ``root``."""
     from bats_cli.derive import parameter_free_share
-    from bats_cli.genotype import resolve_genotype
     from bats_cli.stats import binomial_se
+    from bats_cli.zoo import resolve_genotype
 
     ev = _read(job.dir / eval_name)
     rec: dict[str, Any] = {"variant": job.variant.name, "seed": job.seed, "dir": _rel(job.dir, root),

@@ -188,7 +188,7 @@ def load_config_file(path, model_cls: type[BaseModel]) -> dict[str, Any]:
     (whose ``config`` member holds them). Unknown keys are one error naming them."""
     from pathlib import Path
 
-    from bats_cli.genotype import read_bounded
+    from bats_cli.fileio import load_json_file
     from bats_cli.names import exists, safe_text
 
     path = Path(path)
@@ -197,18 +197,8 @@ def load_config_file(path, model_cls: type[BaseModel]) -> dict[str, Any]:
     if path.is_dir():
         raise UserInputError(f"--config {path}: is a directory; give a JSON file")
     # Bounded by the bytes read: a FIFO or /dev/zero is refused, not read forever.
-    raw = read_bounded(path, MAX_TEXT_BYTES, what="a --config file")
-    try:
-        data = json.loads(raw.decode("utf-8-sig"), parse_constant=_no_constant)
-    except UnicodeDecodeError:
-        raise UserInputError(f"--config {path}: not a UTF-8 text file; expected JSON settings") from None
-    except RecursionError:
-        raise UserInputError(f"--config {path}: JSON nested far too deeply") from None
-    except ValueError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else "invalid"
-        if "digit" in reason:
-            reason = "a number with thousands of digits"
-        raise UserInputError(f"--config {path}: not readable JSON ({safe_text(reason, max_chars=120)})") from None
+    data = load_json_file(path, max_bytes=MAX_TEXT_BYTES, what="a --config file", where=f"--config {path}",
+                          label="not readable JSON")
     if isinstance(data, dict) and isinstance(data.get("config"), dict):
         data = data["config"]
     if not isinstance(data, dict):
@@ -219,10 +209,6 @@ def load_config_file(path, model_cls: type[BaseModel]) -> dict[str, Any]:
         more = f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
         raise UserInputError(f"--config {path}: unknown setting(s) {shown}{more}")
     return {k: v for k, v in data.items() if k not in _RECORD_ONLY}
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a setting")
 
 
 def validate_config(model_cls: type[M], data: Mapping[str, Any], *, from_file: bool = False) -> M:

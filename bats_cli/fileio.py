@@ -1,18 +1,21 @@
-"""Atomic file writes (temp file in the same directory + fsync + ``os.replace``) and JSON-ready values:
-nothing a command writes is ever half-written."""
+"""Atomic file writes (temp file in the same directory + fsync + ``os.replace``), bounded reads and
+the one bounded JSON parser, and JSON-ready values: nothing a command writes is ever half-written,
+nothing it reads can be a FIFO, a multi-GB file or a NaN."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+from bats_cli.errors import UserInputError
+from bats_cli.names import safe_text
 
 # --------------------------------------------------------------------------- atomic writes
 
@@ -83,8 +86,6 @@ def _write_failure(path: Path, exc: BaseException) -> Exception:
     return RunFailure(f"cannot write {path} ({reason}); the previous file, if any, is unchanged")
 
 
-
-
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temp file + fsync + ``os.replace``)."""
     with atomic_target(path) as tmp:
@@ -105,9 +106,9 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
 
 
 def to_jsonable(obj: Any) -> Any:
-    """Convert paths, tensors, numpy scalars, tuples and non-finite floats into strict JSON values."""
+    """Convert paths, tensors, numpy values, tuples and non-finite floats into strict JSON values."""
     if isinstance(obj, float):
-        return obj if np.isfinite(obj) else None
+        return obj if math.isfinite(obj) else None
     if obj is None or isinstance(obj, (str, bool, int)):
         return obj
     if isinstance(obj, Mapping):
@@ -116,12 +117,134 @@ def to_jsonable(obj: Any) -> Any:
         return [to_jsonable(v) for v in obj]
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
-    if isinstance(obj, torch.Tensor):
-        return to_jsonable(obj.detach().cpu().tolist())
-    if isinstance(obj, np.generic):
-        return to_jsonable(obj.item())
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
     if hasattr(obj, "model_dump"):
         return to_jsonable(obj.model_dump(mode="json"))
+    if hasattr(obj, "tolist"):  # torch tensors, numpy arrays and scalars: duck-typed, no torch import
+        return to_jsonable(obj.tolist())
     return str(obj)
+
+
+# --------------------------------------------------------------------------- bounded reads
+
+# Deeper JSON is refused before parsing: nothing bats writes nests past a handful of levels.
+MAX_JSON_DEPTH = 32
+
+
+def read_bounded(path: str | os.PathLike[str], limit: int, *, what: str) -> bytes:
+    """At most ``limit`` bytes of a regular file; larger files, FIFOs and devices are refused.
+
+    Bounded by the bytes actually read, not by ``stat().st_size`` (which devices and /proc
+    report as 0); non-regular files are refused before they are opened (a FIFO would block).
+    """
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except OSError as exc:
+        raise UserInputError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UserInputError(f"{p}: not a regular file (a FIFO, device or socket); expected {what}")
+    try:
+        with open(p, "rb") as fh:
+            raw = fh.read(limit + 1)
+    except OSError as exc:
+        raise UserInputError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    if len(raw) > limit:
+        raise UserInputError(f"{p}: more than {limit:,} bytes is far too large for {what}")
+    return raw
+
+
+def refuse_non_regular(path: Path) -> None:
+    """UserInputError unless ``path`` is absent or a plain file (not a link, FIFO or device)."""
+    # Files a run appends to or locks in place: a link would redirect the write elsewhere, and
+    # a FIFO or device is no file to write.
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UserInputError(f"{path}: cannot inspect it ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+        raise UserInputError(
+            f"{path} is {what}; a run writes this file in place, so it must be a plain file "
+            "(remove it)"
+        )
+
+
+class _JSONShapeError(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _JSONShapeError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise _JSONShapeError(f"{name} is not allowed")
+
+
+def _depth(text: str) -> int:
+    """Deepest bracket nesting of JSON ``text`` (strings skipped), in one pass."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def load_json(
+    text: object,
+    *,
+    where: str,
+    max_bytes: int,
+    label: str = "corrupt JSON",
+    max_depth: int = MAX_JSON_DEPTH,
+) -> Any:
+    """Parse JSON text (``str`` or UTF-8 ``bytes``) with size and depth limits; NaN/Infinity and
+    duplicate keys refused. Every problem is one :class:`UserInputError` line ``where: label (why)``."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise UserInputError(f"{where}: not a UTF-8 text file; expected JSON") from None
+    if not isinstance(text, str):
+        raise UserInputError(f"{where}: expected JSON text")
+    if len(text) > max_bytes:
+        raise UserInputError(f"{where}: {len(text):,} characters of JSON is far too large")
+    if _depth(text) > max_depth:
+        raise UserInputError(f"{where}: JSON nested deeper than {max_depth} levels")
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        reason = f"line {exc.lineno}, column {exc.colno}: {exc.msg}"
+    except (_JSONShapeError, RecursionError) as exc:
+        reason = str(exc) or "nested far too deeply"
+    except ValueError:
+        # json refuses integers past Python's int-to-string digit limit with a bare ValueError.
+        reason = "a number with thousands of digits"
+    raise UserInputError(f"{where}: {label} ({safe_text(reason, max_chars=120)})")
+
+
+def load_json_file(path: str | os.PathLike[str], *, max_bytes: int, what: str, where: str | None = None,
+                   label: str = "not valid JSON") -> Any:
+    """:func:`load_json` of a regular file of at most ``max_bytes`` bytes (:func:`read_bounded`)."""
+    raw = read_bounded(path, max_bytes, what=what)
+    return load_json(raw, where=where or str(path), max_bytes=max_bytes, label=label)

@@ -9,7 +9,6 @@ JSON; every problem is one :class:`~bats_cli.errors.UserInputError` line naming 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Annotated, Any, Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bats_cli import fileio
 from bats_cli.config import MAX_IMAGE_SIZE as _MAX_IMAGE_SIZE
 from bats_cli.config import MAX_IMAGES, MAX_LR, MAX_SEED
 from bats_cli.errors import UserInputError
@@ -26,8 +26,6 @@ from bats_cli.preflight import MAX_CHANNELS, MAX_LAYERS
 
 # One metadata value: optimizer state of a 20-cell network is ~100 kB; 16 MB is far beyond.
 MAX_JSON_BYTES = 16 * 1024 * 1024
-# Deepest nesting a bats checkpoint writes is ~6 levels.
-MAX_JSON_DEPTH = 32
 # Sizes a network record may name (MAX_CHANNELS / MAX_LAYERS from preflight.py, which also
 # refuses what does not fit this machine).
 MAX_CLASSES = 1_000_000
@@ -59,45 +57,9 @@ def dtype_from_name(name: object, *, where: str) -> torch.dtype:
 # --------------------------------------------------------------------------- bounded JSON
 
 
-def _depth(text: str) -> int:
-    """Deepest bracket nesting of JSON ``text`` (strings skipped), in one pass."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth -= 1
-    return deepest
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
-
-
 def load_json(text: object, *, where: str, max_bytes: int = MAX_JSON_BYTES) -> Any:
-    """Parse metadata JSON with size and depth limits; NaN/Infinity refused."""
-    if not isinstance(text, str):
-        raise UserInputError(f"{where}: expected JSON text")
-    if len(text) > max_bytes:
-        raise UserInputError(f"{where}: {len(text):,} characters of JSON is far too large")
-    if _depth(text) > MAX_JSON_DEPTH:
-        raise UserInputError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
-    try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
-        reason = safe_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, max_chars=120)
-        raise UserInputError(f"{where}: corrupt JSON ({reason})") from None
+    """Parse metadata JSON: :func:`bats_cli.fileio.load_json` with the metadata size limit."""
+    return fileio.load_json(text, where=where, max_bytes=max_bytes)
 
 
 def _format_errors(exc: ValidationError) -> str:
@@ -309,11 +271,11 @@ def parse_header(path: Path, raw: Mapping[str, str]) -> Header:
         },
         where=where,
     )
-    validate_config(path, config)
+    check_recorded_config(path, config)
     return header
 
 
-def validate_config(path: Path | str, config: Any) -> dict[str, Any]:
+def check_recorded_config(path: Path | str, config: Any) -> dict[str, Any]:
     """A recorded config (checkpoint or ONNX metadata): an object whose known records check out."""
     if not isinstance(config, dict):
         raise UserInputError(f"{path}: config: expected an object")

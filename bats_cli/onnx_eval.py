@@ -97,10 +97,10 @@ def load_onnx(path: str | Path, *, threads: int | None = None):
     props = read_onnx_metadata(path)
     if props.get("bats_kind") != "onnx" or "bats_config" not in props:
         raise UserInputError(f"{path}: an ONNX file without bats metadata (not written by bats export)")
-    from bats_cli.metadata import load_json, validate_config
+    from bats_cli.metadata import check_recorded_config, load_json
 
     # Validated like a checkpoint's: the file may come from anywhere.
-    config = validate_config(path, load_json(props["bats_config"], where=f"{path}: bats_config"))
+    config = check_recorded_config(path, load_json(props["bats_config"], where=f"{path}: bats_config"))
     network = config.get("network") or {}
     genotype = None  # a fixed model (resnet18) has none
     if arch_of(network) == CELLS:

@@ -560,7 +560,7 @@ def _number(text: str | None) -> Any:
 
 def read_json_file(file: Path, *, what: str) -> Any:
     """A run file's JSON: a regular file read bounded (64 MB), UTF-8, size and depth limits."""
-    from bats_cli.genotype import read_bounded
+    from bats_cli.fileio import read_bounded
     from bats_cli.metadata import load_json
 
     raw = read_bounded(file, MAX_RUN_FILE_BYTES, what=what)
@@ -604,7 +604,7 @@ def read_run_files(path: str | os.PathLike[str]) -> RunFiles:
         from bats_cli.metadata import NetworkRecord, validate
 
         validate(NetworkRecord, network, where=f"{config_path}: network")
-    from bats_cli.genotype import read_bounded
+    from bats_cli.fileio import read_bounded
 
     raw = read_bounded(metrics_path, MAX_RUN_FILE_BYTES, what="a run's metrics.csv")
     try:

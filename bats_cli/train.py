@@ -542,7 +542,7 @@ def train(
     """Run ``bats train``: returns the JSON-ready result (rank 0's is the one to print).
 
     ``genotype``: a :class:`~bats_cli.genotype.Genotype`, or a fixed model's name (``resnet18``,
-    see :func:`bats_cli.genotype.resolve_network`). With ``resume`` and an existing
+    see :func:`bats_cli.zoo.resolve_network`). With ``resume`` and an existing
     ``<out>/last.safetensors`` the saved config is used; ``preset``
     and ``overrides`` (the flags given) must then agree with it. ``preflight(**plan)`` (see
     :func:`bats_cli.plan.make_preflight`) runs before the run directory is created.

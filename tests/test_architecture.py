@@ -19,6 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bats_cli"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("bats_cli", "bats_cli.errors", "bats_cli.names", "bats_cli.metadata",
                     "bats_cli.outputs", "bats_cli.preflight", "bats_cli.spaces", "bats_cli.archs", "bats_cli.genotype",
+                    "bats_cli.darts_import", "bats_cli.zoo",
                     "bats_cli.memory", "bats_cli.config", "bats_cli.presets", "bats_cli.fileio", "bats_cli.provenance",
                     "bats_cli.runtime", "bats_cli.signals", "bats_cli.rundir", "bats_cli.progress",
                     "bats_cli.checkpoint", "bats_cli.sniff",

@@ -15,9 +15,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bats_cli.counting import BOPS_PER_FLOP, count_model, dataset_shape, model_meta
 from bats_cli.errors import UserInputError
-from bats_cli.genotype import load_zoo_genotype
 from bats_cli.networks import build_network
 from bats_cli.quant import STE_SIGN, QuantConv2d
+from bats_cli.zoo import load_zoo_genotype
 
 # Tiny convolutions: one torch thread for the whole module (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")

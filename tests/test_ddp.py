@@ -13,8 +13,8 @@ import torch
 from bats_cli.checkpoint import load_checkpoint
 from bats_cli.data import sharded_loader
 from bats_cli.distributed import Dist
-from bats_cli.genotype import resolve_genotype
 from bats_cli.train import TrainConfig, train
+from bats_cli.zoo import resolve_genotype
 
 ARGS = ["--dataset", "fashion-mini", "--layers", "3", "--channels", "6", "--batch-size", "32", "--subset", "128",
         "--epochs", "1", "--device", "cpu"]

@@ -140,8 +140,9 @@ def _ranks(rank: int, init_file: str, out_dir: str) -> None:
         rank_divergence,
     )
     from bats_cli.errors import RunFailure
-    from bats_cli.genotype import Genotype, resolve_genotype
+    from bats_cli.genotype import Genotype
     from bats_cli.search import check_ranks_agree
+    from bats_cli.zoo import resolve_genotype
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     d, cpu = Dist(rank, 2), torch.device("cpu")

@@ -20,8 +20,9 @@ from bats_cli.derive import (
     random_genotype,
 )
 from bats_cli.errors import UserInputError
-from bats_cli.genotype import Genotype, load_genotype, load_zoo_genotype
+from bats_cli.genotype import Genotype, load_genotype
 from bats_cli.spaces import SPACES, edge_endpoints
+from bats_cli.zoo import load_zoo_genotype
 
 OPS = list(SPACES["bats"].candidates)  # none, max, avg, skip, g3, g5, dg3, dg5
 

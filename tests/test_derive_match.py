@@ -15,7 +15,8 @@ from bats_cli.derive import (
     random_genotype,
 )
 from bats_cli.errors import UserInputError
-from bats_cli.genotype import load_genotype, load_zoo_genotype
+from bats_cli.genotype import load_genotype
+from bats_cli.zoo import load_zoo_genotype
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

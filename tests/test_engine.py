@@ -21,12 +21,12 @@ from helpers import cli, one_line_error
 from bats_cli.engine import EngineUnavailable, _build, apply_engine, to_bitwise
 from bats_cli.engine.bitwise import BitwiseBlock, BitwiseCell, bitwise_conv_count, engine_info, fold_bn_sign
 from bats_cli.errors import UserInputError
-from bats_cli.genotype import resolve_genotype, zoo_names
 from bats_cli.networks import build_network
 from bats_cli.ops import OpContext, build_op
 from bats_cli.quant import STE_SIGN, BinaryConvBlock, BinarySpec, QuantConv2d, binarize_weights_, quant_convs
 from bats_cli.resnet import build_resnet
 from bats_cli.spaces import SPACES
+from bats_cli.zoo import resolve_genotype, zoo_names
 from tests.helpers import randomize_bn
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,11 +13,11 @@ from helpers import cli, one_line_error
 
 from bats_cli.checkpoint import save_checkpoint
 from bats_cli.evaluate import load_predictions
-from bats_cli.genotype import resolve_genotype
 from bats_cli.modelio import model_tensors, network_settings
 from bats_cli.networks import build_network
 from bats_cli.pack import save_packed
 from bats_cli.quant import binarize_weights_
+from bats_cli.zoo import resolve_genotype
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

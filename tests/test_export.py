@@ -10,11 +10,11 @@ import torch
 from helpers import cli, one_line_error
 
 from bats_cli.checkpoint import save_checkpoint
-from bats_cli.genotype import resolve_genotype
 from bats_cli.modelio import model_tensors, network_settings
 from bats_cli.networks import build_network
 from bats_cli.pack import save_packed
 from bats_cli.quant import STE_SIGN, binarize_weights_, quant_convs
+from bats_cli.zoo import resolve_genotype
 
 onnx = pytest.importorskip("onnx", reason="the export extra (CI installs it through .[dev])")
 ort = pytest.importorskip("onnxruntime")

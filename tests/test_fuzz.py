@@ -359,8 +359,8 @@ def artifacts(tmp_path_factory):
     capture = contextlib.redirect_stderr(open(os.devnull, "w"))
     with capture:
         # bats train, stopped after its first step (epoch 0 of 2, step 1 of 2).
-        from bats_cli.genotype import resolve_genotype
         from bats_cli.train import TrainConfig, train
+        from bats_cli.zoo import resolve_genotype
 
         cfg = TrainConfig(genotype="bats_c10", dataset="fashion-mini", subset=16, batch_size=8, epochs=2,
                           layers=3, channels=6, image_size=8, threads=1)

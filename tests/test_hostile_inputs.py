@@ -143,8 +143,8 @@ TRAIN = ["--dataset", "fashion-mini", "--subset", "16", "--batch-size", "8", "--
 def stopped_run(tmp_path_factory):
     """A `bats train` run stopped after its first step (epoch 0 of 2, step 1 of 2)."""
     from bats_cli.errors import Interrupted
-    from bats_cli.genotype import resolve_genotype
     from bats_cli.train import TrainConfig, train
+    from bats_cli.zoo import resolve_genotype
 
     out = tmp_path_factory.mktemp("stopped") / "run"
     cfg = TrainConfig(genotype="bats_c10", dataset="fashion-mini", subset=16, batch_size=8, epochs=2,

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from bats_cli.errors import UserInputError
-from bats_cli.genotype import load_zoo_genotype, zoo_names
 from bats_cli.networks import PAPER_DEFAULTS, WIDTHS, ImageNetStem, build_network, scaled_width
 from bats_cli.ops import GroupConvOp
 from bats_cli.quant import quant_convs
+from bats_cli.zoo import load_zoo_genotype, zoo_names
 
 # Tiny convolutions: one torch thread for the whole module (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -126,7 +126,7 @@ def test_networks_and_supernet_share_the_registry(monkeypatch):
         return original(C_, stride, ctx)
 
     monkeypatch.setitem(OPS, "group_conv_3x3", spy)
-    from bats_cli.genotype import load_zoo_genotype
+    from bats_cli.zoo import load_zoo_genotype
 
     networks.build_network(load_zoo_genotype("bats_c10"), layers=3, channels=12, auxiliary=False)
     assert calls, "the network did not build its ops through ops.OPS"

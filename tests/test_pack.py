@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from bats_cli.errors import UserInputError
-from bats_cli.genotype import resolve_genotype
 from bats_cli.modelio import network_settings, unpack
 from bats_cli.networks import build_network
 from bats_cli.pack import (
@@ -17,6 +16,7 @@ from bats_cli.pack import (
     unpack_bits,
 )
 from bats_cli.quant import binarize_weights_, effective_weight, quant_convs
+from bats_cli.zoo import resolve_genotype
 
 
 def test_bits_round_trip_and_zero_is_plus_one():

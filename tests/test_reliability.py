@@ -69,12 +69,12 @@ def test_existing_file_as_out_is_one_error_line(tmp_path, capsys):
 
 def _patch_command(monkeypatch, action):
     """`bats genotype show` runs ``action`` instead of loading a genotype."""
-    import bats_cli.genotype as genotype
+    import bats_cli.zoo as zoo
 
     def fake(arg):
         return action()
 
-    monkeypatch.setattr(genotype, "resolve_genotype", fake)
+    monkeypatch.setattr(zoo, "resolve_genotype", fake)
 
 
 def test_ctrl_c_inside_a_command_exits_130(monkeypatch, capsys):
@@ -468,9 +468,9 @@ def test_safe_name_and_safe_text():
 
 def _tiny_checkpoint(path: Path, **tamper) -> Path:
     from bats_cli.checkpoint import save_checkpoint
-    from bats_cli.genotype import resolve_genotype
     from bats_cli.modelio import model_tensors, network_settings
     from bats_cli.networks import build_network
+    from bats_cli.zoo import resolve_genotype
 
     g = resolve_genotype("bats_c10")
     model = build_network(g, layers=3, channels=6, num_classes=10, in_channels=1)
@@ -514,16 +514,16 @@ def test_tampered_checkpoints_are_refused_with_one_line(tmp_path, capsys, tamper
     tensors = tamper.get("tensors", {})
     if "model.classifier.weight" in tensors:
         # Same shape as the real classifier, so only the values are wrong.
-        from bats_cli.genotype import resolve_genotype
         from bats_cli.networks import build_network
+        from bats_cli.zoo import resolve_genotype
 
         shape = build_network(resolve_genotype("bats_c10"), layers=3, channels=6, num_classes=10,
                               in_channels=1).classifier.weight.shape
         tensors["model.classifier.weight"] = torch.full(shape, float("nan"))
     if "config" in tamper and "network" in tamper["config"]:
-        from bats_cli.genotype import resolve_genotype
         from bats_cli.modelio import network_settings
         from bats_cli.networks import build_network
+        from bats_cli.zoo import resolve_genotype
 
         base = network_settings(build_network(resolve_genotype("bats_c10"), layers=3, channels=6,
                                               num_classes=10, in_channels=1))
@@ -533,8 +533,8 @@ def test_tampered_checkpoints_are_refused_with_one_line(tmp_path, capsys, tamper
 
 
 def test_integer_weights_are_refused_where_floats_are_expected(tmp_path, capsys):
-    from bats_cli.genotype import resolve_genotype
     from bats_cli.networks import build_network
+    from bats_cli.zoo import resolve_genotype
 
     shape = build_network(resolve_genotype("bats_c10"), layers=3, channels=6, num_classes=10,
                           in_channels=1).classifier.weight.shape
@@ -632,10 +632,10 @@ def test_search_too_big_to_measure_is_refused_before_allocating(tmp_path):
 
 
 def test_step_estimate_of_a_built_network_allocates_nothing():
-    from bats_cli.genotype import resolve_genotype
     from bats_cli.networks import build_network
     from bats_cli.plan import estimate_step
     from bats_cli.preflight import estimate_network_bytes
+    from bats_cli.zoo import resolve_genotype
 
     net = build_network(resolve_genotype("bats_c10"), layers=3, channels=6, num_classes=10, in_channels=1)
     before = [p.detach().clone() for p in net.parameters()]
@@ -652,9 +652,9 @@ def test_step_estimate_of_a_built_network_allocates_nothing():
 
 
 def test_estimate_matches_the_real_network():
-    from bats_cli.genotype import resolve_genotype
     from bats_cli.networks import build_network
     from bats_cli.preflight import estimate_network_bytes
+    from bats_cli.zoo import resolve_genotype
 
     g = resolve_genotype("bats_c10")
 

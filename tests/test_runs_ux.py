@@ -170,9 +170,9 @@ def test_plain_progress_lines_carry_run_step_speed_and_eta():
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
-    from bats_cli.genotype import resolve_genotype
     from bats_cli.search import SearchConfig, run_search
     from bats_cli.train import TrainConfig, train
+    from bats_cli.zoo import resolve_genotype
 
     root = tmp_path_factory.mktemp("runs")
     search = SearchConfig(dataset="fashion-mini", subset=32, image_size=8, batch_size=8, epochs=2,
@@ -321,8 +321,8 @@ def test_terminal_bar_never_cuts_its_clock():
 
 
 def test_cell_plots_number_nodes_as_the_json_without_tex_or_overlaps(tmp_path, capsys):
-    from bats_cli.genotype import resolve_genotype, zoo_names
     from bats_cli.plot import _panels, _place_labels, to_svg
+    from bats_cli.zoo import resolve_genotype, zoo_names
 
     for name in zoo_names():
         g = resolve_genotype(name)

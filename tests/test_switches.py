@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from bats_cli.errors import UserInputError
-from bats_cli.genotype import resolve_genotype
 from bats_cli.networks import build_network
 from bats_cli.ops import ChannelShuffle, GroupConvOp, OpContext, build_op
 from bats_cli.quant import BinarySpec
+from bats_cli.zoo import resolve_genotype
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

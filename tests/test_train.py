@@ -17,11 +17,11 @@ from bats_cli.binarize import BinarizeConfig, binarize
 from bats_cli.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from bats_cli.errors import Interrupted
 from bats_cli.evaluate import evaluate_checkpoint
-from bats_cli.genotype import resolve_genotype
 from bats_cli.modelio import load_model
 from bats_cli.quant import effective_weight, quant_convs
 from bats_cli.schedule import cosine_lr
 from bats_cli.train import TrainConfig, train
+from bats_cli.zoo import resolve_genotype
 
 REPO = Path(__file__).resolve().parents[1]
 # Smallest network (3 cells, 6 channels) on 128 fashion-mini images: 4 steps per epoch.

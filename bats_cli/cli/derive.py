@@ -187,7 +187,7 @@ def derive_command(
             match_network,
             matched_random_genotype,
         )
-        from bats_cli.genotype import resolve_genotype
+        from bats_cli.zoo import resolve_genotype
 
         target = resolve_genotype(match)
         if space is not None and space != target.space:

@@ -109,7 +109,7 @@ def flops(
     if target is not None and _is_checkpoint(target):
         genotype, settings, checkpoint = _read_checkpoint(Path(target))
     else:
-        from bats_cli.genotype import resolve_network
+        from bats_cli.zoo import resolve_network
 
         genotype = resolve_network(target if target is not None else DEFAULT_GENOTYPE)
         if isinstance(genotype, str):  # a fixed model: its name is its arch, it has no genotype

@@ -57,7 +57,8 @@ def show(
     """
     from rich.table import Table
 
-    from bats_cli.genotype import CELLS, resolve_genotype
+    from bats_cli.genotype import CELLS
+    from bats_cli.zoo import resolve_genotype
 
     g = resolve_genotype(genotype)
     if plot is not None:
@@ -110,7 +111,7 @@ def validate(
 
     Example: bats genotype validate genotypes/*.json
     """
-    from bats_cli.genotype import resolve_genotype
+    from bats_cli.zoo import resolve_genotype
 
     errors: list[str] = []
     for f in files:
@@ -149,7 +150,7 @@ def list_(
 
     Example: bats genotype list --json
     """
-    from bats_cli.genotype import load_zoo_genotype, zoo_names
+    from bats_cli.zoo import load_zoo_genotype, zoo_names
 
     rows = []
     for name in zoo_names():
@@ -218,7 +219,9 @@ def import_(
 
     Example: bats genotype import darts/cnn/genotypes.py --pick DARTS_V2 -o darts_v2.json
     """
-    from bats_cli.genotype import MAX_TEXT_BYTES, parse_darts_genotype, read_bounded
+    from bats_cli.darts_import import parse_darts_genotype
+    from bats_cli.fileio import read_bounded
+    from bats_cli.genotype import MAX_TEXT_BYTES
 
     if text == "-":
         body = sys.stdin.read(MAX_TEXT_BYTES + 1)

@@ -151,9 +151,9 @@ def train_command(
     """
     starting("train", "loading torch, the data and the network", quiet=quiet or print_config_)
     from bats_cli.config import load_config_file, resolve_config
-    from bats_cli.genotype import resolve_network
     from bats_cli.presets import train_presets
     from bats_cli.train import TrainConfig, train
+    from bats_cli.zoo import resolve_network
 
     g = resolve_network(genotype)
     presets = train_presets(g if isinstance(g, str) else "cells")
