@@ -147,7 +147,7 @@ def _shared(a: Mapping[str, Any], b: Mapping[str, Any], cell: str) -> tuple[int,
 
 def chance_similarity(space: str, steps: int = 4) -> float:
     """The expected share of identical (op, input) choices of two independent random cells
-    (``derive.random_genotype``: per node two distinct inputs of its ``n`` predecessors, each
+    (``random_genotypes.random_genotype``: per node two distinct inputs of its ``n`` predecessors, each
     with one of the ``m`` ops other than ``none``), computed analytically: a choice of one cell
     is matched when the other picked the same input (2/n) with the same op (1/m), so a node's
     share is 2 / (n m) and the cell's the mean over nodes."""
@@ -194,7 +194,7 @@ def cell_similarity(genotypes: Sequence[Any]) -> dict[str, Any]:
         "matrix": matrix,
         "chance": {"normal": chance, "reduce": chance, "both": chance,
                    "method": "analytic: mean over nodes of 2 / (inputs × ops other than none), "
-                             "for derive.random_genotype cells"},
+                             "for random_genotypes.random_genotype cells"},
     }
 
 

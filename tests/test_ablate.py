@@ -18,7 +18,7 @@ def _fake_runner(calls, *, interrupt_at=None, top1=None):
     ``top1(variant, seed)``: the eval top-1 (with 100 fake per-image predictions)."""
     import numpy as np
 
-    from bats_cli.derive import random_genotype
+    from bats_cli.random_genotypes import random_genotype
 
     def run(step, log):
         calls.append((str(step.done.parent), step.name))
@@ -325,8 +325,8 @@ def test_an_arm_whose_search_is_not_in_the_run_fails_at_once(tmp_path):
 
 def test_best_of_runs_keeps_the_best_held_out_run_and_refuses_test_split_runs(tmp_path, capsys):
     from bats_cli.ablate import best_of_runs
-    from bats_cli.derive import random_genotype
     from bats_cli.errors import UserInputError
+    from bats_cli.random_genotypes import random_genotype
 
     runs = []
     for i, top1 in enumerate([31.0, 35.5, 33.0]):

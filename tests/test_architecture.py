@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("networks and supernet", ("bats_cli.networks", "bats_cli.resnet", "bats_cli.mixed_op*",
                                "bats_cli.supernet")),
     ("counting, model I/O, derivation", ("bats_cli.counting", "bats_cli.pack", "bats_cli.modelio",
-                                         "bats_cli.derive", "bats_cli.plot", "bats_cli.engine*",
+                                         "bats_cli.derive", "bats_cli.random_genotypes", "bats_cli.plot", "bats_cli.engine*",
                                          "bats_cli.search_health")),
     ("run loop and evaluation", ("bats_cli.runloop", "bats_cli.evaluate", "bats_cli.export",
                                  "bats_cli.onnx_eval", "bats_cli.plan",

@@ -17,10 +17,10 @@ from bats_cli.derive import (
     derive_genotype,
     edge_entropy,
     parameter_free_share,
-    random_genotype,
 )
 from bats_cli.errors import UserInputError
 from bats_cli.genotype import Genotype, load_genotype
+from bats_cli.random_genotypes import random_genotype
 from bats_cli.spaces import SPACES, edge_endpoints
 from bats_cli.zoo import load_zoo_genotype
 

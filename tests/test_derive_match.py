@@ -8,17 +8,15 @@ import pytest
 from helpers import cli as _cli
 from helpers import one_line_error as _one_line_error
 
-from bats_cli.derive import (
+from bats_cli.errors import UserInputError
+from bats_cli.genotype import load_genotype
+from bats_cli.random_genotypes import (
     match_network,
     matched_random_genotype,
     network_cost,
     random_genotype,
 )
-from bats_cli.errors import UserInputError
-from bats_cli.genotype import load_genotype
 from bats_cli.zoo import load_zoo_genotype
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 TARGET = load_zoo_genotype("bats_c10")
 

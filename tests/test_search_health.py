@@ -169,7 +169,7 @@ def test_cell_similarity_of_identical_and_partly_shared_cells():
 
 
 def test_chance_similarity_matches_random_genotypes():
-    from bats_cli.derive import random_genotype
+    from bats_cli.random_genotypes import random_genotype
 
     chance = chance_similarity("bats")
     # 7 ops other than none; nodes with 2..5 inputs: mean of 2 / (n * 7).

@@ -135,8 +135,8 @@ def derive_command(
         edge_entropy,
         load_arch_snapshot,
         parameter_free_share,
-        random_genotype,
     )
+    from bats_cli.random_genotypes import random_genotype
 
     # Bounds the flags' own types do not say: NaN passes every comparison, and a draw or an
     # image more is time; each of these would otherwise run for hours (or for ever).
@@ -180,7 +180,7 @@ def derive_command(
     entropy = None
     extra: dict[str, Any] = {}
     if random and match is not None:
-        from bats_cli.derive import (
+        from bats_cli.random_genotypes import (
             DEFAULT_MATCH_PRESET,
             DEFAULT_MAX_DRAWS,
             DEFAULT_TOLERANCE,
