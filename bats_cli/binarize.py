@@ -15,7 +15,6 @@ Outputs in the run directory: ``last.safetensors`` / ``best.safetensors`` (kind 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
 
@@ -37,7 +36,18 @@ from bats_cli.config import (
 )
 from bats_cli.distill import ATTENTION_WEIGHT, KD_TEMPERATURE, KD_WEIGHT
 from bats_cli.errors import UserInputError
-from bats_cli.runloop import interrupt_guard, preflight_everywhere, restores_threads
+from bats_cli.fit import (
+    DISTILL_DEFAULTS,
+    FitSpec,
+    TrainJob,
+    check_distill_options,
+    distill_line,
+    eval_batch_size,
+    fit,
+    teacher_extra,
+)
+from bats_cli.presets import BINARIZE_PRESETS
+from bats_cli.runloop import RunLoop, interrupt_guarded, preflight_everywhere, restores_threads
 
 # Fine-tuning budget: a share of the training run's epochs (the paper gives none; the first
 # author's code treats step 2 as a full training stage). Measured (docs/pipeline.md, issue 10):
@@ -79,15 +89,10 @@ class BinarizeConfig(RunConfig):
 
     @model_validator(mode="after")
     def _distill(self) -> "BinarizeConfig":
-        from bats_cli.train import check_distill_options
-
         check_distill_options(self)
         if self.teacher is not None and self.epochs == 0:
             raise ValueError("--teacher needs fine-tuning epochs (--epochs 0 binarizes without training)")
         return self
-
-
-from bats_cli.presets import BINARIZE_PRESETS  # noqa: E402  (torch-free, shown by --help)
 
 
 def fine_tune_epochs(train_run: Mapping[str, Any]) -> int:
@@ -134,6 +139,7 @@ def calibrate_batchnorm(model: nn.Module, dataset, *, batches: int, batch_size: 
 
 
 @restores_threads
+@interrupt_guarded
 def binarize(
     cfg: BinarizeConfig,
     *,
@@ -144,33 +150,12 @@ def binarize(
     preset: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     stop_after_steps: int | None = None,
-    handle_signals: bool = True,
     preflight=None,
-) -> dict[str, Any]:
-    """Run ``bats binarize`` and return its JSON-ready result."""
-    started = time.perf_counter()  # the run's time includes its start-up
-    # Installed first, so that a signal during set-up stops the run too (after one step).
-    with interrupt_guard(handle_signals=handle_signals) as stop:
-        return _binarize(cfg, out=out, packed=packed, resume=resume, quiet=quiet, preset=preset,
-                         overrides=overrides, stop_after_steps=stop_after_steps, stop=stop,
-                         preflight=preflight, started=started)
-
-
-def _binarize(
-    cfg: BinarizeConfig,
-    *,
-    out: str | Path | None = None,
-    packed: str | Path | None = None,
-    resume: bool = False,
-    quiet: bool = False,
-    preset: str | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    stop_after_steps: int | None = None,
     stop=None,
-    preflight=None,
     started: float | None = None,
 ) -> dict[str, Any]:
-    """Run ``bats binarize`` and return its JSON-ready result."""
+    """Run ``bats binarize`` and return its JSON-ready result (``handle_signals=False``: no
+    SIGINT/SIGTERM handlers, for tests)."""
     from bats_cli.checkpoint import check_kind, load_checkpoint, read_metadata
     from bats_cli.config import resolve_resume_config
     from bats_cli.data import AugmentConfig, build_datasets
@@ -189,7 +174,6 @@ def _binarize(
     from bats_cli.quant import binarize_weights_
     from bats_cli.runloop import check_out_dir, open_run_dir, set_threads
     from bats_cli.runtime import seed_everything
-    from bats_cli.train import DISTILL_DEFAULTS, TRAIN_RESUME_IGNORED, FitSpec, distill_line, fit, teacher_extra
 
     src = Path(cfg.checkpoint)
     meta = read_metadata(src)
@@ -222,8 +206,7 @@ def _binarize(
         saved = rmeta.config.get("run", {})
         saved = {**DISTILL_DEFAULTS, **saved} if isinstance(saved, dict) else saved
         cfg = resolve_resume_config(BinarizeConfig, saved, preset=preset, presets=BINARIZE_PRESETS,
-                                    overrides={**(overrides or {}), "checkpoint": saved.get("checkpoint")},
-                                    ignore=TRAIN_RESUME_IGNORED)
+                                    overrides={**(overrides or {}), "checkpoint": saved.get("checkpoint")})
         carried = _carried(rmeta)
 
     set_threads(cfg.threads)
@@ -267,14 +250,14 @@ def _binarize(
             dataset=data.spec.name, train_images=len(data.train), test_images=len(data.test),
             input_shape=(data.spec.in_channels, data.spec.image_size, data.spec.image_size),
             num_classes=data.spec.num_classes, batch_size=batch_size // dist_info.world,
-            eval_batch_size=cfg.eval_batch_size or max(batch_size, 256),
+            eval_batch_size=eval_batch_size(cfg.eval_batch_size, batch_size),
             steps_per_epoch=len(data.train) // batch_size, epochs=cfg.epochs, precision=cfg.precision,
             advice="binarize a smaller trained network, or use another device",
         ), dist_info, device)
     del plan_model
     run_dir = open_run_dir(out, resume, dist_info, device)
     reporter = Reporter(quiet=quiet or not dist_info.is_main)
-    eval_bs = cfg.eval_batch_size or max(batch_size, 256)
+    eval_bs = eval_batch_size(cfg.eval_batch_size, batch_size)
     bin_settings = {**settings, "binary_weights": True, "real": False}
 
     if resume_from is None:
@@ -426,9 +409,6 @@ def _carried(meta) -> dict[str, Any]:
 
 def _save_plain(spec, run_dir, data, *, device, dist_info) -> None:
     """last / best for a run without fine-tuning (the binarized, calibrated weights)."""
-    from bats_cli.runloop import RunLoop
-    from bats_cli.train import TrainJob
-
     loop = RunLoop(TrainJob(spec, data.train, data.val, device=device, dist_info=dist_info),
                    run_dir=run_dir, dist_info=dist_info, device=device)
     for path in (run_dir.last, run_dir.best):

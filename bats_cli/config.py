@@ -78,6 +78,7 @@ RESUME_IGNORED_KEYS: frozenset[str] = frozenset(
         "out",
         "resume",
         "preset",
+        "threads",
     }
 )
 

@@ -1,7 +1,7 @@
 """Distillation from a teacher network (``bats train --teacher``, ``bats binarize --teacher``).
 
 Two losses of the binary-network literature that followed BATS, for a student trained with the
-shared training step (:class:`bats_cli.train.TrainJob`):
+shared training step (:class:`bats_cli.fit.TrainJob`):
 
 * the **distributional loss** of ReActNet (Liu et al., ECCV 2020): the KL divergence from the
   teacher's softened output distribution to the student's,
@@ -121,7 +121,7 @@ def file_sha256(path: str | Path) -> str:
 
 @dataclass
 class Distill:
-    """A frozen teacher and the loss settings; what :class:`~bats_cli.train.TrainJob` needs."""
+    """A frozen teacher and the loss settings; what :class:`~bats_cli.fit.TrainJob` needs."""
 
     teacher: nn.Module
     path: str
@@ -155,7 +155,7 @@ class Distill:
     def loss(self, output, target: torch.Tensor, teacher_logits: torch.Tensor, *, aux_weight: float,
              student_features: Sequence[torch.Tensor] = (), teacher_features: Sequence[torch.Tensor] = ()
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, logits) of a training step, as :func:`bats_cli.train._loss` without a teacher."""
+        """(loss, logits) of a training step, as :func:`bats_cli.fit._loss` without a teacher."""
         logits, aux = output if isinstance(output, tuple) else (output, None)
         kw = dict(temperature=self.temperature, weight=self.weight)
         loss = soft_loss(logits, target, teacher_logits, **kw)

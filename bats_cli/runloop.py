@@ -113,6 +113,23 @@ def interrupt_guard(interrupt=None, *, handle_signals: bool = True) -> Iterator[
         yield GracefulInterrupt()  # not entered: no handlers, a flag only
 
 
+def interrupt_guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator for a command's entry point: the :func:`interrupt_guard` is entered before
+    ``fn`` starts its set-up, so that a signal during set-up stops the run too (after one step).
+
+    The wrapper takes ``handle_signals`` (default True); ``fn`` receives the interrupt as ``stop``
+    and the command's start as ``started`` (the run's time includes its start-up).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, handle_signals: bool = True, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        with interrupt_guard(handle_signals=handle_signals) as stop:
+            return fn(*args, stop=stop, started=started, **kwargs)
+
+    return wrapper
+
+
 # --------------------------------------------------------------------------- the job interface
 
 
@@ -374,6 +391,7 @@ __all__ = [
     "check_position",
     "default_run_dir",
     "interrupt_guard",
+    "interrupt_guarded",
     "open_run_dir",
     "restores_threads",
     "set_threads",

@@ -49,7 +49,6 @@ from bats_cli.config import (
     MAX_IMAGE_SIZE,
     MAX_IMAGES,
     MAX_LR,
-    RESUME_IGNORED_KEYS,
     Device,
     RunConfig,
     RunName,
@@ -101,8 +100,6 @@ OPTIM_W_KEY = "optim_w"
 OPTIM_A_KEY = "optim_a"
 RESULT_NAME = "result.json"
 GENOTYPE_NAME = "genotype.json"
-# Settings that may change when a run is resumed (where/how it runs, not what it searches).
-SEARCH_RESUME_IGNORED = RESUME_IGNORED_KEYS | {"threads"}
 
 
 def _default_mixed_op() -> str:
@@ -858,7 +855,7 @@ class Searcher(RunJob):
         from bats_cli.checkpoint import load_optimizer_state
 
         path = meta.path
-        check_resume_config(meta.config, self.cfg, ignore=SEARCH_RESUME_IGNORED)
+        check_resume_config(meta.config, self.cfg)
         try:
             state = json.loads(meta.extra[SEARCH_STATE_KEY])
             arch = json.loads(meta.extra[ARCH_STATE_KEY])
@@ -1080,7 +1077,7 @@ def run_search(
         meta = read_metadata(ckpt)
         if meta.kind != "search":
             raise UserInputError(f"{ckpt} is a {meta.kind} checkpoint; `bats search --resume` needs a search run")
-        check_resume_config(meta.config, config, ignore=SEARCH_RESUME_IGNORED)
+        check_resume_config(meta.config, config)
     # With --download under torchrun, rank 0 downloads while the others wait for it.
     wait_for_download = config.download is not False and dist_info.enabled
     if wait_for_download and not dist_info.is_main:

@@ -158,7 +158,8 @@ def test_emit_skips_finished_jobs(tmp_path):
 @pytest.mark.parametrize("study", ["space", "temperature", "strategy", "random", "proxy"])
 def test_every_search_variant_is_a_valid_cpu_search(study, tmp_path):
     from bats_cli.config import resolve_config
-    from bats_cli.search import SEARCH_PRESETS, SearchConfig
+    from bats_cli.presets import SEARCH_PRESETS
+    from bats_cli.search import SearchConfig
 
     for job in build_jobs(StudyOptions(study=study, out=tmp_path)):
         if job.variant.search is None:

@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("run loop and evaluation", ("bats_cli.runloop", "bats_cli.evaluate", "bats_cli.export",
                                  "bats_cli.onnx_eval", "bats_cli.plan",
                                  "bats_cli.plan_measure", "bats_cli.plan_cache",
-                                 "bats_cli.distill")),
+                                 "bats_cli.distill", "bats_cli.fit")),
     ("pipeline stages", ("bats_cli.search", "bats_cli.train", "bats_cli.binarize",
                          "bats_cli.report", "bats_cli.selection")),
     ("studies", ("bats_cli.ablate",)),

@@ -15,9 +15,10 @@ from bats_cli.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from bats_cli.distill import Distill, attention_loss, file_sha256, kd_loss, load_teacher
 from bats_cli.distributed import Dist
 from bats_cli.errors import Interrupted, UserInputError
+from bats_cli.fit import FitSpec, TrainJob
 from bats_cli.modelio import model_tensors, network_settings
 from bats_cli.networks import build_network
-from bats_cli.train import FitSpec, TrainConfig, TrainJob, train
+from bats_cli.train import TrainConfig, train
 from bats_cli.zoo import resolve_genotype
 
 pytestmark = pytest.mark.usefixtures("one_thread")

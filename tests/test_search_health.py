@@ -56,7 +56,8 @@ def test_stage_warnings_flag_uniform_alpha_and_an_unsettled_cell():
 
 def _entropy_fall(cifar10_mini_dir, tmp_path, name, **overrides):
     from bats_cli.config import resolve_config
-    from bats_cli.search import SEARCH_PRESETS, SearchConfig, run_search
+    from bats_cli.presets import SEARCH_PRESETS
+    from bats_cli.search import SearchConfig, run_search
 
     # The cpu preset's α settings on a 3-cell first stage, cut to 6 architecture steps (one
     # epoch of 384 images, no warm-up).

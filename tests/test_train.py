@@ -160,7 +160,8 @@ def test_cosine_schedule_per_step():
 
 def test_paper_defaults():
     from bats_cli.data import AugmentConfig
-    from bats_cli.train import PAPER_EPOCHS, TRAIN_PRESETS, resolve_augment
+    from bats_cli.presets import TRAIN_PRESETS
+    from bats_cli.train import PAPER_EPOCHS, resolve_augment
 
     cfg = TrainConfig(genotype="x")
     assert (cfg.batch_size, cfg.lr, cfg.aux_weight, cfg.drop_path, cfg.epochs) == (256, 1e-3, 0.4, 0.0, None)

@@ -118,7 +118,7 @@ def binarize_command(
     from); ReActNet's: --teacher a real-valued network (bats train --real).
     """
     starting("binarize", "loading torch, the checkpoint and the data", quiet=quiet or print_config_)
-    from bats_cli.binarize import BINARIZE_PRESETS, BinarizeConfig, binarize
+    from bats_cli.binarize import BinarizeConfig, binarize
     from bats_cli.config import load_config_file, resolve_config
     from bats_cli.outputs import check_output_file
 

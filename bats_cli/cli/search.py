@@ -168,7 +168,7 @@ def search_command(
     starting("search", "loading torch and the data", quiet=quiet or print_config_)
     from bats_cli.config import load_config_file, resolve_config, resolve_resume_config
     from bats_cli.progress import Reporter
-    from bats_cli.search import SEARCH_RESUME_IGNORED, SearchConfig, run_search
+    from bats_cli.search import SearchConfig, run_search
 
     if real:
         for flag, value in (("--weights", weights), ("--activations", activations)):
@@ -205,8 +205,7 @@ def search_command(
         if meta.kind != "search":
             raise UserInputError(f"{last} is a {meta.kind} checkpoint; `bats search --resume` needs a search run")
         cfg = resolve_resume_config(SearchConfig, meta.config, preset=preset, presets=SEARCH_PRESETS,
-                                    overrides={**(file_config or {}), **{k: v for k, v in overrides.items() if v is not None}},
-                                    ignore=SEARCH_RESUME_IGNORED)
+                                    overrides={**(file_config or {}), **{k: v for k, v in overrides.items() if v is not None}})
     else:
         cfg = resolve_config(SearchConfig, preset=preset, presets=SEARCH_PRESETS, overrides=overrides,
                              file_config=file_config)
