@@ -1143,7 +1143,7 @@ def summarise(o: StudyOptions, jobs: Sequence[Job], status: Mapping[str, str] | 
             row["teacher_seconds_mean"] = statistics.fmean(tsecs) if tsecs else None
         searched = [r["genotype"] for r in done if r.get("genotype") and (v.search is not None or v.search_of)]
         if len(searched) > 1:
-            from bats_cli.search_health import cell_similarity
+            from bats_cli.cell_similarity import cell_similarity
 
             row["cell_similarity"] = cell_similarity(searched)
         variants.append(row)

@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                                "bats_cli.supernet")),
     ("counting, model I/O, derivation", ("bats_cli.counting", "bats_cli.pack", "bats_cli.modelio",
                                          "bats_cli.derive", "bats_cli.random_genotypes", "bats_cli.plot", "bats_cli.engine*",
-                                         "bats_cli.search_health")),
+                                         "bats_cli.search_health", "bats_cli.cell_similarity")),
     ("run loop and evaluation", ("bats_cli.runloop", "bats_cli.evaluate", "bats_cli.export",
                                  "bats_cli.onnx_eval", "bats_cli.plan",
                                  "bats_cli.plan_measure", "bats_cli.plan_cache",

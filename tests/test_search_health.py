@@ -8,11 +8,10 @@ import math
 
 import pytest
 
+from bats_cli.cell_similarity import cell_similarity, chance_similarity
 from bats_cli.search_health import (
     alpha_measures,
     cell_changes,
-    cell_similarity,
-    chance_similarity,
     doc_measures,
     softmax,
     stage_warnings,
