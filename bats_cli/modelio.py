@@ -17,23 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from bats_cli.archs import CELLS, arch_of
+from bats_cli.archs import arch_of
 from bats_cli.errors import UserInputError
+from bats_cli.registry import create_model, get_model, model_of, rebuild_settings
 
 # Kinds of file that hold a whole evaluation network.
 EVAL_KINDS = ("train", "binarize", "packed")
-
-NETWORK_KEYS = (
-    "kind", "num_classes", "in_channels", "channels", "layers", "width", "activation",
-    "channels_per_group", "group_policy", "reduce_shortcut", "stem_groups", "auxiliary",
-    "drop_path", "binary_activations", "binary_weights", "space",
-)
-# What a fixed model (``arch`` other than "cells", e.g. the binary ResNet-18) records.
-MODEL_KEYS = (
-    "arch", "kind", "num_classes", "in_channels", "channels", "width", "activation",
-    "binary_activations", "binary_weights",
-)
-
 
 # --------------------------------------------------------------------------- settings <-> network
 
@@ -47,47 +36,8 @@ def network_settings(model: nn.Module, *, width: str = "1x", data_spec=None) -> 
     extra = {}
     if data_spec is not None:
         extra = {"dataset": data_spec.name, "image_size": data_spec.image_size}
-    arch = getattr(model, "arch", CELLS)
-    if arch != CELLS:
-        cfg, spec = model.config, model.spec
-        return {
-            **extra,
-            "arch": arch,
-            "real": spec.real,
-            "kind": cfg.kind,
-            "num_classes": cfg.num_classes,
-            "in_channels": cfg.in_channels,
-            "channels": cfg.channels,
-            "width": width,  # informational: ``channels`` is what the width resolved to
-            "activation": cfg.activation,
-            # No auxiliary tower: training and packing read this key for every network.
-            "auxiliary": False,
-            "binary_activations": spec.activations,
-            "binary_weights": spec.weights,
-        }
-    cfg, ctx = model.config, model.ctx
-    return {
-        **extra,
-        "arch": CELLS,
-        "real": ctx.spec.real,
-        "kind": cfg.kind,
-        "num_classes": cfg.num_classes,
-        "in_channels": cfg.in_channels,
-        "channels": cfg.channels,
-        "layers": cfg.layers,
-        "width": width,  # informational: ``channels`` is what the width resolved to
-        "activation": ctx.activation,
-        "channels_per_group": ctx.channels_per_group,
-        "group_policy": ctx.group_policy,
-        "reduce_shortcut": ctx.reduce_shortcut,
-        "channel_shuffle": ctx.channel_shuffle,
-        "stem_groups": cfg.stem_groups,
-        "auxiliary": cfg.auxiliary,
-        "drop_path": cfg.drop_path,
-        "binary_activations": ctx.spec.activations,
-        "binary_weights": ctx.spec.weights,
-        "space": ctx.space,
-    }
+    # ``width`` is informational: ``channels`` is what the width resolved to.
+    return {**extra, **get_model(model.arch).record(model), "width": width}
 
 
 def build_from_settings(genotype, settings: Mapping[str, Any], **changes: Any) -> nn.Module:
@@ -95,45 +45,8 @@ def build_from_settings(genotype, settings: Mapping[str, Any], **changes: Any) -
 
     ``genotype`` builds a cell network; a fixed model (``settings["arch"]``) takes None.
     """
-    from bats_cli.networks import build_network
-    from bats_cli.quant import BinarySpec
-
     s = {**settings, **changes}
-    arch = arch_of(s)
-    required = NETWORK_KEYS if arch == CELLS else MODEL_KEYS
-    missing = [k for k in required if k not in s and k not in ("width", "space", "arch")]
-    if missing:
-        raise UserInputError(f"checkpoint lacks network settings: {', '.join(missing)}")
-    spec = BinarySpec(activations=bool(s["binary_activations"]), weights=bool(s["binary_weights"]))
-    if arch != CELLS:
-        from bats_cli.resnet import build_resnet
-
-        # Settings of a fixed model that only cell networks have would be silently ignored.
-        if s.get("auxiliary"):
-            raise UserInputError(f"{arch} has no auxiliary tower (settings ask for one)")
-        return build_resnet(
-            kind=s["kind"], num_classes=int(s["num_classes"]), in_channels=int(s["in_channels"]),
-            channels=int(s["channels"]), spec=spec, activation=s["activation"],
-        )
-    if genotype is None:
-        raise UserInputError("a cell network needs a genotype")
-    return build_network(
-        genotype,
-        kind=s["kind"],
-        num_classes=int(s["num_classes"]),
-        in_channels=int(s["in_channels"]),
-        channels=int(s["channels"]),
-        layers=int(s["layers"]),
-        spec=spec,
-        auxiliary=bool(s["auxiliary"]),
-        drop_path=float(s["drop_path"]),
-        activation=s["activation"],
-        channels_per_group=int(s["channels_per_group"]),
-        group_policy=s["group_policy"],
-        reduce_shortcut=s["reduce_shortcut"],
-        channel_shuffle=int(s.get("channel_shuffle", 0)),
-        stem_groups=int(s["stem_groups"]),
-    )
+    return create_model(arch_of(s), genotype, **rebuild_settings(s))
 
 
 def data_info(spec, augment) -> dict[str, Any]:
@@ -213,7 +126,7 @@ def load_genotype_from_meta(meta) -> Any:
     from bats_cli.genotype import Genotype
 
     network = meta.config.get("network")
-    if isinstance(network, Mapping) and arch_of(network) != CELLS:
+    if isinstance(network, Mapping) and not model_of(network).genotype:
         return None
     if not meta.genotype_json:
         raise UserInputError(f"{meta.path}: the checkpoint records no genotype")
@@ -246,15 +159,13 @@ def genotype_differs(saved_json: str, genotype) -> bool:
 
 def network_name(genotype, settings: Mapping[str, Any]) -> str:
     """What a network is called in results: its genotype's name, or the fixed model's."""
-    arch = arch_of(settings)
-    return genotype.name if arch == CELLS and genotype is not None else arch
+    entry = model_of(settings)
+    return genotype.name if entry.genotype and genotype is not None else entry.name
 
 
 def network_label(settings: Mapping[str, Any]) -> str:
     """Its size in words: "20 cells, C=36" or "ResNet-18, base width 64"."""
-    if arch_of(settings) == CELLS:
-        return f"{settings['layers']} cells, C={settings['channels']}"
-    return f"ResNet-18, base width {settings['channels']}"
+    return model_of(settings).label(settings)
 
 
 @dataclass
@@ -330,7 +241,6 @@ def load_model(path: str | Path, *, command: str = "eval", kinds=EVAL_KINDS) -> 
 __all__ = [
     "EVAL_KINDS",
     "LoadedModel",
-    "NETWORK_KEYS",
     "build_from_settings",
     "check_dataset",
     "data_info",
@@ -339,7 +249,6 @@ __all__ = [
     "load_genotype_from_meta",
     "load_model",
     "load_model_tensors",
-    "MODEL_KEYS",
     "model_tensors",
     "network_label",
     "network_name",

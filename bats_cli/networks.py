@@ -12,6 +12,7 @@ preprocessing, factorized reduce) is binary unless ``real`` is set.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -154,6 +155,8 @@ class AuxiliaryHead(nn.Module):
 class Network(nn.Module):
     """A stack of genotype cells with a real-valued stem, classifier and auxiliary head."""
 
+    arch = "cells"  # its name in the model registry (bats_cli.registry)
+
     def __init__(self, genotype, *, config: NetworkConfig, ctx: OpContext) -> None:
         super().__init__()
         self.config = config
@@ -251,16 +254,27 @@ PAPER_DEFAULTS = {
 }
 
 
+def width_multiplier(width: str) -> float:
+    """The channel multiplier of a width preset; an unknown name is one line."""
+    try:
+        return WIDTHS[width]
+    except KeyError:
+        raise UserInputError(f"unknown --width {width!r}; choose one of: {', '.join(WIDTHS)}") from None
+
+
+def check_width_or_channels(width: str, channels: int | None) -> None:
+    """A preset width and explicit channels both size the model: one of them, not both."""
+    if channels is not None and width != "1x":
+        raise UserInputError("give either --width or --channels, not both")
+
+
 def scaled_width(channels: int, width: str, channels_per_group: int, *, multiple_of: int = 1) -> int:
     """Channels at a width preset, rounded to whole groups (width and groups scale together).
 
     ``multiple_of``: a further divisor C must have (the ImageNet stem's grouped conv needs C/2
     divisible by its groups).
     """
-    try:
-        mult = WIDTHS[width]
-    except KeyError:
-        raise UserInputError(f"unknown --width {width!r}; choose one of: {', '.join(WIDTHS)}") from None
+    mult = width_multiplier(width)
     # An even number of groups keeps factorized reduce (two halves) valid.
     unit = math.lcm(2 * channels_per_group, multiple_of)
     return max(unit, int(round(channels * mult / unit)) * unit)
@@ -295,10 +309,7 @@ def build_network(
         raise UserInputError(f"network kind must be 'cifar' or 'imagenet', got {kind!r}")
     defaults = PAPER_DEFAULTS[kind]
     cpg = channels_per_group or defaults["channels_per_group"]
-    if real:
-        spec = REAL
-    elif spec is None:
-        spec = BinarySpec(activations=True, weights=False)
+    spec = model_spec(real, spec)
     space = getattr(genotype, "space", "bats")
     if spec.real and space == "darts" and activation != "prelu":
         # DARTS's float ops are ReLU -> conv -> BatchNorm: there is no activation to choose.
@@ -307,11 +318,10 @@ def build_network(
     if stem_groups is None:
         # The DARTS float network keeps the DARTS stem; binary networks use §6.3's grouped stem.
         stem_groups = 1 if (spec.real and space == "darts") else 4
+    check_width_or_channels(width, channels)
     if channels is None:
         stem_multiple = 2 * stem_groups if kind == "imagenet" else 1
         channels = scaled_width(defaults["channels"], width, cpg, multiple_of=stem_multiple)
-    elif width != "1x":
-        raise UserInputError("give either --width or --channels, not both")
     ctx = OpContext(
         spec=spec, affine=True, activation=activation, channels_per_group=cpg,
         group_policy=group_policy, base_channels=channels, reduce_shortcut=reduce_shortcut,
@@ -322,13 +332,28 @@ def build_network(
         layers=layers or defaults["layers"], auxiliary=auxiliary, drop_path=drop_path,
         stem_groups=stem_groups,
     )
+    return checked_build(
+        lambda: Network(genotype, config=config, ctx=ctx),
+        what=f"the network (C={channels}, {config.layers} cells)",
+        advice="use fewer --channels or --layers, or a smaller --width",
+        channels=channels, layers=config.layers, nodes=max(len(genotype.normal), len(genotype.reduce)) // 2,
+    )
+
+
+def model_spec(real: bool = False, spec: BinarySpec | None = None) -> BinarySpec:
+    """Which tensors a model binarizes: ``real`` wins, else ``spec``, else step 1's (binary
+    activations, real weights). Shared by every model builder."""
+    if real:
+        return REAL
+    return spec if spec is not None else BinarySpec(activations=True, weights=False)
+
+
+def checked_build(make: Callable[[], nn.Module], *, what: str, advice: str, **sizes: int) -> nn.Module:
+    """``make()`` once the sizes pass the preflight checks: every model builder's last step."""
     from bats_cli.preflight import check_fits, check_sizes, estimate_network_bytes, estimating
 
     if not estimating():
-        check_sizes(channels=channels, layers=config.layers,
-                    nodes=max(len(genotype.normal), len(genotype.reduce)) // 2)
+        check_sizes(**sizes)
         # Sized on the meta device first: an absurd size is one error line, not an OOM kill.
-        estimate = estimate_network_bytes(lambda: Network(genotype, config=config, ctx=ctx), training=False)
-        check_fits(estimate, what=f"the network (C={channels}, {config.layers} cells)",
-                   advice="use fewer --channels or --layers, or a smaller --width")
-    return Network(genotype, config=config, ctx=ctx)
+        check_fits(estimate_network_bytes(make, training=False), what=what, advice=advice)
+    return make()

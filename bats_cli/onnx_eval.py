@@ -88,10 +88,10 @@ class OnnxModule(nn.Module):
 
 def load_onnx(path: str | Path, *, threads: int | None = None):
     """A :class:`bats_cli.evaluate.LoadedModel` whose model runs ``path`` with onnxruntime."""
-    from bats_cli.archs import CELLS, arch_of
     from bats_cli.export import make_session
     from bats_cli.genotype import Genotype
     from bats_cli.modelio import LoadedModel
+    from bats_cli.registry import model_of
 
     path = Path(path)
     props = read_onnx_metadata(path)
@@ -103,7 +103,7 @@ def load_onnx(path: str | Path, *, threads: int | None = None):
     config = check_recorded_config(path, load_json(props["bats_config"], where=f"{path}: bats_config"))
     network = config.get("network") or {}
     genotype = None  # a fixed model (resnet18) has none
-    if arch_of(network) == CELLS:
+    if model_of(network).genotype:
         genotype = Genotype.from_json(props.get("bats_genotype", ""), origin=f"{path} (bats_genotype)")
     session = make_session(path, threads=threads)
     classes = network.get("num_classes") or (config.get("data") or {}).get("num_classes")

@@ -89,7 +89,7 @@ RESNET_TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 
 def train_presets(arch: str = "cells") -> dict[str, dict[str, Any]]:
     """``bats train``'s presets for a network kind (``arch``: "cells" or a fixed model)."""
-    return TRAIN_PRESETS if arch == "cells" else RESNET_TRAIN_PRESETS
+    return {"cells": TRAIN_PRESETS, "resnet18": RESNET_TRAIN_PRESETS}[arch]
 
 
 BINARIZE_PRESETS: dict[str, dict[str, Any]] = {

@@ -311,22 +311,19 @@ def _num(value: Any) -> float | int | None:
 
 def _fixed_model(run: Run) -> str | None:
     """The fixed model (resnet18) a train / binarize run trained: it has no genotype."""
-    from bats_cli.archs import CELLS, arch_of
+    from bats_cli.registry import model_of
 
     settings = run.record.get("network")
-    if run.kind == "search" or not isinstance(settings, dict) or arch_of(settings) == CELLS:
+    if run.kind == "search" or not isinstance(settings, dict) or model_of(settings).genotype:
         return None
-    return arch_of(settings)
+    return model_of(settings).name
 
 
 def _costs(run: Run) -> dict[str, Any]:
     """Inference cost (auxiliary head excluded, as `bats flops`) of the run's network; for a
     search, of its derived cell in the default CIFAR-10 network (what `bats flops` counts)."""
-    from bats_cli.archs import CELLS, arch_of
-
     settings = run.record.get("network") if run.kind != "search" else None
-    fixed_model = isinstance(settings, dict) and arch_of(settings) != CELLS  # resnet18: no genotype
-    if run.genotype is None and not fixed_model:
+    if run.genotype is None and _fixed_model(run) is None:
         return {"params": None, "flops": None, "bops": None, "ops": None, "network": None}
     from bats_cli.counting import count_model
     from bats_cli.networks import build_network

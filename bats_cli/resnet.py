@@ -29,8 +29,8 @@ from torch import nn
 
 from bats_cli.archs import RESNET18
 from bats_cli.errors import UserInputError
-from bats_cli.networks import WIDTHS
-from bats_cli.quant import REAL, BinaryConvBlock, BinarySpec
+from bats_cli.networks import check_width_or_channels, checked_build, model_spec, width_multiplier
+from bats_cli.quant import BinaryConvBlock, BinarySpec
 
 BASE_WIDTH = 64
 BLOCKS_PER_STAGE = (2, 2, 2, 2)
@@ -135,14 +135,8 @@ class BinaryResNet(nn.Module):
 def resnet_channels(width: str = "1x", channels: int | None = None) -> int:
     """Base width: ``channels`` as given, else 64 × the multiplier of the cells' width preset
     (``networks.WIDTHS``: medium 1.5, large 7/3, and 2x = 1.5 as Table 6's "2x-wider")."""
-    if channels is not None:
-        if width != "1x":
-            raise UserInputError("give either --width or --channels, not both")
-        return channels
-    try:
-        return max(1, round(BASE_WIDTH * WIDTHS[width]))
-    except KeyError:
-        raise UserInputError(f"unknown --width {width!r}; choose one of: {', '.join(WIDTHS)}") from None
+    check_width_or_channels(width, channels)
+    return channels if channels is not None else max(1, round(BASE_WIDTH * width_multiplier(width)))
 
 
 def build_resnet(
@@ -157,21 +151,12 @@ def build_resnet(
     activation: str = "prelu",
 ) -> BinaryResNet:
     """The binary ResNet-18 (``spec``: default binary activations, real weights = step 1)."""
-    if real:
-        spec = REAL
-    elif spec is None:
-        spec = BinarySpec(activations=True, weights=False)
+    spec = model_spec(real, spec)
     config = ResNetConfig(kind=kind, num_classes=num_classes, in_channels=in_channels,
                           channels=resnet_channels(width, channels), activation=activation)
-    from bats_cli.preflight import check_fits, check_sizes, estimate_network_bytes, estimating
-
-    if not estimating():
-        check_sizes(channels=config.channels)
-        # Sized on the meta device first: an absurd width is one error line, not an OOM kill.
-        estimate = estimate_network_bytes(lambda: BinaryResNet(config=config, spec=spec), training=False)
-        check_fits(estimate, what=f"the ResNet-18 (base width {config.channels})",
-                   advice="use fewer --channels or a smaller --width")
-    return BinaryResNet(config=config, spec=spec)
+    return checked_build(lambda: BinaryResNet(config=config, spec=spec),
+                         what=f"the ResNet-18 (base width {config.channels})",
+                         advice="use fewer --channels or a smaller --width", channels=config.channels)
 
 
 __all__ = ["BASE_WIDTH", "BLOCKS_PER_STAGE", "BasicBlock", "BinaryResNet", "ResNetConfig",

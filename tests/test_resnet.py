@@ -13,8 +13,6 @@ from bats_cli.quant import QuantConv2d, binarize_weights_, quant_convs
 from bats_cli.resnet import build_resnet
 from tests.helpers import cli, one_line_error
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 # He et al.'s ResNet-18 in its CIFAR form (3x3 stride-1 stem, no max-pool), 10 classes.
 STANDARD_CIFAR_PARAMS = 11_173_962
 STANDARD_IMAGENET_PARAMS = 11_689_512
@@ -60,11 +58,9 @@ def test_resnet18_has_the_standard_layers_and_size(kind, classes, standard):
         assert total == 11_180_746 and round(total / 1e6, 1) == 11.2  # the paper's "11.2 M"
 
 
-def test_forward_shapes_and_the_real_parts():
-    x = torch.randn(2, 3, 32, 32)
+def test_the_imagenet_form_and_the_real_parts():
+    # Forward, backward and the recorded settings: tests/test_models.py.
     net = build_resnet(channels=4, num_classes=7)
-    assert net(x).shape == (2, 7)
-    assert build_resnet(channels=4)(torch.randn(2, 3, 16, 16)).shape == (2, 10)
     assert build_resnet(kind="imagenet", channels=4, num_classes=5)(torch.randn(2, 3, 64, 64)).shape == (2, 5)
     assert build_resnet(channels=8).layer4[0].conv1.conv.out_channels == 64  # stages double the width
     # 16 binary block convs; the stem, the 3 downsampling shortcuts and the classifier stay real.
@@ -119,30 +115,17 @@ def test_settings_without_arch_are_cells():
     assert arch_of({}) == "cells"
     settings = network_settings(build_resnet(channels=4))
     assert settings["arch"] == "resnet18" and "layers" not in settings
-    assert sum(p.numel() for p in build_from_settings(None, settings).parameters()) == \
-        sum(p.numel() for p in build_resnet(channels=4).parameters())
     cells = {k: v for k, v in settings.items() if k != "arch"}
-    with pytest.raises(UserInputError):
+    with pytest.raises(UserInputError, match="needs a genotype"):
         build_from_settings(None, cells)  # no arch: a cell network, which needs a genotype
+    with pytest.raises(UserInputError, match="no auxiliary tower"):
+        build_from_settings(None, {**settings, "auxiliary": True})  # not silently dropped
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """`bats train resnet18` -> `bats binarize` on fashion-mini, smallest settings (seconds)."""
-    from bats_cli.cli import main
-
-    root = tmp_path_factory.mktemp("resnet")
-    small = ["--subset", "256", "--threads", "1", "--quiet", "--json"]
-    for argv in (["train", "resnet18", "--preset", "tiny", "--epochs", "1", "--out", str(root / "train"), *small],
-                 ["binarize", str(root / "train" / "last.safetensors"), "--preset", "tiny", "--out",
-                  str(root / "binarize"), *small]):
-        try:
-            main(argv)
-        except SystemExit as exc:
-            assert exc.code == 0
-    train = json.loads((root / "train" / "result.json").read_text())
-    binarize = json.loads((root / "binarize" / "result.json").read_text())
-    return root, train, binarize
+def pipeline(tiny_checkpoint):
+    """`bats train resnet18` -> `bats binarize` on fashion-mini, smallest settings (tests/conftest.py)."""
+    return tiny_checkpoint("resnet18")
 
 
 def test_train_binarize_eval_on_a_network_without_genotype(pipeline, capsys):
@@ -196,6 +179,7 @@ def test_export_of_a_resnet(pipeline, tmp_path):
     assert loaded.genotype is None and loaded.name == "resnet18"
 
 
+@pytest.mark.slow
 def test_bitwise_engine_runs_the_resnet():
     """The engine is generic over binary convs: all 16 of the ResNet's run as XNOR + popcount."""
     import copy
