@@ -4,14 +4,14 @@ from __future__ import annotations
 
 
 def cli(argv, capsys):
-    """Run ``bats_cli.cli.main(argv)``; returns (exit code, stdout, stderr), code 0 when it returns."""
+    """Run ``bats_cli.cli.main(argv)`` in-process; returns (exit code, stdout, stderr), 0 when it returns."""
     from bats_cli.cli import main
 
     try:
         main(argv)
         code = 0
     except SystemExit as exc:
-        code = exc.code
+        code = 0 if exc.code is None else exc.code  # sys.exit() is success
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from helpers import cli, one_line_error
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -202,20 +203,8 @@ def test_cli_json_subprocess():
     assert data["ops"] == data["flops"] + data["bops"] / 64
 
 
-def _run_cli(args, capsys):
-    from bats_cli.cli import main
-
-    code = 0
-    try:
-        main(args)
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_cli_tables_and_verbose(capsys):
-    code, out, err = _run_cli(["flops", "darts_v2", "--layers", "5", "--channels", "12", "--verbose"], capsys)
+    code, out, err = cli(["flops", "darts_v2", "--layers", "5", "--channels", "12", "--verbose"], capsys)
     assert code == 0, err
     for text in ("params", "FLOPs", "BOPs", "OPs", "per stage", "per op", "sep_conv_3x3", "1-bit"):
         assert text in out
@@ -234,9 +223,7 @@ def test_cli_tables_and_verbose(capsys):
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2(args, message, capsys):
-    code, out, err = _run_cli(args, capsys)
-    assert code == 2
-    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    one_line_error(*cli(args, capsys)[::2], message)
 
 
 def _write_checkpoint(path, *, kind, config, genotype_json, tensors=None):
@@ -262,7 +249,7 @@ def test_cli_reads_a_packed_checkpoint_header(tmp_path, capsys):
     _write_checkpoint(path, kind="packed", genotype_json=g.to_json(),
                       config={"run": {"epochs": 1}, "network": network, "data": data},
                       tensors={"w": torch.zeros(1000, dtype=torch.uint8)})
-    code, out, err = _run_cli(["flops", str(path), "--json"], capsys)
+    code, out, err = cli(["flops", str(path), "--json"], capsys)
     assert code == 0, err
     data = json.loads(out)
     assert data["dataset"] == "cifar100" and data["network"]["num_classes"] == 100
@@ -273,10 +260,10 @@ def test_cli_reads_a_packed_checkpoint_header(tmp_path, capsys):
     assert data["checkpoint"]["compression"] == data["size_fp32_bytes"] / path.stat().st_size
     expected = count_model(_meta_network("bats_c10", num_classes=100, layers=5, channels=12), (3, 32, 32))
     assert data["params"] == expected.params
-    code, out, err = _run_cli(["flops", str(path)], capsys)
+    code, out, err = cli(["flops", str(path)], capsys)
     assert code == 0 and "packed vs fp32" in out
     # Flags override the recorded settings; another data set drops its class count.
-    code, out, err = _run_cli(["flops", str(path), "--json", "--dataset", "cifar10", "--real"], capsys)
+    code, out, err = cli(["flops", str(path), "--json", "--dataset", "cifar10", "--real"], capsys)
     data = json.loads(out)
     assert data["network"]["num_classes"] == 10 and data["network"]["real"] and data["bops"] == 0
     assert data["network"]["channels"] == 12
@@ -285,10 +272,10 @@ def test_cli_reads_a_packed_checkpoint_header(tmp_path, capsys):
 def test_cli_checkpoint_without_genotype_is_refused(tmp_path, capsys):
     path = tmp_path / "search.safetensors"
     _write_checkpoint(path, kind="search", genotype_json=None, config={})
-    code, out, err = _run_cli(["flops", str(path)], capsys)
+    code, out, err = cli(["flops", str(path)], capsys)
     # A search checkpoint without a recorded genotype is derived from its α, which this one lacks.
     assert code == 2 and "search checkpoint without usable architecture state" in err
     path = tmp_path / "train.safetensors"
     _write_checkpoint(path, kind="train", genotype_json=None, config={"network": {"arch": "cells"}})
-    code, out, err = _run_cli(["flops", str(path)], capsys)
+    code, out, err = cli(["flops", str(path)], capsys)
     assert code == 2 and "no genotype" in err

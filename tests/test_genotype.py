@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import cli, one_line_error
 from pydantic import ValidationError
 
 from bats_cli.darts_import import parse_darts_genotype
@@ -28,32 +27,6 @@ DARTS_V2_REPR = (
     "('max_pool_3x3', 1), ('skip_connect', 2), ('max_pool_3x3', 1), ('max_pool_3x3', 0), "
     "('skip_connect', 2), ('skip_connect', 2), ('max_pool_3x3', 1)], reduce_concat=range(2, 6))"
 )
-
-
-def _cli(
-    *args: str, cwd: Path | None = None, stdin: str | None = None
-) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "bats_cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd or ROOT,
-        env=env,
-        input=stdin,
-        timeout=120,
-    )
-
-
-def _assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: ")
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def _base() -> dict:
@@ -362,69 +335,65 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     return out
 
 
-def test_cli_validate_bad_files(tmp_path):
+def test_cli_validate_bad_files(tmp_path, capsys):
     for name, (path, needle) in _bad_files(tmp_path).items():
-        line = _assert_one_line_error(_cli("genotype", "validate", str(path)), needle)
+        line = one_line_error(*cli(["genotype", "validate", str(path)], capsys)[::2], needle)
         assert str(path) in line, (name, line)
 
 
-def test_cli_validate_ok_and_mixed(tmp_path):
-    ok = _cli("genotype", "validate", *(f"genotypes/{n}.json" for n in ZOO))
-    assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.count("ok ") == len(ZOO)
+def test_cli_validate_ok_and_mixed(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    code, out, err = cli(["genotype", "validate", *(f"genotypes/{n}.json" for n in ZOO)], capsys)
+    assert code == 0, err
+    assert out.count("ok ") == len(ZOO)
     bad = _bad_files(tmp_path)
-    mixed = _cli(
-        "genotype", "validate", "genotypes/bats_c10.json", str(bad["odd"][0]), str(bad["empty"][0])
-    )
-    _assert_one_line_error(mixed, "2 of 3 genotypes are invalid")
+    mixed = cli(["genotype", "validate", "genotypes/bats_c10.json", str(bad["odd"][0]), str(bad["empty"][0])],
+                capsys)
+    one_line_error(*mixed[::2], "2 of 3 genotypes are invalid")
 
 
-def test_cli_show_list_schema():
-    show = _cli("genotype", "show", "nasnet_a")
-    assert show.returncode == 0, show.stderr
-    assert "sep_conv_7x7" in show.stdout and "reduce cell" in show.stdout
-    as_json = _cli("genotype", "show", "genotypes/bats_c10.json", "--json")
-    assert as_json.stdout == (TOP_ZOO / "bats_c10.json").read_text()
-    listing = _cli("genotype", "list")
-    assert listing.returncode == 0 and all(n in listing.stdout for n in ZOO)
-    schema = _cli("genotype", "schema")
-    assert schema.returncode == 0
-    assert json.loads(schema.stdout)["title"] == "Genotype"
-    _assert_one_line_error(_cli("genotype", "show", "nonexistent"), "neither a genotype file")
+def test_cli_show_list_schema(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    code, out, err = cli(["genotype", "show", "nasnet_a"], capsys)
+    assert code == 0, err
+    assert "sep_conv_7x7" in out and "reduce cell" in out
+    code, out, err = cli(["genotype", "show", "genotypes/bats_c10.json", "--json"], capsys)
+    assert out == (TOP_ZOO / "bats_c10.json").read_text(), err
+    code, out, err = cli(["genotype", "list"], capsys)
+    assert code == 0 and all(n in out for n in ZOO), err
+    code, out, err = cli(["genotype", "schema"], capsys)
+    assert code == 0 and json.loads(out)["title"] == "Genotype", err
+    one_line_error(*cli(["genotype", "show", "nonexistent"], capsys)[::2], "neither a genotype file")
 
 
-def test_cli_help_has_examples():
+def test_cli_help_has_examples(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # the example line unwrapped
     for cmd in ("show", "validate", "schema", "list", "import"):
-        proc = _cli("genotype", cmd, "--help")
-        assert proc.returncode == 0 and "Example: bats genotype" in proc.stdout, cmd
+        code, out, _ = cli(["genotype", cmd, "--help"], capsys)
+        assert code == 0 and "Example: bats genotype" in out, cmd
 
 
-def test_cli_import(tmp_path):
+def test_cli_import(tmp_path, capsys, monkeypatch):
     out = tmp_path / "v2.json"
-    proc = _cli(
-        "genotype", "import", DARTS_V2_REPR, "-o", str(out), "--space", "darts", "--name", "mine"
-    )
-    assert proc.returncode == 0, proc.stderr
+    code, _, err = cli(["genotype", "import", DARTS_V2_REPR, "-o", str(out), "--space", "darts", "--name", "mine"],
+                       capsys)
+    assert code == 0, err
     g = load_genotype(out)
     assert g.name == "mine" and g.normal == resolve_genotype("darts_v2").normal
-    _assert_one_line_error(
-        _cli("genotype", "import", DARTS_V2_REPR, "-o", str(out)), "already exists"
-    )
-    assert (
-        _cli(
-            "genotype", "import", DARTS_V2_REPR, "-o", str(out), "--force", "--name", "again"
-        ).returncode
-        == 0
-    )
+    one_line_error(*cli(["genotype", "import", DARTS_V2_REPR, "-o", str(out)], capsys)[::2], "already exists")
+    code, _, err = cli(["genotype", "import", DARTS_V2_REPR, "-o", str(out), "--force", "--name", "again"], capsys)
+    assert code == 0, err
     assert load_genotype(out).name == "again"
-    piped = _cli("genotype", "import", "-", stdin=DARTS_V2_REPR)
-    assert piped.returncode == 0 and Genotype.from_json(piped.stdout).name == "darts_v2"
+    monkeypatch.setattr("sys.stdin", io.StringIO(DARTS_V2_REPR))
+    code, piped, err = cli(["genotype", "import", "-"], capsys)
+    assert code == 0 and Genotype.from_json(piped).name == "darts_v2", err
 
 
-def test_cli_import_never_executes(tmp_path):
+def test_cli_import_never_executes(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     marker = tmp_path / "pwned"
     payload = f"__import__('os').system('touch {marker}')"
-    _assert_one_line_error(_cli("genotype", "import", payload, cwd=tmp_path), "is not Genotype(")
+    one_line_error(*cli(["genotype", "import", payload], capsys)[::2], "is not Genotype(")
     wrapped = f"Genotype(normal={payload}, normal_concat=[2], reduce=[], reduce_concat=[2])"
-    _assert_one_line_error(_cli("genotype", "import", wrapped, cwd=tmp_path), "not a literal")
+    one_line_error(*cli(["genotype", "import", wrapped], capsys)[::2], "not a literal")
     assert not marker.exists()

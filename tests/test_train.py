@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli, one_line_error
 
 from bats_cli.binarize import BinarizeConfig, binarize
 from bats_cli.checkpoint import load_checkpoint, read_metadata, save_checkpoint
@@ -37,15 +38,9 @@ def _train(out, **kw):
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """One tiny step-1 run and its binarization, shared by the tests below."""
-    root = tmp_path_factory.mktemp("pipeline")
-    trained = _train(root / "train")
-    result = binarize(BinarizeConfig(checkpoint=trained["last"], epochs=1, device="cpu",
-                                     calibration_batches=2, threads=1),
-                      out=root / "bin", packed=root / "tiny.packed.safetensors", quiet=True,
-                      handle_signals=False)
-    return root, trained, result
+def pipeline(tiny_checkpoint):
+    """One tiny step-1 run and its binarization (tests/conftest.py), shared by the tests below."""
+    return tiny_checkpoint("cells")
 
 
 def test_train_writes_checkpoints_and_metrics(pipeline):
@@ -119,7 +114,7 @@ def test_eval_all_kinds_and_packed_matches_binarized(pipeline):
     assert binar["loss"] == pytest.approx(packed["loss"], abs=1e-6)
     size = result["packed_size"]
     assert size["binary_convs_ratio"] >= 20
-    assert size["file_bytes"] < (root / "bin" / "best.safetensors").stat().st_size
+    assert size["file_bytes"] < (root / "binarize" / "best.safetensors").stat().st_size
 
 
 def test_resume_mid_epoch_gives_identical_weights(tmp_path):
@@ -177,23 +172,6 @@ def test_paper_defaults():
 # --------------------------------------------------------------------------- CLI and bad input
 
 
-def _cli(argv, capsys):
-    from bats_cli.cli import main
-
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
-
-
-def _one_line_error(code, err):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    return lines[0]
-
-
 def test_cli_eval_json(pipeline, capsys):
     from bats_cli.cli import main
 
@@ -209,43 +187,43 @@ def test_cli_bad_inputs(pipeline, tmp_path, capsys):
     root, trained, result = pipeline
     last = trained["last"]
     # missing files
-    _one_line_error(*_cli(["train", str(tmp_path / "nope.json"), "--out", str(tmp_path / "r")], capsys)[::2])
-    assert "no such checkpoint" in _one_line_error(*_cli(["eval", str(tmp_path / "none.safetensors")], capsys)[::2])
-    _one_line_error(*_cli(["binarize", str(tmp_path / "none.safetensors")], capsys)[::2])
+    one_line_error(*cli(["train", str(tmp_path / "nope.json"), "--out", str(tmp_path / "r")], capsys)[::2])
+    assert "no such checkpoint" in one_line_error(*cli(["eval", str(tmp_path / "none.safetensors")], capsys)[::2])
+    one_line_error(*cli(["binarize", str(tmp_path / "none.safetensors")], capsys)[::2])
     # wrong kinds
     search = save_checkpoint(tmp_path / "search.safetensors", {"w": torch.zeros(1)}, kind="search",
                              config={}, epoch=1)
-    msg = _one_line_error(*_cli(["eval", str(search)], capsys)[::2])
+    msg = one_line_error(*cli(["eval", str(search)], capsys)[::2])
     assert "search checkpoint" in msg and "eval" in msg
-    msg = _one_line_error(*_cli(["binarize", result["packed"]], capsys)[::2])
+    msg = one_line_error(*cli(["binarize", result["packed"]], capsys)[::2])
     assert "packed checkpoint" in msg
-    _one_line_error(*_cli(["binarize", result["last"]], capsys)[::2])
+    one_line_error(*cli(["binarize", result["last"]], capsys)[::2])
     # incompatible data set: 1-channel fashion network on 3-channel CIFAR-10 images
-    msg = _one_line_error(*_cli(["eval", last, "--dataset", "cifar10"], capsys)[::2])
+    msg = one_line_error(*cli(["eval", last, "--dataset", "cifar10"], capsys)[::2])
     assert "does not fit" in msg and "3-channel" in msg
     # genotype / checkpoint mismatch: weights of bats_c10 under another genotype's name
     tensors, meta = load_checkpoint(last)
     other = resolve_genotype("darts_v2")
     bad = save_checkpoint(tmp_path / "mismatch.safetensors", tensors, kind="train",
                           config=meta.config, epoch=1, genotype_json=other.to_json())
-    msg = _one_line_error(*_cli(["eval", str(bad)], capsys)[::2])
+    msg = one_line_error(*cli(["eval", str(bad)], capsys)[::2])
     assert "do not match" in msg
     # resuming a run with another genotype or other settings
     run = str(root / "train")
-    msg = _one_line_error(*_cli(["train", "darts_v2", "--out", run, "--resume"], capsys)[::2])
+    msg = one_line_error(*cli(["train", "darts_v2", "--out", run, "--resume"], capsys)[::2])
     assert "genotype differs" in msg
-    msg = _one_line_error(*_cli(["train", "bats_c10", "--out", run, "--resume", "--epochs", "7"], capsys)[::2])
+    msg = one_line_error(*cli(["train", "bats_c10", "--out", run, "--resume", "--epochs", "7"], capsys)[::2])
     assert "epochs" in msg
     # an existing run without --resume; bad option values
-    _one_line_error(*_cli(["train", "bats_c10", "--out", run], capsys)[::2])
-    _one_line_error(*_cli(["train", "bats_c10", "--preset", "huge", "--out", str(tmp_path / "p")], capsys)[::2])
-    msg = _one_line_error(*_cli(["train", "bats_c10", "--dataset", "fashion-mini", "--subset", "16", "--batch-size", "32",
+    one_line_error(*cli(["train", "bats_c10", "--out", run], capsys)[::2])
+    one_line_error(*cli(["train", "bats_c10", "--preset", "huge", "--out", str(tmp_path / "p")], capsys)[::2])
+    msg = one_line_error(*cli(["train", "bats_c10", "--dataset", "fashion-mini", "--subset", "16", "--batch-size", "32",
                                  "--layers", "3", "--channels", "6", "--out", str(tmp_path / "b")], capsys)[::2])
     assert "batch-size" in msg
-    _one_line_error(*_cli(["train", "bats_c10", "--dataset", "fashion-mini", "--width", "3x", "--out", str(tmp_path / "w")], capsys)[::2])
+    one_line_error(*cli(["train", "bats_c10", "--dataset", "fashion-mini", "--width", "3x", "--out", str(tmp_path / "w")], capsys)[::2])
     # a real-valued network cannot be binarized
     real = _train(tmp_path / "real", real=True, subset=32)
-    msg = _one_line_error(*_cli(["binarize", real["last"]], capsys)[::2])
+    msg = one_line_error(*cli(["binarize", real["last"]], capsys)[::2])
     assert "real-valued" in msg
 
 
