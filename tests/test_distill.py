@@ -330,9 +330,11 @@ def test_recipe_study_shares_one_teacher_per_seed_and_its_commands_parse(tmp_pat
 
     from typer.main import get_command
 
-    from bats_cli.ablate import StudyOptions, build_jobs, markdown, run_study
     from bats_cli.cli import _load_commands
     from bats_cli.cli.app import app
+    from bats_cli.study_jobs import StudyOptions, build_jobs
+    from bats_cli.study_run import run_study
+    from bats_cli.study_summary import markdown
 
     out = tmp_path / "study"
     code, stdout, err = cli(["ablate", "recipe", "--preset", "tiny", "--emit", "shell", "--out", str(out)], capsys)

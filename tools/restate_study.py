@@ -24,9 +24,11 @@ import re
 import sys
 from pathlib import Path
 
-from bats_cli.ablate import StudyOptions, compare, markdown
 from bats_cli.fileio import atomic_write_json, atomic_write_text
 from bats_cli.stats import binomial_se
+from bats_cli.study_compare import compare
+from bats_cli.study_jobs import StudyOptions
+from bats_cli.study_summary import markdown
 
 
 def _relative(path: str | None, marker: str) -> str | None:

@@ -294,8 +294,8 @@ def best(
 
     Example: bats genotype best runs/cand0 runs/cand1 runs/cand2 -o best.json
     """
-    from bats_cli.ablate import best_of_runs
     from bats_cli.outputs import check_output_file
+    from bats_cli.study_jobs import best_of_runs
 
     check_output_file(output, flag="--output", force=force, inputs=[])
     _check_run_files(runs)
