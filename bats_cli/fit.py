@@ -274,7 +274,7 @@ class TrainJob(RunJob):
 
     # -- checkpoints
     def checkpoint(self, *, with_state: bool) -> Checkpoint:
-        from bats_cli.checkpoint import optimizer_state_tensors, state_to_json
+        from bats_cli.optim_state import optimizer_state_tensors, state_to_json
 
         spec = self.spec
         tensors = model_tensors(self.model)
@@ -290,7 +290,7 @@ class TrainJob(RunJob):
         )
 
     def restore(self, tensors, meta) -> None:
-        from bats_cli.checkpoint import load_optimizer_state
+        from bats_cli.optim_state import load_optimizer_state
 
         path = meta.path
         load_model_tensors(self.model, tensors, path)
@@ -301,7 +301,7 @@ class TrainJob(RunJob):
         except KeyError:
             raise UserInputError(f"cannot resume from {path}: it holds no optimizer state") from None
         if "bats_scaler" in meta.extra:
-            from bats_cli.checkpoint import load_scaler_state
+            from bats_cli.optim_state import load_scaler_state
 
             load_scaler_state(self.scaler, meta.extra["bats_scaler"], where=f"{path}: bats_scaler")
         try:

@@ -815,7 +815,7 @@ class Searcher(RunJob):
         return state
 
     def checkpoint(self, *, with_state: bool = True) -> Checkpoint:
-        from bats_cli.checkpoint import optimizer_state_tensors, state_to_json
+        from bats_cli.optim_state import optimizer_state_tensors, state_to_json
 
         named = dict(self.model.named_parameters())
         tensors = {f"model.{k}": v.detach().cpu() for k, v in self.model.state_dict().items()}
@@ -852,7 +852,7 @@ class Searcher(RunJob):
         )
 
     def restore(self, tensors, meta) -> None:
-        from bats_cli.checkpoint import load_optimizer_state
+        from bats_cli.optim_state import load_optimizer_state
 
         path = meta.path
         check_resume_config(meta.config, self.cfg)
@@ -901,7 +901,7 @@ class Searcher(RunJob):
             load_optimizer_state(self.opt_a, named, tensors, meta.extra[OPTIM_A_KEY], prefix="optim_a.")
         except KeyError as exc:
             raise UserInputError(f"{path}: cannot resume, no optimizer state {exc}") from None
-        from bats_cli.checkpoint import load_scaler_state
+        from bats_cli.optim_state import load_scaler_state
 
         load_scaler_state(self.scaler_w, state["scaler_w"], where=f"{path}: scaler_w")
         load_scaler_state(self.scaler_a, state["scaler_a"], where=f"{path}: scaler_a")

@@ -51,9 +51,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bats_cli.derive import NONE_OP, ArchSnapshot, load_arch_snapshot, safe_name
+from bats_cli.derive import NONE_OP, ArchSnapshot, load_arch_snapshot
 from bats_cli.errors import UserInputError
 from bats_cli.genotype import CELLS, Genotype
+from bats_cli.names import safe_name
 from bats_cli.spaces import edge_endpoints
 
 DEFAULT_IMAGES = 512
@@ -406,7 +407,7 @@ def derive_by_perturbation(
     mode = ("edges in seeded random order, each replaced by its op before the next"
             if progressive else "every edge and node scored on the unchanged supernet")
     genotype = Genotype.from_dict({
-        "name": name or safe_name(snap.run_name or snap.path.parent.name),
+        "name": name or safe_name(snap.run_name or snap.path.parent.name, default="searched"),
         "space": snap.space,
         "normal": [list(p) for p in selection.cells["normal"]],
         "normal_concat": concat,

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from bats_cli import checkpoint as ck
+from bats_cli import optim_state
 from bats_cli.errors import UserInputError
 
 
@@ -196,15 +197,6 @@ def test_killed_writer_never_leaves_a_broken_last(tmp_path):
     assert seen_temp
     tensors, meta = ck.load_checkpoint(last)
     assert meta.epoch == 1 or meta.epoch > 100
-    assert ck.latest_checkpoint(tmp_path) == last
-
-
-def test_latest_checkpoint(tmp_path):
-    assert ck.latest_checkpoint(tmp_path) is None
-    (tmp_path / ".last.safetensors.abc.tmp").write_bytes(b"partial")
-    assert ck.latest_checkpoint(tmp_path) is None
-    last = _save_small(tmp_path / ck.LAST_NAME)
-    assert ck.latest_checkpoint(tmp_path) == last
 
 
 # --------------------------------------------------------------------------- optimizer state
@@ -248,7 +240,7 @@ def test_optimizer_round_trip_is_bit_identical(tmp_path, kind):
     _steps(ref, opt, sched, 3, seed=1)
 
     named = dict(ref.named_parameters())
-    opt_tensors, opt_json = ck.optimizer_state_tensors(opt, named)
+    opt_tensors, opt_json = optim_state.optimizer_state_tensors(opt, named)
     assert "optim.0.weight.exp_avg" in opt_tensors if kind == "adam" else True
     tensors = {**{f"model.{k}": v for k, v in ref.state_dict().items()}, **opt_tensors}
     path = ck.save_checkpoint(
@@ -257,15 +249,15 @@ def test_optimizer_round_trip_is_bit_identical(tmp_path, kind):
         kind="train",
         config={},
         epoch=1,
-        extra={"optimizer": opt_json, "scheduler": ck.scheduler_state_json(sched)},
+        extra={"optimizer": opt_json, "scheduler": optim_state.state_to_json(sched.state_dict())},
     )
 
     loaded, meta = ck.load_checkpoint(path, expect_kind="train")
     resumed = _model(seed=123)
     resumed.load_state_dict({k[6:]: v for k, v in loaded.items() if k.startswith("model.")})
     opt2, sched2 = _make_opt(resumed, kind, reverse=True)
-    ck.load_optimizer_state(opt2, dict(resumed.named_parameters()), loaded, meta.extra["optimizer"])
-    ck.load_scheduler_state(sched2, meta.extra["scheduler"])
+    optim_state.load_optimizer_state(opt2, dict(resumed.named_parameters()), loaded, meta.extra["optimizer"])
+    sched2.load_state_dict(optim_state.state_from_json(meta.extra["scheduler"]))
 
     _steps(ref, opt, sched, 4, seed=2)
     _steps(resumed, opt2, sched2, 4, seed=2)
@@ -281,18 +273,18 @@ def test_optimizer_state_refuses_other_parameters(tmp_path):
     model = _model()
     opt, _ = _make_opt(model, "adam")
     _steps(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0), 1, seed=0)
-    tensors, text = ck.optimizer_state_tensors(opt, dict(model.named_parameters()))
+    tensors, text = optim_state.optimizer_state_tensors(opt, dict(model.named_parameters()))
     other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3),
                                 torch.nn.Linear(3, 3))
     opt2, _ = _make_opt(other, "adam")
     with pytest.raises(UserInputError, match="only in checkpoint: -|not in checkpoint: 3"):
-        ck.load_optimizer_state(opt2, dict(other.named_parameters()), tensors, text)
+        optim_state.load_optimizer_state(opt2, dict(other.named_parameters()), tensors, text)
 
 
 def test_state_json_round_trip():
     state = {"a": (1, 2.5), "b": torch.tensor(3.0), 4: [None, True, "x"], "c": {"d": 1e-300}}
-    back = ck.state_from_json(ck.state_to_json(state))
+    back = optim_state.state_from_json(optim_state.state_to_json(state))
     assert back["a"] == (1, 2.5) and back[4] == [None, True, "x"] and back["c"] == {"d": 1e-300}
     assert back["b"].dtype == torch.float32 and back["b"].item() == 3.0
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    assert ck.state_from_json(ck.state_to_json(scaler.state_dict())) == scaler.state_dict()
+    assert optim_state.state_from_json(optim_state.state_to_json(scaler.state_dict())) == scaler.state_dict()

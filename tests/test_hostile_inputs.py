@@ -89,7 +89,7 @@ def test_wrong_json_types_in_checkpoint_settings_and_packing_are_one_line(tmp_pa
 
 
 def _adam_state():
-    from bats_cli.checkpoint import optimizer_state_tensors
+    from bats_cli.optim_state import optimizer_state_tensors
 
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
@@ -102,7 +102,7 @@ def _adam_state():
 
 
 def _load(tensors, state):
-    from bats_cli.checkpoint import load_optimizer_state
+    from bats_cli.optim_state import load_optimizer_state
 
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -392,7 +392,7 @@ def resume_mode(out: Path | None, resume: bool, resume_or_start: bool) -> bool:
     flag = "--resume" if resume else "--resume-or-start"
     if out is None:
         raise UserInputError(f"{flag} needs --out DIR (the run directory to continue)")
-    from bats_cli.rundir import in_use_message
+    from bats_cli.runlock import in_use_message
 
     busy = in_use_message(out)
     if busy:
