@@ -30,6 +30,7 @@ from bats_cli.plan_measure import (
     measure_memory,
     meta_band,
     meta_models,
+    time_estimate,
     time_steps,
     unmeasured_peak,
 )
@@ -110,7 +111,7 @@ class Plan:
                    "no batch size fits: use a smaller network or another device")
             verdict = (f"plan: does not fit: peak {self.memory} about {peak} at batch {self.batch_size}, "
                        f"{format_bytes(self.available_memory_bytes)} available ({how}): the run would be "
-                       f"refused; {fix} (or --force to try anyway)")
+                       f"refused; {fix} (or --ignore-plan to try anyway)")
         out = [verdict]
         if self.seconds_per_epoch is not None and self.seconds_total is not None:
             out.append(
@@ -322,7 +323,7 @@ def plan_run(
         budget = 0.95 * HEADROOM * available - extra
         largest = round_batch(max(0, train_m.largest_batch(budget)))
         fits = peak <= HEADROOM * available
-    per_epoch, per_step = _time_estimate(per_stage, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
+    per_epoch, per_step = time_estimate(per_stage, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
                                          test_images=test_images, step_passes=step_passes)
     return Plan(
         **base, peak_memory_bytes=int(peak), largest_fitting_batch=largest, fits=fits,
@@ -344,29 +345,6 @@ def _runs_channels_last(candidate, device, precision: str) -> bool:
     return memory_format(device, candidate, precision=precision) == torch.channels_last
 
 
-def _time_estimate(per_stage, *, batch_size: int, steps_per_epoch: int, test_images: int,
-                   step_passes: float) -> tuple[float | None, float | None]:
-    """(seconds per epoch, seconds per step), averaged over the stages, from the timed steps."""
-    epochs, steps = [], []
-    small, large = MEASURE_BATCHES[0], TIMED_BATCH
-    for _train_m, _eval_m, seconds, _param_bytes in per_stage:
-        train_s = seconds.get(f"train@{large}")
-        if train_s is None:
-            return None, None
-        eval_s = seconds.get(f"eval@{large}", train_s / 3)
-        # A line through the two timed steps: fixed cost + cost per image. When noise makes the
-        # smaller batch the slower one, the larger step's time per image alone (an upper bound).
-        per_image = (train_s - seconds.get(f"train@{small}", train_s)) / (large - small)
-        if per_image <= 0:
-            fixed, per_image = 0.0, train_s / large
-        else:
-            fixed = max(train_s - per_image * large, 0.0)
-        step = step_passes * (fixed + per_image * batch_size)
-        steps.append(step)
-        epochs.append(step * steps_per_epoch + eval_s / TIMED_BATCH * test_images)
-    return sum(epochs) / len(epochs), sum(steps) / len(steps)
-
-
 def check_fits(plan: Plan, *, force: bool = False) -> None:
     """UserInputError (exit 2) when the plan does not fit in memory, unless ``force``."""
     if plan.fits or force:
@@ -377,7 +355,7 @@ def check_fits(plan: Plan, *, force: bool = False) -> None:
     raise UserInputError(
         f"{plan.command} needs about {format_bytes(plan.peak_memory_bytes)} of {plan.memory} at "
         f"batch {plan.batch_size} but {format_bytes(plan.available_memory_bytes)} is available; "
-        f"{hint}, or --force to try anyway"
+        f"{hint}, or --ignore-plan to try anyway"
     )
 
 

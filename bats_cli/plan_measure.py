@@ -3,8 +3,9 @@
 ``estimate_step``: a meta-device forward (shapes only, no memory) sizes one measured step and
 gives the band of the unmeasured estimate. ``measure_memory``: the process's peak memory over a
 training step and an evaluation pass at two small batches, a line in the batch size (peak RSS
-on CPU, the allocator's peak on CUDA). ``time_steps``: seconds of those steps. Both work on a
-copy of the network and restore the RNG states, so a seeded run is unchanged by its plan.
+on CPU, the allocator's peak on CUDA). ``time_steps``: seconds of those steps, and
+``time_estimate`` the time per step and epoch from them. Measuring works on a copy of the network
+and restores the RNG states, so a seeded run is unchanged by its plan.
 """
 
 from __future__ import annotations
@@ -280,3 +281,26 @@ def meta_models(step: StepEstimate, *, in_use: int, param_bytes: int) -> tuple[M
     # Evaluation keeps no layer outputs for backward: a fraction of training's (measured 1/8-1/4).
     eval_m = MemoryModel(fixed_bytes=held, per_image_bytes=per_image / 4)
     return train_m, eval_m
+
+
+def time_estimate(per_stage, *, batch_size: int, steps_per_epoch: int, test_images: int,
+                   step_passes: float) -> tuple[float | None, float | None]:
+    """(seconds per epoch, seconds per step), averaged over the stages, from the timed steps."""
+    epochs, steps = [], []
+    small, large = MEASURE_BATCHES[0], TIMED_BATCH
+    for _train_m, _eval_m, seconds, _param_bytes in per_stage:
+        train_s = seconds.get(f"train@{large}")
+        if train_s is None:
+            return None, None
+        eval_s = seconds.get(f"eval@{large}", train_s / 3)
+        # A line through the two timed steps: fixed cost + cost per image. When noise makes the
+        # smaller batch the slower one, the larger step's time per image alone (an upper bound).
+        per_image = (train_s - seconds.get(f"train@{small}", train_s)) / (large - small)
+        if per_image <= 0:
+            fixed, per_image = 0.0, train_s / large
+        else:
+            fixed = max(train_s - per_image * large, 0.0)
+        step = step_passes * (fixed + per_image * batch_size)
+        steps.append(step)
+        epochs.append(step * steps_per_epoch + eval_s / TIMED_BATCH * test_images)
+    return sum(epochs) / len(epochs), sum(steps) / len(steps)
