@@ -214,6 +214,7 @@ def test_variants_selects_rows_and_rejects_unknown_names(tmp_path, capsys):
     one_line_error(code, err, "--reuse")
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.slow
 def test_the_random_study_runs_its_five_arms_end_to_end_with_the_real_commands(tmp_path, capsys):
     # The real `bats` subprocesses, at the tiny preset: every step's flags are accepted on a fresh

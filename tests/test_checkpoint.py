@@ -177,6 +177,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_killed_writer_never_leaves_a_broken_last(tmp_path):
     last = _save_small(tmp_path / "last.safetensors", epoch=1)
     proc = subprocess.Popen(

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a Python subprocess per command line
+
 ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = """

@@ -20,9 +20,6 @@ from bats_cli.networks import build_network
 from bats_cli.quant import STE_SIGN, QuantConv2d
 from bats_cli.zoo import load_zoo_genotype
 
-# Tiny convolutions: one torch thread for the whole module (see conftest.one_thread).
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _meta_network(name: str, **kwargs) -> nn.Module:
     # Counting needs shapes only: building on the meta device allocates nothing.
@@ -192,6 +189,7 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
 
 
+@pytest.mark.slow
 def test_cli_json_subprocess():
     out = subprocess.run([sys.executable, "-m", "bats_cli", "flops", "--json"], capture_output=True,
                          text=True, env=_env(), timeout=300)

@@ -16,6 +16,8 @@ from bats_cli.distributed import Dist
 from bats_cli.train import TrainConfig, train
 from bats_cli.zoo import resolve_genotype
 
+pytestmark = pytest.mark.slow  # torchrun processes
+
 ARGS = ["--dataset", "fashion-mini", "--layers", "3", "--channels", "6", "--batch-size", "32", "--subset", "128",
         "--epochs", "1", "--device", "cpu"]
 

@@ -17,6 +17,8 @@ import torch
 
 from bats_cli.checkpoint import load_checkpoint, read_metadata
 
+pytestmark = pytest.mark.slow  # torchrun processes
+
 # 16 images per half, batch 8 (4 per process): 2 steps per epoch, 2 stages of 2 epochs.
 FLAGS = ["--dataset", "fashion-mini", "--subset", "32", "--image-size", "8", "--batch-size", "8",
          "--epochs", "2", "--warmup", "1", "--channels", "6", "--layers", "3,3", "--ops", "8,3",
@@ -44,6 +46,7 @@ def _model(path: Path) -> dict[str, torch.Tensor]:
             if k.startswith("model.") and v.is_floating_point() and "running_" not in k}
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.slow
 def test_two_processes_agree_resume_after_sigterm_and_match_one(tmp_path, monkeypatch):
     out = tmp_path / "ddp"

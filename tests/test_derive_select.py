@@ -22,8 +22,6 @@ from bats_cli.selection import (
 )
 from bats_cli.spaces import edge_endpoints
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 STEPS = 4
 N_EDGES = len(edge_endpoints(STEPS))
 OPS = ["none", "max_pool_3x3", "skip_connect", "group_conv_3x3"]
@@ -126,6 +124,7 @@ def tiny_search(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_supernet_is_the_checkpoints_and_masking_reaches_it(tiny_search):
     st = load_search_supernet(tiny_search)
     assert len(st.model.cells) == 3 and len(st.model.candidates_normal[0]) == 3
@@ -143,6 +142,7 @@ def test_supernet_is_the_checkpoints_and_masking_reaches_it(tiny_search):
     assert torch.allclose(plain, given, atol=1e-5) and not torch.allclose(plain, cut, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_images_are_the_architecture_half_without_augmentation(tiny_search):
     from bats_cli.data import build_datasets, search_split
     from bats_cli.selection import _with_eval_transforms
@@ -163,6 +163,7 @@ def test_images_are_the_architecture_half_without_augmentation(tiny_search):
     assert not torch.equal(batches[0][0], selection_batches(cfg, images=32, seed=2)[0][0])
 
 
+@pytest.mark.slow
 def test_library_matches_a_masked_evaluation(tiny_search):
     res = derive_by_perturbation(tiny_search, images=16, seed=0, progressive=False)
     st = load_search_supernet(tiny_search)
@@ -184,6 +185,7 @@ def test_library_matches_a_masked_evaluation(tiny_search):
     assert first["op"] == min(scores, key=lambda op: (scores[op][0], -scores[op][1]))
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_is_valid_and_deterministic(tiny_search, tmp_path, capsys):
     out = tmp_path / "p.json"
     argv = ["derive", str(tiny_search), "--select", "perturbation", "--perturb-images", "16", "--seed", "1",
@@ -202,6 +204,7 @@ def test_cli_end_to_end_is_valid_and_deterministic(tiny_search, tmp_path, capsys
     assert json.loads(stdout2) == res["genotype"]
 
 
+@pytest.mark.slow
 def test_cli_bad_inputs(tiny_search, capsys):
     ck = str(tiny_search)
     _one_line_error(*_cli(["derive", ck, "--select", "greedy"], capsys)[::2], "--select")

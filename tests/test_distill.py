@@ -21,8 +21,6 @@ from bats_cli.networks import build_network
 from bats_cli.train import TrainConfig, train
 from bats_cli.zoo import resolve_genotype
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 # 3 cells of 6 channels on 128 fashion-mini images at 16 px: 4 steps per epoch.
 TINY = dict(genotype="bats_c10", dataset="fashion-mini", layers=3, channels=6, batch_size=32, subset=128,
             image_size=16, epochs=1, device="cpu", threads=1)
@@ -168,6 +166,7 @@ def chain(tmp_path_factory):
     return root, t_path, student, binarized
 
 
+@pytest.mark.slow
 def test_runs_record_the_teacher(chain):
     root, t_path, student, binarized = chain
     digest = file_sha256(t_path)
@@ -180,6 +179,7 @@ def test_runs_record_the_teacher(chain):
     assert binarized["teacher"]["temperature"] == 2.0 and student["teacher"]["attention_weight"] == 0.5
 
 
+@pytest.mark.slow
 def test_eval_export_and_bitwise_agree(chain, capsys):
     from bats_cli.evaluate import evaluate_checkpoint
 
@@ -198,6 +198,7 @@ def test_eval_export_and_bitwise_agree(chain, capsys):
     assert torch.equal(ort["predictions"], runs["float"]["predictions"])
 
 
+@pytest.mark.slow
 def test_resume_with_a_teacher_gives_the_same_result_and_checks_its_hash(chain):
     root, t_path, student, _ = chain
     g = resolve_genotype("bats_c10")
@@ -223,6 +224,7 @@ def test_resume_with_a_teacher_gives_the_same_result_and_checks_its_hash(chain):
     assert resumed["final_val_top1"] == student["final_val_top1"]
 
 
+@pytest.mark.slow
 def test_binarize_with_a_teacher_resumes_to_the_same_result(chain):
     root, t_path, student, binarized = chain
     cfg = BinarizeConfig(checkpoint=student["last"], epochs=1, device="cpu", calibration_batches=2, threads=1,
@@ -325,6 +327,7 @@ def test_rprelu_pack_eval_and_export_agree(tmp_path, capsys):
 # --------------------------------------------------------------------------- bats ablate recipe
 
 
+@pytest.mark.slow
 def test_recipe_study_shares_one_teacher_per_seed_and_its_commands_parse(tmp_path, capsys):
     import shlex
 
@@ -383,6 +386,7 @@ def test_recipe_study_shares_one_teacher_per_seed_and_its_commands_parse(tmp_pat
     assert "2.0 min per seed" in markdown(summary) and len(build_jobs(o)) == 8
 
 
+@pytest.mark.slow
 def test_the_plan_counts_the_teacher(chain, tmp_path, capsys):
     _, t_path, _, _ = chain
     plans = {}

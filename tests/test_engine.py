@@ -29,7 +29,7 @@ from bats_cli.spaces import SPACES
 from bats_cli.zoo import resolve_genotype, zoo_names
 from tests.helpers import randomize_bn
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.slow  # the bitwise kernel is compiled (a C++ build on a fresh machine)
 
 BINARY = BinarySpec(activations=True, weights=True)
 

@@ -19,8 +19,6 @@ from bats_cli.pack import save_packed
 from bats_cli.quant import binarize_weights_
 from bats_cli.zoo import resolve_genotype
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 FASHION = {"name": "fashion-mini", "image_size": 32, "num_classes": 10, "in_channels": 1,
            "network": "cifar"}
 
@@ -124,6 +122,7 @@ def test_same_images_same_hash_other_subset_other_hash(models, capsys, tmp_path)
     assert "predictions" not in full and full["n_images"] == 500 and full["top1_se"] > 0
 
 
+@pytest.mark.slow
 def test_bitwise_and_float_write_identical_files(models, capsys, tmp_path):
     from bats_cli.engine import EngineUnavailable, _build
 

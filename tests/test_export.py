@@ -19,7 +19,6 @@ from bats_cli.zoo import resolve_genotype
 onnx = pytest.importorskip("onnx", reason="the export extra (CI installs it through .[dev])")
 ort = pytest.importorskip("onnxruntime")
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Every op a bats network may export to; all in the default ONNX domain.
 STANDARD_OPS = {

@@ -11,8 +11,6 @@ import pytest
 
 from tests.helpers import cli, one_line_error
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 # Smaller than --preset tiny (8 px, a handful of images), same commands.
 _SMALL = ["--preset", "tiny", "--subset", "32", "--image-size", "8", "--batch-size", "8"]
 
@@ -95,6 +93,7 @@ def test_wrong_files_say_what_they_are_and_which_command_takes_them(pipeline, ar
     assert "corrupt" not in line and "too large" not in line
 
 
+@pytest.mark.slow
 def test_an_onnx_file_is_recognised_under_any_name(pipeline, tmp_path, capsys):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
@@ -129,6 +128,7 @@ def test_sniff_never_raises_and_tells_json_apart(tmp_path):
 # --------------------------------------------------------------------------- bats report
 
 
+@pytest.mark.slow
 def test_report_has_one_titled_block_per_run_and_the_table(pipeline, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from PIL import Image

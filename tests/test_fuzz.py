@@ -36,7 +36,7 @@ from hypothesis import strategies as st  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 GENOTYPES = REPO / "bats_cli" / "genotypes"
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.slow  # fuzzing (hypothesis) over trained artifacts
 
 # One example of a boundary may take this long on a loaded 2-core machine; more is a hang.
 EXAMPLE_SECONDS = 120

@@ -12,8 +12,6 @@ from bats_cli.data import build_datasets, targets_of
 from bats_cli.errors import UserInputError
 from tests.helpers import cli
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _indices(ds):
     return np.asarray(ds.indices)

@@ -18,7 +18,6 @@ from bats_cli.errors import RunFailure, UserInputError
 REPO = Path(__file__).resolve().parents[1]
 BATS_C10 = REPO / "bats_cli" / "genotypes" / "bats_c10.json"
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 CELL = "[('sep_conv_3x3', 0), ('skip_connect', 1)]"
 

@@ -12,10 +12,6 @@ from bats_cli.ops import GroupConvOp
 from bats_cli.quant import quant_convs
 from bats_cli.zoo import load_zoo_genotype, zoo_names
 
-# Tiny convolutions: one torch thread for the whole module (see conftest.one_thread).
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 ZOO = ("amoebanet_a", "bats_c10", "darts_v1", "darts_v2", "nasnet_a", "pdarts")
 
 # Tiny but complete: both reduction cells and the auxiliary tower are present.

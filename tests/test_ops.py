@@ -12,10 +12,6 @@ from bats_cli.ops import OPS, OpContext, build_op
 from bats_cli.quant import REAL, BinarySpec, QuantConv2d
 from bats_cli.spaces import SPACES
 
-# Tiny convolutions: one torch thread for the whole module (see conftest.one_thread).
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 C = 12  # 4 groups of 3 channels, the CIFAR channels-per-group
 
 MODES = {

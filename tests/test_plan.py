@@ -10,8 +10,6 @@ import pytest
 
 from tests.helpers import cli
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 GIB = 2**30
 
 

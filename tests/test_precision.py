@@ -19,8 +19,6 @@ from helpers import cli
 from bats_cli.checkpoint import load_checkpoint, read_metadata
 from bats_cli.supernet import SuperNet, SupernetConfig
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 # --preset tiny, on fewer and smaller images so that the three commands take seconds.
 SEARCH = ["--preset", "tiny", "--subset", "32", "--image-size", "8", "--batch-size", "8", "--layers", "3,3,3"]
 TRAIN = ["--preset", "tiny", "--subset", "64", "--image-size", "8", "--epochs", "1"]
@@ -55,6 +53,7 @@ def test_supernet_gradients_under_bf16_autocast_follow_fp32(mixed_op):
     assert all(p.dtype == torch.float32 for p in net.parameters())
 
 
+@pytest.mark.slow
 def test_search_train_binarize_in_bf16_on_cpu(tmp_path, capsys):
     cpu = ["--device", "cpu", "--precision", "bf16"]
     code, out, err = cli(["search", *SEARCH, *cpu, "--out", str(tmp_path / "s"), "--json", "-q"], capsys)
@@ -113,6 +112,7 @@ def test_search_steps_on_cuda(tmp_path, precision):
 GPU_CHECK = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
 def test_gpu_check_skips_cleanly_without_cuda():
     proc = subprocess.run([sys.executable, str(GPU_CHECK), "--json"], capture_output=True, text=True,
@@ -124,6 +124,7 @@ def test_gpu_check_skips_cleanly_without_cuda():
     assert result["skipped"] is True and result["ok"] is True and "no CUDA" in result["reason"]
 
 
+@pytest.mark.slow
 def test_gpu_check_paper_steps_run_on_cpu_at_toy_size():
     """The paper-setting timing code (the part that first runs on a GPU) works: at toy sizes, bf16."""
     proc = subprocess.run([sys.executable, str(GPU_CHECK), "--device", "cpu", "--smoke", "--skip-pipeline",

@@ -20,8 +20,6 @@ from bats_cli.quant import (
     quant_convs,
 )
 
-# Tiny convolutions: one torch thread for the whole module (see conftest.one_thread).
-
 
 def _capture_conv_input(conv: QuantConv2d, store: list) -> None:
     """Record what the conv really convolves (the input after its quantizer)."""

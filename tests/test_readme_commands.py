@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.slow
 
 
 def _tool():
@@ -58,6 +58,7 @@ def test_pipeline_md_shows_what_the_tiny_pipeline_prints_today(tiny_pipeline):
         "run `python tools/doc_transcripts.py`: " + tool.first_difference(quoted, generated))
 
 
+@pytest.mark.timeout(900)
 def test_the_cheat_sheet_runs_at_preset_tiny(tmp_path):
     """The cheat sheet's commands with `--preset tiny` (and fewer images) added to the long ones. Its search names
     the paper's data (`--dataset cifar10`, a download); here it runs on the tiny preset's data,

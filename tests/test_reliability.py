@@ -168,6 +168,7 @@ def test_derive_and_import_outputs_need_force_and_never_hit_inputs(tmp_path, cap
     assert ckpt.read_bytes() == b"precious" and plot.read_text() == "keep" and src.read_text() == before
 
 
+@pytest.mark.slow
 def test_run_directory_lock_refuses_a_second_process(tmp_path):
     from bats_cli.rundir import RunDir
 
@@ -188,6 +189,7 @@ def test_run_directory_lock_refuses_a_second_process(tmp_path):
     assert not (out / ".lock").exists()  # released on close
 
 
+@pytest.mark.slow
 def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path, capsys):
     from bats_cli.rundir import RunDir
 
@@ -276,6 +278,7 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tmp
     assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
 
 
+@pytest.mark.slow
 def test_workers_ignore_group_signals_but_obey_the_parent(tmp_path):
     """A shielded worker outlives SIGINT/SIGTERM from others; the parent's SIGTERM ends it."""
     from bats_cli.data import ShieldedDataLoader
@@ -731,6 +734,7 @@ def test_search_state_pointing_past_the_last_stage_is_refused(tmp_path):
         read_metadata(path)
 
 
+@pytest.mark.slow
 def test_a_signal_while_the_process_shuts_down_still_exits_130():
     # A second SIGTERM (SLURM, docker stop) often lands after the checkpoint is saved, while
     # Python tears torch down: the default handler would make that 143.

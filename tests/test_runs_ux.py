@@ -14,7 +14,6 @@ import pytest
 from helpers import cli, one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -221,12 +220,14 @@ def test_report_of_a_search_and_a_train(tiny_runs, tmp_path, capsys):
     assert code == 0, err
 
 
+@pytest.mark.slow
 def test_report_without_matplotlib_names_the_extra(tiny_runs, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     code, _, err = cli(["report", str(tiny_runs[0] / "train")], capsys)
     one_line_error(code, err, "bats[report]")
 
 
+@pytest.mark.slow
 def test_search_accuracies_are_percentages(tiny_runs):
     import csv
 
@@ -237,6 +238,7 @@ def test_search_accuracies_are_percentages(tiny_runs):
     assert any(float(r["train_acc"]) > 1 for r in rows if r["train_acc"])
 
 
+@pytest.mark.slow
 def test_train_and_flops_params_agree(tiny_runs, capsys):
     _, result = tiny_runs
     code, out, err = cli(["flops", "bats_c10", "--dataset", "fashion-mini", "--layers", "3",
@@ -245,6 +247,7 @@ def test_train_and_flops_params_agree(tiny_runs, capsys):
     assert json.loads(out)["params"] == result["parameters_without_aux"] < result["parameters"]
 
 
+@pytest.mark.slow
 def test_config_json_records_the_run(tiny_runs):
     record = json.loads((tiny_runs[0] / "train" / "config.json").read_text())["run"]
     assert record["device"] == "cpu" and record["bats_version"] and record["host"]

@@ -149,6 +149,7 @@ except BatsError as exc:
 """
 
 
+@pytest.mark.slow
 def test_sigterm_saves_checkpoint_and_exits_130(tmp_path):
     ckpt = tmp_path / "last.safetensors"
     proc = subprocess.Popen(
@@ -192,6 +193,7 @@ except BatsError as exc:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_to_process_group_with_dataloader_workers(tmp_path, sig):
     ckpt = tmp_path / "last.safetensors"

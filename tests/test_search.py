@@ -274,6 +274,7 @@ def _tensors(path):
     return {k: v for k, v in tensors.items() if not k.startswith("rng.")}
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     cfg = SearchConfig(**{**TINY, "layers": (3, 4), "ops": (8, 3), "epochs": 3})
     full = run_search(cfg, out_dir=tmp_path / "full")
@@ -298,6 +299,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in full_rows]
 
 
+@pytest.mark.slow
 def test_resume_with_another_config_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["search", "--dataset", "fashion-mini", "--subset", "32", "--image-size", "8", "--batch-size", "8", "--epochs", "2",
@@ -317,6 +319,7 @@ def test_resume_with_another_config_is_refused(tmp_path, capsys):
     assert json.loads(out_json)["genotype"]["space"] == "bats"
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_resumable_checkpoint_and_exits_130(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -352,6 +355,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_130(tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_cli_darts_space_json(tmp_path, capsys):
     code, out, err = _cli(
         ["search", "--dataset", "fashion-mini", "--space", "darts", "--subset", "32", "--image-size", "8", "--batch-size", "8",
@@ -398,6 +402,7 @@ def test_presets_resolve():
     assert resolve_config(SearchConfig, preset="paper", presets=SEARCH_PRESETS, overrides={}) == SearchConfig()
 
 
+@pytest.mark.slow
 def test_search_on_real_images(cifar10_mini_dir, tmp_path):
     cfg = SearchConfig(**{**TINY, "dataset": "imagefolder", "data_dir": str(cifar10_mini_dir),
                           "layers": (3, 3), "ops": (8, 3), "subset": 40})

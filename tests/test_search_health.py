@@ -18,8 +18,6 @@ from bats_cli.search_health import (
     summarise_run,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _g(*ops: str) -> dict:
     """A cell of 4 edges: the given ops from input 0, then skips from input 1."""
@@ -71,6 +69,7 @@ def _entropy_fall(cifar10_mini_dir, tmp_path, name, **overrides):
     return fall, res, json.loads((tmp_path / name / "result.json").read_text())
 
 
+@pytest.mark.slow
 def test_cpu_preset_alpha_moves_on_real_batches(cifar10_mini_dir, tmp_path):
     fall_cpu, _, result_cpu = _entropy_fall(cifar10_mini_dir, tmp_path, "cpu")
     # The paper's α learning rate over the same 6 steps barely moves α: the preset's 2e-2 matters.
@@ -195,6 +194,7 @@ def small_search(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_summarise_run_matches_what_the_search_recorded(small_search):
     out = small_search
     summary = summarise_run(out)
@@ -231,6 +231,7 @@ def test_summarise_run_matches_what_the_search_recorded(small_search):
     assert {"entropy_normal_rel", "entropy_reduce_rel", "entropy_normal_0_2"} <= set(rows[-1])
 
 
+@pytest.mark.slow
 def test_summarise_run_reads_runs_of_older_code(small_search, tmp_path):
     """Alphas files without today's `untempered` block (any older search) give the same measures,
     and so do files with weights only (α recovered from T log w)."""

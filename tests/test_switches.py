@@ -12,8 +12,6 @@ from bats_cli.ops import ChannelShuffle, GroupConvOp, OpContext, build_op
 from bats_cli.quant import BinarySpec
 from bats_cli.zoo import resolve_genotype
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 C = 12
 
 
@@ -104,6 +102,7 @@ def test_search_and_train_configs_take_the_switches():
     assert TrainConfig(genotype="bats_c10").lr == 1e-3
 
 
+@pytest.mark.slow
 def test_train_optimizer_sgd_is_used(tmp_path):
     from bats_cli.train import TrainConfig, train
 

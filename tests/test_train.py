@@ -117,6 +117,7 @@ def test_eval_all_kinds_and_packed_matches_binarized(pipeline):
     assert size["file_bytes"] < (root / "binarize" / "best.safetensors").stat().st_size
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_gives_identical_weights(tmp_path):
     full = _train(tmp_path / "full", epochs=2)
     cfg = TrainConfig(**{**TINY, "epochs": 2})
@@ -227,6 +228,7 @@ def test_cli_bad_inputs(pipeline, tmp_path, capsys):
     assert "real-valued" in msg
 
 
+@pytest.mark.slow
 def test_train_sigterm_saves_and_exits_130(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -262,6 +264,7 @@ def test_learns_on_real_images(cifar10_mini_dir, tmp_path):
     assert res["final_val_top1"] > 20.0, res
 
 
+@pytest.mark.slow
 def test_mixup_cutout_autoaugment_and_bf16_run(tmp_path):
     """The optional paths run: MixUp soft targets, Cutout, AutoAugment, bf16 autocast on CPU."""
     res = _train(tmp_path / "aug", subset=64, mixup=0.2, cutout=8, autoaugment=True,
@@ -272,6 +275,7 @@ def test_mixup_cutout_autoaugment_and_bf16_run(tmp_path):
     assert meta.config["run"]["precision"] == "bf16"
 
 
+@pytest.mark.slow
 def test_binarize_resume_mid_epoch_matches(pipeline):
     root, trained, result = pipeline
     cfg = BinarizeConfig(checkpoint=trained["last"], epochs=1, device="cpu",
@@ -289,6 +293,7 @@ def test_binarize_resume_mid_epoch_matches(pipeline):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
 def test_eval_finds_the_data_dir_of_every_kind_without_flags(tmp_path):
     """A run on an ImageFolder tree: eval of the step-1, binarized and packed files needs no --data-dir."""
     from PIL import Image
