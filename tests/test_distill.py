@@ -283,7 +283,8 @@ def test_rprelu_folds_into_the_bitwise_engine_with_identical_outputs():
     import copy
 
     from bats_cli.engine import to_bitwise
-    from bats_cli.engine.bitwise import ACT_RPRELU, BitwiseBlock, BitwiseFactorizedReduce
+    from bats_cli.engine.bitwise import BitwiseBlock, BitwiseFactorizedReduce
+    from bats_cli.engine.fold import ACT_RPRELU
 
     net = _rprelu_network()
     gen = torch.Generator().manual_seed(4)

@@ -19,7 +19,8 @@ import torch
 from helpers import cli, one_line_error
 
 from bats_cli.engine import EngineUnavailable, _build, apply_engine, to_bitwise
-from bats_cli.engine.bitwise import BitwiseBlock, BitwiseCell, bitwise_conv_count, engine_info, fold_bn_sign
+from bats_cli.engine.bitwise import BitwiseBlock, BitwiseCell, bitwise_conv_count, engine_info
+from bats_cli.engine.fold import fold_bn_sign
 from bats_cli.errors import UserInputError
 from bats_cli.networks import build_network
 from bats_cli.ops import OpContext, build_op

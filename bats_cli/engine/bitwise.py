@@ -7,9 +7,10 @@
   :class:`~bats_cli.quant.BinaryConvBlock`) becomes one :class:`BitwiseBlock`: BatchNorm + sign are
   a per-channel threshold (``bn(x) >= 0  <=>  s·x >= t``, ``s = -1`` where the BatchNorm scale is
   negative), found at load time by bisection on the module's own BatchNorm and checked against it,
-  so the bits are exactly the float path's; the C++ kernel packs the input bits straight from the
-  previous layer's float output (the normalised tensor is never written), runs XNOR + popcount
-  and applies α, PReLU / ReLU / RPReLU (its shifts too) and the adds that follow in the same pass;
+  so the bits are exactly the float path's (:mod:`bats_cli.engine.fold`); the C++ kernel packs the
+  input bits straight from the previous layer's float output (the normalised tensor is never
+  written), runs XNOR + popcount and applies α, PReLU / ReLU / RPReLU (its shifts too) and the
+  adds that follow in the same pass;
 * a cell op ``f(x) + x`` (:class:`~bats_cli.ops.GroupConvOp`), ResNet's ``conv2(conv1(x)) + x``
   and a cell node's sum of two ops hand their adds to that pass (:class:`BitwiseGroupConvOp`,
   :class:`BitwiseBasicBlock`, :class:`BitwiseCell`); factorized reduce (BatchNorm, two binary 1×1
@@ -32,140 +33,23 @@ import torch
 from torch import nn
 
 from bats_cli.engine._build import EngineUnavailable, load_extension
+from bats_cli.engine.fold import (
+    ACT_NONE,
+    check_conv,
+    fold_bn_sign,
+    geometry,
+    kernel_activation,
+    pair,
+    plain_sign,
+    weight_signs,
+)
 from bats_cli.errors import UserInputError
 from bats_cli.networks import Cell
 from bats_cli.ops import FactorizedReduce, GroupConvOp
-from bats_cli.quant import BinaryConvBlock, QuantConv2d, RPReLU
+from bats_cli.quant import BinaryConvBlock, QuantConv2d
 from bats_cli.resnet import BasicBlock
 
 ENGINES = ("float", "bitwise", "auto")
-ACT_NONE, ACT_RELU, ACT_PRELU, ACT_RPRELU = 0, 1, 2, 3
-
-_REAL_WEIGHTS = ("the bitwise engine needs binary weights and binary activations (a packed "
-                 "artifact or a binarize checkpoint), not a step-1 model with real weights")
-
-
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _check_conv(conv: QuantConv2d) -> None:
-    if conv.input_quantizer is None or conv.kernel_quantizer is None:
-        raise UserInputError(_REAL_WEIGHTS)
-    if isinstance(conv.padding, str) or conv.padding_mode != "zeros" or conv.bias is not None:
-        raise UserInputError("the bitwise engine supports zero-padded convs without bias only")
-
-
-def _geometry(conv: QuantConv2d, offset: int = 0, fill_ones: bool = False) -> list[int]:
-    kh, kw = conv.kernel_size
-    sh, sw = _pair(conv.stride)
-    ph, pw = _pair(conv.padding)
-    dh, dw = _pair(conv.dilation)
-    return [conv.groups, kh, kw, sh, sw, ph, pw, dh, dw, offset, offset, int(fill_ones)]
-
-
-def _weight_signs(conv: QuantConv2d) -> torch.Tensor:
-    # The sign the float path applies (STE sign: w >= 0 -> +1), stored as int8.
-    return torch.where(conv.weight.detach().cpu() >= 0, 1, -1).to(torch.int8)
-
-
-# ---- BatchNorm + sign -> thresholds ---------------------------------------------------------
-
-_KMAX = 0x7F7FFFFF  # order key of the largest finite float32
-
-
-def _key_floats(keys: torch.Tensor) -> torch.Tensor:
-    """float32 values of order keys (int64): key order is float order, -0 and +0 share key 0."""
-    bits = torch.where(keys >= 0, keys, (-keys) | 0x80000000)
-    bits = torch.where(bits >= 2**31, bits - 2**32, bits)
-    return bits.to(torch.int32).view(torch.float32)
-
-
-@torch.no_grad()
-def fold_bn_sign(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(thresholds, signs)`` with ``sign(bn(x)) = +1  <=>  signs * x >= thresholds`` per channel.
-
-    Found by bisection over the float32 values on ``bn`` itself (eval mode), so the rounding of
-    PyTorch's BatchNorm is reproduced exactly; then checked on probes in NCHW and NHWC (values
-    next to each threshold and random ones). ``None`` when ``bn`` cannot be folded (not a
-    BatchNorm2d with running statistics) or the check fails: the caller keeps the float BatchNorm.
-    Non-finite inputs are outside the contract (the float path maps ±inf through x·0 = NaN where
-    a BatchNorm scale is 0).
-    """
-    if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or bn.running_var is None:
-        return None
-    was_training = bn.training
-    bn.eval()
-    try:
-        C = bn.num_features
-        w = bn.weight.detach().float().cpu() if bn.affine and bn.weight is not None else torch.ones(C)
-        dec = w < 0  # a negative scale turns the sign around: bit = x <= t
-
-        def pred(keys: torch.Tensor) -> torch.Tensor:
-            x = _key_floats(keys).view(1, C, 1, 1).to(bn.running_mean.device)
-            return (bn(x) >= 0).view(C).cpu()
-
-        lo = torch.full((C,), -_KMAX, dtype=torch.int64)
-        hi = torch.full((C,), _KMAX, dtype=torch.int64)
-        q_lo, q_hi = pred(lo) ^ dec, pred(hi) ^ dec  # q: False ... False True ... True
-        L, H = lo.clone(), hi.clone()
-        active = ~q_lo & q_hi
-        while bool(((H - L > 1) & active).any()):
-            M = torch.div(L + H, 2, rounding_mode="floor")
-            qm = pred(M) ^ dec
-            H = torch.where(active & qm, M, H)
-            L = torch.where(active & ~qm, M, L)
-        first_true = torch.where(q_lo, lo, torch.where(q_hi, H, hi + 1))  # smallest key with q
-        inf = torch.tensor(float("inf"))
-        t_inc = torch.where(first_true <= hi, _key_floats(first_true.clamp(max=_KMAX)), inf)
-        t_dec = torch.where(first_true - 1 >= lo, _key_floats((first_true - 1).clamp(min=-_KMAX)), -inf)
-        signs = torch.where(dec, -1.0, 1.0)
-        thresholds = torch.where(dec, -t_dec, t_inc)
-        if not _folding_holds(bn, thresholds, signs):
-            return None
-        return thresholds.contiguous(), signs.contiguous()
-    finally:
-        bn.train(was_training)
-
-
-def _folding_holds(bn: nn.Module, thresholds: torch.Tensor, signs: torch.Tensor) -> bool:
-    C = thresholds.numel()
-    t = thresholds * signs  # back to x units
-    finite = torch.isfinite(t)
-    t0 = torch.where(finite, t, torch.zeros(()))
-    near = [t0, torch.nextafter(t0, torch.full_like(t0, -float("inf"))),
-            torch.nextafter(t0, torch.full_like(t0, float("inf")))]
-    gen = torch.Generator().manual_seed(0)
-    mean = bn.running_mean.detach().float().cpu()
-    std = (bn.running_var.detach().float().cpu() + bn.eps).sqrt()
-    rand = [mean + std * torch.randn(C, generator=gen) * 3 for _ in range(13)]
-    x = torch.stack(near + rand + [torch.zeros(C)], dim=-1).view(1, C, 1, -1)  # 17 pixels
-    for probe in (x, x.contiguous(memory_format=torch.channels_last)):
-        want = bn(probe.to(bn.running_mean.device)).cpu() >= 0
-        got = probe * signs.view(1, C, 1, 1) >= thresholds.view(1, C, 1, 1)
-        if not torch.equal(want, got):
-            return False
-    return True
-
-
-def _plain_sign(C: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.zeros(C), torch.ones(C)
-
-
-def _activation(module: nn.Module | None, channels: int) -> tuple[int, torch.Tensor, tuple] | None:
-    """``(code, slopes, shifts)`` of an activation the kernel applies, ``None`` if it cannot;
-    ``shifts``: RPReLU's (before, after) per channel, else ``()``."""
-    if module is None or isinstance(module, nn.Identity):
-        return ACT_NONE, torch.zeros(1), ()
-    if isinstance(module, nn.ReLU):
-        return ACT_RELU, torch.zeros(1), ()
-    if isinstance(module, nn.PReLU) and module.weight.numel() in (1, channels):
-        return ACT_PRELU, module.weight.detach().float().cpu().clone(), ()
-    if isinstance(module, RPReLU) and module.weight.numel() == channels:
-        shifts = tuple(t.detach().float().cpu().clone() for t in (module.shift_in, module.shift_out))
-        return ACT_RPRELU, module.weight.detach().float().cpu().clone(), shifts
-    return None
-
 
 # ---- modules ---------------------------------------------------------------------------------
 
@@ -183,7 +67,7 @@ class _KernelLayer(nn.Module):
         self.register_buffer("thresholds", thresholds.float().clone())
         self.register_buffer("signs", signs.float().clone())
         for i, conv in enumerate(convs):
-            self.register_buffer(f"weight_sign_{i}", _weight_signs(conv))
+            self.register_buffer(f"weight_sign_{i}", weight_signs(conv))
         self.register_buffer("scale", scale.detach().float().cpu().clone())
         self.register_buffer("slope", slope.float().clone())
         # RPReLU's shifts before and after the PReLU (ACT_RPRELU only), applied in the same pass.
@@ -230,8 +114,8 @@ class BitwiseConv2d(_KernelLayer):
 
     def __init__(self, conv: QuantConv2d) -> None:
         super().__init__()
-        _check_conv(conv)
-        self._set_layer(conv.in_channels, *_plain_sign(conv.in_channels), [conv], [_geometry(conv)],
+        check_conv(conv)
+        self._set_layer(conv.in_channels, *plain_sign(conv.in_channels), [conv], [geometry(conv)],
                         conv.scale, ACT_NONE, torch.zeros(1))
 
     def forward(self, x: torch.Tensor, residual=None, add=None) -> torch.Tensor:
@@ -257,14 +141,14 @@ class BitwiseBlock(_KernelLayer):
     def __init__(self, block: BinaryConvBlock) -> None:
         super().__init__()
         conv = block.conv
-        _check_conv(conv)
+        check_conv(conv)
         folded = fold_bn_sign(block.bn)
         self.bn = None if folded is not None else block.bn
-        thresholds, signs = folded if folded is not None else _plain_sign(conv.in_channels)
-        act = _activation(block.act, conv.out_channels)
+        thresholds, signs = folded if folded is not None else plain_sign(conv.in_channels)
+        act = kernel_activation(block.act, conv.out_channels)
         self.act = None if act is not None else block.act
         code, slope, shifts = act if act is not None else (ACT_NONE, torch.zeros(1), ())
-        self._set_layer(conv.in_channels, thresholds, signs, [conv], [_geometry(conv)], conv.scale,
+        self._set_layer(conv.in_channels, thresholds, signs, [conv], [geometry(conv)], conv.scale,
                         code, slope, shifts)
         self.folded = folded is not None
         self._one_pass = self.bn is None and self.act is None
@@ -292,18 +176,18 @@ class BitwiseFactorizedReduce(_KernelLayer):
     def __init__(self, fr: FactorizedReduce) -> None:
         super().__init__()
         for conv in (fr.conv_1, fr.conv_2):
-            _check_conv(conv)
+            check_conv(conv)
         folded = fold_bn_sign(fr.pre)
         self.pre = None if folded is not None else fr.pre
         c_in = fr.conv_1.in_channels
-        thresholds, signs = folded if folded is not None else _plain_sign(c_in)
+        thresholds, signs = folded if folded is not None else plain_sign(c_in)
         c_out = fr.conv_1.out_channels + fr.conv_2.out_channels
-        act = _activation(fr.post, c_out)
+        act = kernel_activation(fr.post, c_out)
         self.post = None if act is not None else fr.post
         code, slope, shifts = act if act is not None else (ACT_NONE, torch.zeros(1), ())
         scale = torch.cat([fr.conv_1.scale.detach(), fr.conv_2.scale.detach()])
         self._set_layer(c_in, thresholds, signs, [fr.conv_1, fr.conv_2],
-                        [_geometry(fr.conv_1), _geometry(fr.conv_2, offset=1, fill_ones=True)],
+                        [geometry(fr.conv_1), geometry(fr.conv_2, offset=1, fill_ones=True)],
                         scale, code, slope, shifts)
         self.folded = folded is not None
 
@@ -327,7 +211,7 @@ class BitwiseMaxPool2d(nn.MaxPool2d):
         super().__init__(pool.kernel_size, stride=pool.stride, padding=pool.padding,
                          dilation=pool.dilation, return_indices=pool.return_indices,
                          ceil_mode=pool.ceil_mode)
-        k, s, p, d = (_pair(v) for v in (self.kernel_size, self.stride or self.kernel_size,
+        k, s, p, d = (pair(v) for v in (self.kernel_size, self.stride or self.kernel_size,
                                           self.padding, self.dilation))
         square = k[0] == k[1] and s[0] == s[1] and p[0] == p[1]
         self._kernel_args = ((k[0], s[0], p[0]) if square and d == (1, 1) and not self.ceil_mode
@@ -469,7 +353,7 @@ def to_bitwise(model: nn.Module) -> nn.Module:
     if not names:
         raise UserInputError("the model has no binary convolutions; nothing for the bitwise engine")
     for name in names:
-        _check_conv(model.get_submodule(name))
+        check_conv(model.get_submodule(name))
     load_extension()
     model.eval()
     return _convert(model).eval()
@@ -534,4 +418,4 @@ __all__ = ["BitwiseBasicBlock", "BitwiseBlock", "BitwiseCell", "BitwiseConv2d",
            "ENGINES",
            "EngineUnavailable", "apply_engine", "binary_conv_names", "bitwise_conv_count",
            "engine_available",
-           "engine_info", "fold_bn_sign", "simd_path", "to_bitwise"]
+           "engine_info", "simd_path", "to_bitwise"]
