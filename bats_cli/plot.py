@@ -357,7 +357,8 @@ def to_dot(genotype: Genotype) -> str:
     def q(s: str) -> str:
         return '"' + s.replace('"', '\\"') + '"'
 
-    lines = [f"digraph {q(genotype.name)} {{", "  rankdir=LR;", '  node [shape=rect, style="rounded,filled", fontname=Helvetica];', "  edge [fontname=Helvetica];"]
+    lines = [f"digraph {q(genotype.name)} {{", "  rankdir=LR;",
+             '  node [shape=rect, style="rounded,filled", fontname=Helvetica];', "  edge [fontname=Helvetica];"]
     for cell in CELLS:
         prefix = cell[0]
         label = "normal cell" if cell == "normal" else "reduction cell"

@@ -153,10 +153,10 @@ def test_report_has_one_titled_block_per_run_and_the_table(pipeline, tmp_path, c
 
 def test_report_axes_integer_epochs_no_offset_and_single_points(monkeypatch):
     plt = pytest.importorskip("matplotlib.pyplot")
-    from bats_cli import report
+    from bats_cli import report_panels as report
 
     figures = []
-    monkeypatch.setattr(report, "_figure_png", lambda fig: figures.append(fig) or b"")
+    monkeypatch.setattr(report, "figure_png", lambda fig: figures.append(fig) or b"")
     rows = [{"epoch": 1, "train_loss": 1.0, "val_loss": 0.9999912, "lr": 8.1e-7}]
     run = report.Run(path=Path("x"), name="one", kind="binarize", config={}, record={}, rows=rows,
                      result=None)
