@@ -350,10 +350,10 @@ def model_spec(real: bool = False, spec: BinarySpec | None = None) -> BinarySpec
 
 def checked_build(make: Callable[[], nn.Module], *, what: str, advice: str, **sizes: int) -> nn.Module:
     """``make()`` once the sizes pass the preflight checks: every model builder's last step."""
-    from bats_cli.preflight import check_fits, check_sizes, estimate_network_bytes, estimating
+    from bats_cli.preflight import check_estimate_fits, check_sizes, estimate_network_bytes, estimating
 
     if not estimating():
         check_sizes(**sizes)
         # Sized on the meta device first: an absurd size is one error line, not an OOM kill.
-        check_fits(estimate_network_bytes(make, training=False), what=what, advice=advice)
+        check_estimate_fits(estimate_network_bytes(make, training=False), what=what, advice=advice)
     return make()

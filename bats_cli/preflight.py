@@ -1,7 +1,7 @@
 """Memory estimates made before anything is allocated: absurd sizes are refused up front.
 
 ``estimate_network_bytes`` builds a network on torch's ``meta`` device (shapes only, no memory)
-and, given an input shape, runs a meta forward pass to size the activations. ``check_fits``
+and, given an input shape, runs a meta forward pass to size the activations. ``check_estimate_fits``
 compares an estimate with what the device has. ``bats_cli.networks.build_network`` and the
 search supernet call it first, so ``--channels 60000`` (or a checkpoint that claims such a
 network, or a genotype with huge cells) is one error line instead of an out-of-memory kill.
@@ -118,7 +118,7 @@ def _activation_bytes(model: nn.Module, input_shape: tuple[int, ...], batch_size
     return total
 
 
-def check_fits(
+def check_estimate_fits(
     estimate: MemoryEstimate,
     *,
     what: str,
@@ -147,5 +147,5 @@ def check_supernet_fits(build: Callable[[], nn.Module], device: torch.device | s
         estimate = estimate_network_bytes(build, training=True)
     except ImportError:
         return  # the builder reports a missing optional part itself
-    check_fits(estimate, what="the search supernet", device=device,
+    check_estimate_fits(estimate, what="the search supernet", device=device,
                advice="use fewer --channels, --layers or --nodes")
