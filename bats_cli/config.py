@@ -127,6 +127,40 @@ def validation_message(exc: ValidationError, *, from_file: bool = False) -> str:
     return f"invalid value for {flag}: {value}: {msg[0].lower() + msg[1:]}{suffix}{origin}"
 
 
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def format_validation_error(exc: ValidationError, *, allowed: Iterable[str] = ()) -> str:
+    """Collapse pydantic's multi-line report into ``field: message; field: message`` (a file's
+    fields; flags get :func:`validation_message`). ``allowed``: the field names an unknown one is
+    told about."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = _format_loc(tuple(err.get("loc", ())))
+        kind = err.get("type", "")
+        msg = str(err.get("msg", "invalid"))
+        if kind == "value_error":
+            # Our own validator already names the field inside the message.
+            msg = msg.removeprefix("Value error, ")
+            parts.append(msg if not loc else f"{loc}: {msg}")
+            continue
+        if kind == "extra_forbidden":
+            msg = "unknown field" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+        elif kind == "missing":
+            msg = "required field is missing"
+        elif "input" in err and kind not in ("string_too_short",):
+            shown = json.dumps(err["input"], ensure_ascii=False, default=str)
+            if len(shown) > 60:
+                shown = shown[:57] + "..."
+            msg = f"{msg} (got {shown})"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(p.replace("\n", " ") for p in parts)
+
+
 def _short_value(value: Any, limit: int = 60) -> str:
     """``repr(value)`` for a message: bounded, and no failure on a number of thousands of digits."""
     try:

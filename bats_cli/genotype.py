@@ -33,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from bats_cli.config import format_validation_error
 from bats_cli.errors import UserInputError
 from bats_cli.fileio import atomic_write_text, load_json, read_bounded
 from bats_cli.names import exists, has_control_chars
@@ -233,7 +234,9 @@ class Genotype(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise UserInputError(f"{origin}: {format_validation_error(exc)}") from None
+            raise UserInputError(
+                f"{origin}: {format_validation_error(exc, allowed=cls.model_fields)}"
+            ) from None
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write :meth:`to_json` atomically (temp file in the same directory + ``os.replace``)."""
@@ -279,38 +282,6 @@ def _json_type(value: Any) -> str:
     if value is None:
         return "null"
     return names.get(type(value), type(value).__name__)
-
-
-def _format_loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    """Collapse pydantic's multi-line report into ``field: message; field: message``."""
-    parts = []
-    for err in exc.errors(include_url=False):
-        loc = _format_loc(tuple(err.get("loc", ())))
-        kind = err.get("type", "")
-        msg = str(err.get("msg", "invalid"))
-        if kind == "value_error":
-            # Our own validator already names the field inside the message.
-            msg = msg.removeprefix("Value error, ")
-            parts.append(msg if not loc else f"{loc}: {msg}")
-            continue
-        if kind == "extra_forbidden":
-            msg = f"unknown field; allowed: {', '.join(Genotype.model_fields)}"
-        elif kind == "missing":
-            msg = "required field is missing"
-        elif "input" in err and kind not in ("string_too_short",):
-            shown = json.dumps(err["input"], ensure_ascii=False, default=str)
-            if len(shown) > 60:
-                shown = shown[:57] + "..."
-            msg = f"{msg} (got {shown})"
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(p.replace("\n", " ") for p in parts)
 
 
 def load_genotype(path: str | os.PathLike[str]) -> Genotype:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bats_cli import fileio
 from bats_cli.config import MAX_IMAGE_SIZE as _MAX_IMAGE_SIZE
-from bats_cli.config import MAX_IMAGES, MAX_LR, MAX_SEED
+from bats_cli.config import MAX_IMAGES, MAX_LR, MAX_SEED, format_validation_error
 from bats_cli.errors import UserInputError
 from bats_cli.names import safe_text
 from bats_cli.preflight import MAX_CHANNELS, MAX_LAYERS
@@ -62,20 +62,11 @@ def load_json(text: object, *, where: str, max_bytes: int = MAX_JSON_BYTES) -> A
     return fileio.load_json(text, where=where, max_bytes=max_bytes)
 
 
-def _format_errors(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors(include_url=False)[:3]:
-        loc = ".".join(str(p) for p in err.get("loc", ()))
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else str(err.get("msg")))
-    more = len(exc.errors()) - 3
-    return safe_text("; ".join(parts) + (f" (+{more} more)" if more > 0 else ""), max_chars=400)
-
-
 def validate(model: type[BaseModel], data: Any, *, where: str) -> BaseModel:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise UserInputError(f"{where}: {_format_errors(exc)}") from None
+        raise UserInputError(f"{where}: {safe_text(format_validation_error(exc), max_chars=400)}") from None
 
 
 # --------------------------------------------------------------------------- records
