@@ -7,7 +7,6 @@ table after it (so ``| head -1`` still gives the JSON).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -24,6 +23,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+
+from bats_cli.memory import proc_kib, reset_peak_rss, trim_heap  # noqa: E402
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -78,46 +79,17 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Linux: make the kernel's peak-RSS mark (VmHWM) start again from the current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _release_free_heap() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class _RssSampler(threading.Thread):
     """Fallback where VmHWM cannot be reset: sample the RSS every millisecond."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.peak = _status_kib("VmRSS") or 0
+        self.peak = proc_kib("VmRSS") or 0
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
-            self.peak = max(self.peak, _status_kib("VmRSS") or 0)
+            self.peak = max(self.peak, proc_kib("VmRSS") or 0)
             time.sleep(0.001)
 
 
@@ -141,12 +113,13 @@ def peak_memory_of(fn: Callable[[], None], *, warmup: int, steps: int, device: t
             fn()
         sync(device)
         return torch.cuda.max_memory_allocated(device) - base
-    _release_free_heap()
-    base = _status_kib("VmRSS")
-    if base is not None and _reset_peak_rss():
+    gc.collect()
+    trim_heap()
+    base = proc_kib("VmRSS")
+    if base is not None and reset_peak_rss():
         for _ in range(steps):
             fn()
-        return max(0, (_status_kib("VmHWM") or 0) - base) * 1024
+        return max(0, (proc_kib("VmHWM") or 0) - base) * 1024
     sampler = _RssSampler()
     base = sampler.peak
     sampler.start()
