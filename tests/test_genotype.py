@@ -52,6 +52,12 @@ def test_zoo_file_loads(name):
     assert g.to_json() == (TOP_ZOO / f"{name}.json").read_text()
 
 
+def test_one_copy_of_the_bundled_genotypes():
+    # The package finds them through a link to the top-level folder, never through a second copy.
+    pkg = ROOT / "bats_cli" / "genotypes"
+    assert pkg.is_symlink() and pkg.resolve() == TOP_ZOO.resolve()
+
+
 def test_zoo_node_counts_and_spaces():
     expect = {
         "bats_c10": ("bats", 4, 4),
