@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from bats_cli.config import (
+    DEFAULT_BETAS,
     MAX_BATCH,
     MAX_CALIBRATION_BATCHES,
     MAX_EPOCHS,
@@ -33,6 +34,7 @@ from bats_cli.config import (
     Seed,
     Threads,
     Workers,
+    current_keys,
 )
 from bats_cli.distill import ATTENTION_WEIGHT, KD_TEMPERATURE, KD_WEIGHT
 from bats_cli.errors import UserInputError
@@ -312,7 +314,7 @@ def binarize(
         genotype_json=meta.genotype_json or (genotype.to_json() if genotype is not None else None),
         epochs=cfg.epochs, batch_size=batch_size, eval_batch_size=eval_bs, lr=cfg.lr,
         lr_min=cfg.lr_min,
-        betas=(float(train_run.get("beta1", 0.9)), float(train_run.get("beta2", 0.999))),
+        betas=tuple(float(b) for b in current_keys(train_run).get("betas", DEFAULT_BETAS)),
         weight_decay=0.0, aux_weight=aux_weight,
         mixup=augment.mixup if augment is not None else None, seed=seed,
         precision=cfg.precision, num_workers=cfg.num_workers,

@@ -65,6 +65,22 @@ Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 Workers = Annotated[int, Field(ge=0, le=MAX_WORKERS)]
 Threads = Annotated[Optional[int], Field(None, ge=1, le=MAX_THREADS)]
 Images = Annotated[Optional[int], Field(None, ge=1, le=MAX_IMAGES)]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]  # each of Adam's betas, as torch requires
+
+# One key per concept in every command's config; older runs' config.json used these spellings.
+RENAMED_KEYS = {"wd": "weight_decay", "arch_wd": "arch_weight_decay"}
+DEFAULT_BETAS = (0.9, 0.999)
+
+
+def current_keys(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` (a saved config, a --config file) under today's keys: ``wd`` / ``arch_wd``
+    (search) become ``weight_decay`` / ``arch_weight_decay``, ``beta1`` / ``beta2``
+    (train) become ``betas``; a run saved before the rename resumes as it was."""
+    data = {RENAMED_KEYS.get(k, k): v for k, v in settings.items()}
+    if "beta1" in data or "beta2" in data:
+        old = (data.pop("beta1", DEFAULT_BETAS[0]), data.pop("beta2", DEFAULT_BETAS[1]))
+        data.setdefault("betas", list(old))
+    return data
 
 # Keys that may change between the original run and its resume: where/how it runs, not what.
 RESUME_IGNORED_KEYS: frozenset[str] = frozenset(
@@ -90,15 +106,9 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
-# Settings whose flag is not their name with dashes (one spelling of weight decay everywhere).
-FLAG_NAMES = {"wd": "--weight-decay", "arch_wd": "--arch-weight-decay"}
-
-
 def _flag(loc: tuple[Any, ...]) -> str:
     """``("lr_min",)`` -> ``--lr-min``; nested locations keep dots (``--optim.lr``)."""
     parts = [str(p) for p in loc if not isinstance(p, int)] or ["config"]
-    if len(parts) == 1 and parts[0] in FLAG_NAMES:
-        return FLAG_NAMES[parts[0]]
     return "--" + ".".join(parts).replace("_", "-")
 
 
@@ -238,6 +248,7 @@ def load_config_file(path, model_cls: type[BaseModel]) -> dict[str, Any]:
         data = data["config"]
     if not isinstance(data, dict):
         raise UserInputError(f"--config {path}: expected a JSON object of settings")
+    data = current_keys(data)
     unknown = sorted(k for k in data if k not in model_cls.model_fields)
     if unknown:
         shown = ", ".join(safe_text(k, max_chars=40) for k in unknown[:5])
@@ -268,7 +279,7 @@ def resolve_resume_config(
     So ``--out RUN --resume`` alone works, and repeating the original command line works too;
     changing e.g. ``--epochs`` is refused by :func:`check_resume_config`.
     """
-    data = {k: v for k, v in saved.items() if k in model_cls.model_fields}
+    data = {k: v for k, v in current_keys(saved).items() if k in model_cls.model_fields}
     data = _layered(data, preset=preset, presets=presets, overrides=overrides)
     cfg = validate_config(model_cls, data)
     check_resume_config(saved, cfg, ignore=ignore)
@@ -307,7 +318,7 @@ def config_diff(
 ) -> list[str]:
     """``["epochs: 5 -> 6", ...]`` for every (dotted) key whose value differs, in key order."""
     ignored = set(ignore)
-    a, b = _flatten(_as_plain(old)), _flatten(_as_plain(new))
+    a, b = (_flatten(_as_plain(current_keys(c) if isinstance(c, Mapping) else c)) for c in (old, new))
     lines = []
     for key in list(a) + [k for k in b if k not in a]:
         if key in ignored or key.split(".", 1)[0] in ignored:

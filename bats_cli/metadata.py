@@ -146,6 +146,7 @@ class RunRecord(_Record):
     lr_min: Optional[float] = Field(default=None, ge=0.0, le=MAX_LR, allow_inf_nan=False)
     beta1: Optional[float] = Field(default=None, ge=0.0, lt=1.0)
     beta2: Optional[float] = Field(default=None, ge=0.0, lt=1.0)
+    betas: Optional[list[Annotated[float, Field(ge=0.0, lt=1.0)]]] = Field(default=None, min_length=2, max_length=2)
     aux_weight: Optional[float] = Field(default=None, ge=0.0, le=100.0, allow_inf_nan=False)
     # Reused on resume: processes and threads, so an absurd value would be a fork bomb.
     num_workers: Optional[int] = Field(default=None, ge=0, le=256)

@@ -49,6 +49,7 @@ from bats_cli.config import (
     MAX_IMAGE_SIZE,
     MAX_IMAGES,
     MAX_LR,
+    Beta,
     Device,
     RunConfig,
     RunName,
@@ -111,8 +112,6 @@ def _default_mixed_op() -> str:
 # A search checkpoint records its stage in 0..64 (bats_cli.metadata.SearchState).
 MAX_STAGES = 64
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4
-# Adam's betas: each in [0, 1), as torch requires.
-Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class SearchConfig(RunConfig):
@@ -148,13 +147,13 @@ class SearchConfig(RunConfig):
     temp_reduce: float = Field(0.15, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
     # architecture optimiser: Adam (§6.1)
     arch_lr: float = Field(6e-4, gt=0, le=MAX_LR)
-    arch_wd: float = Field(1e-3, ge=0, le=MAX_DECAY)
+    arch_weight_decay: float = Field(1e-3, ge=0, le=MAX_DECAY)
     arch_betas: tuple[Beta, Beta] = (0.5, 0.999)
     # weight optimiser: Adam (§6.1) whatever the search domain (Table 4 keeps it fixed); SGD
     # momentum 0.9, lr 0.1 only when asked for (--optimizer sgd, or the CLI's --real: Appendix B)
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float | None = Field(None, gt=0, le=MAX_LR)
-    wd: float | None = Field(None, ge=0, le=MAX_DECAY)
+    weight_decay: float | None = Field(None, ge=0, le=MAX_DECAY)
     betas: tuple[Beta, Beta] = (0.9, 0.999)
     momentum: float = Field(0.9, ge=0, le=1)
     lr_schedule: Literal["constant", "cosine"] | None = None
@@ -187,8 +186,8 @@ class SearchConfig(RunConfig):
         sgd = data["optimizer"] == "sgd"
         if data.get("lr") is None:
             data["lr"] = 0.1 if sgd else 1e-3
-        if data.get("wd") is None:
-            data["wd"] = 3e-4
+        if data.get("weight_decay") is None:
+            data["weight_decay"] = 3e-4
         if data.get("lr_schedule") is None:
             # The paper gives no schedule for Adam (constant); SGD follows DARTS (cosine).
             data["lr_schedule"] = "cosine" if sgd else "constant"
@@ -443,12 +442,12 @@ class Searcher(RunJob):
         self.in_channels, self.num_classes = in_channels, num_classes
         if cfg.optimizer == "adam":
             self.opt_w = torch.optim.Adam(self.model.weight_parameters(), lr=cfg.lr, betas=cfg.betas,
-                                          weight_decay=cfg.wd)
+                                          weight_decay=cfg.weight_decay)
         else:
             self.opt_w = torch.optim.SGD(self.model.weight_parameters(), lr=cfg.lr,
-                                         momentum=cfg.momentum, weight_decay=cfg.wd)
+                                         momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.opt_a = torch.optim.Adam(self.model.arch_parameters(), lr=cfg.arch_lr,
-                                      betas=cfg.arch_betas, weight_decay=cfg.arch_wd)
+                                      betas=cfg.arch_betas, weight_decay=cfg.arch_weight_decay)
         self.scaler_w = make_grad_scaler(self.device, cfg.precision)
         self.scaler_a = make_grad_scaler(self.device, cfg.precision)
         self.stage_started = self.clock()

@@ -107,7 +107,7 @@ def _normalised(argv: Sequence[str], job_dir: Path) -> list[str]:
         if arg == "--threads":
             skip = True
             continue
-        if arg == "--quiet":
+        if arg == "--quiet" or arg == "--force" and argv[0] == "eval":  # eval's --force: not in older keys
             continue
         out.append(arg.replace(str(job_dir), "{job}"))
     return out
@@ -288,7 +288,7 @@ def build_jobs(o: StudyOptions) -> list[Job]:
                                                "--resume-or-start", "--quiet", "--out",
                                                str(d / "binarize")), d / "binarize" / "result.json"))
             job.steps.append(Step("eval", ("eval", str(job.packed), *_data_flags(o), *thread_flags(o),
-                                           "--output", str(job.result)), job.result))
+                                           "--output", str(job.result), "--force"), job.result))
             jobs.append(job)
     return jobs
 

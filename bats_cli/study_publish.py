@@ -108,7 +108,8 @@ def _evaluate_jobs(o: StudyOptions, done: Sequence[Job], layout: Path, slug: str
     failed = []
     for job in done:
         step = Step(f"eval-{slug}", ("eval", str(job.packed), "--dataset", dataset, "--data-dir", str(layout),
-                                     *thread_flags(o), "--output", str(job.dir / eval_name)), job.dir / eval_name)
+                                     *thread_flags(o), "--output", str(job.dir / eval_name), "--force"),
+                    job.dir / eval_name)
         code = runner(step, job.dir / "logs" / f"{step.name}.log")
         record_executed(job.dir, step, code)
         if code == 130:

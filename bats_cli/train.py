@@ -27,6 +27,7 @@ from bats_cli.config import (
     MAX_EPOCHS,
     MAX_IMAGE_SIZE,
     MAX_LR,
+    Beta,
     Device,
     Images,
     RunConfig,
@@ -103,8 +104,7 @@ class TrainConfig(RunConfig):
     momentum: float = Field(0.9, ge=0, le=1)
     lr: Optional[float] = Field(None, gt=0, le=MAX_LR, description="None: 1e-3 (Adam), 0.1 (SGD)")
     lr_min: float = Field(0.0, ge=0, le=MAX_LR)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.999, ge=0, lt=1)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0, le=MAX_DECAY)
     aux_weight: float = Field(0.4, ge=0, le=100)
     drop_path: float = Field(0.0, ge=0, lt=1)
@@ -321,7 +321,7 @@ def train(
         data=data_info(dspec, augment), genotype_json=genotype.to_json() if arch == CELLS else None,
         epochs=epochs,
         batch_size=cfg.batch_size, eval_batch_size=eval_batch_size(cfg.eval_batch_size, cfg.batch_size),
-        lr=cfg.lr, lr_min=cfg.lr_min, betas=(cfg.beta1, cfg.beta2),
+        lr=cfg.lr, lr_min=cfg.lr_min, betas=cfg.betas,
         weight_decay=cfg.weight_decay, aux_weight=cfg.aux_weight if settings["auxiliary"] else 0.0,
         mixup=augment.mixup, seed=cfg.seed, precision=cfg.precision,
         num_workers=cfg.num_workers, optimizer=cfg.optimizer, momentum=cfg.momentum,

@@ -92,3 +92,38 @@ def test_a_check_across_settings_names_only_its_setting(tmp_path, capsys):
     conf.write_text('{"channels": 4000}')
     line = one_line_error(*cli([*args, "--config", str(conf)], capsys)[::2], "--channels 4000 cannot be split")
     assert "--config" in line and "{" not in line
+
+
+class DecayConfig(RunConfig):
+    weight_decay: float = 0.0
+    arch_weight_decay: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+def test_older_keys_are_read_under_todays_names(tmp_path):
+    import json
+
+    from bats_cli.config import current_keys, load_config_file
+
+    # A search's config.json (wd, arch_wd) and a training run's (beta1, beta2) from before the rename.
+    old = {"wd": 5e-4, "arch_wd": 2e-3, "beta1": 0.5, "beta2": 0.99}
+    assert current_keys(old) == {"weight_decay": 5e-4, "arch_weight_decay": 2e-3, "betas": [0.5, 0.99]}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"config": old}))
+    assert load_config_file(path, DecayConfig) == {"weight_decay": 5e-4, "arch_weight_decay": 2e-3,
+                                                   "betas": [0.5, 0.99]}
+    # An old run resumes with its own values, and a flag that differs is still refused by its new name.
+    cfg = resolve_resume_config(DecayConfig, old, preset=None, presets={}, overrides={})
+    assert (cfg.weight_decay, cfg.arch_weight_decay, cfg.betas) == (5e-4, 2e-3, (0.5, 0.99))
+    check_resume_config(old, cfg)
+    with pytest.raises(UserInputError, match=r"weight_decay: 0.0005 -> 0.001"):
+        resolve_resume_config(DecayConfig, old, preset=None, presets={}, overrides={"weight_decay": 1e-3})
+
+
+def test_the_search_and_train_configs_spell_each_setting_once():
+    from bats_cli.search import SearchConfig
+    from bats_cli.train import TrainConfig
+
+    for model in (SearchConfig, TrainConfig):
+        assert not {"wd", "arch_wd", "beta1", "beta2"} & set(model.model_fields), model
+    assert {"weight_decay", "betas"} <= set(SearchConfig.model_fields) & set(TrainConfig.model_fields)

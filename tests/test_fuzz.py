@@ -93,7 +93,7 @@ def check(argv: list[str], capsys, *, stdin: str | None = None) -> tuple[int, st
         return None
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch("bats_cli.cli.save_traceback", no_crash_file))
+        stack.enter_context(mock.patch("bats_cli.cli.lifecycle.save_traceback", no_crash_file))
         if stdin is not None:
             import io
 
@@ -542,12 +542,13 @@ def test_fuzz_resume_state(artifacts, tmp_path_factory, capsys, data):
     which = data.draw(st.sampled_from(["train", "binarize", "search"]))
     run = _tampered_run(artifacts, which, tmp_path_factory.mktemp("resume"), data.draw)
     if which == "train":
-        check(["train", "bats_c10", *TRAIN_FLAGS, "--out", str(run), "--resume", "--force", "-q"], capsys)
+        check(["train", "bats_c10", *TRAIN_FLAGS, "--out", str(run), "--resume", "--ignore-plan", "-q"], capsys)
     elif which == "binarize":
         check(["binarize", str(artifacts / "done" / "last.safetensors"), *BINARIZE_FLAGS, "--out", str(run),
-               "-o", str(run.parent / "m.packed.safetensors"), "--resume", "--force", "-q"], capsys)
+               "-o", str(run.parent / "m.packed.safetensors"), "--resume", "--force", "--ignore-plan", "-q"],
+              capsys)
     else:
-        check(["search", *SEARCH_FLAGS, "--out", str(run), "--resume", "--force", "-q"], capsys)
+        check(["search", *SEARCH_FLAGS, "--out", str(run), "--resume", "--ignore-plan", "-q"], capsys)
 
 
 # --------------------------------------------------------------------------- run directories

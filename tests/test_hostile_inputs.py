@@ -179,7 +179,7 @@ def _with_metadata(run: Path, dst: Path, **changes) -> Path:
 def test_counters_past_the_end_are_refused_not_treated_as_finished(stopped_run, tmp_path, capsys, changes, needle):
     run = _with_metadata(stopped_run, tmp_path / "run", **changes)
     before = (run / "metrics.csv").read_bytes() if (run / "metrics.csv").exists() else None
-    one_line_error(*cli(["train", "bats_c10", *TRAIN, "--out", str(run), "--resume", "--force", "-q"],
+    one_line_error(*cli(["train", "bats_c10", *TRAIN, "--out", str(run), "--resume", "--ignore-plan", "-q"],
                         capsys)[::2], needle)
     assert not (run / "result.json").exists()
     if before is not None:
@@ -198,7 +198,7 @@ def test_optimizer_buffer_of_another_shape_is_refused_on_resume(stopped_run, tmp
     name = next(k for k in sorted(tensors) if k.startswith("optim.") and k.endswith(".exp_avg"))
     tensors[name] = torch.zeros(tensors[name].numel() + 1)
     save_file(tensors, str(last), metadata=meta)
-    one_line_error(*cli(["train", "bats_c10", *TRAIN, "--out", str(run), "--resume", "--force", "-q"],
+    one_line_error(*cli(["train", "bats_c10", *TRAIN, "--out", str(run), "--resume", "--ignore-plan", "-q"],
                         capsys)[::2], name, "has shape")
 
 

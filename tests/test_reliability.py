@@ -627,8 +627,8 @@ def test_search_too_big_to_measure_is_refused_before_allocating(tmp_path):
     assert "GiB of RAM" in line and "Traceback" not in proc.stderr
     assert seconds < 120 and peak < 3 * 2**30, (seconds, peak)
     assert not out.exists()
-    # --force never measures what cannot fit either: the plan says it is an estimate.
-    proc, seconds, peak = _bats_peak_rss([*args, "--dry-run", "--force"])
+    # --ignore-plan never measures what cannot fit either: the plan says it is an estimate.
+    proc, seconds, peak = _bats_peak_rss([*args, "--dry-run", "--ignore-plan"])
     assert proc.returncode == 0, proc.stderr
     assert "plan: estimate only, not measured" in proc.stderr
     assert peak < 3 * 2**30 and not out.exists(), peak

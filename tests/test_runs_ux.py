@@ -114,7 +114,7 @@ def test_plan_refuses_a_batch_that_cannot_fit(monkeypatch, tmp_path, capsys):
     out = tmp_path / "run"
     code, _, err = cli(["train", "bats_c10", "--preset", "tiny", "--batch-size", "2048", "--subset",
                         "2500", "--out", str(out), "-q"], capsys)
-    line = one_line_error(code, err, "--batch-size", "--force", "GiB")
+    line = one_line_error(code, err, "--batch-size", "--ignore-plan", "GiB")
     assert not out.exists()
     # The suggested batch is what the measured line allows, and it is below the refused one.
     suggested = int(line.split("use --batch-size ")[1].split()[0])

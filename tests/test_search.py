@@ -50,8 +50,8 @@ def test_defaults_are_the_papers_numbers():
     c = SearchConfig()
     assert (c.layers, c.ops, c.epochs, c.warmup, c.batch_size) == ((5, 11, 17), (8, 5, 3), 25, 10, 96)
     assert (c.temp_normal, c.temp_reduce) == (0.2, 0.15)
-    assert (c.arch_lr, c.arch_wd, c.arch_betas) == (6e-4, 1e-3, (0.5, 0.999))
-    assert (c.optimizer, c.lr, c.wd, c.betas, c.lr_schedule) == ("adam", 1e-3, 3e-4, (0.9, 0.999), "constant")
+    assert (c.arch_lr, c.arch_weight_decay, c.arch_betas) == (6e-4, 1e-3, (0.5, 0.999))
+    assert (c.optimizer, c.lr, c.weight_decay, c.betas, c.lr_schedule) == ("adam", 1e-3, 3e-4, (0.9, 0.999), "constant")
     assert (c.weights, c.activations, c.space, c.nodes) == ("real", "binary", "bats", 4)
     assert c.channels == 18 and c.channels % c.channels_per_group == 0
     assert c.spec.activations and not c.spec.weights

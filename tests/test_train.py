@@ -56,8 +56,7 @@ def test_train_writes_checkpoints_and_metrics(pipeline):
         "cifar", 10, 1, 6, 3)
     run_cfg = meta.config["run"]
     # §6.2 recipe as defaults.
-    assert (run_cfg["lr"], run_cfg["beta1"], run_cfg["beta2"], run_cfg["weight_decay"]) == (
-        1e-3, 0.9, 0.999, 0.0)
+    assert (run_cfg["lr"], run_cfg["betas"], run_cfg["weight_decay"]) == (1e-3, [0.9, 0.999], 0.0)
     assert run_cfg["aux_weight"] == 0.4 and run_cfg["drop_path"] == 0.0
     assert json.loads(meta.genotype_json)["name"] == "bats_c10"
     rows = (run / "metrics.csv").read_text().strip().splitlines()

@@ -11,18 +11,30 @@ import typer
 
 from bats_cli.cli.app import app
 from bats_cli.cli.options import (
-    MAX_THREADS,
     MAX_WORKERS,
+    OUTPUT,
+    RUN,
     DataDirOpt,
     DatasetOpt,
     JsonOpt,
-    emit_result,
+    ThreadsOpt,
     opt,
     path_or_none,
+    preset_option,
 )
+from bats_cli.cli.output import emit_result
 from bats_cli.errors import UserInputError
 
 STUDY = "Study"
+# bats_cli.study_catalog.PRESETS, in words (that module is not imported for --help).
+ABLATE_PRESETS = {
+    "cpu": "minutes per job on a CPU",
+    "paper": "the paper's full settings, GPU",
+    "tiny": "a one-minute smoke test of the commands, not a result",
+}
+AblatePresetOpt = preset_option(
+    ABLATE_PRESETS, lead="Settings of every job of the study:", panel=STUDY,
+    described="; ".join(f"{name}: {what}" for name, what in ABLATE_PRESETS.items()))
 
 
 def result_table(summary: Mapping[str, Any]) -> Any:
@@ -45,24 +57,65 @@ def result_table(summary: Mapping[str, Any]) -> Any:
 
 @app.command("ablate")
 def ablate_command(
-    study: Annotated[str, typer.Argument(metavar="STUDY", help="space (Table 2), temperature (Table 3), strategy (Table 4), random (searched vs random cells), zoo (Table 5's cells), proxy (the CPU search's width) or recipe (the paper's two steps vs distillation from a real-valued teacher: kd, kd+attention, kd+rprelu).")],
-    out: Annotated[Optional[Path], opt("--out", "-o", panel="Output", file_okay=False, help="Study directory (one run directory per job; results.json/.md/.png). Default runs/ablate-STUDY; rerun to resume.")] = None,
-    preset: Annotated[str, opt("--preset", panel=STUDY, help="cpu (minutes per job on a CPU), paper (the paper's full settings, GPU) or tiny (a one-minute smoke test of the commands, not a result).")] = "cpu",
+    study: Annotated[str, typer.Argument(
+        metavar="STUDY",
+        help="space (Table 2), temperature (Table 3), strategy (Table 4), random (searched vs random cells), "
+             "zoo (Table 5's cells), proxy (the CPU search's width) or recipe (the paper's two steps vs "
+             "distillation from a real-valued teacher: kd, kd+attention, kd+rprelu).")],
+    out: Annotated[Optional[Path], opt(
+        "--out", panel=OUTPUT, file_okay=False,
+        help="Study directory (one run directory per job; results.json/.md/.png). Default runs/ablate-STUDY; rerun to "
+             "resume.")] = None,
+    preset: AblatePresetOpt = "cpu",
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
-    variants: Annotated[Optional[str], opt("--variants", panel=STUDY, metavar="A,B", help="Run only these rows of the study, comma-separated (e.g. --variants T0.2,T0.05).")] = None,
-    seeds: Annotated[Optional[int], opt("--seeds", panel=STUDY, min=1, help="Seeds per variant (0..N-1). Default 1; with --summary / --evaluate-on / --publish, the study's recorded number.")] = None,
-    jobs: Annotated[int, opt("--jobs", panel="Run", min=1, max=MAX_WORKERS, help="Jobs run at the same time (local subprocesses).")] = 1,
-    threads: Annotated[Optional[int], opt("--threads", panel="Run", min=1, max=MAX_THREADS, help="CPU threads of every step (default: the preset's).")] = None,
-    reuse: Annotated[Optional[list[Path]], opt("--reuse", panel="Run", file_okay=False, metavar="DIR", help="Another study's directory (repeatable): its finished jobs with the same commands and seed are copied instead of run (e.g. space's BATS row = temperature's T = 0.2 row).")] = None,
-    subset: Annotated[Optional[int], opt("--subset", panel=STUDY, min=1, metavar="N", help="Training images of every `bats train` of the study (class-balanced, per seed), e.g. 10000 of cifar10-large; searches keep their preset's.")] = None,
-    holdout: Annotated[Optional[int], opt("--holdout", panel=STUDY, min=1, metavar="N", help="Training images held out of every training run as its validation set (selection never reads the test split). Default: cpu 1000, paper 5000, tiny 250.")] = None,
-    candidates: Annotated[Optional[int], opt("--candidates", panel=STUDY, min=1, metavar="N", help="random-search arm: random cells trained briefly before the best on the held-out images is kept. Default: cpu 4, paper 8, tiny 2.")] = None,
-    evaluate_on: Annotated[Optional[Path], opt("--evaluate-on", panel="Output", file_okay=False, metavar="DATA_DIR", help="Re-evaluate every finished job's packed network on DATA_DIR/val (an ImageFolder test split) and write results-<name>.json/.md with the same statistics; trains nothing.")] = None,
-    publish: Annotated[Optional[Path], opt("--publish", panel="Output", file_okay=False, metavar="DIR", help="Copy every finished job's genotype, packed network, results and predictions (no checkpoints) and the summary into DIR, a study directory others can re-check.")] = None,
-    optimizer: Annotated[str, opt("--optimizer", panel=STUDY, help="Weights optimiser of every search: adam (default, §6.1); the same for every variant.")] = "adam",
-    emit: Annotated[Optional[str], opt("--emit", panel="Output", metavar="shell|slurm", help="Run nothing; print the unfinished jobs: shell = one shell line of `bats` commands per job (GNU parallel), slurm = a SLURM array script, one task per job, that requeues itself at its time limit.")] = None,
-    summary: Annotated[bool, opt("--summary", panel="Output", help="Only write results.json/.md/.png from the jobs finished so far (e.g. while --emit's jobs run elsewhere); run nothing.")] = False,
+    variants: Annotated[Optional[str], opt(
+        "--variants", panel=STUDY, metavar="A,B",
+        help="Run only these rows of the study, comma-separated (e.g. --variants T0.2,T0.05).")] = None,
+    seeds: Annotated[Optional[int], opt(
+        "--seeds", panel=STUDY, min=1,
+        help="Seeds per variant (0..N-1). Default 1; with --summary / --evaluate-on / --publish, the study's recorded "
+             "number.")] = None,
+    jobs: Annotated[int, opt(
+        "--jobs", panel=RUN, min=1, max=MAX_WORKERS,
+        help="Jobs run at the same time (local subprocesses).")] = 1,
+    threads: ThreadsOpt = None,
+    reuse: Annotated[Optional[list[Path]], opt(
+        "--reuse", panel=RUN, file_okay=False, metavar="DIR",
+        help="Another study's directory (repeatable): its finished jobs with the same commands and seed are copied "
+             "instead of run (e.g. space's BATS row = temperature's T = 0.2 row).")] = None,
+    subset: Annotated[Optional[int], opt(
+        "--subset", panel=STUDY, min=1, metavar="N",
+        help="Training images of every `bats train` of the study (class-balanced, per seed), e.g. 10000 of "
+             "cifar10-large; searches keep their preset's.")] = None,
+    holdout: Annotated[Optional[int], opt(
+        "--holdout", panel=STUDY, min=1, metavar="N",
+        help="Training images held out of every training run as its validation set (selection never reads the test "
+             "split). Default: cpu 1000, paper 5000, tiny 250.")] = None,
+    candidates: Annotated[Optional[int], opt(
+        "--candidates", panel=STUDY, min=1, metavar="N",
+        help="random-search arm: random cells trained briefly before the best on the held-out images is kept. Default: "
+             "cpu 4, paper 8, tiny 2.")] = None,
+    evaluate_on: Annotated[Optional[Path], opt(
+        "--evaluate-on", panel=OUTPUT, file_okay=False, metavar="DATA_DIR",
+        help="Re-evaluate every finished job's packed network on DATA_DIR/val (an ImageFolder test split) and write "
+             "results-<name>.json/.md with the same statistics; trains nothing.")] = None,
+    publish: Annotated[Optional[Path], opt(
+        "--publish", panel=OUTPUT, file_okay=False, metavar="DIR",
+        help="Copy every finished job's genotype, packed network, results and predictions (no checkpoints) and the "
+             "summary into DIR, a study directory others can re-check.")] = None,
+    optimizer: Annotated[str, opt(
+        "--optimizer", panel=STUDY,
+        help="Weights optimiser of every search: adam (default, §6.1); the same for every variant.")] = "adam",
+    emit: Annotated[Optional[str], opt(
+        "--emit", panel=OUTPUT, metavar="shell|slurm",
+        help="Run nothing; print the unfinished jobs: shell = one shell line of `bats` commands per job (GNU "
+             "parallel), slurm = a SLURM array script, one task per job, that requeues itself at its time "
+             "limit.")] = None,
+    summary: Annotated[bool, opt(
+        "--summary", panel=OUTPUT,
+        help="Only write results.json/.md/.png from the jobs finished so far (e.g. while --emit's jobs run elsewhere); "
+             "run nothing.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run an ablation study: every variant x seed is search -> derive -> train -> binarize -> eval.

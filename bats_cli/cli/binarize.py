@@ -15,6 +15,8 @@ from bats_cli.cli.options import (
     DataDirOpt,
     DeviceOpt,
     DryRunOpt,
+    ForceOpt,
+    IgnorePlanOpt,
     JsonOpt,
     KdTemperatureOpt,
     KdWeightOpt,
@@ -28,15 +30,16 @@ from bats_cli.cli.options import (
     SubsetOpt,
     TeacherOpt,
     ThreadsOpt,
-    emit_result,
-    is_main_process,
-    key_value_table,
+    output_option,
     path_or_none,
-    pct,
-    preflight_hook,
     preset_option,
-    print_config,
+)
+from bats_cli.cli.output import emit_result, key_value_table, pct, print_config
+from bats_cli.cli.run_helpers import (
+    is_main_process,
+    preflight_hook,
     resume_mode,
+    resume_overrides,
     run_planned,
     starting,
 )
@@ -44,6 +47,7 @@ from bats_cli.presets import BINARIZE_PRESETS
 
 FT = "Fine-tuning"
 BinarizePresetOpt = preset_option(BINARIZE_PRESETS)
+PackedOutputOpt = output_option("Where to write the packed 1-bit artifact. Default OUT/model.packed.safetensors.")
 
 
 def _epochs(n: int) -> str:
@@ -76,16 +80,30 @@ def result_table(result: Mapping[str, Any]) -> Any:
 def binarize_command(
     checkpoint: Annotated[
         Path,
-        typer.Argument(metavar="CHECKPOINT", help="A `bats train` checkpoint (last.safetensors or best.safetensors)."),
+        typer.Argument(metavar="CHECKPOINT",
+                       help="A `bats train` checkpoint (last.safetensors or best.safetensors)."),
     ],
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=0, rich_help_panel=FT, help="Fine-tuning epochs with binary weights; 0 = binarize only. Default: half the training run's epochs (measured, docs/pipeline.md).")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", rich_help_panel=FT, help="Adam learning rate for fine-tuning (cosine to 0). Default: the training run's.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, rich_help_panel=FT, help="Default: the training run's.")] = None,
-    calibration_batches: Annotated[Optional[int], typer.Option("--calibration-batches", min=0, rich_help_panel=FT, help="Training batches to re-estimate BatchNorm statistics on after binarizing; 0 = off. Default 20.")] = None,
-    packed: Annotated[Optional[Path], typer.Option("-o", "--output", dir_okay=False, rich_help_panel=OUTPUT, help="Where to write the packed 1-bit artifact. Default OUT/model.packed.safetensors.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", file_okay=False, rich_help_panel=OUTPUT, help="Run directory. Default: a 'binarize' folder next to CHECKPOINT.")] = None,
-    force: Annotated[bool, typer.Option("--force", rich_help_panel=OUTPUT, help="Overwrite an existing -o file (never the input checkpoint), and start even when the plan's peak memory exceeds what is available.")] = False,
-    keep_aux: Annotated[Optional[bool], typer.Option("--keep-aux", rich_help_panel=OUTPUT, help="Keep the auxiliary tower in the packed artifact (training only; dropped by default).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(
+        "--epochs", min=0, rich_help_panel=FT,
+        help="Fine-tuning epochs with binary weights; 0 = binarize only. Default: half the training run's epochs "
+             "(measured, docs/pipeline.md).")] = None,
+    lr: Annotated[Optional[float], typer.Option(
+        "--lr", rich_help_panel=FT,
+        help="Adam learning rate for fine-tuning (cosine to 0). Default: the training run's.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", min=1, rich_help_panel=FT,
+        help="Default: the training run's.")] = None,
+    calibration_batches: Annotated[Optional[int], typer.Option(
+        "--calibration-batches", min=0, rich_help_panel=FT,
+        help="Training batches to re-estimate BatchNorm statistics on after binarizing; 0 = off. Default 20.")] = None,
+    packed: PackedOutputOpt = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", file_okay=False, rich_help_panel=OUTPUT,
+        help="Run directory. Default: a 'binarize' folder next to CHECKPOINT.")] = None,
+    force: ForceOpt = False,
+    keep_aux: Annotated[Optional[bool], typer.Option(
+        "--keep-aux", rich_help_panel=OUTPUT,
+        help="Keep the auxiliary tower in the packed artifact (training only; dropped by default).")] = None,
     teacher: TeacherOpt = None,
     kd_temperature: KdTemperatureOpt = None,
     kd_weight: KdWeightOpt = None,
@@ -103,6 +121,7 @@ def binarize_command(
     config_file: ConfigFileOpt = None,
     print_config_: PrintConfigOpt = False,
     dry_run: DryRunOpt = False,
+    ignore_plan: IgnorePlanOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -149,10 +168,10 @@ def binarize_command(
     run_out = out if out is not None else checkpoint.parent / "binarize"
     resume = resume_mode(run_out, resume, resume_or_start)
     # On --resume the saved config is the base; --config FILE and the flags must agree with it.
-    resume_overrides = {**(file_config or {}), **{k: v for k, v in overrides.items() if v is not None}}
-    hook = preflight_hook(dry_run=dry_run, force=force, as_json=as_json, quiet=quiet)
+    resumed = resume_overrides(file_config, overrides)
+    hook = preflight_hook(dry_run=dry_run, ignore_plan=ignore_plan, as_json=as_json, quiet=quiet)
     result = run_planned(lambda: binarize(cfg, out=out, packed=packed, resume=resume, quiet=quiet,
-                                          preset=preset, overrides=resume_overrides, preflight=hook),
+                                          preset=preset, overrides=resumed, preflight=hook),
                          as_json=as_json)
     if result is not None and is_main_process():
         emit_result(result, as_json=as_json, table_fn=result_table)

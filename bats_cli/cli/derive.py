@@ -9,8 +9,21 @@ from typing import Annotated, Any, Mapping, Optional
 import typer
 
 from bats_cli.cli.app import app
-from bats_cli.cli.options import MAX_THREADS, JsonOpt, console_text, emit_result, opt
+from bats_cli.cli.options import (
+    DataDirOpt,
+    DatasetOpt,
+    ForceOpt,
+    JsonOpt,
+    QuietOpt,
+    SeedOpt,
+    ThreadsOpt,
+    opt,
+    output_option,
+    preset_option,
+)
+from bats_cli.cli.output import console_text, emit_result
 from bats_cli.errors import UserInputError
+from bats_cli.presets import TRAIN_PRESETS
 
 
 def _table(result: Mapping[str, Any]) -> Any:
@@ -20,7 +33,8 @@ def _table(result: Mapping[str, Any]) -> Any:
     t.add_column(style="bold")
     t.add_column(overflow="fold")
     g = result["genotype"]
-    t.add_row("genotype", console_text(f"{g['name']} ({g['space']})" + (f" -> {result['output']}" if result.get("output") else "")))
+    written = f" -> {result['output']}" if result.get("output") else ""
+    t.add_row("genotype", console_text(f"{g['name']} ({g['space']}){written}"))
     for cell in ("normal", "reduce"):
         t.add_row(cell, " ".join(f"{op}<{src}" for op, src in g[cell]))
     share = result["parameter_free_share"]
@@ -46,16 +60,23 @@ MAX_PERTURB_IMAGES = 1_000_000
 
 _SELECT = "Selection (--select perturbation)"
 _MATCH = "Matched random cells (--random --match)"
+GenotypeOutputOpt = output_option("Write the genotype JSON here (default: print it).")
+MatchPresetOpt = preset_option(
+    TRAIN_PRESETS, panel=_MATCH,
+    lead="With --match: count both in the network `bats train --preset NAME` builds (default cpu).")
 
 
 @app.command("derive")
 def derive_command(
+    ctx: typer.Context,
     checkpoint: Annotated[
         Optional[Path],
         typer.Argument(metavar="CHECKPOINT", help="A search checkpoint (.safetensors) or a search run directory."),
     ] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the genotype JSON here (default: print it).")] = None,
-    max_skip: Annotated[Optional[int], typer.Option("--max-skip", min=0, metavar="N", help="Cap skip connections in the normal cell (P-DARTS; --select alpha); off by default.")] = None,
+    output: GenotypeOutputOpt = None,
+    max_skip: Annotated[Optional[int], typer.Option(
+        "--max-skip", min=0, metavar="N",
+        help="Cap skip connections in the normal cell (P-DARTS; --select alpha); off by default.")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Genotype name (default: the run's name).")] = None,
     select: Annotated[
         str,
@@ -76,42 +97,53 @@ def derive_command(
                  "before the next (Wang et al. without fine-tuning); independent: every edge and "
                  "node scored on the unchanged supernet."),
     ] = None,
-    dataset: Annotated[Optional[str], opt("--dataset", panel=_SELECT, help="Data set for --select perturbation (default: the checkpoint's).")] = None,
-    data_dir: Annotated[Optional[Path], opt("--data-dir", panel=_SELECT, file_okay=False, help="Its directory (default: the checkpoint's).")] = None,
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
     device: Annotated[
         Optional[str],
         opt("--device", panel=_SELECT, metavar="auto|cpu|cuda[:N]", help="Where the supernet runs (default: cpu)."),
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines (--select perturbation).")] = False,
-    threads: Annotated[
-        Optional[int],
-        typer.Option("--threads", min=1, max=MAX_THREADS,
-                     help="CPU threads for --select perturbation and --match (default: torch's choice)."),
-    ] = None,
-    random: Annotated[bool, typer.Option("--random", help="Sample a random valid genotype instead (Table 5 baseline).")] = False,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed for --random, and for the images and edge order of --select perturbation.")] = 0,
-    space: Annotated[Optional[str], typer.Option("--space", help="Space for --random: bats (default) or darts; with --match, the genotype's.")] = None,
-    nodes: Annotated[Optional[int], typer.Option("--nodes", min=1, help="Intermediate nodes for --random (default 4; with --match, the genotype's).")] = None,
+    quiet: QuietOpt = False,
+    threads: ThreadsOpt = None,
+    random: Annotated[bool, typer.Option(
+        "--random",
+        help="Sample a random valid genotype instead (Table 5 baseline).")] = False,
+    seed: SeedOpt = None,
+    space: Annotated[Optional[str], typer.Option(
+        "--space",
+        help="Space for --random: bats (default) or darts; with --match, the genotype's.")] = None,
+    nodes: Annotated[Optional[int], typer.Option(
+        "--nodes", min=1,
+        help="Intermediate nodes for --random (default 4; with --match, the genotype's).")] = None,
     match: Annotated[
         Optional[str],
         opt("--match", panel=_MATCH, metavar="GENOTYPE",
             help="Draw random cells until the network's size is within --tolerance of this "
                  "genotype's (a .json or a bundled name), in the same network."),
     ] = None,
-    match_by: Annotated[Optional[str], opt("--match-by", panel=_MATCH, metavar="params|ops", help="What to match: parameters (default) or OPs = FLOPs + BOPs/64.")] = None,
-    tolerance: Annotated[Optional[float], opt("--tolerance", panel=_MATCH, min=0.0, metavar="FRACTION", help="Relative tolerance (default 0.1: within 10 %).")] = None,
-    max_draws: Annotated[Optional[int], opt("--max-draws", panel=_MATCH, min=1, metavar="N", help="Give up after N draws (default 10000).")] = None,
-    preset: Annotated[
-        Optional[str],
-        opt("--preset", panel=_MATCH, metavar="NAME",
-            help="Count both in the network `bats train --preset NAME` builds (default: cpu, 6 cells "
-                 "of C = 12 at 16 px; paper: 20 cells, width 1x, 32 px)."),
-    ] = None,
-    layers: Annotated[Optional[int], opt("--layers", panel=_MATCH, min=1, metavar="N", help="Cells of that network (instead of the preset's).")] = None,
-    channels: Annotated[Optional[int], opt("--channels", panel=_MATCH, min=1, metavar="C", help="Initial channels of that network (instead of the preset's).")] = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", metavar="FILE.svg|FILE.png", help="Draw both cells (no graphviz needed).")] = None,
-    dot: Annotated[Optional[Path], typer.Option("--dot", metavar="FILE.dot", help="Also write Graphviz DOT text.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite existing --output / --plot / --dot files.")] = False,
+    match_by: Annotated[Optional[str], opt(
+        "--match-by", panel=_MATCH, metavar="params|ops",
+        help="What to match: parameters (default) or OPs = FLOPs + BOPs/64.")] = None,
+    tolerance: Annotated[Optional[float], opt(
+        "--tolerance", panel=_MATCH, min=0.0, metavar="FRACTION",
+        help="Relative tolerance (default 0.1: within 10 %).")] = None,
+    max_draws: Annotated[Optional[int], opt(
+        "--max-draws", panel=_MATCH, min=1, metavar="N",
+        help="Give up after N draws (default 10000).")] = None,
+    preset: MatchPresetOpt = None,
+    layers: Annotated[Optional[int], opt(
+        "--layers", panel=_MATCH, min=1, metavar="N",
+        help="Cells of that network (instead of the preset's).")] = None,
+    channels: Annotated[Optional[int], opt(
+        "--channels", panel=_MATCH, min=1, metavar="C",
+        help="Initial channels of that network (instead of the preset's).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        "--plot", metavar="FILE.svg|FILE.png",
+        help="Draw both cells (no graphviz needed).")] = None,
+    dot: Annotated[Optional[Path], typer.Option(
+        "--dot", metavar="FILE.dot",
+        help="Also write Graphviz DOT text.")] = None,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Derive a genotype: the DARTS rule on a search checkpoint's softmax(alpha/T), perturbation-based
@@ -154,6 +186,9 @@ def derive_command(
         raise UserInputError(f"--select {select!r}: choose alpha or perturbation")
     if perturb_mode is not None and perturb_mode not in ("progressive", "independent"):
         raise UserInputError(f"--perturb-mode {perturb_mode!r}: choose progressive or independent")
+    seed = 0 if seed is None else seed
+    if _from_environment(ctx, "data_dir"):
+        data_dir = None  # BATS_DATA_DIR serves the commands that read images; only a flag asks for them here
     _only_with("--select perturbation", select == "perturbation" and not random, {
         "--perturb-images": perturb_images, "--perturb-mode": perturb_mode, "--dataset": dataset,
         "--data-dir": data_dir, "--device": device})
@@ -261,6 +296,12 @@ def _with_threads(threads: int | None, fn: Any, /, *args: Any, **kwargs: Any) ->
         return fn(*args, **kwargs)
 
     return run()
+
+
+def _from_environment(ctx: typer.Context, name: str) -> bool:
+    """True when option ``name`` took its value from an environment variable, not the command line."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "ENVIRONMENT"
 
 
 def _only_with(needs: str, ok: bool, given: Mapping[str, Any]) -> None:

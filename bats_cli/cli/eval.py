@@ -9,22 +9,28 @@ import typer
 
 from bats_cli.cli.app import app
 from bats_cli.cli.options import (
-    MAX_THREADS,
+    DATA,
+    OUTPUT,
     RUN,
     DataDirOpt,
     DatasetOpt,
     DeviceOpt,
     DownloadOpt,
+    ForceOpt,
     ImageSizeOpt,
     JsonOpt,
     NumWorkersOpt,
     PrecisionOpt,
     QuietOpt,
+    ThreadsOpt,
     choice_callback,
-    emit_result,
-    key_value_table,
+    output_option,
 )
+from bats_cli.cli.output import emit_result, key_value_table
 from bats_cli.config import MAX_BATCH, MAX_IMAGES
+
+EvalOutputOpt = output_option("Also write the result as JSON to this file (atomically; `bats ablate` reads it), "
+                              "and the per-image predictions beside it (see --predictions).")
 
 
 def result_table(result: Mapping[str, Any], *, verbose: bool = False) -> Any:
@@ -56,18 +62,23 @@ def result_table(result: Mapping[str, Any], *, verbose: bool = False) -> Any:
 def eval_command(
     checkpoint: Annotated[
         Path,
-        typer.Argument(metavar="CHECKPOINT", help="A train or binarize checkpoint, a packed artifact, or an exported .onnx file."),
+        typer.Argument(metavar="CHECKPOINT",
+                       help="A train or binarize checkpoint, a packed artifact, or an exported .onnx file."),
     ],
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
     download: DownloadOpt = None,
     image_size: ImageSizeOpt = None,
-    subset: Annotated[Optional[int], typer.Option("--subset", min=1, max=MAX_IMAGES, metavar="N", rich_help_panel="Data", help="Evaluate only N test images (a class-balanced subset drawn with the model's training seed).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=MAX_BATCH, rich_help_panel=RUN, help="Images per forward pass.")] = 256,
+    subset: Annotated[Optional[int], typer.Option(
+        "--subset", min=1, max=MAX_IMAGES, metavar="N", rich_help_panel=DATA,
+        help="Evaluate only N test images (a class-balanced subset drawn with the model's training seed).")] = None,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", min=1, max=MAX_BATCH, rich_help_panel=RUN,
+        help="Images per forward pass.")] = 256,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = None,
     num_workers: NumWorkersOpt = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, max=MAX_THREADS, rich_help_panel=RUN, help="CPU threads (default: torch's choice).")] = None,
+    threads: ThreadsOpt = None,
     engine: Annotated[
         str,
         typer.Option(
@@ -77,22 +88,23 @@ def eval_command(
             "needs a C++ compiler, else exit 2). auto: bitwise where possible, else float.",
         ),
     ] = "float",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", dir_okay=False, rich_help_panel="Output", help="Also write the result as JSON to this file (atomically; `bats ablate` reads it), and the per-image predictions beside it (see --predictions).")] = None,
+    output: EvalOutputOpt = None,
     predictions: Annotated[
         Optional[Path],
         typer.Option(
-            "--predictions", dir_okay=False, rich_help_panel="Output",
+            "--predictions", dir_okay=False, rich_help_panel=OUTPUT,
             help="Write each image's predicted class and true label to this .npy file: a (2, N) "
             "int16 array (row 0 predicted, row 1 label, in test-set order; np.load(..., "
             "allow_pickle=False)), for image-by-image comparisons (McNemar). Default with --output "
             "OUT.json: OUT.predictions.npy beside it; without --output: none.",
         ),
     ] = None,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: Annotated[
         bool,
-        typer.Option("--verbose", "-v", rich_help_panel="Output",
+        typer.Option("--verbose", "-v", rich_help_panel=OUTPUT,
                      help="With --engine bitwise: also show the SIMD popcount path used "
                      "(AVX-512 VPOPCNTDQ, AVX2 or portable), threads, and how the binary layers "
                      "were built (BatchNorm folded into thresholds or kept float)."),
@@ -115,14 +127,13 @@ def eval_command(
     if output is not None:
         from bats_cli.outputs import check_output_file
 
-        # Replaced without --force (`bats ablate` rewrites it), but never the input or a folder,
-        # and its folder must take the file: all checked before the evaluation.
-        check_output_file(output, flag="--output", force=True, inputs=[checkpoint])
+        # Never the input or a folder, and its folder must take the file: checked before the evaluation.
+        check_output_file(output, flag="--output", force=force, inputs=[checkpoint])
     if per_image is not None:
         from bats_cli.outputs import check_output_file
 
-        # Replaced like --output's JSON (no --force), but never the input, the JSON or a folder.
-        check_output_file(per_image, flag="--predictions", force=True, inputs=[checkpoint],
+        # Like --output's JSON, and never the JSON itself.
+        check_output_file(per_image, flag="--predictions", force=force, inputs=[checkpoint],
                           reserved=[output])
     if is_onnx_file(checkpoint):
         from bats_cli.errors import UserInputError

@@ -8,7 +8,10 @@ from typing import Annotated, Any, Mapping
 import typer
 
 from bats_cli.cli.app import app
-from bats_cli.cli.options import OUTPUT, JsonOpt, emit_result, key_value_table
+from bats_cli.cli.options import ForceOpt, JsonOpt, output_option
+from bats_cli.cli.output import emit_result, key_value_table
+
+OnnxOutputOpt = output_option("Where to write the ONNX file.", required=True, metavar="FILE.onnx")
 
 
 def result_table(result: Mapping[str, Any]) -> Any:
@@ -29,22 +32,18 @@ def result_table(result: Mapping[str, Any]) -> Any:
 def export_command(
     model: Annotated[
         Path,
-        typer.Argument(metavar="MODEL", help="A packed artifact, a binarize checkpoint or a train (step-1) checkpoint."),
+        typer.Argument(metavar="MODEL",
+                       help="A packed artifact, a binarize checkpoint or a train (step-1) checkpoint."),
     ],
-    out: Annotated[
-        Path,
-        typer.Option("--output", "-o", metavar="FILE.onnx", rich_help_panel=OUTPUT,
-                     help="Where to write the ONNX file."),
-    ],
-    force: Annotated[
-        bool,
-        typer.Option("--force", rich_help_panel=OUTPUT, help="Overwrite FILE.onnx if it exists."),
-    ] = False,
+    out: OnnxOutputOpt,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write MODEL as a standard-op ONNX graph (needs the `export` extra: onnx, onnxruntime).
 
-    BatchNormalization, the sign as Where(x >= 0, 1, -1), Conv with ±1 weights then Mul by the XNOR-Net++ scale, PRelu, pools, Concat, Add; genotype and settings in the metadata; auxiliary head dropped; dynamic batch. Check it with `bats eval FILE.onnx`.
+    BatchNormalization, the sign as Where(x >= 0, 1, -1), Conv with ±1 weights then Mul by the
+    XNOR-Net++ scale, PRelu, pools, Concat, Add; genotype and settings in the metadata; auxiliary head
+    dropped; dynamic batch. Check it with `bats eval FILE.onnx`.
 
     Example: bats export runs/tiny.packed.safetensors -o tiny.onnx
     """

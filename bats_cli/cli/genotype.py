@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from bats_cli.cli.app import app
+from bats_cli.cli.options import ForceOpt, JsonOpt, output_option
 from bats_cli.errors import UserInputError
 from bats_cli.names import exists, safe_text
 
@@ -23,6 +24,8 @@ genotype_app = typer.Typer(
     rich_markup_mode="rich",
 )
 app.add_typer(genotype_app, name="genotype")
+ImportOutputOpt = output_option("Write the JSON here (default: print it).")
+BestOutputOpt = output_option("Write the chosen genotype's JSON here.", required=True)
 
 
 def _input_label(i: int) -> str:
@@ -39,15 +42,13 @@ def show(
             help="A genotype .json file or a bundled name (see `bats genotype list`).",
         ),
     ],
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print the canonical JSON instead of tables.")
-    ] = False,
+    as_json: JsonOpt = False,
     plot: Annotated[
         Optional[Path],
         typer.Option("--plot", metavar="FILE.svg|FILE.png", dir_okay=False,
                      help="Also draw both cells into this file (SVG or PNG; no graphviz needed)."),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --plot file.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Print a genotype's cells: for every node, its two (op <- input) edges.
 
@@ -71,7 +72,7 @@ def show(
     if as_json:
         sys.stdout.write(g.to_json())
         return
-    from bats_cli.cli.options import console_text, stdout_console
+    from bats_cli.cli.output import console_text, stdout_console
 
     console = stdout_console()
 
@@ -142,9 +143,7 @@ def schema() -> None:
 
 @genotype_app.command("list")
 def list_(
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON list of {name, space, nodes, source}.")
-    ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """List the bundled genotypes (usable by name wherever a genotype file is expected).
 
@@ -163,7 +162,7 @@ def list_(
         return
     from rich.table import Table
 
-    from bats_cli.cli.options import console_text, stdout_console
+    from bats_cli.cli.output import console_text, stdout_console
 
     table = Table(show_edge=False)
     for col in ("name", "space", "nodes", "source"):
@@ -184,10 +183,7 @@ def import_(
             help="'Genotype(normal=[...], ...)', a .py file holding it, or - for stdin.",
         ),
     ],
-    output: Annotated[
-        Optional[Path],
-        typer.Option("--output", "-o", help="Write the JSON here (default: print it)."),
-    ] = None,
+    output: ImportOutputOpt = None,
     space: Annotated[
         Optional[str],
         typer.Option("--space", help="bats or darts (default: inferred from the op names)."),
@@ -207,9 +203,7 @@ def import_(
     source: Annotated[
         Optional[str], typer.Option("--source", help="Provenance to record (paper, repository).")
     ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Overwrite an existing output file.")
-    ] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Convert a DARTS-style Python genotype to JSON. Parsed, never executed.
 
@@ -282,10 +276,11 @@ def _names_a_missing_file(text: str) -> bool:
 
 @genotype_app.command("best")
 def best(
-    runs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR", help="Finished `bats train --holdout N` run directories.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Write the chosen genotype's JSON here.")],
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the candidates and the choice as JSON.")] = False,
+    runs: Annotated[list[Path], typer.Argument(
+        metavar="RUN_DIR", help="Finished `bats train --holdout N` run directories.")],
+    output: BestOutputOpt,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Keep the genotype of the run with the best top-1 on its held-out training images.
 

@@ -8,7 +8,8 @@ from typing import Annotated, Any, Mapping, Optional
 import typer
 
 from bats_cli.cli.app import app
-from bats_cli.cli.options import JsonOpt, emit_result, key_value_table
+from bats_cli.cli.options import OUTPUT, ForceOpt, JsonOpt
+from bats_cli.cli.output import emit_result, key_value_table
 
 
 def result_table(result: Mapping[str, Any]) -> Any:
@@ -30,13 +31,11 @@ def report_command(
     ],
     out: Annotated[
         Optional[Path],
-        typer.Option("--out", file_okay=False,
+        typer.Option("--out", file_okay=False, rich_help_panel=OUTPUT,
                      help="Where report.png and report.html go. Default: the run directory "
                           "(one run) or ./report (several)."),
     ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Overwrite an existing report.png / report.html.")
-    ] = False,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Plot runs: loss and top-1 curves; for a search also softmax(alpha/T) per edge over the

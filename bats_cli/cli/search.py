@@ -8,13 +8,18 @@ from typing import Annotated, Any, Mapping, Optional
 
 from bats_cli.cli.app import app
 from bats_cli.cli.options import (
+    OUTPUT,
+    RUN,
+    ChannelShuffleOpt,
+    ChannelsPerGroupOpt,
     ConfigFileOpt,
     DataDirOpt,
     DatasetOpt,
     DeviceOpt,
     DownloadOpt,
     DryRunOpt,
-    ForceOpt,
+    GroupPolicyOpt,
+    IgnorePlanOpt,
     ImageSizeOpt,
     JsonOpt,
     NumWorkersOpt,
@@ -22,19 +27,22 @@ from bats_cli.cli.options import (
     PrecisionOpt,
     PrintConfigOpt,
     QuietOpt,
+    ReduceShortcutOpt,
     ResumeOpt,
     ResumeOrStartOpt,
     SeedOpt,
     SubsetOpt,
-    emit_result,
-    is_main_process,
-    key_value_table,
+    ThreadsOpt,
     opt,
     path_or_none,
-    preflight_hook,
     preset_option,
-    print_config,
+)
+from bats_cli.cli.output import emit_result, key_value_table, print_config
+from bats_cli.cli.run_helpers import (
+    is_main_process,
+    preflight_hook,
     resume_mode,
+    resume_overrides,
     run_planned,
     starting,
 )
@@ -107,37 +115,67 @@ def search_command(
     subset: SubsetOpt = None,
     image_size: ImageSizeOpt = None,
     space: Annotated[Optional[str], opt("--space", panel=SPACE, help="bats (default, Table 1) or darts.")] = None,
-    weights: Annotated[Optional[str], opt("--weights", panel=SPACE, help="real (default) or binary weights during the search.")] = None,
-    activations: Annotated[Optional[str], opt("--activations", panel=SPACE, help="binary (default) or real activations during the search.")] = None,
-    real: Annotated[bool, opt("--real", panel=SPACE, help="Appendix B's real-valued search: real weights and activations with SGD lr 0.1, momentum 0.9, cosine (unless --optimizer says otherwise). --weights real --activations real alone keeps Adam.")] = False,
-    temp_normal: Annotated[Optional[float], opt("--temp-normal", panel=SPACE, help="Softmax temperature of normal cells (default 0.2; 1 = DARTS).")] = None,
-    temp_reduce: Annotated[Optional[float], opt("--temp-reduce", panel=SPACE, help="Softmax temperature of reduction cells (default 0.15).")] = None,
-    layers: Annotated[Optional[str], opt("--layers", panel=SCHED, metavar="L1,L2,..", help="Cells per stage (default 5,11,17).")] = None,
-    ops: Annotated[Optional[str], opt("--ops", panel=SCHED, metavar="K1,K2,..", help="Candidate ops per edge per stage (default 8,5,3).")] = None,
+    weights: Annotated[Optional[str], opt(
+        "--weights", panel=SPACE, help="real (default) or binary weights during the search.")] = None,
+    activations: Annotated[Optional[str], opt(
+        "--activations", panel=SPACE, help="binary (default) or real activations during the search.")] = None,
+    real: Annotated[bool, opt(
+        "--real", panel=SPACE,
+        help="Appendix B's real-valued search: real weights and activations with SGD lr 0.1, momentum 0.9, "
+             "cosine (unless --optimizer says otherwise). --weights real --activations real alone keeps Adam.",
+    )] = False,
+    temp_normal: Annotated[Optional[float], opt(
+        "--temp-normal", panel=SPACE, help="Softmax temperature of normal cells (default 0.2; 1 = DARTS).")] = None,
+    temp_reduce: Annotated[Optional[float], opt(
+        "--temp-reduce", panel=SPACE, help="Softmax temperature of reduction cells (default 0.15).")] = None,
+    layers: Annotated[Optional[str], opt(
+        "--layers", panel=SCHED, metavar="L1,L2,..", help="Cells per stage (default 5,11,17).")] = None,
+    ops: Annotated[Optional[str], opt(
+        "--ops", panel=SCHED, metavar="K1,K2,..", help="Candidate ops per edge per stage (default 8,5,3).")] = None,
     epochs: Annotated[Optional[int], opt("--epochs", panel=SCHED, min=1, help="Epochs per stage (default 25).")] = None,
-    warmup: Annotated[Optional[int], opt("--warmup", panel=SCHED, min=0, help="First epochs of each stage that train weights only (default 10).")] = None,
-    batch_size: Annotated[Optional[int], opt("--batch-size", panel=SCHED, min=1, help="Images per step in each half (architecture, weights): the global batch, split over processes under torchrun. Default 96.")] = None,
-    channels: Annotated[Optional[int], opt("--channels", panel=SCHED, min=2, help="Supernet width (default 18 = 6 groups x 3 channels).")] = None,
-    nodes: Annotated[Optional[int], opt("--nodes", panel=SCHED, min=1, help="Intermediate nodes per cell (default 4).")] = None,
-    channels_per_group: Annotated[Optional[int], opt("--channels-per-group", panel=SPACE, min=1, help="Channels per group of the grouped convs (default 3, §4.1).")] = None,
-    group_policy: Annotated[Optional[str], opt("--group-policy", panel=SPACE, help="groups (fixed number of groups, default) or channels (fixed channels per group) after reductions.")] = None,
-    reduce_shortcut: Annotated[Optional[str], opt("--reduce-shortcut", panel=SPACE, help="Identity connection of stride-2 conv ops: avgpool (default), factorized or none.")] = None,
-    channel_shuffle: Annotated[Optional[int], opt("--channel-shuffle", panel=SPACE, min=0, metavar="G", help="Channel shuffle in G groups after each grouped conv; 0 = off (default; §4.1 found no gain).")] = None,
+    warmup: Annotated[Optional[int], opt(
+        "--warmup", panel=SCHED, min=0,
+        help="First epochs of each stage that train weights only (default 10).")] = None,
+    batch_size: Annotated[Optional[int], opt(
+        "--batch-size", panel=SCHED, min=1,
+        help="Images per step in each half (architecture, weights): the global batch, split over processes "
+             "under torchrun. Default 96.")] = None,
+    channels: Annotated[Optional[int], opt(
+        "--channels", panel=SCHED, min=2, help="Supernet width (default 18 = 6 groups x 3 channels).")] = None,
+    nodes: Annotated[Optional[int], opt(
+        "--nodes", panel=SCHED, min=1, help="Intermediate nodes per cell (default 4).")] = None,
+    channels_per_group: ChannelsPerGroupOpt = None,
+    group_policy: GroupPolicyOpt = None,
+    reduce_shortcut: ReduceShortcutOpt = None,
+    channel_shuffle: ChannelShuffleOpt = None,
     arch_lr: Annotated[Optional[float], opt("--arch-lr", panel=OPTIM, help="Adam lr for alpha (default 6e-4).")] = None,
-    arch_wd: Annotated[Optional[float], opt("--arch-weight-decay", panel=OPTIM, help="Weight decay for alpha (default 1e-3).")] = None,
-    arch_betas: Annotated[Optional[str], opt("--arch-betas", panel=OPTIM, metavar="B1,B2", help="Adam betas for alpha (default 0.5,0.999).")] = None,
-    optimizer: Annotated[Optional[str], opt("--optimizer", panel=OPTIM, help="Weights: adam (default, whatever the search domain) or sgd (default with --real).")] = None,
+    arch_weight_decay: Annotated[Optional[float], opt(
+        "--arch-weight-decay", panel=OPTIM, help="Weight decay for alpha (default 1e-3).")] = None,
+    arch_betas: Annotated[Optional[str], opt(
+        "--arch-betas", panel=OPTIM, metavar="B1,B2", help="Adam betas for alpha (default 0.5,0.999).")] = None,
+    optimizer: Annotated[Optional[str], opt(
+        "--optimizer", panel=OPTIM,
+        help="Weights: adam (default, whatever the search domain) or sgd (default with --real).")] = None,
     lr: Annotated[Optional[float], opt("--lr", panel=OPTIM, help="Weights lr (default 1e-3 Adam; 0.1 SGD).")] = None,
-    wd: Annotated[Optional[float], opt("--weight-decay", panel=OPTIM, help="Weight decay of the network weights (default 3e-4).")] = None,
-    betas: Annotated[Optional[str], opt("--betas", panel=OPTIM, metavar="B1,B2", help="Adam betas for the weights (default 0.9,0.999).")] = None,
+    weight_decay: Annotated[Optional[float], opt(
+        "--weight-decay", panel=OPTIM, help="Weight decay of the network weights (default 3e-4).")] = None,
+    betas: Annotated[Optional[str], opt(
+        "--betas", panel=OPTIM, metavar="B1,B2", help="Adam betas for the weights (default 0.9,0.999).")] = None,
     momentum: Annotated[Optional[float], opt("--momentum", panel=OPTIM, help="SGD momentum (default 0.9).")] = None,
-    lr_schedule: Annotated[Optional[str], opt("--lr-schedule", panel=OPTIM, help="constant (default with Adam) or cosine per stage (default with SGD).")] = None,
+    lr_schedule: Annotated[Optional[str], opt(
+        "--lr-schedule", panel=OPTIM,
+        help="constant (default with Adam) or cosine per stage (default with SGD).")] = None,
     lr_min: Annotated[Optional[float], opt("--lr-min", panel=OPTIM, help="Cosine floor (default 1e-3).")] = None,
-    grad_clip: Annotated[Optional[float], opt("--grad-clip", panel=OPTIM, help="Clip the weights' gradient norm (default 5, as DARTS).")] = None,
-    max_skip: Annotated[Optional[int], opt("--max-skip", panel=SPACE, min=0, help="Cap skip connections in the final normal cell (P-DARTS; off by default).")] = None,
-    name: Annotated[Optional[str], opt("--name", panel="Output", help="Genotype name (default: the run directory's name).")] = None,
-    mixed_op: Annotated[Optional[str], opt("--mixed-op", panel="Run", help="fast (default) or reference implementation of the mixed op.")] = None,
-    threads: Annotated[Optional[int], opt("--threads", panel="Run", min=1, max=1024, help="CPU threads (default: torch's; presets tiny/small use 1, faster on a busy shared CPU).")] = None,
+    grad_clip: Annotated[Optional[float], opt(
+        "--grad-clip", panel=OPTIM, help="Clip the weights' gradient norm (default 5, as DARTS).")] = None,
+    max_skip: Annotated[Optional[int], opt(
+        "--max-skip", panel=SPACE, min=0,
+        help="Cap skip connections in the final normal cell (P-DARTS; off by default).")] = None,
+    name: Annotated[Optional[str], opt(
+        "--name", panel=OUTPUT, help="Genotype name (default: the run directory's name).")] = None,
+    mixed_op: Annotated[Optional[str], opt(
+        "--mixed-op", panel=RUN, help="fast (default) or reference implementation of the mixed op.")] = None,
+    threads: ThreadsOpt = None,
     seed: SeedOpt = None,
     out: OutOpt = None,
     resume: ResumeOpt = False,
@@ -149,7 +187,7 @@ def search_command(
     config_file: ConfigFileOpt = None,
     print_config_: PrintConfigOpt = False,
     dry_run: DryRunOpt = False,
-    force: ForceOpt = False,
+    ignore_plan: IgnorePlanOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -166,7 +204,7 @@ def search_command(
     (DIR: an ImageFolder tree with train/ and val/, e.g. a CIFAR-10 copy)
     """
     starting("search", "loading torch and the data", quiet=quiet or print_config_)
-    from bats_cli.config import load_config_file, resolve_config, resolve_resume_config
+    from bats_cli.config import load_config_file, resolve_config
     from bats_cli.progress import Reporter
     from bats_cli.search import SearchConfig, run_search
 
@@ -186,8 +224,8 @@ def search_command(
         "batch_size": batch_size, "channels": channels, "nodes": nodes,
         "channels_per_group": channels_per_group, "group_policy": group_policy,
         "reduce_shortcut": reduce_shortcut, "channel_shuffle": channel_shuffle, "arch_lr": arch_lr,
-        "arch_wd": arch_wd, "arch_betas": _betas(arch_betas, "--arch-betas"),
-        "optimizer": optimizer, "lr": lr, "wd": wd, "betas": _betas(betas, "--betas"),
+        "arch_weight_decay": arch_weight_decay, "arch_betas": _betas(arch_betas, "--arch-betas"),
+        "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "betas": _betas(betas, "--betas"),
         "momentum": momentum, "lr_schedule": lr_schedule, "lr_min": lr_min,
         "grad_clip": grad_clip, "max_skip": max_skip, "name": name, "mixed_op": mixed_op,
         "seed": seed, "device": device, "precision": precision, "num_workers": num_workers,
@@ -197,29 +235,20 @@ def search_command(
     if out is None:
         out = Path("runs") / time.strftime("search-%Y%m%d-%H%M%S")
     file_config = load_config_file(config_file, SearchConfig) if config_file is not None else None
-    last = out / "last.safetensors"
-    if resume and last.is_file():
-        from bats_cli.checkpoint import read_metadata
-
-        meta = read_metadata(last)
-        if meta.kind != "search":
-            raise UserInputError(f"{last} is a {meta.kind} checkpoint; `bats search --resume` needs a search run")
-        cfg = resolve_resume_config(SearchConfig, meta.config, preset=preset, presets=SEARCH_PRESETS,
-                                    overrides={**(file_config or {}), **{k: v for k, v in overrides.items() if v is not None}})
-    else:
-        cfg = resolve_config(SearchConfig, preset=preset, presets=SEARCH_PRESETS, overrides=overrides,
-                             file_config=file_config)
+    cfg = resolve_config(SearchConfig, preset=preset, presets=SEARCH_PRESETS, overrides=overrides,
+                         file_config=file_config)
     if print_config_:
         print_config(cfg)
         return
-    hook = preflight_hook(dry_run=dry_run, force=force, as_json=as_json, quiet=quiet)
+    hook = preflight_hook(dry_run=dry_run, ignore_plan=ignore_plan, as_json=as_json, quiet=quiet)
 
     def search() -> Any:
         from bats_cli.plan import DryRun
 
         try:
+            # On --resume the saved config is the base; --config FILE and the flags must agree with it.
             return run_search(cfg, out_dir=out, resume=resume, reporter=Reporter(quiet=quiet),
-                              preflight=hook)
+                              preflight=hook, preset=preset, overrides=resume_overrides(file_config, overrides))
         except DryRun as dry:
             if dry.plan is None:  # another rank under torchrun: rank 0 prints the plan
                 return None

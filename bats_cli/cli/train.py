@@ -8,15 +8,19 @@ import typer
 
 from bats_cli.cli.app import app
 from bats_cli.cli.options import (
+    NETWORK,
     AttentionWeightOpt,
+    ChannelShuffleOpt,
+    ChannelsPerGroupOpt,
     ConfigFileOpt,
     DataDirOpt,
     DatasetOpt,
     DeviceOpt,
     DownloadOpt,
     DryRunOpt,
-    ForceOpt,
+    GroupPolicyOpt,
     HoldoutOpt,
+    IgnorePlanOpt,
     ImageSizeOpt,
     JsonOpt,
     KdTemperatureOpt,
@@ -26,28 +30,28 @@ from bats_cli.cli.options import (
     PrecisionOpt,
     PrintConfigOpt,
     QuietOpt,
+    ReduceShortcutOpt,
     ResumeOpt,
     ResumeOrStartOpt,
     SeedOpt,
     SubsetOpt,
     TeacherOpt,
     ThreadsOpt,
-    emit_result,
-    is_main_process,
-    key_value_table,
     opt,
     path_or_none,
-    pct,
-    preflight_hook,
     preset_option,
-    print_config,
+)
+from bats_cli.cli.output import emit_result, key_value_table, pct, print_config
+from bats_cli.cli.run_helpers import (
+    is_main_process,
+    preflight_hook,
     resume_mode,
+    resume_overrides,
     run_planned,
     starting,
 )
 from bats_cli.presets import RESNET_TRAIN_PRESETS, TRAIN_PRESETS, describe_presets
 
-NET = "Network"
 OPTIM = "Optimisation (defaults: the paper, §6.2)"
 AUG = "Augmentation"
 
@@ -95,27 +99,59 @@ def train_command(
     subset: SubsetOpt = None,
     holdout: HoldoutOpt = None,
     image_size: ImageSizeOpt = None,
-    width: Annotated[Optional[str], opt("--width", panel=NET, help="Width preset: 1x, medium, large or 2x (§6.2).")] = None,
-    layers: Annotated[Optional[int], opt("--layers", panel=NET, min=3, help="Cells (default 20 CIFAR / 14 ImageNet).")] = None,
-    channels: Annotated[Optional[int], opt("--channels", panel=NET, min=1, help="Initial channels C (overrides --width; default 36 / 80); resnet18: its base width (default 64).")] = None,
-    real: Annotated[Optional[bool], opt("--real", panel=NET, help="Real-valued activations too (no binarization at all): the real network of the same architecture, e.g. a --teacher. Keeps --optimizer adam unless told: Appendix B's real-valued recipe is --optimizer sgd (lr 0.1).")] = None,
-    activation: Annotated[Optional[str], opt("--activation", panel=NET, help="After each binary conv: prelu (default), rprelu (ReActNet's PReLU(x - shift) + shift, learnable per channel; no RSign: the BatchNorm before each sign already shifts its threshold), relu or none.")] = None,
-    group_policy: Annotated[Optional[str], opt("--group-policy", panel=NET, help="groups (fixed number of groups, default) or channels (fixed channels per group).")] = None,
-    channels_per_group: Annotated[Optional[int], opt("--channels-per-group", panel=NET, min=1, help="Channels per group of the grouped convs (default 3 CIFAR / 5 ImageNet, §4.1).")] = None,
-    reduce_shortcut: Annotated[Optional[str], opt("--reduce-shortcut", panel=NET, help="Identity connection of stride-2 conv ops: avgpool (default), factorized or none.")] = None,
-    channel_shuffle: Annotated[Optional[int], opt("--channel-shuffle", panel=NET, min=0, metavar="G", help="Channel shuffle in G groups after each grouped conv; 0 = off (default; §4.1 found no gain).")] = None,
-    epochs: Annotated[Optional[int], opt("--epochs", panel=OPTIM, min=1, help="Default 600 (CIFAR-sized data) / 75 (ImageNet-sized).")] = None,
-    batch_size: Annotated[Optional[int], opt("--batch-size", panel=OPTIM, min=1, help="Global batch (split over processes under torchrun). Default 256.")] = None,
-    optimizer: Annotated[Optional[str], opt("--optimizer", panel=OPTIM, help="adam (default, §6.2) or sgd (momentum 0.9, lr 0.1: Appendix B's recipe for real-valued networks).")] = None,
+    width: Annotated[Optional[str], opt(
+        "--width", panel=NETWORK,
+        help="Width preset: 1x, medium, large or 2x (§6.2).")] = None,
+    layers: Annotated[Optional[int], opt(
+        "--layers", panel=NETWORK, min=3,
+        help="Cells (default 20 CIFAR / 14 ImageNet).")] = None,
+    channels: Annotated[Optional[int], opt(
+        "--channels", panel=NETWORK, min=1,
+        help="Initial channels C (overrides --width; default 36 / 80); resnet18: its base width (default 64).")] = None,
+    real: Annotated[Optional[bool], opt(
+        "--real", panel=NETWORK,
+        help="Real-valued activations too (no binarization at all): the real network of the same architecture, e.g. a "
+             "--teacher. Keeps --optimizer adam unless told: Appendix B's real-valued recipe is --optimizer sgd (lr "
+             "0.1).")] = None,
+    activation: Annotated[Optional[str], opt(
+        "--activation", panel=NETWORK,
+        help="After each binary conv: prelu (default), rprelu (ReActNet's PReLU(x - shift) + shift, learnable per "
+             "channel; no RSign: the BatchNorm before each sign already shifts its threshold), relu or none.")] = None,
+    group_policy: GroupPolicyOpt = None,
+    channels_per_group: ChannelsPerGroupOpt = None,
+    reduce_shortcut: ReduceShortcutOpt = None,
+    channel_shuffle: ChannelShuffleOpt = None,
+    epochs: Annotated[Optional[int], opt(
+        "--epochs", panel=OPTIM, min=1,
+        help="Default 600 (CIFAR-sized data) / 75 (ImageNet-sized).")] = None,
+    batch_size: Annotated[Optional[int], opt(
+        "--batch-size", panel=OPTIM, min=1,
+        help="Global batch (split over processes under torchrun). Default 256.")] = None,
+    optimizer: Annotated[Optional[str], opt(
+        "--optimizer", panel=OPTIM,
+        help="adam (default, §6.2) or sgd (momentum 0.9, lr 0.1: Appendix B's recipe for real-valued "
+             "networks).")] = None,
     momentum: Annotated[Optional[float], opt("--momentum", panel=OPTIM, help="SGD momentum. Default 0.9.")] = None,
-    lr: Annotated[Optional[float], opt("--lr", panel=OPTIM, help="Learning rate, cosine-decayed every step to --lr-min. Default 1e-3 (Adam), 0.1 (SGD).")] = None,
+    lr: Annotated[Optional[float], opt(
+        "--lr", panel=OPTIM,
+        help="Learning rate, cosine-decayed every step to --lr-min. Default 1e-3 (Adam), 0.1 (SGD).")] = None,
     lr_min: Annotated[Optional[float], opt("--lr-min", panel=OPTIM, help="Final learning rate. Default 0.")] = None,
     weight_decay: Annotated[Optional[float], opt("--weight-decay", panel=OPTIM, help="Default 0.")] = None,
-    aux_weight: Annotated[Optional[float], opt("--aux-weight", panel=OPTIM, help="Auxiliary tower loss weight. Default 0.4.")] = None,
-    drop_path: Annotated[Optional[float], opt("--drop-path", panel=OPTIM, help="Drop-path probability. Default 0.")] = None,
-    cutout: Annotated[Optional[int], opt("--cutout", panel=AUG, metavar="PX", help="Cutout hole side; 0 = off. Default 16 on cifar10, else off.")] = None,
-    mixup: Annotated[Optional[float], opt("--mixup", panel=AUG, metavar="ALPHA", help="MixUp alpha; 0 = off. Default 0.2 on cifar100, else off.")] = None,
-    autoaugment: Annotated[Optional[bool], opt("--autoaugment", panel=AUG, help="torchvision AutoAugment (CIFAR / ImageNet policy).")] = None,
+    aux_weight: Annotated[Optional[float], opt(
+        "--aux-weight", panel=OPTIM,
+        help="Auxiliary tower loss weight. Default 0.4.")] = None,
+    drop_path: Annotated[Optional[float], opt(
+        "--drop-path", panel=OPTIM,
+        help="Drop-path probability. Default 0.")] = None,
+    cutout: Annotated[Optional[int], opt(
+        "--cutout", panel=AUG, metavar="PX",
+        help="Cutout hole side; 0 = off. Default 16 on cifar10, else off.")] = None,
+    mixup: Annotated[Optional[float], opt(
+        "--mixup", panel=AUG, metavar="ALPHA",
+        help="MixUp alpha; 0 = off. Default 0.2 on cifar100, else off.")] = None,
+    autoaugment: Annotated[Optional[bool], opt(
+        "--autoaugment", panel=AUG,
+        help="torchvision AutoAugment (CIFAR / ImageNet policy).")] = None,
     teacher: TeacherOpt = None,
     kd_temperature: KdTemperatureOpt = None,
     kd_weight: KdWeightOpt = None,
@@ -132,11 +168,12 @@ def train_command(
     config_file: ConfigFileOpt = None,
     print_config_: PrintConfigOpt = False,
     dry_run: DryRunOpt = False,
-    force: ForceOpt = False,
+    ignore_plan: IgnorePlanOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train a genotype's network (or resnet18, Table 5's binary ResNet-18) from scratch: binary activations, real weights (§4.3 step 1).
+    """Train a genotype's network (or resnet18, Table 5's binary ResNet-18) from scratch: binary activations,
+    real weights (§4.3 step 1).
 
     Writes OUT/last.safetensors (resumable), OUT/best.safetensors, metrics.csv, config.json.
     Multi-GPU: torchrun --nproc-per-node N -m bats_cli train ...
@@ -179,10 +216,10 @@ def train_command(
         return
     resume = resume_mode(out, resume, resume_or_start)
     # On --resume the saved config is the base; --config FILE and the flags must agree with it.
-    resume_overrides = {**(file_config or {}), **{k: v for k, v in overrides.items() if v is not None}}
-    hook = preflight_hook(dry_run=dry_run, force=force, as_json=as_json, quiet=quiet)
+    resumed = resume_overrides(file_config, overrides)
+    hook = preflight_hook(dry_run=dry_run, ignore_plan=ignore_plan, as_json=as_json, quiet=quiet)
     result = run_planned(lambda: train(cfg, genotype=g, out=out, resume=resume, quiet=quiet,
-                                       preset=preset, overrides=resume_overrides, preflight=hook),
+                                       preset=preset, overrides=resumed, preflight=hook),
                          as_json=as_json)
     if result is not None and is_main_process():
         emit_result(result, as_json=as_json, table_fn=result_table)
