@@ -104,8 +104,8 @@ class QuantConv2d(nn.Conv2d):
 
     The scale (the paper's α of eq. 1, named ``scale`` here so it is never confused with the
     architecture weights α of eq. 2) exists only when some quantizer is set, so a layer with
-    neither is exactly the float layer (same ``state_dict`` keys, same output). Bias is never used (a BatchNorm follows or
-    precedes every conv in these networks).
+    neither is exactly the float layer (same ``state_dict`` keys, same output). Bias is never used
+    (a BatchNorm follows or precedes every conv in these networks).
     """
 
     def __init__(

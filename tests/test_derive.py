@@ -128,8 +128,10 @@ def test_checkpoint_temperatures_decide_which_edges_win(tmp_path):
     alpha[2] = torch.tensor([-10.0, 1.0, 0.9])  # input 0: far above the mean, tiny gap
     alpha[3] = torch.tensor([0.0, 1.0, 0.0])  # input 1: clear gap, small lead over the mean
     alpha[4] = torch.tensor([-3.0, 0.3, 0.0])  # input 2: in between at both temperatures
-    cold = derive_from_checkpoint(_save_search_ckpt(tmp_path / "cold.safetensors", alpha, alpha, cands, cands, 0.1, 0.1))
-    hot = derive_from_checkpoint(_save_search_ckpt(tmp_path / "hot.safetensors", alpha, alpha, cands, cands, 10.0, 10.0))
+    cold = derive_from_checkpoint(_save_search_ckpt(tmp_path / "cold.safetensors", alpha, alpha, cands, cands,
+                                                    0.1, 0.1))
+    hot = derive_from_checkpoint(_save_search_ckpt(tmp_path / "hot.safetensors", alpha, alpha, cands, cands,
+                                                   10.0, 10.0))
     assert {src for _, src in cold.normal[2:4]} == {1, 2}
     assert {src for _, src in hot.normal[2:4]} == {0, 2}
     assert cold.name == "hand" and "T_normal=0.1" in cold.notes

@@ -102,4 +102,5 @@ def test_cli_bad_inputs(capsys):
     _one_line_error(*_cli(["derive", "--random", "--preset", "cpu"], capsys)[::2], "--preset", "--match")
     _one_line_error(*_cli(["derive", "--random", "--match", "bats_c10", "--space", "darts"], capsys)[::2], "--space")
     _one_line_error(*_cli(["derive", "--random", "--match", "nope_genotype"], capsys)[::2], "nope_genotype")
-    _one_line_error(*_cli(["derive", "--random", "--match", "bats_c10", "--match-by", "macs"], capsys)[::2], "--match-by")
+    argv = ["derive", "--random", "--match", "bats_c10", "--match-by", "macs"]
+    _one_line_error(*_cli(argv, capsys)[::2], "--match-by")

@@ -153,7 +153,8 @@ def test_images_are_the_architecture_half_without_augmentation(tiny_search):
     weight_half, arch_half = search_split(data.train, seed=cfg.seed)
     held = _with_eval_transforms(arch_half, data.test)
     pool = torch.stack([held[i][0] for i in range(len(held))]).flatten(1)
-    others = torch.stack([_with_eval_transforms(weight_half, data.test)[i][0] for i in range(len(weight_half))]).flatten(1)
+    weight_view = _with_eval_transforms(weight_half, data.test)
+    others = torch.stack([weight_view[i][0] for i in range(len(weight_half))]).flatten(1)
     batches = selection_batches(cfg, images=32, seed=1)
     for x, _ in batches:
         for img in x.flatten(1):
