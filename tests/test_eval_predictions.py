@@ -144,9 +144,9 @@ def test_predictions_option_without_output_and_refusals(models, capsys, tmp_path
     assert r["predictions"] == str(target) and list(target.parent.iterdir()) == [target]
     predicted, labels = load_predictions(target)
     assert 100.0 * float((predicted == labels).sum()) / len(labels) == r["top1"]
-    # --predictions with --output: named relative to the JSON's folder.
+    # --predictions with --output: named relative to the JSON's folder (--force: the file exists by now).
     r = _eval(capsys, models["a"], "--subset", "40", "--output", str(tmp_path / "j" / "e.json"),
-              "--predictions", str(target))
+              "--predictions", str(target), "--force")
     assert r["predictions"] == "../sub/p.npy"
     code, _, err = cli(["eval", str(models["a"]), "--predictions", str(models["a"])], capsys)
     one_line_error(code, err, "--predictions", "own input")
