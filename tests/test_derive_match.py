@@ -44,6 +44,7 @@ def test_count_matches_bats_flops():
     assert network_cost(TARGET, net, "params") == {"params": report.params}  # the meta-device count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("by", ["params", "ops"])
 def test_several_seeds_land_within_tolerance(by):
     net = match_network()

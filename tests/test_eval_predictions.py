@@ -108,6 +108,7 @@ def test_every_kind_of_model_file(models, capsys, tmp_path):
         assert result["kind"] == kind
 
 
+@pytest.mark.slow
 def test_same_images_same_hash_other_subset_other_hash(models, capsys, tmp_path):
     a = _eval(capsys, models["a"], "--subset", "100", "--output", str(tmp_path / "a.json"))
     b = _eval(capsys, models["b"], "--subset", "100", "--output", str(tmp_path / "b.json"))
@@ -252,6 +253,7 @@ def _ddp_worker(rank, world, port, queue):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_gathers_predictions_in_order():
     import socket
 
