@@ -48,6 +48,7 @@ from bats_cli.fit import (
     fit,
     teacher_extra,
 )
+from bats_cli.longrun import read_resume, resume_config, run_out_dir
 from bats_cli.presets import BINARIZE_PRESETS
 from bats_cli.runloop import RunLoop, interrupt_guarded, preflight_everywhere, restores_threads
 
@@ -159,7 +160,6 @@ def binarize(
     """Run ``bats binarize`` and return its JSON-ready result (``handle_signals=False``: no
     SIGINT/SIGTERM handlers, for tests)."""
     from bats_cli.checkpoint import check_kind, load_checkpoint, read_metadata
-    from bats_cli.config import resolve_resume_config
     from bats_cli.data import AugmentConfig, build_datasets
     from bats_cli.data.loader import check_batch
     from bats_cli.distributed import broadcast_buffers, init_run_device
@@ -174,7 +174,7 @@ def binarize(
     from bats_cli.pack import packed_size_report, save_packed
     from bats_cli.progress import Reporter
     from bats_cli.quant import binarize_weights_
-    from bats_cli.runloop import check_out_dir, open_run_dir, set_threads
+    from bats_cli.runloop import open_run_dir, set_threads
     from bats_cli.runtime import seed_everything
 
     src = Path(cfg.checkpoint)
@@ -193,22 +193,16 @@ def binarize(
     data_rec: dict[str, Any] = meta.config.get("data") or {}
 
     dist_info, device = init_run_device(cfg.device, cfg.precision)
-    if resume and out is None:
-        raise UserInputError("--resume needs --out: the run directory to continue")
-    out = Path(out) if out is not None else src.parent / "binarize"
-    try:
-        check_out_dir(out, resume)
-    except UserInputError as exc:
-        raise UserInputError(f"{exc} (the run directory is set with --out)") from None
-    resume_from = out / "last.safetensors" if resume and (out / "last.safetensors").exists() else None
+    out = run_out_dir(out, resume, lambda: src.parent / "binarize", hint=" (the run directory is set with --out)")
+    opened = read_resume(out, resume, "binarize")  # the checkpoint to continue, read once
+    resume_from = opened[1].path if opened is not None else None
     carried: dict[str, Any] = {}
-    if resume_from is not None:
-        rmeta = read_metadata(resume_from)
-        check_kind(rmeta, "binarize", "binarize --resume")
+    if opened is not None:
+        rmeta = opened[1]
         saved = rmeta.config.get("run", {})
-        saved = {**DISTILL_DEFAULTS, **saved} if isinstance(saved, dict) else saved
-        cfg = resolve_resume_config(BinarizeConfig, saved, preset=preset, presets=BINARIZE_PRESETS,
-                                    overrides={**(overrides or {}), "checkpoint": saved.get("checkpoint")})
+        given = saved.get("checkpoint") if isinstance(saved, dict) else None
+        cfg = resume_config(BinarizeConfig, saved, preset=preset, presets=BINARIZE_PRESETS,
+                            overrides={**(overrides or {}), "checkpoint": given}, defaults=DISTILL_DEFAULTS)
         carried = _carried(rmeta)
 
     set_threads(cfg.threads)
@@ -296,7 +290,7 @@ def binarize(
         )
     else:
         model = build_from_settings(genotype, bin_settings)
-        load_model_tensors(model, load_checkpoint(resume_from)[0], resume_from)
+        load_model_tensors(model, opened[0], resume_from)
 
     run_config = cfg.model_dump(mode="json")
     # The data directory goes with the data record so `bats eval` finds it with no flags.
@@ -328,7 +322,7 @@ def binarize(
                       f"epoch{'' if cfg.epochs == 1 else 's'}, "
                       f"lr {cfg.lr:g} (cosine), batch {batch_size}")
         summary = fit(spec, data.train, data.val, device=device, dist_info=dist_info,
-                      run_dir=run_dir, reporter=reporter, resume_from=resume_from,
+                      run_dir=run_dir, reporter=reporter, resume_from=opened,
                       stop_after_steps=stop_after_steps, handle_signals=False, stop=stop,
                       started=started)
         final = summary["final"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -329,7 +328,7 @@ def fit(
     dist_info: Dist,
     run_dir=None,
     reporter=None,
-    resume_from: Path | None = None,
+    resume_from: tuple[Mapping[str, torch.Tensor], Any] | None = None,
     stop_after_steps: int | None = None,
     handle_signals: bool = True,
     stop=None,
@@ -340,7 +339,8 @@ def fit(
 
     ``stop``: an interrupt already entered by the caller (so a signal during set-up counts too);
     without one, ``handle_signals`` installs its own. ``stop_after_steps`` simulates a Ctrl-C
-    after that many optimizer steps of this call (tests).
+    after that many optimizer steps of this call (tests). ``resume_from``: the ``(tensors, meta)``
+    of the checkpoint to continue, as the caller read it.
     """
     job = TrainJob(spec, train_set, test_set, device=device, dist_info=dist_info)
     with interrupt_guard(stop, handle_signals=handle_signals) as interrupt:

@@ -288,12 +288,15 @@ class RunLoop:
             return self.save(self.run_dir.last, with_state=True)
         return None
 
-    def resume(self, path: Path):
-        """Continue from ``path``: the job's state, then the RNG and the clock as saved."""
-        from bats_cli.checkpoint import load_checkpoint
+    def resume(self, checkpoint: tuple[Mapping[str, torch.Tensor], Any]):
+        """Continue from ``checkpoint``, the ``(tensors, meta)`` the command read once
+        (:func:`~bats_cli.checkpoint.load_checkpoint`): the job's state, then the RNG and the clock."""
+        from bats_cli.checkpoint import check_kind
         from bats_cli.runtime import restore_rng_state
 
-        tensors, meta = load_checkpoint(path, expect_kind=self.job.kind, command=self.job.kind)
+        tensors, meta = checkpoint
+        path = meta.path
+        check_kind(meta, self.job.kind, self.job.kind)
         self.job.restore(tensors, meta)
         restore_rng_state(tensors)
         try:

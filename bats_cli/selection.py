@@ -213,7 +213,8 @@ def load_search_supernet(path: str | Path, *, device: torch.device | str = "cpu"
     from bats_cli.checkpoint import load_checkpoint
     from bats_cli.config import validate_config
     from bats_cli.metadata import check_state_dtypes
-    from bats_cli.search import SEARCH_STATE_KEY, SearchConfig
+    from bats_cli.search import SearchConfig
+    from bats_cli.searcher import SEARCH_STATE_KEY
     from bats_cli.supernet import SuperNet, SupernetConfig
 
     snap = load_arch_snapshot(path)

@@ -34,11 +34,10 @@ from bats_cli.config import (
     Seed,
     Threads,
     Workers,
-    resolve_resume_config,
 )
 from bats_cli.data.loader import check_batch, steps_per_epoch
 from bats_cli.distill import ATTENTION_WEIGHT, KD_TEMPERATURE, KD_WEIGHT
-from bats_cli.distributed import barrier, init_run_device
+from bats_cli.distributed import init_run_device
 from bats_cli.errors import UserInputError
 from bats_cli.fit import (
     DISTILL_DEFAULTS,
@@ -49,11 +48,11 @@ from bats_cli.fit import (
     fit,
     teacher_extra,
 )
+from bats_cli.longrun import load_data, read_resume, resume_config, run_out_dir
 from bats_cli.modelio import data_info, genotype_differs, genotype_name, network_label, network_settings
 from bats_cli.preflight import MAX_CHANNELS, MAX_LAYERS
 from bats_cli.presets import train_presets
 from bats_cli.runloop import (
-    check_out_dir,
     default_run_dir,
     interrupt_guarded,
     open_run_dir,
@@ -200,18 +199,11 @@ def train(
     name = arch if arch != CELLS else genotype.name
     check_arch_options(cfg, arch)
     dist_info, device = init_run_device(cfg.device, cfg.precision)
-    if resume and out is None:
-        raise UserInputError("--resume needs --out: the run directory to continue")
-    out = Path(out) if out is not None else default_run_dir("train", name)
-
-    check_out_dir(out, resume)
-    resume_from = out / "last.safetensors" if resume and (out / "last.safetensors").exists() else None
-    resuming = resume_from is not None
+    out = run_out_dir(out, resume, lambda: default_run_dir("train", name))
+    opened = read_resume(out, resume, "train")  # the checkpoint to continue, read once
+    resuming = opened is not None
     if resuming:
-        from bats_cli.checkpoint import check_kind, read_metadata
-
-        meta = read_metadata(resume_from)
-        check_kind(meta, "train", "train --resume")
+        meta = opened[1]
         saved_arch = arch_of(meta.config.get("network") or {})
         if saved_arch != arch:
             raise UserInputError(
@@ -224,11 +216,9 @@ def train(
                 f"({genotype_name(meta.genotype_json)!r}); give the same GENOTYPE or another --out"
             )
         saved = meta.config.get("run", {})
-        saved = {**DISTILL_DEFAULTS, **saved} if isinstance(saved, dict) else saved
-        cfg = resolve_resume_config(
-            TrainConfig, saved, preset=preset, presets=train_presets(arch),
-            overrides={**(overrides or {}), "genotype": saved.get("genotype", cfg.genotype)},
-        )
+        given = saved.get("genotype", cfg.genotype) if isinstance(saved, dict) else cfg.genotype
+        cfg = resume_config(TrainConfig, saved, preset=preset, presets=train_presets(arch),
+                            overrides={**(overrides or {}), "genotype": given}, defaults=DISTILL_DEFAULTS)
     set_threads(cfg.threads)
 
     # Everything that can be refused is checked before the run directory is created.
@@ -237,17 +227,9 @@ def train(
 
     spec0 = describe_spec(cfg.dataset, cfg.data_dir, cfg.image_size)
     augment = resolve_augment(cfg, spec0.name)
-    # With --download under torchrun, rank 0 downloads while the others wait for it.
-    wait_for_download = cfg.download is not False and dist_info.enabled
-    if wait_for_download and not dist_info.is_main:
-        barrier(dist_info)
-    data = build_datasets(
-        cfg.dataset, data_dir=cfg.data_dir, download=cfg.download if dist_info.is_main else False,
-        subset=cfg.subset, image_size=cfg.image_size, augment=augment, seed=cfg.seed,
-        holdout=cfg.holdout,
-    )
-    if wait_for_download and dist_info.is_main:
-        barrier(dist_info)
+    data = load_data(lambda download: build_datasets(
+        cfg.dataset, data_dir=cfg.data_dir, download=download, subset=cfg.subset, image_size=cfg.image_size,
+        augment=augment, seed=cfg.seed, holdout=cfg.holdout), cfg.download, dist_info)
     dspec = data.spec
     epochs = cfg.epochs or PAPER_EPOCHS[dspec.network]
     cfg = cfg.model_copy(update={"epochs": epochs, "cutout": augment.cutout or 0,
@@ -329,7 +311,7 @@ def train(
     )
     summary = fit(
         fit_spec, data.train, data.val, device=device, dist_info=dist_info, run_dir=run_dir,
-        reporter=reporter, resume_from=resume_from, stop_after_steps=stop_after_steps,
+        reporter=reporter, resume_from=opened, stop_after_steps=stop_after_steps,
         handle_signals=False, stop=stop, started=started,
     )
     result = {

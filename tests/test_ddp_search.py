@@ -110,7 +110,7 @@ def test_two_processes_agree_resume_after_sigterm_and_match_one(tmp_path, monkey
 def test_batch_must_split_over_the_processes(tmp_path):
     from bats_cli.distributed import Dist
     from bats_cli.errors import UserInputError
-    from bats_cli.search import check_search_batch
+    from bats_cli.search_records import check_search_batch
 
     check_search_batch(8, Dist(0, 2))
     with pytest.raises(UserInputError, match="global batch and must be divisible by the number of processes"):
@@ -144,7 +144,7 @@ def _ranks(rank: int, init_file: str, out_dir: str) -> None:
     )
     from bats_cli.errors import RunFailure
     from bats_cli.genotype import Genotype
-    from bats_cli.search import check_ranks_agree
+    from bats_cli.search_records import check_ranks_agree
     from bats_cli.zoo import resolve_genotype
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)

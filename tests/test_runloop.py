@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from bats_cli.checkpoint import read_metadata
+from bats_cli.checkpoint import load_checkpoint, read_metadata
 from bats_cli.errors import Interrupted
 from bats_cli.rundir import RunDir
 from bats_cli.runloop import Checkpoint, RunJob, RunLoop
@@ -111,7 +111,7 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path, stop_at):
 
     resumed = ToyJob()
     loop = RunLoop(resumed, run_dir=RunDir(tmp_path / "cut", resume=True))
-    loop.resume(run.last)
+    loop.resume(load_checkpoint(run.last))
     loop.run()
     assert torch.equal(resumed.model.weight, full.model.weight)
     assert [r["loss"] for r in _rows(tmp_path / "cut")] == [r["loss"] for r in _rows(tmp_path / "full")]
@@ -134,7 +134,7 @@ def test_seconds_are_the_runs_cumulative_time_across_resume(tmp_path, monkeypatc
     now[0] += 5000.0  # the run sat interrupted for a while: not part of its time
     job = Slow(segments=1)
     loop = RunLoop(job, run_dir=RunDir(tmp_path / "run", resume=True))
-    loop.resume(run.last)
+    loop.resume(load_checkpoint(run.last))
     loop.run()
     assert [float(r["seconds"]) for r in _rows(run.path)] == [40.0, 80.0]
     assert loop.elapsed() == pytest.approx(80.0)

@@ -21,12 +21,8 @@ from bats_cli.derive import edge_entropy, load_arch_snapshot
 from bats_cli.errors import Interrupted, UserInputError
 from bats_cli.genotype import load_genotype
 from bats_cli.presets import SEARCH_PRESETS
-from bats_cli.search import (
-    SearchConfig,
-    Searcher,
-    drop_weakest_ops,
-    run_search,
-)
+from bats_cli.search import SearchConfig, run_search
+from bats_cli.searcher import Searcher, drop_weakest_ops
 from bats_cli.spaces import SPACES
 
 # Small enough for CPU tests: 8 px images, 2 steps per epoch, 3 cells (the least with a normal cell).
