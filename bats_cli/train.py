@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from bats_cli.archs import CELLS, arch_of
+from bats_cli.archs import arch_of
 from bats_cli.config import (
     MAX_BATCH,
     MAX_DECAY,
@@ -132,20 +132,11 @@ class TrainConfig(RunConfig):
         return self
 
 
-# Settings of the cell networks only, with their defaults: a fixed model (resnet18) refuses any
-# other value rather than ignore it.
-CELL_ONLY = {"layers": None, "channels_per_group": None, "group_policy": "groups",
-             "reduce_shortcut": "avgpool", "channel_shuffle": 0, "aux_weight": 0.4, "drop_path": 0.0}
-
-
 def check_arch_options(cfg: TrainConfig, arch: str) -> None:
-    """UserInputError when a cell-only setting is changed for a fixed model."""
-    if arch == CELLS:
-        return
-    changed = [k for k, default in CELL_ONLY.items() if getattr(cfg, k) != default]
-    if changed:
-        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
-        raise UserInputError(f"{flags} only apply to cell networks, not to {arch}")
+    """UserInputError when a setting of another model is changed for ``arch`` (say, --layers for resnet18)."""
+    from bats_cli.registry import check_options
+
+    check_options(arch, cfg.model_dump(), {k: f.default for k, f in TrainConfig.model_fields.items()})
 
 
 def resolve_augment(cfg: TrainConfig, dataset_name: str):
@@ -193,10 +184,12 @@ def train(
     """
     from bats_cli.data import build_datasets
     from bats_cli.progress import Reporter
+    from bats_cli.registry import accepted, arch_for, create_model, get_model
     from bats_cli.runtime import seed_everything
 
-    arch = genotype if isinstance(genotype, str) else CELLS
-    name = arch if arch != CELLS else genotype.name
+    arch = arch_for(genotype)
+    model_entry = get_model(arch)
+    name = genotype.name if model_entry.genotype else arch
     check_arch_options(cfg, arch)
     dist_info, device = init_run_device(cfg.device, cfg.precision)
     out = run_out_dir(out, resume, lambda: default_run_dir("train", name))
@@ -207,10 +200,10 @@ def train(
         saved_arch = arch_of(meta.config.get("network") or {})
         if saved_arch != arch:
             raise UserInputError(
-                f"cannot resume: {out} trained {'a cell network' if saved_arch == CELLS else saved_arch}, "
-                f"not {'a cell network' if arch == CELLS else arch}; give the same GENOTYPE or another --out"
+                f"cannot resume: {out} trained {get_model(saved_arch).noun}, "
+                f"not {model_entry.noun}; give the same GENOTYPE or another --out"
             )
-        if arch == CELLS and meta.genotype_json is not None and genotype_differs(meta.genotype_json, genotype):
+        if model_entry.genotype and meta.genotype_json is not None and genotype_differs(meta.genotype_json, genotype):
             raise UserInputError(
                 f"cannot resume: the genotype differs from the one {out} was trained with "
                 f"({genotype_name(meta.genotype_json)!r}); give the same GENOTYPE or another --out"
@@ -237,23 +230,9 @@ def train(
     check_batch(len(data.train), cfg.batch_size, dist_info)
 
     seed_everything(cfg.seed)
-    if arch == CELLS:
-        from bats_cli.networks import build_network
-
-        model = build_network(
-            genotype, kind=dspec.network, num_classes=dspec.num_classes,
-            in_channels=dspec.in_channels, width=cfg.width, layers=cfg.layers,
-            channels=cfg.channels, real=cfg.real, auxiliary=cfg.auxiliary, drop_path=cfg.drop_path,
-            activation=cfg.activation, channels_per_group=cfg.channels_per_group,
-            group_policy=cfg.group_policy, reduce_shortcut=cfg.reduce_shortcut,
-            channel_shuffle=cfg.channel_shuffle,
-        )
-    else:
-        from bats_cli.resnet import build_resnet
-
-        model = build_resnet(kind=dspec.network, num_classes=dspec.num_classes,
-                             in_channels=dspec.in_channels, width=cfg.width, channels=cfg.channels,
-                             real=cfg.real, activation=cfg.activation)
+    model = create_model(arch, genotype if model_entry.genotype else None, kind=dspec.network,
+                         num_classes=dspec.num_classes, in_channels=dspec.in_channels,
+                         **accepted(arch, cfg.model_dump()))
     settings = network_settings(model, width=cfg.width, data_spec=dspec)
     run_config = cfg.model_dump(mode="json")
     distill = None
@@ -278,7 +257,7 @@ def train(
         ), dist_info, device)
     run_dir = open_run_dir(out, resume, dist_info, device)
     if run_dir is not None and not resuming:
-        cells = {"genotype": genotype.to_dict()} if arch == CELLS else {}
+        cells = {"genotype": genotype.to_dict()} if model_entry.genotype else {}
         teacher = {"teacher": distill.record()} if distill is not None else {}
         run_dir.write_config(run_config, device=device, network=settings, data=data_info(dspec, augment),
                              **cells, **teacher)
@@ -300,7 +279,7 @@ def train(
         reporter.line(distill_line(distill))
     fit_spec = FitSpec(
         kind="train", model=model, run_config=run_config, settings=settings,
-        data=data_info(dspec, augment), genotype_json=genotype.to_json() if arch == CELLS else None,
+        data=data_info(dspec, augment), genotype_json=genotype.to_json() if model_entry.genotype else None,
         epochs=epochs,
         batch_size=cfg.batch_size, eval_batch_size=eval_batch_size(cfg.eval_batch_size, cfg.batch_size),
         lr=cfg.lr, lr_min=cfg.lr_min, betas=cfg.betas,
