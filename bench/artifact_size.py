@@ -17,11 +17,11 @@ from pathlib import Path
 from _common import emit, machine
 
 from bats_cli.checkpoint import save_checkpoint
-from bats_cli.genotype import resolve_genotype
 from bats_cli.modelio import model_tensors, network_settings
 from bats_cli.networks import build_network
 from bats_cli.pack import packed_size_report, save_packed
 from bats_cli.quant import binarize_weights_
+from bats_cli.zoo import resolve_genotype
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -241,10 +241,10 @@ def train_step_times(precision: str, device: torch.device, *, warmup: int, reps:
     """One step of ``bats train`` on the paper's CIFAR network (bats_c10 at the defaults)."""
     import torch.nn.functional as F
 
-    from bats_cli.genotype import resolve_genotype
     from bats_cli.networks import build_network
     from bats_cli.runtime import autocast, make_grad_scaler, memory_format
     from bats_cli.train import TrainConfig
+    from bats_cli.zoo import resolve_genotype
 
     cfg = TrainConfig(genotype="bats_c10", **({"layers": 3, "channels": 6} if smoke else {}))
     batch = 4 if smoke else TRAIN_BATCH

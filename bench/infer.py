@@ -58,12 +58,12 @@ from bats_cli.engine import to_bitwise
 from bats_cli.engine._build import load_extension
 from bats_cli.engine.bitwise import BitwiseConv2d, _KernelLayer, engine_info
 from bats_cli.engine.profile import profile_layers
-from bats_cli.genotype import resolve_genotype
 from bats_cli.modelio import network_settings, unpack
 from bats_cli.networks import build_network
 from bats_cli.ops import FactorizedReduce
 from bats_cli.pack import save_packed
 from bats_cli.quant import BinaryConvBlock, binarize_weights_, quant_convs
+from bats_cli.zoo import resolve_genotype
 
 NETWORKS = {
     # name: (build_network kwargs, input size)
