@@ -24,7 +24,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from bats_cli.memory import proc_kib, reset_peak_rss, trim_heap  # noqa: E402
+from bats_cli.utils.memory import proc_kib, reset_peak_rss, trim_heap  # noqa: E402
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@
 Builds the evaluation network (binary activations), binarizes its weights as ``bats binarize``
 does, then writes (1) the fp32 checkpoint ``bats train`` would write and (2) the packed artifact
 ``bats binarize -o`` writes, into a temporary directory, and reports both file sizes and the
-binary-conv and whole-model ratios (``bats_cli.pack.packed_size_report``).
+binary-conv and whole-model ratios (``bats_cli.models.pack.packed_size_report``).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from pathlib import Path
 
 from _common import emit, machine
 
-from bats_cli.checkpoint import save_checkpoint
-from bats_cli.modelio import model_tensors, network_settings
-from bats_cli.networks import build_network
-from bats_cli.pack import packed_size_report, save_packed
-from bats_cli.quant import binarize_weights_
-from bats_cli.zoo import resolve_genotype
+from bats_cli.core.zoo import resolve_genotype
+from bats_cli.layers.quant import binarize_weights_
+from bats_cli.models.modelio import model_tensors, network_settings
+from bats_cli.models.networks import build_network
+from bats_cli.models.pack import packed_size_report, save_packed
+from bats_cli.storage.checkpoint import save_checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:

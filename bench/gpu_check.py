@@ -15,7 +15,7 @@ On a machine with CUDA it runs, each part recorded in one JSON object:
 2. ``multi_gpu`` (2 GPUs or more): ``torchrun --nproc-per-node 2`` of ``train`` and ``search``
    ``--preset tiny`` (NCCL); the search's two ranks must report the same cell.
 3. ``paper``: per precision, one search step (architecture step + weight step, as
-   ``bats search`` takes them: :class:`bats_cli.search.Searcher`) of each stage at §6.1's sizes
+   ``bats search`` takes them: :class:`bats_cli.nas.search.Searcher`) of each stage at §6.1's sizes
    (5 / 11 / 17 cells, 8 / 5 / 3 ops per edge, C = 18, batch 96, 32 px; for stages 2 and 3 a
    seeded choice of ops per edge, as ``bench/search_step.py``), and one training step of the
    paper's CIFAR network (``bats_c10`` at ``bats train``'s defaults, batch 256, auxiliary tower):
@@ -204,7 +204,7 @@ def search_step_times(stage: int, precision: str, device: torch.device, *, warmu
     """One architecture step and one weight step of ``bats search`` at §6.1's stage ``stage``."""
     from search_step import stage_candidates
 
-    from bats_cli.search import SearchConfig, Searcher
+    from bats_cli.nas.search import SearchConfig, Searcher
 
     layers, ops = SEARCH_STAGES[stage]
     batch = 4 if smoke else SEARCH_BATCH
@@ -241,10 +241,10 @@ def train_step_times(precision: str, device: torch.device, *, warmup: int, reps:
     """One step of ``bats train`` on the paper's CIFAR network (bats_c10 at the defaults)."""
     import torch.nn.functional as F
 
-    from bats_cli.networks import build_network
-    from bats_cli.runtime import autocast, make_grad_scaler, memory_format
-    from bats_cli.train import TrainConfig
-    from bats_cli.zoo import resolve_genotype
+    from bats_cli.core.zoo import resolve_genotype
+    from bats_cli.models.networks import build_network
+    from bats_cli.pipeline.train import TrainConfig
+    from bats_cli.utils.runtime import autocast, make_grad_scaler, memory_format
 
     cfg = TrainConfig(genotype="bats_c10", **({"layers": 3, "channels": 6} if smoke else {}))
     batch = 4 if smoke else TRAIN_BATCH

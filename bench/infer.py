@@ -5,7 +5,7 @@ roofline against this machine's measured popcount peak.
 
 For each network (the paper's CIFAR network: bats_c10, 20 cells, C = 36, 32 px; the ImageNet
 one: 14 cells, C = 80, 224 px, 1000 classes) a packed artifact is written and loaded back the
-way a user would (``bats_cli.pack.unpack``), then run three ways in one process, interleaved
+way a user would (``bats_cli.models.pack.unpack``), then run three ways in one process, interleaved
 (ABBA order, so machine load hits all alike):
 
 * ``fp32``: PyTorch, float32, channels-last (oneDNN), the binary layers emulated in float
@@ -54,16 +54,16 @@ from pathlib import Path
 import torch
 from _common import interleaved_medians, machine, median
 
+from bats_cli.core.zoo import resolve_genotype
 from bats_cli.engine import to_bitwise
 from bats_cli.engine._build import load_extension
 from bats_cli.engine.bitwise import BitwiseConv2d, _KernelLayer, engine_info
 from bats_cli.engine.profile import profile_layers
-from bats_cli.modelio import network_settings, unpack
-from bats_cli.networks import build_network
-from bats_cli.ops import FactorizedReduce
-from bats_cli.pack import save_packed
-from bats_cli.quant import BinaryConvBlock, binarize_weights_, quant_convs
-from bats_cli.zoo import resolve_genotype
+from bats_cli.layers.ops import FactorizedReduce
+from bats_cli.layers.quant import BinaryConvBlock, binarize_weights_, quant_convs
+from bats_cli.models.modelio import network_settings, unpack
+from bats_cli.models.networks import build_network
+from bats_cli.models.pack import save_packed
 
 NETWORKS = {
     # name: (build_network kwargs, input size)
@@ -172,7 +172,7 @@ def bench_network(name: str, kwargs: dict, size: int, args, tmp: Path, peaks: li
     session = None
     if not args.no_onnx:
         try:
-            from bats_cli.export import export_model, make_session
+            from bats_cli.training.export import export_model, make_session
 
             onnx_path = tmp / f"{name}.onnx"
             export_model(path, onnx_path, force=True, verify_batch=1)

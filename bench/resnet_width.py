@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from _common import add_common_args, emit, interleaved_medians, machine, median, setup
 
-from bats_cli.networks import build_network
-from bats_cli.presets import TRAIN_PRESETS
-from bats_cli.resnet import build_resnet
-from bats_cli.runtime import memory_format
-from bats_cli.zoo import resolve_genotype
+from bats_cli.core.presets import TRAIN_PRESETS
+from bats_cli.core.zoo import resolve_genotype
+from bats_cli.models.networks import build_network
+from bats_cli.models.resnet import build_resnet
+from bats_cli.utils.runtime import memory_format
 
 
 def make_step(model, x, y, device, aux_weight: float = 0.4):

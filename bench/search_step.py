@@ -1,6 +1,6 @@
 """Time and memory of one search step: the project's supernet vs the textbook DARTS one.
 
-One search step, as ``bats search`` takes it (``bats_cli/search.py``; §6.1, first-order DARTS):
+One search step, as ``bats search`` takes it (``bats_cli/nas/search.py``; §6.1, first-order DARTS):
 an architecture step (architecture-half batch, gradient of the loss w.r.t. α only, Adam lr 6e-4,
 betas (0.5, 0.999), wd 1e-3), then a weight step (weight-half batch, gradients of the weights
 only, clipped to norm 5, Adam lr 1e-3, wd 3e-4). Both supernets are built from the same op
@@ -33,8 +33,8 @@ from _common import (
     setup,
 )
 
-from bats_cli.spaces import edge_count, get_space
-from bats_cli.supernet import SuperNet, SupernetConfig
+from bats_cli.core.spaces import edge_count, get_space
+from bats_cli.models.supernet import SuperNet, SupernetConfig
 
 # §6.1: depth 5 -> 11 -> 17 cells while the candidates shrink 8 -> 5 -> 3 ops per edge; batch 96.
 STAGES = {"stage1": (5, 8), "stage2": (11, 5), "stage3": (17, 3)}

@@ -31,7 +31,7 @@ def randomize_bn(module, gen) -> None:
     thresholds flip), PReLU slopes of both signs, α scales: signs depend on all of them."""
     import torch
 
-    from bats_cli.quant import QuantConv2d, RPReLU
+    from bats_cli.layers.quant import QuantConv2d, RPReLU
 
     for m in module.modules():
         if isinstance(m, torch.nn.BatchNorm2d):

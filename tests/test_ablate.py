@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from bats_cli.errors import Interrupted
-from bats_cli.study_catalog import study_variants
-from bats_cli.study_jobs import StudyOptions, build_jobs, emit_lines
-from bats_cli.study_run import reuse_jobs, run_study
+from bats_cli.core.errors import Interrupted
+from bats_cli.studies.catalog import study_variants
+from bats_cli.studies.jobs import StudyOptions, build_jobs, emit_lines
+from bats_cli.studies.runner import reuse_jobs, run_study
 from tests.helpers import cli
 
 
@@ -20,7 +20,7 @@ def _fake_runner(calls, *, interrupt_at=None, top1=None):
     ``top1(variant, seed)``: the eval top-1 (with 100 fake per-image predictions)."""
     import numpy as np
 
-    from bats_cli.random_genotypes import random_genotype
+    from bats_cli.nas.random_genotypes import random_genotype
 
     def run(step, log):
         calls.append((str(step.done.parent), step.name))
@@ -30,7 +30,7 @@ def _fake_runner(calls, *, interrupt_at=None, top1=None):
             return 130
         step.done.parent.mkdir(parents=True, exist_ok=True)
         if step.name == "select":  # `bats genotype best RUN... --output FILE`
-            from bats_cli.study_jobs import best_of_runs
+            from bats_cli.studies.jobs import best_of_runs
 
             runs = step.argv[2:step.argv.index("--output")]
             best_of_runs([Path(r) for r in runs])["genotype"].save(step.done)
@@ -123,9 +123,9 @@ def test_emit_prints_one_valid_bats_command_line_per_job(tmp_path, capsys):
 
 
 def test_strategy_study_keeps_the_optimiser_fixed(tmp_path):
-    from bats_cli.config import resolve_config
-    from bats_cli.presets import SEARCH_PRESETS
-    from bats_cli.search import SearchConfig
+    from bats_cli.core.config import resolve_config
+    from bats_cli.core.presets import SEARCH_PRESETS
+    from bats_cli.nas.search import SearchConfig
 
     seen = set()
     for job in build_jobs(StudyOptions(study="strategy", out=tmp_path)):
@@ -159,9 +159,9 @@ def test_emit_skips_finished_jobs(tmp_path):
 
 @pytest.mark.parametrize("study", ["space", "temperature", "strategy", "random", "proxy"])
 def test_every_search_variant_is_a_valid_cpu_search(study, tmp_path):
-    from bats_cli.config import resolve_config
-    from bats_cli.presets import SEARCH_PRESETS
-    from bats_cli.search import SearchConfig
+    from bats_cli.core.config import resolve_config
+    from bats_cli.core.presets import SEARCH_PRESETS
+    from bats_cli.nas.search import SearchConfig
 
     for job in build_jobs(StudyOptions(study=study, out=tmp_path)):
         if job.variant.search is None:
@@ -260,9 +260,9 @@ def test_zoo_has_the_binary_resnet18_baseline(tmp_path, capsys):
 
     from bats_cli.cli import _load_commands
     from bats_cli.cli.app import app
-    from bats_cli.modelio import network_settings
-    from bats_cli.resnet import build_resnet
-    from bats_cli.study_summary import job_record
+    from bats_cli.models.modelio import network_settings
+    from bats_cli.models.resnet import build_resnet
+    from bats_cli.studies.results import job_record
 
     variants = {v.name: v for v in study_variants("zoo")}
     assert variants["resnet18"].paper == "91.0" and "ResNet-18" in variants["resnet18"].label
@@ -283,7 +283,7 @@ def test_zoo_has_the_binary_resnet18_baseline(tmp_path, capsys):
     rec = job_record(job)
     assert rec["genotype"] is None and rec["arch"] == "resnet18" and rec["param_free_normal"] is None
     assert rec["params"] == sum(p.numel() for p in build_resnet(channels=4).parameters()) and rec["ops"] > 0
-    from bats_cli.study_summary import markdown, summarise
+    from bats_cli.studies.results import markdown, summarise
 
     o = StudyOptions(study="zoo", out=tmp_path / "s")
     row = next(line for line in markdown(summarise(o, build_jobs(o))).splitlines() if "ResNet-18" in line)
@@ -320,7 +320,7 @@ def test_random_study_arms_wait_for_the_search_they_use_and_record_statistics(tm
 def test_an_arm_whose_search_is_not_in_the_run_fails_at_once(tmp_path):
     o = StudyOptions(study="random", out=tmp_path / "study", variants=("random-matched",))
     lines: list = []
-    from bats_cli.errors import RunFailure
+    from bats_cli.core.errors import RunFailure
 
     with pytest.raises(RunFailure, match="random-matched/seed0"):
         run_study(o, runner=_fake_runner([]), log=lines.append)
@@ -328,9 +328,9 @@ def test_an_arm_whose_search_is_not_in_the_run_fails_at_once(tmp_path):
 
 
 def test_best_of_runs_keeps_the_best_held_out_run_and_refuses_test_split_runs(tmp_path, capsys):
-    from bats_cli.errors import UserInputError
-    from bats_cli.random_genotypes import random_genotype
-    from bats_cli.study_jobs import best_of_runs
+    from bats_cli.core.errors import UserInputError
+    from bats_cli.nas.random_genotypes import random_genotype
+    from bats_cli.studies.jobs import best_of_runs
 
     runs = []
     for i, top1 in enumerate([31.0, 35.5, 33.0]):
@@ -350,7 +350,7 @@ def test_best_of_runs_keeps_the_best_held_out_run_and_refuses_test_split_runs(tm
 
 
 def test_evaluate_on_and_publish_recheck_a_study_without_training(tmp_path, capsys):
-    from bats_cli.study_publish import evaluate_on, publish
+    from bats_cli.studies.publish import evaluate_on, publish
 
     o = StudyOptions(study="random", out=tmp_path / "study", seeds=2, variants=("searched", "random"))
     run_study(o, runner=_fake_runner([], top1=lambda v, s: 60 if v == "searched" else 55), log=lambda m: None)
@@ -398,8 +398,8 @@ def test_a_study_checks_its_data_before_the_first_job(tmp_path, capsys):
 
 
 def test_a_failed_job_says_why_and_a_running_one_where_it_is(tmp_path):
-    from bats_cli.errors import RunFailure
-    from bats_cli.study_run import step_progress
+    from bats_cli.core.errors import RunFailure
+    from bats_cli.studies.runner import step_progress
 
     o = StudyOptions(study="random", out=tmp_path / "study", variants=("random",))
 

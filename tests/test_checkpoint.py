@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bats_cli import checkpoint as ck
-from bats_cli import optim_state
-from bats_cli.errors import UserInputError
+from bats_cli.core.errors import UserInputError
+from bats_cli.storage import checkpoint as ck
+from bats_cli.storage import optim_state
 
 
 def _small_tensors() -> dict[str, torch.Tensor]:
@@ -154,7 +154,7 @@ def test_failed_replace_keeps_previous_good_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", boom)
     # A failed write is one line (exit 1) naming the file, not an internal error.
-    from bats_cli.errors import RunFailure
+    from bats_cli.core.errors import RunFailure
 
     with pytest.raises(RunFailure, match="cannot write .*last.safetensors.*disk full"):
         _save_small(last, epoch=2)
@@ -166,7 +166,7 @@ def test_failed_replace_keeps_previous_good_file(tmp_path, monkeypatch):
 
 _WRITER = r"""
 import sys, torch
-from bats_cli.checkpoint import save_checkpoint
+from bats_cli.storage.checkpoint import save_checkpoint
 path = sys.argv[1]
 big = {"w": torch.randn(2_000_000)}
 print("ready", flush=True)

@@ -122,7 +122,7 @@ def test_panels_are_the_named_constants():
 
 def test_ablate_presets_are_the_studies():
     from bats_cli.cli.ablate import ABLATE_PRESETS
-    from bats_cli.study_catalog import PRESETS
+    from bats_cli.studies.catalog import PRESETS
 
     assert set(ABLATE_PRESETS) == set(PRESETS)
 
@@ -149,8 +149,8 @@ def test_eval_output_is_not_overwritten_without_force(tmp_path, capsys):
 
 
 def test_ignore_plan_is_the_plan_override(monkeypatch):
-    from bats_cli import plan
     from bats_cli.cli.run_helpers import preflight_hook
+    from bats_cli.training import plan
 
     seen = {}
     monkeypatch.setattr(plan, "make_preflight", lambda **kw: seen.update(kw))

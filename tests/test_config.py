@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import Field
 
-from bats_cli.config import (
+from bats_cli.core.config import (
     RESUME_IGNORED_KEYS,
     RunConfig,
     check_resume_config,
@@ -13,7 +13,7 @@ from bats_cli.config import (
     resolve_config,
     resolve_resume_config,
 )
-from bats_cli.errors import UserInputError
+from bats_cli.core.errors import UserInputError
 
 
 class DemoConfig(RunConfig):
@@ -103,7 +103,7 @@ class DecayConfig(RunConfig):
 def test_older_keys_are_read_under_todays_names(tmp_path):
     import json
 
-    from bats_cli.config import current_keys, load_config_file
+    from bats_cli.core.config import current_keys, load_config_file
 
     # A search's config.json (wd, arch_wd) and a training run's (beta1, beta2) from before the rename.
     old = {"wd": 5e-4, "arch_wd": 2e-3, "beta1": 0.5, "beta2": 0.99}
@@ -121,8 +121,8 @@ def test_older_keys_are_read_under_todays_names(tmp_path):
 
 
 def test_the_search_and_train_configs_spell_each_setting_once():
-    from bats_cli.search import SearchConfig
-    from bats_cli.train import TrainConfig
+    from bats_cli.nas.search import SearchConfig
+    from bats_cli.pipeline.train import TrainConfig
 
     for model in (SearchConfig, TrainConfig):
         assert not {"wd", "arch_wd", "beta1", "beta2"} & set(model.model_fields), model

@@ -14,11 +14,11 @@ from helpers import cli, one_line_error
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from bats_cli.counting import BOPS_PER_FLOP, count_model, dataset_shape, model_meta
-from bats_cli.errors import UserInputError
-from bats_cli.networks import build_network
-from bats_cli.quant import STE_SIGN, QuantConv2d
-from bats_cli.zoo import load_zoo_genotype
+from bats_cli.core.errors import UserInputError
+from bats_cli.core.zoo import load_zoo_genotype
+from bats_cli.layers.quant import STE_SIGN, QuantConv2d
+from bats_cli.models.counting import BOPS_PER_FLOP, count_model, dataset_shape, model_meta
+from bats_cli.models.networks import build_network
 
 
 def _meta_network(name: str, **kwargs) -> nn.Module:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bats_cli.core.errors import UserInputError
 from bats_cli.data import (
     DATASETS,
     AugmentConfig,
@@ -23,7 +24,6 @@ from bats_cli.data import (
 )
 from bats_cli.data.sources import read_fashion_mini
 from bats_cli.data.spec import FASHION_STATS
-from bats_cli.errors import UserInputError
 
 FASHION_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 

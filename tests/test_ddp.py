@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 
-from bats_cli.checkpoint import load_checkpoint
+from bats_cli.core.zoo import resolve_genotype
 from bats_cli.data import sharded_loader
-from bats_cli.distributed import Dist
-from bats_cli.train import TrainConfig, train
-from bats_cli.zoo import resolve_genotype
+from bats_cli.pipeline.train import TrainConfig, train
+from bats_cli.storage.checkpoint import load_checkpoint
+from bats_cli.utils.distributed import Dist
 
 pytestmark = pytest.mark.slow  # torchrun processes
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bats_cli.checkpoint import load_checkpoint, read_metadata
+from bats_cli.storage.checkpoint import load_checkpoint, read_metadata
 
 pytestmark = pytest.mark.slow  # torchrun processes
 
@@ -86,8 +86,8 @@ def test_two_processes_agree_resume_after_sigterm_and_match_one(tmp_path, monkey
 
     # One process whose BatchNorm normalises each half of a batch on its own takes the steps the
     # two ranks take together (averaging the halves' gradients = the gradient of the batch mean).
-    from bats_cli.search import SearchConfig, run_search
-    from bats_cli.supernet import SuperNet
+    from bats_cli.models.supernet import SuperNet
+    from bats_cli.nas.search import SearchConfig, run_search
 
     forward = SuperNet.forward
     monkeypatch.setattr(SuperNet, "forward",
@@ -108,9 +108,9 @@ def test_two_processes_agree_resume_after_sigterm_and_match_one(tmp_path, monkey
 
 
 def test_batch_must_split_over_the_processes(tmp_path):
-    from bats_cli.distributed import Dist
-    from bats_cli.errors import UserInputError
-    from bats_cli.search_records import check_search_batch
+    from bats_cli.core.errors import UserInputError
+    from bats_cli.nas.search_records import check_search_batch
+    from bats_cli.utils.distributed import Dist
 
     check_search_batch(8, Dist(0, 2))
     with pytest.raises(UserInputError, match="global batch and must be divisible by the number of processes"):
@@ -136,16 +136,16 @@ class _Supernet(torch.nn.Module):
 def _ranks(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from bats_cli.distributed import (
+    from bats_cli.core.errors import RunFailure
+    from bats_cli.core.genotype import Genotype
+    from bats_cli.core.zoo import resolve_genotype
+    from bats_cli.nas.search_records import check_ranks_agree
+    from bats_cli.utils.distributed import (
         Dist,
         average_gradients,
         rank_digests,
         rank_divergence,
     )
-    from bats_cli.errors import RunFailure
-    from bats_cli.genotype import Genotype
-    from bats_cli.search_records import check_ranks_agree
-    from bats_cli.zoo import resolve_genotype
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     d, cpu = Dist(rank, 2), torch.device("cpu")

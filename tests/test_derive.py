@@ -11,18 +11,18 @@ import torch
 from helpers import cli as _cli
 from helpers import one_line_error as _one_line_error
 
-from bats_cli.checkpoint import save_checkpoint
-from bats_cli.derive import (
+from bats_cli.core.errors import UserInputError
+from bats_cli.core.genotype import Genotype, load_genotype
+from bats_cli.core.spaces import SPACES, edge_endpoints
+from bats_cli.core.zoo import load_zoo_genotype
+from bats_cli.nas.derive import (
     derive_from_checkpoint,
     derive_genotype,
     edge_entropy,
     parameter_free_share,
 )
-from bats_cli.errors import UserInputError
-from bats_cli.genotype import Genotype, load_genotype
-from bats_cli.random_genotypes import random_genotype
-from bats_cli.spaces import SPACES, edge_endpoints
-from bats_cli.zoo import load_zoo_genotype
+from bats_cli.nas.random_genotypes import random_genotype
+from bats_cli.storage.checkpoint import save_checkpoint
 
 OPS = list(SPACES["bats"].candidates)  # none, max, avg, skip, g3, g5, dg3, dg5
 
@@ -205,7 +205,7 @@ def test_cli_bad_inputs(tmp_path, capsys):
 
 
 def test_plot_bundled_genotypes(tmp_path):
-    from bats_cli.plot import save_plot, to_dot
+    from bats_cli.studies.plot import save_plot, to_dot
 
     for name in ("bats_c10", "nasnet_a", "darts_v2"):
         g = load_zoo_genotype(name)

@@ -8,15 +8,15 @@ import pytest
 from helpers import cli as _cli
 from helpers import one_line_error as _one_line_error
 
-from bats_cli.errors import UserInputError
-from bats_cli.genotype import load_genotype
-from bats_cli.random_genotypes import (
+from bats_cli.core.errors import UserInputError
+from bats_cli.core.genotype import load_genotype
+from bats_cli.core.zoo import load_zoo_genotype
+from bats_cli.nas.random_genotypes import (
     match_network,
     matched_random_genotype,
     network_cost,
     random_genotype,
 )
-from bats_cli.zoo import load_zoo_genotype
 
 TARGET = load_zoo_genotype("bats_c10")
 
@@ -33,8 +33,8 @@ def test_cpu_preset_network_is_the_train_presets():
 
 def test_count_matches_bats_flops():
     """The count is the one `bats flops` gives for the same network."""
-    from bats_cli.counting import count_model
-    from bats_cli.networks import build_network
+    from bats_cli.models.counting import count_model
+    from bats_cli.models.networks import build_network
 
     net = match_network()
     model = build_network(TARGET, kind="cifar", layers=6, channels=12)  # with its auxiliary tower

@@ -10,17 +10,17 @@ from helpers import cli as _cli
 from helpers import one_line_error as _one_line_error
 from torch import nn
 
-from bats_cli.derive import derive_genotype
-from bats_cli.genotype import load_genotype
-from bats_cli.search import SearchConfig, run_search
-from bats_cli.selection import (
+from bats_cli.core.genotype import load_genotype
+from bats_cli.core.spaces import edge_endpoints
+from bats_cli.nas.derive import derive_genotype
+from bats_cli.nas.search import SearchConfig, run_search
+from bats_cli.nas.selection import (
     derive_by_perturbation,
     load_search_supernet,
     select_cells,
     selection_batches,
     supernet_evaluator,
 )
-from bats_cli.spaces import edge_endpoints
 
 STEPS = 4
 N_EDGES = len(edge_endpoints(STEPS))
@@ -145,7 +145,7 @@ def test_supernet_is_the_checkpoints_and_masking_reaches_it(tiny_search):
 @pytest.mark.slow
 def test_images_are_the_architecture_half_without_augmentation(tiny_search):
     from bats_cli.data import build_datasets, search_split
-    from bats_cli.selection import _with_eval_transforms
+    from bats_cli.nas.selection import _with_eval_transforms
 
     st = load_search_supernet(tiny_search)
     cfg = st.config

@@ -10,16 +10,16 @@ import pytest
 import torch
 from helpers import cli, one_line_error
 
-from bats_cli.binarize import BinarizeConfig, binarize
-from bats_cli.checkpoint import load_checkpoint, read_metadata, save_checkpoint
-from bats_cli.distill import Distill, attention_loss, file_sha256, kd_loss, load_teacher
-from bats_cli.distributed import Dist
-from bats_cli.errors import Interrupted, UserInputError
-from bats_cli.fit import FitSpec, TrainJob
-from bats_cli.modelio import model_tensors, network_settings
-from bats_cli.networks import build_network
-from bats_cli.train import TrainConfig, train
-from bats_cli.zoo import resolve_genotype
+from bats_cli.core.errors import Interrupted, UserInputError
+from bats_cli.core.zoo import resolve_genotype
+from bats_cli.models.modelio import model_tensors, network_settings
+from bats_cli.models.networks import build_network
+from bats_cli.pipeline.binarize import BinarizeConfig, binarize
+from bats_cli.pipeline.train import TrainConfig, train
+from bats_cli.storage.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from bats_cli.training.distill import Distill, attention_loss, file_sha256, kd_loss, load_teacher
+from bats_cli.training.fit import FitSpec, TrainJob
+from bats_cli.utils.distributed import Dist
 
 # 3 cells of 6 channels on 128 fashion-mini images at 16 px: 4 steps per epoch.
 TINY = dict(genotype="bats_c10", dataset="fashion-mini", layers=3, channels=6, batch_size=32, subset=128,
@@ -81,7 +81,7 @@ def test_teacher_gets_no_gradient_and_stays_in_eval_mode():
     teacher.train()  # the job must put it in eval mode itself
     teacher.requires_grad_(False)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    from bats_cli.distill import feature_modules
+    from bats_cli.training.distill import feature_modules
 
     distill = Distill(teacher=teacher, path="t", sha256="0" * 64, attention_weight=0.5,
                       _features=feature_modules(teacher))
@@ -181,7 +181,7 @@ def test_runs_record_the_teacher(chain):
 
 @pytest.mark.slow
 def test_eval_export_and_bitwise_agree(chain, capsys):
-    from bats_cli.evaluate import evaluate_checkpoint
+    from bats_cli.training.evaluate import evaluate_checkpoint
 
     root, _, _, binarized = chain
     packed = binarized["packed"]
@@ -192,7 +192,7 @@ def test_eval_export_and_bitwise_agree(chain, capsys):
     pytest.importorskip("onnxruntime")
     onnx_path = root / "b.onnx"
     assert cli(["export", packed, "-o", str(onnx_path)], capsys)[0] == 0
-    from bats_cli.onnx_eval import evaluate_onnx
+    from bats_cli.training.onnx_eval import evaluate_onnx
 
     ort = evaluate_onnx(onnx_path, threads=1, return_predictions=True, subset=128)
     assert torch.equal(ort["predictions"], runs["float"]["predictions"])
@@ -245,7 +245,7 @@ def test_binarize_with_a_teacher_resumes_to_the_same_result(chain):
 
 def _rprelu_network(reduce_shortcut="factorized"):
     """A binary bats_c10 network with RPReLU whose shifts, slopes and BatchNorms are all non-trivial."""
-    from bats_cli.quant import BinarySpec, RPReLU
+    from bats_cli.layers.quant import BinarySpec, RPReLU
     from tests.helpers import randomize_bn
 
     gen = torch.Generator().manual_seed(3)
@@ -258,7 +258,7 @@ def _rprelu_network(reduce_shortcut="factorized"):
 
 
 def test_rprelu_is_prelu_around_shifts_and_starts_as_prelu():
-    from bats_cli.quant import RPReLU
+    from bats_cli.layers.quant import RPReLU
 
     act = RPReLU(3)
     x = torch.randn(2, 3, 4, 4)
@@ -269,8 +269,8 @@ def test_rprelu_is_prelu_around_shifts_and_starts_as_prelu():
     want = torch.where(y > 0, y, 0.25 * y) + act.shift_out.view(1, 3, 1, 1)
     assert torch.allclose(act(x), want)
     # No RSign: every binary conv of the network has a BatchNorm right before its sign.
-    from bats_cli.ops import FactorizedReduce
-    from bats_cli.quant import BinaryConvBlock, quant_convs
+    from bats_cli.layers.ops import FactorizedReduce
+    from bats_cli.layers.quant import BinaryConvBlock, quant_convs
 
     net = _rprelu_network()
     owners = [m for m in net.modules() if isinstance(m, (BinaryConvBlock, FactorizedReduce))]
@@ -303,9 +303,9 @@ def test_rprelu_folds_into_the_bitwise_engine_with_identical_outputs():
 
 
 def test_rprelu_pack_eval_and_export_agree(tmp_path, capsys):
-    from bats_cli.evaluate import evaluate_checkpoint
-    from bats_cli.modelio import unpack
-    from bats_cli.pack import save_packed
+    from bats_cli.models.modelio import unpack
+    from bats_cli.models.pack import save_packed
+    from bats_cli.training.evaluate import evaluate_checkpoint
 
     net = _rprelu_network(reduce_shortcut="avgpool")
     path = save_packed(net, tmp_path / "r.packed.safetensors", settings=network_settings(net), data=DATA,
@@ -318,7 +318,7 @@ def test_rprelu_pack_eval_and_export_agree(tmp_path, capsys):
             for e in ("float", "bitwise")}
     assert torch.equal(runs["float"]["predictions"], runs["bitwise"]["predictions"])
     pytest.importorskip("onnxruntime")
-    from bats_cli.onnx_eval import evaluate_onnx
+    from bats_cli.training.onnx_eval import evaluate_onnx
 
     assert cli(["export", str(path), "-o", str(tmp_path / "r.onnx")], capsys)[0] == 0
     ort = evaluate_onnx(tmp_path / "r.onnx", threads=1, return_predictions=True, subset=64)
@@ -336,9 +336,9 @@ def test_recipe_study_shares_one_teacher_per_seed_and_its_commands_parse(tmp_pat
 
     from bats_cli.cli import _load_commands
     from bats_cli.cli.app import app
-    from bats_cli.study_jobs import StudyOptions, build_jobs
-    from bats_cli.study_run import run_study
-    from bats_cli.study_summary import markdown
+    from bats_cli.studies.jobs import StudyOptions, build_jobs
+    from bats_cli.studies.results import markdown
+    from bats_cli.studies.runner import run_study
 
     out = tmp_path / "study"
     code, stdout, err = cli(["ablate", "recipe", "--preset", "tiny", "--emit", "shell", "--out", str(out)], capsys)

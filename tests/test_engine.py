@@ -18,16 +18,16 @@ import pytest
 import torch
 from helpers import cli, one_line_error
 
+from bats_cli.core.errors import UserInputError
+from bats_cli.core.spaces import SPACES
+from bats_cli.core.zoo import resolve_genotype, zoo_names
 from bats_cli.engine import EngineUnavailable, _build, apply_engine, to_bitwise
 from bats_cli.engine.bitwise import BitwiseBlock, BitwiseCell, bitwise_conv_count, engine_info
 from bats_cli.engine.fold import fold_bn_sign
-from bats_cli.errors import UserInputError
-from bats_cli.networks import build_network
-from bats_cli.ops import OpContext, build_op
-from bats_cli.quant import STE_SIGN, BinaryConvBlock, BinarySpec, QuantConv2d, binarize_weights_, quant_convs
-from bats_cli.resnet import build_resnet
-from bats_cli.spaces import SPACES
-from bats_cli.zoo import resolve_genotype, zoo_names
+from bats_cli.layers.ops import OpContext, build_op
+from bats_cli.layers.quant import STE_SIGN, BinaryConvBlock, BinarySpec, QuantConv2d, binarize_weights_, quant_convs
+from bats_cli.models.networks import build_network
+from bats_cli.models.resnet import build_resnet
 from tests.helpers import randomize_bn
 
 pytestmark = pytest.mark.slow  # the bitwise kernel is compiled (a C++ build on a fresh machine)
@@ -349,8 +349,8 @@ def test_no_compiler_is_one_line(monkeypatch):
 def real_image_artifact(cifar10_mini_dir, tmp_path_factory):
     """A tiny binarized network with BatchNorm statistics from real CIFAR-10 images, packed."""
     from bats_cli.data import AugmentConfig, build_datasets
-    from bats_cli.modelio import network_settings
-    from bats_cli.pack import save_packed
+    from bats_cli.models.modelio import network_settings
+    from bats_cli.models.pack import save_packed
 
     torch.manual_seed(0)
     genotype = resolve_genotype("bats_c10")
@@ -372,7 +372,7 @@ def real_image_artifact(cifar10_mini_dir, tmp_path_factory):
 
 
 def test_same_predictions_on_real_images(real_image_artifact, cifar10_mini_dir):
-    from bats_cli.evaluate import evaluate_checkpoint
+    from bats_cli.training.evaluate import evaluate_checkpoint
 
     runs = {
         engine: evaluate_checkpoint(real_image_artifact, subset=200, batch_size=50, device="cpu",

@@ -11,13 +11,13 @@ import pytest
 import torch
 from helpers import cli, one_line_error
 
-from bats_cli.checkpoint import save_checkpoint
-from bats_cli.evaluate import load_predictions
-from bats_cli.modelio import model_tensors, network_settings
-from bats_cli.networks import build_network
-from bats_cli.pack import save_packed
-from bats_cli.quant import binarize_weights_
-from bats_cli.zoo import resolve_genotype
+from bats_cli.core.zoo import resolve_genotype
+from bats_cli.layers.quant import binarize_weights_
+from bats_cli.models.modelio import model_tensors, network_settings
+from bats_cli.models.networks import build_network
+from bats_cli.models.pack import save_packed
+from bats_cli.storage.checkpoint import save_checkpoint
+from bats_cli.training.evaluate import load_predictions
 
 FASHION = {"name": "fashion-mini", "image_size": 32, "num_classes": 10, "in_channels": 1,
            "network": "cifar"}
@@ -159,7 +159,7 @@ def test_predictions_option_without_output_and_refusals(models, capsys, tmp_path
 
 
 def test_a_failed_write_leaves_nothing(models, tmp_path, monkeypatch):
-    from bats_cli import evaluate
+    from bats_cli.training import evaluate
 
     result = evaluate.evaluate_checkpoint(models["a"], subset=20, device="cpu", threads=1,
                                           return_predictions=True)
@@ -168,9 +168,9 @@ def test_a_failed_write_leaves_nothing(models, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(np, "save", broken)
-    from bats_cli.errors import RunFailure
+    from bats_cli.core.errors import RunFailure
 
-    # A failed write is one clear runtime error naming the file (bats_cli.fileio), nothing left behind.
+    # A failed write is one clear runtime error naming the file (bats_cli.core.fileio), nothing left behind.
     with pytest.raises(RunFailure, match="disk full"):
         evaluate.write_eval_files(result, output=tmp_path / "eval.json")
     assert list(tmp_path.iterdir()) == []
@@ -235,8 +235,8 @@ def _ddp_worker(rank, world, port, queue):
     import torch.distributed as dist
     from torch.utils.data import TensorDataset
 
-    from bats_cli.distributed import Dist
-    from bats_cli.evaluate import evaluate_model
+    from bats_cli.training.evaluate import evaluate_model
+    from bats_cli.utils.distributed import Dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -260,7 +260,7 @@ def test_ddp_gathers_predictions_in_order():
     import torch.multiprocessing as mp
     from torch.utils.data import TensorDataset
 
-    from bats_cli.evaluate import evaluate_model
+    from bats_cli.training.evaluate import evaluate_model
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)

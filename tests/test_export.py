@@ -9,12 +9,12 @@ import pytest
 import torch
 from helpers import cli, one_line_error
 
-from bats_cli.checkpoint import save_checkpoint
-from bats_cli.modelio import model_tensors, network_settings
-from bats_cli.networks import build_network
-from bats_cli.pack import save_packed
-from bats_cli.quant import STE_SIGN, binarize_weights_, quant_convs
-from bats_cli.zoo import resolve_genotype
+from bats_cli.core.zoo import resolve_genotype
+from bats_cli.layers.quant import STE_SIGN, binarize_weights_, quant_convs
+from bats_cli.models.modelio import model_tensors, network_settings
+from bats_cli.models.networks import build_network
+from bats_cli.models.pack import save_packed
+from bats_cli.storage.checkpoint import save_checkpoint
 
 onnx = pytest.importorskip("onnx", reason="the export extra (CI installs it through .[dev])")
 ort = pytest.importorskip("onnxruntime")
@@ -85,7 +85,7 @@ def test_export_is_standard_ops_with_metadata_and_dynamic_batch(artifacts, capsy
     assert config["data"]["name"] == "fashion-mini" and config["network"]["auxiliary"] is False
     assert result["max_abs_diff"] < 1e-4
     # Dynamic batch: 1 and 3 images through onnxruntime agree with PyTorch's arg-max.
-    from bats_cli.modelio import unpack
+    from bats_cli.models.modelio import unpack
 
     torch_model, _ = unpack(packed)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -102,8 +102,8 @@ def test_onnx_eval_gives_the_packed_top1(artifacts, capsys):
     root, packed, _ = artifacts
     out = root / "same.onnx"
     assert cli(["export", str(packed), "-o", str(out)], capsys)[0] == 0
-    from bats_cli.evaluate import evaluate_checkpoint
-    from bats_cli.onnx_eval import evaluate_onnx
+    from bats_cli.training.evaluate import evaluate_checkpoint
+    from bats_cli.training.onnx_eval import evaluate_onnx
 
     a = evaluate_checkpoint(packed, device="cpu", threads=1, return_predictions=True)
     b = evaluate_onnx(out, threads=1, return_predictions=True)

@@ -102,7 +102,7 @@ def test_an_onnx_file_is_recognised_under_any_name(pipeline, tmp_path, capsys):
     assert code == 0, err
     renamed = tmp_path / "model.bin"
     shutil.copy(onnx_path, renamed)
-    from bats_cli.sniff import sniff
+    from bats_cli.core.sniff import sniff
 
     assert sniff(renamed).kind == "onnx"
     for argv in (["train", str(renamed)], ["flops", str(onnx_path)], ["derive", str(renamed)]):
@@ -111,7 +111,7 @@ def test_an_onnx_file_is_recognised_under_any_name(pipeline, tmp_path, capsys):
 
 
 def test_sniff_never_raises_and_tells_json_apart(tmp_path):
-    from bats_cli.sniff import sniff
+    from bats_cli.core.sniff import sniff
 
     (tmp_path / "g.json").write_text('{"name": "x", "normal": [], "reduce": []}')
     (tmp_path / "c.json").write_text('{"epochs": 3}')
@@ -153,7 +153,7 @@ def test_report_has_one_titled_block_per_run_and_the_table(pipeline, tmp_path, c
 
 def test_report_axes_integer_epochs_no_offset_and_single_points(monkeypatch):
     plt = pytest.importorskip("matplotlib.pyplot")
-    from bats_cli import report_panels as report
+    from bats_cli.studies import report_panels as report
 
     figures = []
     monkeypatch.setattr(report, "figure_png", lambda fig: figures.append(fig) or b"")

@@ -336,7 +336,7 @@ class _StopAfter:
         self.n, self.requested, self.signal_name = n, False, "SIGINT"
 
     def raise_if_requested(self, save_fn=None):
-        from bats_cli.errors import Interrupted
+        from bats_cli.core.errors import Interrupted
 
         self.n -= 1
         if self.n <= 0 or self.requested:
@@ -351,16 +351,16 @@ def artifacts(tmp_path_factory):
     artifact; built once, copied before each mutation."""
     import torch
 
-    from bats_cli.errors import Interrupted
-    from bats_cli.search import SearchConfig, run_search
+    from bats_cli.core.errors import Interrupted
+    from bats_cli.nas.search import SearchConfig, run_search
 
     threads = torch.get_num_threads()
     root = tmp_path_factory.mktemp("artifacts")
     capture = contextlib.redirect_stderr(open(os.devnull, "w"))
     with capture:
         # bats train, stopped after its first step (epoch 0 of 2, step 1 of 2).
-        from bats_cli.train import TrainConfig, train
-        from bats_cli.zoo import resolve_genotype
+        from bats_cli.core.zoo import resolve_genotype
+        from bats_cli.pipeline.train import TrainConfig, train
 
         cfg = TrainConfig(genotype="bats_c10", dataset="fashion-mini", subset=16, batch_size=8, epochs=2,
                           layers=3, channels=6, image_size=8, threads=1)
@@ -377,7 +377,7 @@ def artifacts(tmp_path_factory):
                     str(root / "model.packed.safetensors"), "--force", "-q"], _NoCapture())[0]
         assert code == 0
         # bats binarize of the finished run, one fine-tuning epoch, stopped after its first step.
-        from bats_cli.binarize import BinarizeConfig, binarize
+        from bats_cli.pipeline.binarize import BinarizeConfig, binarize
 
         bcfg = BinarizeConfig(checkpoint=str(root / "done" / "last.safetensors"), epochs=1,
                               calibration_batches=1, threads=1)
@@ -600,8 +600,8 @@ def test_fuzz_run_directory_for_report(artifacts, tmp_path_factory, capsys, data
 
 # --------------------------------------------------------------------------- --config files
 
-CONFIG_MODELS = {"train": "bats_cli.train:TrainConfig", "search": "bats_cli.search:SearchConfig",
-                 "binarize": "bats_cli.binarize:BinarizeConfig"}
+CONFIG_MODELS = {"train": "bats_cli.pipeline.train:TrainConfig", "search": "bats_cli.nas.search:SearchConfig",
+                 "binarize": "bats_cli.pipeline.binarize:BinarizeConfig"}
 
 
 def _model(command: str):
@@ -711,12 +711,12 @@ def _boundary_values(model, draw) -> dict:
 @given(data=st.data())
 def test_fuzz_every_accepted_setting_is_readable_back_from_a_checkpoint(data):
     """A run started with settings at their limits writes records that `eval` / `--resume`
-    accept: the checkpoint's limits (bats_cli.metadata) contain the flags' (bats_cli.config)."""
+    accept: the checkpoint's limits (bats_cli.storage.metadata) contain the flags' (bats_cli.core.config)."""
     from pydantic import ValidationError
 
-    from bats_cli.metadata import RunRecord, validate
-    from bats_cli.search import SearchConfig
-    from bats_cli.train import TrainConfig
+    from bats_cli.nas.search import SearchConfig
+    from bats_cli.pipeline.train import TrainConfig
+    from bats_cli.storage.metadata import RunRecord, validate
 
     model = data.draw(st.sampled_from([TrainConfig, SearchConfig, _model("binarize")]))
     values = _boundary_values(model, data.draw)

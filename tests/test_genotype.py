@@ -10,11 +10,11 @@ import pytest
 from helpers import cli, one_line_error
 from pydantic import ValidationError
 
-from bats_cli.darts_import import parse_darts_genotype
-from bats_cli.errors import UserInputError
-from bats_cli.genotype import Edge, Genotype, genotype_json_schema, load_genotype
-from bats_cli.spaces import SPACES
-from bats_cli.zoo import resolve_genotype, zoo_names
+from bats_cli.core.darts_import import parse_darts_genotype
+from bats_cli.core.errors import UserInputError
+from bats_cli.core.genotype import Edge, Genotype, genotype_json_schema, load_genotype
+from bats_cli.core.spaces import SPACES
+from bats_cli.core.zoo import resolve_genotype, zoo_names
 
 ROOT = Path(__file__).resolve().parents[1]
 TOP_ZOO = ROOT / "genotypes"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from bats_cli.core.errors import UserInputError
 from bats_cli.data import build_datasets, targets_of
-from bats_cli.errors import UserInputError
 from tests.helpers import cli
 
 

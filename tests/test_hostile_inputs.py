@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import cli, one_line_error
 
-from bats_cli.errors import RunFailure, UserInputError
+from bats_cli.core.errors import RunFailure, UserInputError
 
 REPO = Path(__file__).resolve().parents[1]
 BATS_C10 = REPO / "bats_cli" / "genotypes" / "bats_c10.json"
@@ -57,7 +57,7 @@ def test_numeric_bombs_in_genotype_json_and_darts_text(tmp_path, capsys):
 
 
 def _checkpoint(path: Path, *, kind: str = "train", config: dict) -> Path:
-    from bats_cli.checkpoint import save_checkpoint
+    from bats_cli.storage.checkpoint import save_checkpoint
 
     return save_checkpoint(path, {"x": torch.zeros(1)}, kind=kind, config=config, epoch=1,
                            genotype_json=BATS_C10.read_text())
@@ -88,7 +88,7 @@ def test_wrong_json_types_in_checkpoint_settings_and_packing_are_one_line(tmp_pa
 
 
 def _adam_state():
-    from bats_cli.optim_state import optimizer_state_tensors
+    from bats_cli.storage.optim_state import optimizer_state_tensors
 
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
@@ -101,7 +101,7 @@ def _adam_state():
 
 
 def _load(tensors, state):
-    from bats_cli.optim_state import load_optimizer_state
+    from bats_cli.storage.optim_state import load_optimizer_state
 
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -141,9 +141,9 @@ TRAIN = ["--dataset", "fashion-mini", "--subset", "16", "--batch-size", "8", "--
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory):
     """A `bats train` run stopped after its first step (epoch 0 of 2, step 1 of 2)."""
-    from bats_cli.errors import Interrupted
-    from bats_cli.train import TrainConfig, train
-    from bats_cli.zoo import resolve_genotype
+    from bats_cli.core.errors import Interrupted
+    from bats_cli.core.zoo import resolve_genotype
+    from bats_cli.pipeline.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("stopped") / "run"
     cfg = TrainConfig(genotype="bats_c10", dataset="fashion-mini", subset=16, batch_size=8, epochs=2,

@@ -1,4 +1,4 @@
-"""The contract every registered model keeps (bats_cli.registry), parametrized over list_models():
+"""The contract every registered model keeps (bats_cli.models.registry), parametrized over list_models():
 it builds by name at a tiny size, runs forward and backward, counts at its paper size, and its
 recorded settings rebuild it, packed weights included."""
 
@@ -9,13 +9,13 @@ import json
 import pytest
 import torch
 
-from bats_cli.counting import count_model
-from bats_cli.errors import UserInputError
-from bats_cli.modelio import build_from_settings, network_settings, unpack
-from bats_cli.pack import save_packed
-from bats_cli.quant import binarize_weights_, quant_convs
-from bats_cli.registry import check_options, create_model, get_model, list_models
-from bats_cli.zoo import resolve_genotype
+from bats_cli.core.errors import UserInputError
+from bats_cli.core.zoo import resolve_genotype
+from bats_cli.layers.quant import binarize_weights_, quant_convs
+from bats_cli.models.counting import count_model
+from bats_cli.models.modelio import build_from_settings, network_settings, unpack
+from bats_cli.models.pack import save_packed
+from bats_cli.models.registry import check_options, create_model, get_model, list_models
 
 # Tiny sizes (a model registered without one fails here) and the paper-size parameter counts
 # asserted by test_counting.py (DARTS V2's float cells) and test_resnet.py (the paper's "11.2 M").

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from bats_cli.errors import UserInputError
-from bats_cli.networks import PAPER_DEFAULTS, WIDTHS, ImageNetStem, build_network, scaled_width
-from bats_cli.ops import GroupConvOp
-from bats_cli.quant import quant_convs
-from bats_cli.zoo import load_zoo_genotype, zoo_names
+from bats_cli.core.errors import UserInputError
+from bats_cli.core.zoo import load_zoo_genotype, zoo_names
+from bats_cli.layers.ops import GroupConvOp
+from bats_cli.layers.quant import quant_convs
+from bats_cli.models.networks import PAPER_DEFAULTS, WIDTHS, ImageNetStem, build_network, scaled_width
 
 ZOO = ("amoebanet_a", "bats_c10", "darts_v1", "darts_v2", "nasnet_a", "pdarts")
 

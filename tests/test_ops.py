@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from bats_cli import networks, ops
-from bats_cli.errors import UserInputError
-from bats_cli.ops import OPS, OpContext, build_op
-from bats_cli.quant import REAL, BinarySpec, QuantConv2d
-from bats_cli.spaces import SPACES
+from bats_cli.core.errors import UserInputError
+from bats_cli.core.spaces import SPACES
+from bats_cli.layers import ops
+from bats_cli.layers.ops import OPS, OpContext, build_op
+from bats_cli.layers.quant import REAL, BinarySpec, QuantConv2d
+from bats_cli.models import networks
 
 C = 12  # 4 groups of 3 channels, the CIFAR channels-per-group
 
@@ -109,7 +110,7 @@ def test_networks_and_supernet_share_the_registry(monkeypatch):
     assert networks.build_op is ops.build_op
     try:
         # The supernet builds its candidate ops in its mixed ops.
-        from bats_cli.mixed_op import reference as supernet
+        from bats_cli.models.mixed_op import reference as supernet
     except ImportError:
         supernet = None
     if supernet is not None:
@@ -122,7 +123,7 @@ def test_networks_and_supernet_share_the_registry(monkeypatch):
         return original(C_, stride, ctx)
 
     monkeypatch.setitem(OPS, "group_conv_3x3", spy)
-    from bats_cli.zoo import load_zoo_genotype
+    from bats_cli.core.zoo import load_zoo_genotype
 
     networks.build_network(load_zoo_genotype("bats_c10"), layers=3, channels=12, auxiliary=False)
     assert calls, "the network did not build its ops through ops.OPS"

@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from bats_cli.errors import UserInputError
-from bats_cli.modelio import network_settings, unpack
-from bats_cli.networks import build_network
-from bats_cli.pack import (
+from bats_cli.core.errors import UserInputError
+from bats_cli.core.zoo import resolve_genotype
+from bats_cli.layers.quant import binarize_weights_, effective_weight, quant_convs
+from bats_cli.models.modelio import network_settings, unpack
+from bats_cli.models.networks import build_network
+from bats_cli.models.pack import (
     pack_bits,
     packed_size_report,
     save_packed,
     unpack_bits,
 )
-from bats_cli.quant import binarize_weights_, effective_weight, quant_convs
-from bats_cli.zoo import resolve_genotype
 
 
 def test_bits_round_trip_and_zero_is_plus_one():

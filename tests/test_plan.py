@@ -16,7 +16,7 @@ GIB = 2**30
 @pytest.fixture
 def plan_env(monkeypatch, tmp_path):
     """The plan module with its cache in tmp_path and a settable memory room."""
-    from bats_cli import plan
+    from bats_cli.training import plan
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     room = {"available": 64 * GIB, "in_use": GIB}
@@ -38,8 +38,8 @@ def plan_env(monkeypatch, tmp_path):
 
 
 def _args(batch_size=32):
-    from bats_cli.networks import build_network
-    from bats_cli.zoo import resolve_genotype
+    from bats_cli.core.zoo import resolve_genotype
+    from bats_cli.models.networks import build_network
 
     net = build_network(resolve_genotype("bats_c10"), layers=3, channels=6, num_classes=10, in_channels=1)
     return dict(command="train", model=net, device="cpu", dataset="fashion-mini", train_images=640,
@@ -69,7 +69,7 @@ def test_far_below_the_limit_is_timed_not_measured_and_says_so_first(plan_env):
 
 
 def test_far_above_the_limit_is_refused_with_a_batch_that_fits(plan_env, monkeypatch):
-    from bats_cli.memory import rss_bytes
+    from bats_cli.utils.memory import rss_bytes
 
     plan, _room, calls = plan_env
     # 400 MiB of room beyond what the process holds *now*: the first plan's timing step loads
@@ -93,7 +93,7 @@ def test_far_above_the_limit_is_refused_with_a_batch_that_fits(plan_env, monkeyp
 
 
 def test_near_the_limit_is_measured_once_then_reused(plan_env):
-    from bats_cli.plan_measure import meta_band
+    from bats_cli.training.plan_measure import meta_band
 
     plan, room, calls = plan_env
     args = _args()
@@ -111,7 +111,7 @@ def test_near_the_limit_is_measured_once_then_reused(plan_env):
 
 
 def test_an_estimated_plan_is_reused_unless_memory_got_tight(plan_env):
-    from bats_cli.plan_measure import meta_band
+    from bats_cli.training.plan_measure import meta_band
 
     plan, room, calls = plan_env
     first = plan.plan_run(**_args())
@@ -128,7 +128,7 @@ def test_an_estimated_plan_is_reused_unless_memory_got_tight(plan_env):
 
 
 def test_suggested_batches_are_stable_round_numbers():
-    from bats_cli.plan import round_batch
+    from bats_cli.training.plan import round_batch
 
     assert [round_batch(b) for b in (5, 15, 17, 63, 65, 162, 160, 175)] == [5, 15, 16, 56, 64, 160, 160, 160]
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from helpers import cli
 
-from bats_cli.checkpoint import load_checkpoint, read_metadata
-from bats_cli.supernet import SuperNet, SupernetConfig
+from bats_cli.models.supernet import SuperNet, SupernetConfig
+from bats_cli.storage.checkpoint import load_checkpoint, read_metadata
 
 # --preset tiny, on fewer and smaller images so that the three commands take seconds.
 SEARCH = ["--preset", "tiny", "--subset", "32", "--image-size", "8", "--batch-size", "8", "--layers", "3,3,3"]
@@ -91,8 +91,8 @@ def test_search_train_binarize_in_bf16_on_cpu(tmp_path, capsys):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_search_steps_on_cuda(tmp_path, precision):
     """The fast mixed op under CUDA autocast (fp16 with the grad scaler): a short search runs."""
-    from bats_cli.runtime import check_precision
-    from bats_cli.search import SearchConfig, run_search
+    from bats_cli.nas.search import SearchConfig, run_search
+    from bats_cli.utils.runtime import check_precision
 
     try:
         check_precision(torch.device("cuda"), precision)

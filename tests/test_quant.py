@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from bats_cli.errors import UserInputError
-from bats_cli.quant import (
+from bats_cli.core.errors import UserInputError
+from bats_cli.layers.quant import (
     REAL,
     STE_SIGN,
     BinaryConvBlock,

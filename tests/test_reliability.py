@@ -23,7 +23,7 @@ import torch
 from helpers import cli, one_line_error
 from PIL import Image
 
-from bats_cli.errors import UserInputError
+from bats_cli.core.errors import UserInputError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def test_existing_file_as_out_is_one_error_line(tmp_path, capsys):
 
 def _patch_command(monkeypatch, action):
     """`bats genotype show` runs ``action`` instead of loading a genotype."""
-    import bats_cli.zoo as zoo
+    import bats_cli.core.zoo as zoo
 
     def fake(arg):
         return action()
@@ -99,7 +99,7 @@ def test_sigterm_outside_a_run_exits_130(monkeypatch, capsys):
 
 
 def test_second_signal_during_a_run_exits_130(monkeypatch, capsys):
-    from bats_cli.signals import GracefulInterrupt
+    from bats_cli.utils.signals import GracefulInterrupt
 
     def run():
         with GracefulInterrupt():
@@ -170,7 +170,7 @@ def test_derive_and_import_outputs_need_force_and_never_hit_inputs(tmp_path, cap
 
 @pytest.mark.slow
 def test_run_directory_lock_refuses_a_second_process(tmp_path):
-    from bats_cli.rundir import RunDir
+    from bats_cli.storage.rundir import RunDir
 
     out = tmp_path / "run"
     with RunDir(out, resume=False) as run:
@@ -191,7 +191,7 @@ def test_run_directory_lock_refuses_a_second_process(tmp_path):
 
 @pytest.mark.slow
 def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path, capsys):
-    from bats_cli.rundir import RunDir
+    from bats_cli.storage.rundir import RunDir
 
     out = tmp_path / "run"
     out.mkdir()
@@ -204,7 +204,7 @@ def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path, capsys):
 
 
 def test_resume_into_a_folder_that_is_not_a_run_touches_nothing(tmp_path):
-    from bats_cli.rundir import RunDir
+    from bats_cli.storage.rundir import RunDir
 
     folder = tmp_path / "home"
     folder.mkdir()
@@ -216,7 +216,7 @@ def test_resume_into_a_folder_that_is_not_a_run_touches_nothing(tmp_path):
 
 
 def test_unwritable_out_is_refused_before_work(tmp_path):
-    from bats_cli.rundir import RunDir
+    from bats_cli.storage.rundir import RunDir
 
     if os.geteuid() == 0:
         pytest.skip("root can write anywhere")
@@ -426,8 +426,8 @@ def test_gzip_bomb_in_fashion_files_is_refused(tmp_path, monkeypatch):
 
 
 def test_genotype_name_cannot_escape_runs(tmp_path):
-    from bats_cli.genotype import load_genotype
-    from bats_cli.runloop import default_run_dir
+    from bats_cli.core.genotype import load_genotype
+    from bats_cli.training.runloop import default_run_dir
 
     data = json.loads((REPO / "genotypes" / "bats_c10.json").read_text())
     data["name"] = "x/../../../../elsewhere"
@@ -459,7 +459,7 @@ def test_markup_in_a_name_is_printed_literally(tmp_path, capsys):
 
 
 def test_safe_name_and_safe_text():
-    from bats_cli.names import safe_name, safe_text
+    from bats_cli.core.names import safe_name, safe_text
 
     assert safe_name("../..") == "run" and safe_name("a" * 500) == "a" * 64
     assert safe_name(".hidden/../x") == "hidden_._x"
@@ -470,10 +470,10 @@ def test_safe_name_and_safe_text():
 
 
 def _tiny_checkpoint(path: Path, **tamper) -> Path:
-    from bats_cli.checkpoint import save_checkpoint
-    from bats_cli.modelio import model_tensors, network_settings
-    from bats_cli.networks import build_network
-    from bats_cli.zoo import resolve_genotype
+    from bats_cli.core.zoo import resolve_genotype
+    from bats_cli.models.modelio import model_tensors, network_settings
+    from bats_cli.models.networks import build_network
+    from bats_cli.storage.checkpoint import save_checkpoint
 
     g = resolve_genotype("bats_c10")
     model = build_network(g, layers=3, channels=6, num_classes=10, in_channels=1)
@@ -486,7 +486,7 @@ def _tiny_checkpoint(path: Path, **tamper) -> Path:
 
 
 def test_valid_tiny_checkpoint_loads(tmp_path):
-    from bats_cli.modelio import load_model
+    from bats_cli.models.modelio import load_model
 
     load_model(_tiny_checkpoint(tmp_path / "ok.safetensors"))
 
@@ -517,16 +517,16 @@ def test_tampered_checkpoints_are_refused_with_one_line(tmp_path, capsys, tamper
     tensors = tamper.get("tensors", {})
     if "model.classifier.weight" in tensors:
         # Same shape as the real classifier, so only the values are wrong.
-        from bats_cli.networks import build_network
-        from bats_cli.zoo import resolve_genotype
+        from bats_cli.core.zoo import resolve_genotype
+        from bats_cli.models.networks import build_network
 
         shape = build_network(resolve_genotype("bats_c10"), layers=3, channels=6, num_classes=10,
                               in_channels=1).classifier.weight.shape
         tensors["model.classifier.weight"] = torch.full(shape, float("nan"))
     if "config" in tamper and "network" in tamper["config"]:
-        from bats_cli.modelio import network_settings
-        from bats_cli.networks import build_network
-        from bats_cli.zoo import resolve_genotype
+        from bats_cli.core.zoo import resolve_genotype
+        from bats_cli.models.modelio import network_settings
+        from bats_cli.models.networks import build_network
 
         base = network_settings(build_network(resolve_genotype("bats_c10"), layers=3, channels=6,
                                               num_classes=10, in_channels=1))
@@ -536,8 +536,8 @@ def test_tampered_checkpoints_are_refused_with_one_line(tmp_path, capsys, tamper
 
 
 def test_integer_weights_are_refused_where_floats_are_expected(tmp_path, capsys):
-    from bats_cli.networks import build_network
-    from bats_cli.zoo import resolve_genotype
+    from bats_cli.core.zoo import resolve_genotype
+    from bats_cli.models.networks import build_network
 
     shape = build_network(resolve_genotype("bats_c10"), layers=3, channels=6, num_classes=10,
                           in_channels=1).classifier.weight.shape
@@ -554,7 +554,7 @@ def test_special_files_as_inputs_are_refused_without_blocking(tmp_path, capsys, 
     elif kind == "device":
         path = Path("/dev/zero")
     else:
-        from bats_cli.genotype import MAX_TEXT_BYTES
+        from bats_cli.core.genotype import MAX_TEXT_BYTES
 
         path = tmp_path / "big.json"
         path.write_bytes(b" " * (MAX_TEXT_BYTES + 10))
@@ -588,8 +588,8 @@ def test_huge_cells_are_refused(tmp_path, capsys):
 
 
 def test_huge_supernet_is_refused_before_allocation():
-    from bats_cli.preflight import check_supernet_fits
-    from bats_cli.supernet import SuperNet, SupernetConfig
+    from bats_cli.models.supernet import SuperNet, SupernetConfig
+    from bats_cli.utils.preflight import check_supernet_fits
 
     conf = SupernetConfig(channels=60000, layers=5, num_classes=10, in_channels=3)
     with pytest.raises(UserInputError, match="search supernet needs about"):
@@ -635,10 +635,10 @@ def test_search_too_big_to_measure_is_refused_before_allocating(tmp_path):
 
 
 def test_step_estimate_of_a_built_network_allocates_nothing():
-    from bats_cli.networks import build_network
-    from bats_cli.plan import estimate_step
-    from bats_cli.preflight import estimate_network_bytes
-    from bats_cli.zoo import resolve_genotype
+    from bats_cli.core.zoo import resolve_genotype
+    from bats_cli.models.networks import build_network
+    from bats_cli.training.plan import estimate_step
+    from bats_cli.utils.preflight import estimate_network_bytes
 
     net = build_network(resolve_genotype("bats_c10"), layers=3, channels=6, num_classes=10, in_channels=1)
     before = [p.detach().clone() for p in net.parameters()]
@@ -655,9 +655,9 @@ def test_step_estimate_of_a_built_network_allocates_nothing():
 
 
 def test_estimate_matches_the_real_network():
-    from bats_cli.networks import build_network
-    from bats_cli.preflight import estimate_network_bytes
-    from bats_cli.zoo import resolve_genotype
+    from bats_cli.core.zoo import resolve_genotype
+    from bats_cli.models.networks import build_network
+    from bats_cli.utils.preflight import estimate_network_bytes
 
     g = resolve_genotype("bats_c10")
 
@@ -672,7 +672,7 @@ def test_estimate_matches_the_real_network():
 
 
 def test_corrupt_rng_state_in_a_checkpoint_is_one_line():
-    from bats_cli.runtime import restore_rng_state, rng_state_tensors
+    from bats_cli.utils.runtime import restore_rng_state, rng_state_tensors
 
     state = rng_state_tensors()
     state["rng.python_mt"] = torch.zeros(3, dtype=torch.int64)
@@ -709,7 +709,7 @@ def test_onnx_inputs_are_validated_like_checkpoints(tmp_path, capsys, alarm):
 
 @pytest.mark.parametrize("name", [".lock", "metrics.csv"])
 def test_planted_links_in_a_run_directory_redirect_no_write(tmp_path, name):
-    from bats_cli.rundir import RunDir
+    from bats_cli.storage.rundir import RunDir
 
     victim = tmp_path / "bashrc"
     victim.write_text("keep me\n")
@@ -723,7 +723,7 @@ def test_planted_links_in_a_run_directory_redirect_no_write(tmp_path, name):
 
 
 def test_search_state_pointing_past_the_last_stage_is_refused(tmp_path):
-    from bats_cli.checkpoint import read_metadata, save_checkpoint
+    from bats_cli.storage.checkpoint import read_metadata, save_checkpoint
 
     state = {"stage": 63, "epoch": 0, "step": 0, "steps_per_epoch": 5, "stage_seconds": [],
              "in_channels": 1, "num_classes": 10}

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from bats_cli.quant import QuantConv2d, binarize_weights_, quant_convs
-from bats_cli.resnet import build_resnet
+from bats_cli.layers.quant import QuantConv2d, binarize_weights_, quant_convs
+from bats_cli.models.resnet import build_resnet
 from tests.helpers import cli, one_line_error
 
 # He et al.'s ResNet-18 in its CIFAR form (3x3 stride-1 stem, no max-pool), 10 classes.
@@ -87,7 +87,7 @@ def test_step1_has_real_weights_and_binarize_makes_them_binary():
     with torch.no_grad():
         after = net(x)
     assert after.shape == before.shape and not torch.equal(after, before)
-    from bats_cli.counting import count_model
+    from bats_cli.models.counting import count_model
 
     report = count_model(net, (3, 16, 16))
     assert report.binary_params == sum(c.weight.numel() for _, c in convs)
@@ -108,9 +108,9 @@ def test_unknown_model_names_and_cell_options_are_one_line_errors(capsys, tmp_pa
 
 
 def test_settings_without_arch_are_cells():
-    from bats_cli.archs import arch_of
-    from bats_cli.errors import UserInputError
-    from bats_cli.modelio import build_from_settings, network_settings
+    from bats_cli.core.archs import arch_of
+    from bats_cli.core.errors import UserInputError
+    from bats_cli.models.modelio import build_from_settings, network_settings
 
     assert arch_of({}) == "cells"
     settings = network_settings(build_resnet(channels=4))
@@ -169,8 +169,8 @@ def test_resume_refuses_another_network(pipeline, capsys):
 def test_export_of_a_resnet(pipeline, tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from bats_cli.export import export_model
-    from bats_cli.onnx_eval import load_onnx
+    from bats_cli.training.export import export_model
+    from bats_cli.training.onnx_eval import load_onnx
 
     _, _, binarize = pipeline
     result = export_model(binarize["packed"], tmp_path / "m.onnx")

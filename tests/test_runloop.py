@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from bats_cli.checkpoint import load_checkpoint, read_metadata
-from bats_cli.errors import Interrupted
-from bats_cli.rundir import RunDir
-from bats_cli.runloop import Checkpoint, RunJob, RunLoop
+from bats_cli.core.errors import Interrupted
+from bats_cli.storage.checkpoint import load_checkpoint, read_metadata
+from bats_cli.storage.rundir import RunDir
+from bats_cli.training.runloop import Checkpoint, RunJob, RunLoop
 
 
 class ToyJob(RunJob):
@@ -118,7 +118,7 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path, stop_at):
 
 
 def test_seconds_are_the_runs_cumulative_time_across_resume(tmp_path, monkeypatch):
-    import bats_cli.runloop as runloop
+    import bats_cli.training.runloop as runloop
 
     now = [1000.0]
     monkeypatch.setattr(runloop.time, "perf_counter", lambda: now[0])
@@ -141,7 +141,7 @@ def test_seconds_are_the_runs_cumulative_time_across_resume(tmp_path, monkeypatc
 
 
 def test_a_signal_mid_epoch_stops_after_that_step_with_a_checkpoint(tmp_path):
-    from bats_cli.signals import GracefulInterrupt
+    from bats_cli.utils.signals import GracefulInterrupt
 
     stop = GracefulInterrupt()  # a flag; set as a signal handler would
 

@@ -55,9 +55,9 @@ def test_network_probe_fails_fast():
 
 
 def test_tiny_preset_keeps_fashion_mini():
-    from bats_cli.presets import SEARCH_PRESETS, TRAIN_PRESETS
-    from bats_cli.search import SearchConfig
-    from bats_cli.train import TrainConfig
+    from bats_cli.core.presets import SEARCH_PRESETS, TRAIN_PRESETS
+    from bats_cli.nas.search import SearchConfig
+    from bats_cli.pipeline.train import TrainConfig
 
     assert TrainConfig(genotype="x").dataset == "cifar10" and SearchConfig().dataset == "cifar10"
     assert TRAIN_PRESETS["tiny"]["dataset"] == SEARCH_PRESETS["tiny"]["dataset"] == "fashion-mini"
@@ -103,7 +103,7 @@ def test_dry_run_estimate_within_half_and_twice_the_real_peak(tmp_path):
 
 
 def test_plan_refuses_a_batch_that_cannot_fit(monkeypatch, tmp_path, capsys):
-    from bats_cli import memory
+    from bats_cli.utils import memory
 
     # Room for this process as it is now plus some images, not for 2048 of them. Fixed once:
     # the plan trims the heap before measuring, so the process's RSS moves between the calls.
@@ -127,8 +127,8 @@ def test_plan_refuses_a_batch_that_cannot_fit(monkeypatch, tmp_path, capsys):
 
 
 def test_memory_model_arithmetic():
-    from bats_cli.plan import Plan, check_fits
-    from bats_cli.plan_measure import MemoryModel
+    from bats_cli.training.plan import Plan, check_fits
+    from bats_cli.training.plan_measure import MemoryModel
 
     m = MemoryModel(fixed_bytes=100.0, per_image_bytes=10.0)
     assert m.at(5) == 150 and m.largest_batch(205) == 10
@@ -136,7 +136,7 @@ def test_memory_model_arithmetic():
              parameters=1, batch_size=64, steps_per_epoch=1, epochs=1, total_steps=1,
              peak_memory_bytes=2**31, memory="RAM", available_memory_bytes=2**30,
              largest_fitting_batch=12, fits=False)
-    from bats_cli.errors import UserInputError
+    from bats_cli.core.errors import UserInputError
 
     with pytest.raises(UserInputError, match="--batch-size 12"):
         check_fits(p)
@@ -147,7 +147,7 @@ def test_memory_model_arithmetic():
 
 
 def test_plain_progress_lines_carry_run_step_speed_and_eta():
-    from bats_cli.progress import Reporter
+    from bats_cli.utils.progress import Reporter
 
     stream = io.StringIO()
     rep = Reporter(stream=stream, tty=False, every_steps=3, every_seconds=3600)
@@ -169,9 +169,9 @@ def test_plain_progress_lines_carry_run_step_speed_and_eta():
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
-    from bats_cli.search import SearchConfig, run_search
-    from bats_cli.train import TrainConfig, train
-    from bats_cli.zoo import resolve_genotype
+    from bats_cli.core.zoo import resolve_genotype
+    from bats_cli.nas.search import SearchConfig, run_search
+    from bats_cli.pipeline.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("runs")
     search = SearchConfig(dataset="fashion-mini", subset=32, image_size=8, batch_size=8, epochs=2,
@@ -231,7 +231,7 @@ def test_report_without_matplotlib_names_the_extra(tiny_runs, monkeypatch, capsy
 def test_search_accuracies_are_percentages(tiny_runs):
     import csv
 
-    from bats_cli.search_records import EpochSums
+    from bats_cli.nas.search_records import EpochSums
 
     assert EpochSums(w_correct=3, w_count=4, a_correct=1, a_count=4).metrics()["train_acc"] == 75.0
     rows = list(csv.DictReader(open(tiny_runs[0] / "search" / "metrics.csv")))
@@ -302,7 +302,7 @@ def test_one_spelling_of_weight_decay(capsys):
 
 
 def test_terminal_bar_never_cuts_its_clock():
-    from bats_cli.progress import Reporter
+    from bats_cli.utils.progress import Reporter
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -324,8 +324,8 @@ def test_terminal_bar_never_cuts_its_clock():
 
 
 def test_cell_plots_number_nodes_as_the_json_without_tex_or_overlaps(tmp_path, capsys):
-    from bats_cli.plot import _panels, _place_labels, to_svg
-    from bats_cli.zoo import resolve_genotype, zoo_names
+    from bats_cli.core.zoo import resolve_genotype, zoo_names
+    from bats_cli.studies.plot import _panels, _place_labels, to_svg
 
     for name in zoo_names():
         g = resolve_genotype(name)

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from bats_cli import fileio, progress, rundir, runtime, signals
-from bats_cli.checkpoint import load_checkpoint, save_checkpoint
-from bats_cli.errors import Interrupted, UserInputError
+from bats_cli.core import fileio
+from bats_cli.core.errors import Interrupted, UserInputError
+from bats_cli.storage import rundir
+from bats_cli.storage.checkpoint import load_checkpoint, save_checkpoint
+from bats_cli.utils import progress, runtime, signals
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,7 +32,7 @@ def test_atomic_write_and_failure_keeps_old(tmp_path, monkeypatch):
     fileio.atomic_write_json(target, {"x": float("nan"), "p": Path("/y"), "t": torch.tensor([1, 2])})
     assert json.loads(target.read_text()) == {"x": None, "p": "/y", "t": [1, 2]}
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("nope")))
-    from bats_cli.errors import RunFailure
+    from bats_cli.core.errors import RunFailure
 
     with pytest.raises(RunFailure, match="nope"):  # one clear runtime error naming the file
         fileio.atomic_write_text(target, "new")
@@ -127,9 +129,9 @@ def test_graceful_interrupt_in_process():
 
 _LOOP = r"""
 import sys, time, torch
-from bats_cli.errors import BatsError
-from bats_cli.signals import GracefulInterrupt
-from bats_cli.checkpoint import save_checkpoint
+from bats_cli.core.errors import BatsError
+from bats_cli.utils.signals import GracefulInterrupt
+from bats_cli.storage.checkpoint import save_checkpoint
 out = sys.argv[1]
 w = torch.zeros(3)
 def run():
@@ -170,9 +172,9 @@ def test_sigterm_saves_checkpoint_and_exits_130(tmp_path):
 _LOADER_LOOP = r"""
 import sys, time, torch
 from torch.utils.data import DataLoader, TensorDataset
-from bats_cli.errors import BatsError
-from bats_cli.signals import GracefulInterrupt, shield_worker_from_signals
-from bats_cli.checkpoint import save_checkpoint
+from bats_cli.core.errors import BatsError
+from bats_cli.utils.signals import GracefulInterrupt, shield_worker_from_signals
+from bats_cli.storage.checkpoint import save_checkpoint
 out = sys.argv[1]
 loader = DataLoader(TensorDataset(torch.arange(100000.0)), batch_size=1, num_workers=2,
                     worker_init_fn=shield_worker_from_signals)

@@ -15,15 +15,15 @@ import torch
 from helpers import cli as _cli
 from helpers import one_line_error as _one_line_error
 
-from bats_cli.checkpoint import load_checkpoint, read_metadata
-from bats_cli.config import validate_config
-from bats_cli.derive import edge_entropy, load_arch_snapshot
-from bats_cli.errors import Interrupted, UserInputError
-from bats_cli.genotype import load_genotype
-from bats_cli.presets import SEARCH_PRESETS
-from bats_cli.search import SearchConfig, run_search
-from bats_cli.searcher import Searcher, drop_weakest_ops
-from bats_cli.spaces import SPACES
+from bats_cli.core.config import validate_config
+from bats_cli.core.errors import Interrupted, UserInputError
+from bats_cli.core.genotype import load_genotype
+from bats_cli.core.presets import SEARCH_PRESETS
+from bats_cli.core.spaces import SPACES
+from bats_cli.nas.derive import edge_entropy, load_arch_snapshot
+from bats_cli.nas.search import SearchConfig, run_search
+from bats_cli.nas.searcher import Searcher, drop_weakest_ops
+from bats_cli.storage.checkpoint import load_checkpoint, read_metadata
 
 # Small enough for CPU tests: 8 px images, 2 steps per epoch, 3 cells (the least with a normal cell).
 TINY = dict(
@@ -196,8 +196,8 @@ class _Data(torch.utils.data.Dataset):
 
 
 def _searcher(tmp_path, **kw):
-    from bats_cli.progress import Reporter
-    from bats_cli.rundir import RunDir
+    from bats_cli.storage.rundir import RunDir
+    from bats_cli.utils.progress import Reporter
 
     cfg = SearchConfig(**{**TINY, **kw})
     s = Searcher(cfg, run=RunDir(tmp_path / "run", resume=False), reporter=Reporter(quiet=True),
@@ -227,7 +227,7 @@ def test_arch_step_moves_only_alpha_and_weight_step_only_weights(tmp_path):
 
 
 def test_low_temperature_sharpens_every_edge():
-    from bats_cli.supernet import SuperNet, SupernetConfig
+    from bats_cli.models.supernet import SuperNet, SupernetConfig
 
     torch.manual_seed(0)
     alphas = 0.3 * torch.randn(14, 8)
@@ -388,7 +388,7 @@ def test_cli_bad_input_is_one_line_exit_2(argv, needle, tmp_path, capsys):
 
 
 def test_presets_resolve():
-    from bats_cli.config import resolve_config
+    from bats_cli.core.config import resolve_config
 
     tiny = resolve_config(SearchConfig, preset="tiny", presets=SEARCH_PRESETS, overrides={"epochs": 3})
     assert tiny.layers == (3, 4, 5) and tiny.epochs == 3 and tiny.ops == (8, 5, 3)

@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from bats_cli.cell_similarity import cell_similarity, chance_similarity
-from bats_cli.search_health import (
+from bats_cli.nas.cell_similarity import cell_similarity, chance_similarity
+from bats_cli.nas.search_health import (
     alpha_measures,
     cell_changes,
     doc_measures,
@@ -52,9 +52,9 @@ def test_stage_warnings_flag_uniform_alpha_and_an_unsettled_cell():
 
 
 def _entropy_fall(cifar10_mini_dir, tmp_path, name, **overrides):
-    from bats_cli.config import resolve_config
-    from bats_cli.presets import SEARCH_PRESETS
-    from bats_cli.search import SearchConfig, run_search
+    from bats_cli.core.config import resolve_config
+    from bats_cli.core.presets import SEARCH_PRESETS
+    from bats_cli.nas.search import SearchConfig, run_search
 
     # The cpu preset's α settings on a 3-cell first stage, cut to 6 architecture steps (one
     # epoch of 384 images, no warm-up).
@@ -168,7 +168,7 @@ def test_cell_similarity_of_identical_and_partly_shared_cells():
 
 
 def test_chance_similarity_matches_random_genotypes():
-    from bats_cli.random_genotypes import random_genotype
+    from bats_cli.nas.random_genotypes import random_genotype
 
     chance = chance_similarity("bats")
     # 7 ops other than none; nodes with 2..5 inputs: mean of 2 / (n * 7).
@@ -184,7 +184,7 @@ def test_chance_similarity_matches_random_genotypes():
 
 @pytest.fixture(scope="module")
 def small_search(tmp_path_factory):
-    from bats_cli.search import SearchConfig, run_search
+    from bats_cli.nas.search import SearchConfig, run_search
 
     out = tmp_path_factory.mktemp("health") / "search"
     # 2 stages of 3 epochs (1 warm-up) on 32 images: α gets 4 steps per stage at the paper's lr.
@@ -214,7 +214,7 @@ def test_summarise_run_matches_what_the_search_recorded(small_search):
         assert s["entropy_normal_rel"] < s["entropy_normal_rel_t1"]
         before, after = (json.loads((out / "genotypes" / f"stage{s['stage']}_epoch{e:02d}.json").read_text())
                          for e in (2, 3))
-        from bats_cli.search_health import changed_edges
+        from bats_cli.nas.search_health import changed_edges
 
         assert s["changed_edges"] == changed_edges(before, after) and s["changed_epochs"] == 1
         assert s["edges"] == 16
@@ -237,7 +237,7 @@ def test_summarise_run_reads_runs_of_older_code(small_search, tmp_path):
     and so do files with weights only (α recovered from T log w)."""
     import shutil
 
-    from bats_cli.errors import UserInputError
+    from bats_cli.core.errors import UserInputError
 
     with pytest.raises(UserInputError, match="alphas"):
         summarise_run(tmp_path)

@@ -1,4 +1,4 @@
-"""bats_cli.stats against values worked out by hand (shown in comments) or from published tables."""
+"""bats_cli.studies.stats against values worked out by hand (shown in comments) or from published tables."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from bats_cli.stats import (
+from bats_cli.studies.stats import (
     WILCOXON_MAX_M,
     _t_two_sided_p,
     binomial_se,

@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bats_cli.mixed_op import FastMixedOp, ReferenceMixedOp
-from bats_cli.quant import REAL, BinarySpec
-from bats_cli.spaces import edge_count, get_space
-from bats_cli.supernet import SuperNet, SupernetConfig
+from bats_cli.core.spaces import edge_count, get_space
+from bats_cli.layers.quant import REAL, BinarySpec
+from bats_cli.models.mixed_op import FastMixedOp, ReferenceMixedOp
+from bats_cli.models.supernet import SuperNet, SupernetConfig
 
 TINY = SupernetConfig(channels=6, layers=3)
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from bats_cli.errors import UserInputError
-from bats_cli.networks import build_network
-from bats_cli.ops import ChannelShuffle, GroupConvOp, OpContext, build_op
-from bats_cli.quant import BinarySpec
-from bats_cli.zoo import resolve_genotype
+from bats_cli.core.errors import UserInputError
+from bats_cli.core.zoo import resolve_genotype
+from bats_cli.layers.ops import ChannelShuffle, GroupConvOp, OpContext, build_op
+from bats_cli.layers.quant import BinarySpec
+from bats_cli.models.networks import build_network
 
 C = 12
 
@@ -76,7 +76,7 @@ def test_group_policy_and_channels_per_group(policy, cpg, groups_after_reduction
 
 
 def test_supernet_takes_the_switches_and_the_fast_path_matches_the_reference():
-    from bats_cli.supernet import SuperNet, SupernetConfig
+    from bats_cli.models.supernet import SuperNet, SupernetConfig
 
     kw = dict(channels=12, layers=3, steps=2, spec=BinarySpec(activations=True), channel_shuffle=4,
               reduce_shortcut="none", group_policy="channels", channels_per_group=6)
@@ -91,8 +91,8 @@ def test_supernet_takes_the_switches_and_the_fast_path_matches_the_reference():
 
 
 def test_search_and_train_configs_take_the_switches():
-    from bats_cli.search import SearchConfig
-    from bats_cli.train import TrainConfig
+    from bats_cli.nas.search import SearchConfig
+    from bats_cli.pipeline.train import TrainConfig
 
     s = SearchConfig(channel_shuffle=4, reduce_shortcut="none", group_policy="channels", channels_per_group=3)
     assert (s.channel_shuffle, s.reduce_shortcut, s.group_policy) == (4, "none", "channels")
@@ -104,14 +104,14 @@ def test_search_and_train_configs_take_the_switches():
 
 @pytest.mark.slow
 def test_train_optimizer_sgd_is_used(tmp_path):
-    from bats_cli.train import TrainConfig, train
+    from bats_cli.pipeline.train import TrainConfig, train
 
     cfg = TrainConfig(genotype="bats_c10", dataset="fashion-mini", optimizer="sgd", real=True, layers=3,
                       channels=6, epochs=1,
                       batch_size=16, subset=32, threads=1, auxiliary=False)
     res = train(cfg, genotype=resolve_genotype("bats_c10"), out=tmp_path / "r", quiet=True,
                 handle_signals=False)
-    from bats_cli.checkpoint import read_metadata
+    from bats_cli.storage.checkpoint import read_metadata
 
     meta = read_metadata(tmp_path / "r" / "last.safetensors")
     assert meta.config["run"]["optimizer"] == "sgd" and res["epochs"] == 1

@@ -14,15 +14,15 @@ import pytest
 import torch
 from helpers import cli, one_line_error
 
-from bats_cli.binarize import BinarizeConfig, binarize
-from bats_cli.checkpoint import load_checkpoint, read_metadata, save_checkpoint
-from bats_cli.errors import Interrupted
-from bats_cli.evaluate import evaluate_checkpoint
-from bats_cli.modelio import load_model
-from bats_cli.quant import effective_weight, quant_convs
-from bats_cli.schedule import cosine_lr
-from bats_cli.train import TrainConfig, train
-from bats_cli.zoo import resolve_genotype
+from bats_cli.core.errors import Interrupted
+from bats_cli.core.zoo import resolve_genotype
+from bats_cli.layers.quant import effective_weight, quant_convs
+from bats_cli.models.modelio import load_model
+from bats_cli.pipeline.binarize import BinarizeConfig, binarize
+from bats_cli.pipeline.train import TrainConfig, train
+from bats_cli.storage.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from bats_cli.training.evaluate import evaluate_checkpoint
+from bats_cli.utils.schedule import cosine_lr
 
 REPO = Path(__file__).resolve().parents[1]
 # Smallest network (3 cells, 6 channels) on 128 fashion-mini images: 4 steps per epoch.
@@ -154,9 +154,9 @@ def test_cosine_schedule_per_step():
 
 
 def test_paper_defaults():
+    from bats_cli.core.presets import TRAIN_PRESETS
     from bats_cli.data import AugmentConfig
-    from bats_cli.presets import TRAIN_PRESETS
-    from bats_cli.train import PAPER_EPOCHS, resolve_augment
+    from bats_cli.pipeline.train import PAPER_EPOCHS, resolve_augment
 
     cfg = TrainConfig(genotype="x")
     assert (cfg.batch_size, cfg.lr, cfg.aux_weight, cfg.drop_path, cfg.epochs) == (256, 1e-3, 0.4, 0.0, None)

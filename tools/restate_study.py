@@ -24,11 +24,11 @@ import re
 import sys
 from pathlib import Path
 
-from bats_cli.fileio import atomic_write_json, atomic_write_text
-from bats_cli.stats import binomial_se
-from bats_cli.study_compare import compare
-from bats_cli.study_jobs import StudyOptions
-from bats_cli.study_summary import markdown
+from bats_cli.core.fileio import atomic_write_json, atomic_write_text
+from bats_cli.studies.compare import compare
+from bats_cli.studies.jobs import StudyOptions
+from bats_cli.studies.results import markdown
+from bats_cli.studies.stats import binomial_se
 
 
 def _relative(path: str | None, marker: str) -> str | None:

@@ -23,10 +23,10 @@ from bats_cli.cli.options import (
     preset_option,
 )
 from bats_cli.cli.output import emit_result
-from bats_cli.errors import UserInputError
+from bats_cli.core.errors import UserInputError
 
 STUDY = "Study"
-# bats_cli.study_catalog.PRESETS, in words (that module is not imported for --help).
+# bats_cli.studies.catalog.PRESETS, in words (that module is not imported for --help).
 ABLATE_PRESETS = {
     "cpu": "minutes per job on a CPU",
     "paper": "the paper's full settings, GPU",
@@ -132,9 +132,9 @@ def ablate_command(
 
     Example: bats ablate space --reuse runs/ablate-temperature (the BATS rows are not run twice)
     """
-    from bats_cli.study_jobs import StudyOptions, build_jobs, emit_lines
-    from bats_cli.study_run import run_study
-    from bats_cli.study_summary import write_summary
+    from bats_cli.studies.jobs import StudyOptions, build_jobs, emit_lines
+    from bats_cli.studies.results import write_summary
+    from bats_cli.studies.runner import run_study
 
     o = StudyOptions(study=study, out=out or Path("runs") / f"ablate-{study}", preset=preset,
                      dataset=dataset, data_dir=path_or_none(data_dir), seeds=seeds or 1, jobs=jobs,
@@ -148,24 +148,24 @@ def ablate_command(
     if (evaluate_on or publish or summary) and not o.out.is_dir():
         raise UserInputError(f"--out {o.out}: no study there yet")
     if evaluate_on or publish or summary:
-        from bats_cli.study_jobs import recorded_options
+        from bats_cli.studies.jobs import recorded_options
 
         # A study directory records its options: re-checking it needs only --out.
         o = replace(recorded_options(o.out, study, seeds=seeds, variants=o.variants) or o, jobs=jobs, threads=threads)
     if evaluate_on:
-        from bats_cli.study_publish import evaluate_on as reevaluate
+        from bats_cli.studies.publish import evaluate_on as reevaluate
 
         log = (lambda m: print(m, file=sys.stderr, flush=True))
         emit_result(reevaluate(o, evaluate_on, log=log), as_json=as_json, table_fn=result_table)
         return
     if publish:
-        from bats_cli.study_publish import publish as publish_study
+        from bats_cli.studies.publish import publish as publish_study
 
         log = (lambda m: print(m, file=sys.stderr, flush=True))
         emit_result(publish_study(o, publish, log=log), as_json=as_json, table_fn=result_table)
         return
     if emit:
-        from bats_cli.study_jobs import EMIT_FORMATS, slurm_script
+        from bats_cli.studies.jobs import EMIT_FORMATS, slurm_script
 
         if emit not in EMIT_FORMATS:
             raise UserInputError(f"--emit {emit!r}: choose one of {', '.join(EMIT_FORMATS)}")

@@ -43,7 +43,7 @@ from bats_cli.cli.run_helpers import (
     run_planned,
     starting,
 )
-from bats_cli.presets import BINARIZE_PRESETS
+from bats_cli.core.presets import BINARIZE_PRESETS
 
 FT = "Fine-tuning"
 BinarizePresetOpt = preset_option(BINARIZE_PRESETS)
@@ -137,9 +137,9 @@ def binarize_command(
     from); ReActNet's: --teacher a real-valued network (bats train --real).
     """
     starting("binarize", "loading torch, the checkpoint and the data", quiet=quiet or print_config_)
-    from bats_cli.binarize import BinarizeConfig, binarize
-    from bats_cli.config import load_config_file, resolve_config
-    from bats_cli.outputs import check_output_file
+    from bats_cli.core.config import load_config_file, resolve_config
+    from bats_cli.pipeline.binarize import BinarizeConfig, binarize
+    from bats_cli.utils.outputs import check_output_file
 
     if packed is not None:
         run_out = out if out is not None else checkpoint.parent / "binarize"

@@ -22,8 +22,8 @@ from bats_cli.cli.options import (
     preset_option,
 )
 from bats_cli.cli.output import console_text, emit_result
-from bats_cli.errors import UserInputError
-from bats_cli.presets import TRAIN_PRESETS
+from bats_cli.core.errors import UserInputError
+from bats_cli.core.presets import TRAIN_PRESETS
 
 
 def _table(result: Mapping[str, Any]) -> Any:
@@ -162,13 +162,13 @@ def derive_command(
     """
     import math
 
-    from bats_cli.derive import (
+    from bats_cli.nas.derive import (
         derive_from_checkpoint,
         edge_entropy,
         load_arch_snapshot,
         parameter_free_share,
     )
-    from bats_cli.random_genotypes import random_genotype
+    from bats_cli.nas.random_genotypes import random_genotype
 
     # Bounds the flags' own types do not say: NaN passes every comparison, and a draw or an
     # image more is time; each of these would otherwise run for hours (or for ever).
@@ -205,7 +205,7 @@ def derive_command(
         raise UserInputError(f"--match-by {match_by!r}: choose params or ops")
     if plot is not None and plot.suffix.lower() not in (".svg", ".png"):
         raise UserInputError(f"--plot {plot}: choose a .svg or .png file name")
-    from bats_cli.outputs import check_distinct, check_output_file
+    from bats_cli.utils.outputs import check_distinct, check_output_file
 
     inputs = [checkpoint, checkpoint / "last.safetensors"] if checkpoint is not None else []
     check_distinct({"--output": output, "--plot": plot, "--dot": dot})
@@ -215,14 +215,14 @@ def derive_command(
     entropy = None
     extra: dict[str, Any] = {}
     if random and match is not None:
-        from bats_cli.random_genotypes import (
+        from bats_cli.core.zoo import resolve_genotype
+        from bats_cli.nas.random_genotypes import (
             DEFAULT_MATCH_PRESET,
             DEFAULT_MAX_DRAWS,
             DEFAULT_TOLERANCE,
             match_network,
             matched_random_genotype,
         )
-        from bats_cli.zoo import resolve_genotype
 
         target = resolve_genotype(match)
         if space is not None and space != target.space:
@@ -240,8 +240,8 @@ def derive_command(
     elif random:
         g = random_genotype(space or "bats", seed, 4 if nodes is None else nodes, name=name)
     elif select == "perturbation":
-        from bats_cli.progress import Reporter
-        from bats_cli.selection import DEFAULT_IMAGES, derive_by_perturbation
+        from bats_cli.nas.selection import DEFAULT_IMAGES, derive_by_perturbation
+        from bats_cli.utils.progress import Reporter
 
         reporter = Reporter(quiet=quiet)
         picked = _with_threads(
@@ -269,11 +269,11 @@ def derive_command(
     if output is not None:
         g.save(output)
     if plot is not None:
-        from bats_cli.plot import save_plot
+        from bats_cli.studies.plot import save_plot
 
         result["plot"] = str(save_plot(g, plot))
     if dot is not None:
-        from bats_cli.plot import save_dot
+        from bats_cli.studies.plot import save_dot
 
         result["dot"] = str(save_dot(g, dot))
     if as_json:
@@ -288,7 +288,7 @@ def derive_command(
 
 def _with_threads(threads: int | None, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)`` on ``threads`` CPU threads; torch's count is restored after."""
-    from bats_cli.runloop import restores_threads, set_threads
+    from bats_cli.training.runloop import restores_threads, set_threads
 
     @restores_threads
     def run() -> Any:

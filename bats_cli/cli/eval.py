@@ -27,7 +27,7 @@ from bats_cli.cli.options import (
     output_option,
 )
 from bats_cli.cli.output import emit_result, key_value_table
-from bats_cli.config import MAX_BATCH, MAX_IMAGES
+from bats_cli.core.config import MAX_BATCH, MAX_IMAGES
 
 EvalOutputOpt = output_option("Also write the result as JSON to this file (atomically; `bats ablate` reads it), "
                               "and the per-image predictions beside it (see --predictions).")
@@ -120,24 +120,24 @@ def eval_command(
 
     Example: bats eval tiny.packed.safetensors --output eval.json   (+ eval.predictions.npy)
     """
-    from bats_cli.evaluate import predictions_path, write_eval_files
-    from bats_cli.onnx_eval import is_onnx_file
+    from bats_cli.training.evaluate import predictions_path, write_eval_files
+    from bats_cli.training.onnx_eval import is_onnx_file
 
     per_image = predictions_path(output, predictions)
     if output is not None:
-        from bats_cli.outputs import check_output_file
+        from bats_cli.utils.outputs import check_output_file
 
         # Never the input or a folder, and its folder must take the file: checked before the evaluation.
         check_output_file(output, flag="--output", force=force, inputs=[checkpoint])
     if per_image is not None:
-        from bats_cli.outputs import check_output_file
+        from bats_cli.utils.outputs import check_output_file
 
         # Like --output's JSON, and never the JSON itself.
         check_output_file(per_image, flag="--predictions", force=force, inputs=[checkpoint],
                           reserved=[output])
     if is_onnx_file(checkpoint):
-        from bats_cli.errors import UserInputError
-        from bats_cli.onnx_eval import evaluate_onnx
+        from bats_cli.core.errors import UserInputError
+        from bats_cli.training.onnx_eval import evaluate_onnx
 
         if engine != "float" or device not in ("auto", "cpu") or precision not in (None, "fp32"):
             raise UserInputError("an .onnx file runs on onnxruntime's CPU path in fp32; "
@@ -148,8 +148,8 @@ def eval_command(
             num_workers=num_workers or 0, threads=threads, return_predictions=per_image is not None,
         )
     else:
-        from bats_cli.evaluate import evaluate_checkpoint
-        from bats_cli.progress import Reporter
+        from bats_cli.training.evaluate import evaluate_checkpoint
+        from bats_cli.utils.progress import Reporter
 
         result = evaluate_checkpoint(
             checkpoint, dataset=dataset, data_dir=data_dir, download=download,

@@ -47,8 +47,8 @@ def export_command(
 
     Example: bats export runs/tiny.packed.safetensors -o tiny.onnx
     """
-    from bats_cli.export import export_model
-    from bats_cli.outputs import check_output_file
+    from bats_cli.training.export import export_model
+    from bats_cli.utils.outputs import check_output_file
 
     check_output_file(out, flag="-o", force=force, inputs=[model])  # before the onnx import
     result = export_model(model, out, force=force)

@@ -10,7 +10,7 @@ import typer
 
 from bats_cli.cli.app import app
 from bats_cli.cli.options import DatasetOpt, JsonOpt, ThreadsOpt
-from bats_cli.errors import UserInputError
+from bats_cli.core.errors import UserInputError
 
 
 @app.command("flops")
@@ -78,7 +78,7 @@ def flops(
 
     Example: bats flops runs/search-tiny   (a search: the network of the genotype it derives)
     """
-    from bats_cli.summary import summary
+    from bats_cli.pipeline.summary import summary
 
     for name, value in (("--layers", layers), ("--channels", channels)):
         if value is not None and value < 1:
@@ -88,7 +88,7 @@ def flops(
     result = counted.result
     if profile:
         from bats_cli.engine.profile import profile_network
-        from bats_cli.runloop import restores_threads, set_threads
+        from bats_cli.training.runloop import restores_threads, set_threads
 
         @restores_threads
         def measure():
@@ -120,7 +120,7 @@ def _table(rows, columns: tuple[str, ...], title: str | None = None):
 
 def _print_tables(result: dict[str, Any], *, verbose: bool) -> None:
     from bats_cli.cli.output import console_text, stdout_console
-    from bats_cli.summary import breakdown_rows, headline, precision_rows, summary_rows
+    from bats_cli.pipeline.summary import breakdown_rows, headline, precision_rows, summary_rows
 
     console = stdout_console()
     console.print(f"[bold]{console_text(result['genotype'])}[/bold]{console_text(headline(result))}")

@@ -12,8 +12,8 @@ import typer
 
 from bats_cli.cli.app import app
 from bats_cli.cli.options import ForceOpt, JsonOpt, output_option
-from bats_cli.errors import UserInputError
-from bats_cli.names import exists, safe_text
+from bats_cli.core.errors import UserInputError
+from bats_cli.core.names import exists, safe_text
 
 genotype_app = typer.Typer(
     help=(
@@ -58,13 +58,13 @@ def show(
     """
     from rich.table import Table
 
-    from bats_cli.genotype import CELLS
-    from bats_cli.zoo import resolve_genotype
+    from bats_cli.core.genotype import CELLS
+    from bats_cli.core.zoo import resolve_genotype
 
     g = resolve_genotype(genotype)
     if plot is not None:
-        from bats_cli.outputs import check_output_file
-        from bats_cli.plot import save_plot
+        from bats_cli.studies.plot import save_plot
+        from bats_cli.utils.outputs import check_output_file
 
         check_output_file(plot, flag="--plot", force=force)
         written = save_plot(g, plot)
@@ -112,7 +112,7 @@ def validate(
 
     Example: bats genotype validate genotypes/*.json
     """
-    from bats_cli.zoo import resolve_genotype
+    from bats_cli.core.zoo import resolve_genotype
 
     errors: list[str] = []
     for f in files:
@@ -136,7 +136,7 @@ def schema() -> None:
 
     Example: bats genotype schema > genotype.schema.json
     """
-    from bats_cli.genotype import genotype_json_schema
+    from bats_cli.core.genotype import genotype_json_schema
 
     sys.stdout.write(json.dumps(genotype_json_schema(), indent=2) + "\n")
 
@@ -149,7 +149,7 @@ def list_(
 
     Example: bats genotype list --json
     """
-    from bats_cli.zoo import load_zoo_genotype, zoo_names
+    from bats_cli.core.zoo import load_zoo_genotype, zoo_names
 
     rows = []
     for name in zoo_names():
@@ -213,9 +213,9 @@ def import_(
 
     Example: bats genotype import darts/cnn/genotypes.py --pick DARTS_V2 -o darts_v2.json
     """
-    from bats_cli.darts_import import parse_darts_genotype
-    from bats_cli.fileio import read_bounded
-    from bats_cli.genotype import MAX_TEXT_BYTES
+    from bats_cli.core.darts_import import parse_darts_genotype
+    from bats_cli.core.fileio import read_bounded
+    from bats_cli.core.genotype import MAX_TEXT_BYTES
 
     if text == "-":
         body = sys.stdin.read(MAX_TEXT_BYTES + 1)
@@ -235,7 +235,7 @@ def import_(
     else:
         body = text
     if output is not None:
-        from bats_cli.outputs import check_output_file
+        from bats_cli.utils.outputs import check_output_file
 
         check_output_file(output, flag="--output", force=force,
                           inputs=[text] if text != "-" and "Genotype" not in text else [])
@@ -253,8 +253,8 @@ def import_(
 def _check_run_files(runs: list[Path]) -> None:
     """The files `genotype best` reads from each run, checked where they enter: bounded JSON
     objects, and the recorded genotype a valid one."""
-    from bats_cli.genotype import Genotype
-    from bats_cli.rundir import read_json_file
+    from bats_cli.core.genotype import Genotype
+    from bats_cli.storage.rundir import read_json_file
 
     for run in runs:
         for name in ("result.json", "config.json"):
@@ -289,8 +289,8 @@ def best(
 
     Example: bats genotype best runs/cand0 runs/cand1 runs/cand2 -o best.json
     """
-    from bats_cli.outputs import check_output_file
-    from bats_cli.study_jobs import best_of_runs
+    from bats_cli.studies.jobs import best_of_runs
+    from bats_cli.utils.outputs import check_output_file
 
     check_output_file(output, flag="--output", force=force, inputs=[])
     _check_run_files(runs)

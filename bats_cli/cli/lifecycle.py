@@ -44,14 +44,14 @@ def _click_exceptions() -> tuple[type, type, type]:
 
 
 def _print_error(text: str) -> None:
-    from bats_cli.names import safe_text
+    from bats_cli.core.names import safe_text
 
     with contextlib.suppress(OSError, ValueError):
         print(f"error: {safe_text(text)}", file=sys.stderr, flush=True)
 
 
 def _say(message: str) -> None:
-    from bats_cli.names import safe_text
+    from bats_cli.core.names import safe_text
 
     with contextlib.suppress(OSError, ValueError):
         print(safe_text(message), file=sys.stderr, flush=True)
@@ -215,7 +215,7 @@ def _command(app: Any, build: Any) -> Any:
 
 
 def _run(argv: list[str] | None) -> int:
-    from bats_cli.errors import BatsError
+    from bats_cli.core.errors import BatsError
 
     click_exception, usage_error, abort = _click_exceptions()
     try:

@@ -7,7 +7,7 @@ Use them as parameter annotations::
               device: DeviceOpt = "auto", as_json: JsonOpt = False, quiet: QuietOpt = False): ...
 
 Defaults are None where a preset (or the paper default in the command's config model) supplies
-the value; pass them to ``bats_cli.config.resolve_config`` as overrides. ``-o/--output`` always
+the value; pass them to ``bats_cli.core.config.resolve_config`` as overrides. ``-o/--output`` always
 names an output FILE, ``--out`` a run or study DIRECTORY, and ``--force`` only ever overwrites
 outputs (``--ignore-plan`` overrides the memory plan).
 """
@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, Optional
 import typer
 
 # One limit for flags and files.
-from bats_cli.config import MAX_IMAGE_SIZE, MAX_IMAGES, MAX_SEED, MAX_THREADS, MAX_WORKERS
+from bats_cli.core.config import MAX_IMAGE_SIZE, MAX_IMAGES, MAX_SEED, MAX_THREADS, MAX_WORKERS
 
 # Help panels.
 DATA = "Data"
@@ -75,7 +75,7 @@ def preset_option(presets: Mapping[str, Any], *, lead: str = PRESET_HELP, also: 
     """THE ``--preset`` type: a name from ``presets``, refused at parse time otherwise, whose help
     lists what each preset sets (``described``: that list in words, for presets that are not
     settings; ``also``: a further sentence, e.g. another network's presets)."""
-    from bats_cli.presets import describe_presets
+    from bats_cli.core.presets import describe_presets
 
     listing = described if described is not None else describe_presets(presets)
     return Annotated[

@@ -26,7 +26,7 @@ def console_text(value: Any) -> str:
     """``value`` for a rich table or markup string: no escapes, no markup from file contents."""
     from rich.markup import escape
 
-    from bats_cli.names import safe_text
+    from bats_cli.core.names import safe_text
 
     return escape(safe_text(value))
 
@@ -37,7 +37,7 @@ def pct(value: float | None) -> str:
 
 
 def _default_table(result: Mapping[str, Any]) -> Any:
-    from bats_cli.fileio import to_jsonable
+    from bats_cli.core.fileio import to_jsonable
 
     return key_value_table((key, _cell(value)) for key, value in _flat(to_jsonable(result)).items())
 
@@ -116,8 +116,8 @@ def emit_result(
     ``table_fn(result)`` may return any rich renderable (or a str) for a custom human view.
     """
     if as_json:
-        # Imported here: bats_cli.fileio imports torch, which `--help` must not pay for.
-        from bats_cli.fileio import to_jsonable
+        # Imported here: bats_cli.core.fileio imports torch, which `--help` must not pay for.
+        from bats_cli.core.fileio import to_jsonable
 
         sys.stdout.write(json.dumps(to_jsonable(result), allow_nan=False) + "\n")
         sys.stdout.flush()
@@ -129,6 +129,6 @@ def emit_result(
 
 def print_config(cfg: Any) -> None:
     """``--print-config``: the resolved settings as indented JSON on stdout."""
-    from bats_cli.fileio import to_jsonable
+    from bats_cli.core.fileio import to_jsonable
 
     sys.stdout.write(json.dumps(to_jsonable(cfg), indent=2) + "\n")

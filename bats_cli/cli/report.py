@@ -47,7 +47,7 @@ def report_command(
 
     Example: bats report runs/search-tiny runs/train-tiny --out runs/report
     """
-    from bats_cli.report import write_report
+    from bats_cli.studies.report import write_report
 
     target = out if out is not None else (runs[0] if len(runs) == 1 else Path("report"))
     emit_result(write_report(runs, out=target, force=force), as_json=as_json, table_fn=result_table)

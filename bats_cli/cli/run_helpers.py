@@ -29,7 +29,7 @@ def _foreign_files(out: Path) -> str:
 
 def resume_mode(out: Path | None, resume: bool, resume_or_start: bool) -> bool:
     """The library's ``resume`` flag; ``--resume`` of a directory without a checkpoint is refused."""
-    from bats_cli.errors import UserInputError
+    from bats_cli.core.errors import UserInputError
 
     if resume and resume_or_start:
         raise UserInputError("give --resume or --resume-or-start, not both")
@@ -38,7 +38,7 @@ def resume_mode(out: Path | None, resume: bool, resume_or_start: bool) -> bool:
     flag = "--resume" if resume else "--resume-or-start"
     if out is None:
         raise UserInputError(f"{flag} needs --out DIR (the run directory to continue)")
-    from bats_cli.runlock import in_use_message
+    from bats_cli.storage.runlock import in_use_message
 
     busy = in_use_message(out)
     if busy:
@@ -57,9 +57,9 @@ def resume_mode(out: Path | None, resume: bool, resume_or_start: bool) -> bool:
 
 
 def preflight_hook(*, dry_run: bool, ignore_plan: bool, as_json: bool, quiet: bool) -> Any:
-    """The plan hook for a long command (see :mod:`bats_cli.plan`); ``ignore_plan``: start even
+    """The plan hook for a long command (see :mod:`bats_cli.training.plan`); ``ignore_plan``: start even
     when the plan says the run does not fit."""
-    from bats_cli.plan import make_preflight
+    from bats_cli.training.plan import make_preflight
 
     return make_preflight(dry_run=dry_run, force=ignore_plan, as_json=as_json, quiet=quiet)
 
@@ -76,7 +76,7 @@ def starting(command: str, what: str, *, quiet: bool) -> None:
 def run_planned(fn: Callable[[], Any], *, as_json: bool) -> Any:
     """``fn()``; with ``--dry-run`` None (the hook printed the plan's lines on stderr; with
     ``--json`` the plan is printed here, as one JSON object on stdout)."""
-    from bats_cli.plan import DryRun, print_plan
+    from bats_cli.training.plan import DryRun, print_plan
 
     try:
         return fn()

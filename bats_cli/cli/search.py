@@ -46,8 +46,8 @@ from bats_cli.cli.run_helpers import (
     run_planned,
     starting,
 )
-from bats_cli.errors import UserInputError
-from bats_cli.presets import SEARCH_PRESETS
+from bats_cli.core.errors import UserInputError
+from bats_cli.core.presets import SEARCH_PRESETS
 
 SPACE = "Search space and strategy (§4.1, §4.3)"
 SCHED = "Progressive schedule (§6.1)"
@@ -79,7 +79,7 @@ def _betas(text: str | None, flag: str) -> tuple[float, float] | None:
 
 
 def result_table(result: Mapping[str, Any]) -> Any:
-    from bats_cli.genotype import Genotype
+    from bats_cli.core.genotype import Genotype
 
     g = Genotype.from_dict(result["genotype"])
     rows = [("genotype", f"{result['genotype_path']} ({g.name})")]
@@ -204,9 +204,9 @@ def search_command(
     (DIR: an ImageFolder tree with train/ and val/, e.g. a CIFAR-10 copy)
     """
     starting("search", "loading torch and the data", quiet=quiet or print_config_)
-    from bats_cli.config import load_config_file, resolve_config
-    from bats_cli.progress import Reporter
-    from bats_cli.search import SearchConfig, run_search
+    from bats_cli.core.config import load_config_file, resolve_config
+    from bats_cli.nas.search import SearchConfig, run_search
+    from bats_cli.utils.progress import Reporter
 
     if real:
         for flag, value in (("--weights", weights), ("--activations", activations)):
@@ -243,7 +243,7 @@ def search_command(
     hook = preflight_hook(dry_run=dry_run, ignore_plan=ignore_plan, as_json=as_json, quiet=quiet)
 
     def search() -> Any:
-        from bats_cli.plan import DryRun
+        from bats_cli.training.plan import DryRun
 
         try:
             # On --resume the saved config is the base; --config FILE and the flags must agree with it.

@@ -50,7 +50,7 @@ from bats_cli.cli.run_helpers import (
     run_planned,
     starting,
 )
-from bats_cli.presets import RESNET_TRAIN_PRESETS, TRAIN_PRESETS, describe_presets
+from bats_cli.core.presets import RESNET_TRAIN_PRESETS, TRAIN_PRESETS, describe_presets
 
 OPTIM = "Optimisation (defaults: the paper, §6.2)"
 AUG = "Augmentation"
@@ -60,7 +60,7 @@ TrainPresetOpt = preset_option(
 
 
 def result_table(result: Mapping[str, Any]) -> Any:
-    from bats_cli.modelio import network_label
+    from bats_cli.models.modelio import network_label
 
     net = result["network"]
     kind = "real" if not net["binary_activations"] else (
@@ -187,10 +187,10 @@ def train_command(
     Example (distillation from it): bats train bats_c10 --preset tiny --teacher runs/teacher/last.safetensors
     """
     starting("train", "loading torch, the data and the network", quiet=quiet or print_config_)
-    from bats_cli.config import load_config_file, resolve_config
-    from bats_cli.presets import train_presets
-    from bats_cli.train import TrainConfig, train
-    from bats_cli.zoo import resolve_network
+    from bats_cli.core.config import load_config_file, resolve_config
+    from bats_cli.core.presets import train_presets
+    from bats_cli.core.zoo import resolve_network
+    from bats_cli.pipeline.train import TrainConfig, train
 
     g = resolve_network(genotype)
     presets = train_presets(g if isinstance(g, str) else "cells")

@@ -9,6 +9,7 @@ from pathlib import Path
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 
+from bats_cli.core.errors import UserInputError
 from bats_cli.data import sources
 from bats_cli.data.loader import balanced_subset, holdout_split
 from bats_cli.data.spec import (
@@ -21,7 +22,6 @@ from bats_cli.data.spec import (
     imagefolder_spec,
 )
 from bats_cli.data.transforms import eval_transform, train_transform
-from bats_cli.errors import UserInputError
 
 _NO_DOWNLOAD = {
     "fashion-mini": "it ships inside the package and needs no --data-dir",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bats_cli.errors import UserInputError
+from bats_cli.core.errors import UserInputError
 
 # Fashion-MNIST file stems; each may also be stored gzipped (".gz").
 FASHION_FILES = {

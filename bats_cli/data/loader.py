@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from bats_cli.core.errors import UserInputError
 from bats_cli.data.rng import derive_seed, seeded_cpu_rng
-from bats_cli.errors import UserInputError
-from bats_cli.signals import shield_worker_from_signals, signals_blocked
+from bats_cli.utils.signals import shield_worker_from_signals, signals_blocked
 
 # Domain tags keep the seed streams of different uses apart.
 _ORDER, _SAMPLE, _LOADER, _SPLIT, _SUBSET, _BATCH, _HOLDOUT = range(7)
@@ -59,7 +59,7 @@ class ShieldedDataLoader(DataLoader):
     """A DataLoader whose workers survive SIGINT/SIGTERM sent to the whole process group.
 
     Every DataLoader of the project is one of these: the main process alone decides to stop
-    (save a checkpoint, exit 130); see :func:`bats_cli.signals.shield_worker_from_signals`.
+    (save a checkpoint, exit 130); see :func:`bats_cli.utils.signals.shield_worker_from_signals`.
     """
 
     def __init__(self, *args, **kwargs):
@@ -177,7 +177,7 @@ def sharded_loader(dataset: Dataset, *, batch_size: int, seed: int, epoch: int, 
                    dist_info, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """Deterministic epoch loader (same order and augmentation as :func:`make_loader`), sharded
     like DistributedSampler with ``set_epoch``: the union of the ranks' step-``s`` batches is the
-    single-process step-``s`` batch. ``dist_info`` is a :class:`bats_cli.distributed.Dist`."""
+    single-process step-``s`` batch. ``dist_info`` is a :class:`bats_cli.utils.distributed.Dist`."""
     check_batch(len(dataset), batch_size, dist_info)
     order = epoch_order(len(dataset), shuffle=True, seed=seed, epoch=epoch)
     sampler = _ShardedBatches(order, batch=batch_size, world=dist_info.world, rank=dist_info.rank,

@@ -24,8 +24,8 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
-from bats_cli.errors import RunFailure, UserInputError
-from bats_cli.names import safe_text
+from bats_cli.core.errors import RunFailure, UserInputError
+from bats_cli.core.names import safe_text
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # Far above any photo a classifier is trained on (ImageNet's largest is ~ 20 Mpx), far below

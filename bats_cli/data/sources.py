@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
+from bats_cli.core.errors import RunFailure, UserInputError
 from bats_cli.data.idx import FASHION_FILES, find_idx_file, read_fashion_split
 from bats_cli.data.scan import (
     IMAGE_EXTENSIONS,
@@ -27,7 +28,6 @@ from bats_cli.data.scan import (
     warn_skipped,
 )
 from bats_cli.data.spec import FASHION_CLASSES
-from bats_cli.errors import RunFailure, UserInputError
 
 Transform = Callable | None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from bats_cli.errors import UserInputError
+from bats_cli.core.errors import UserInputError
 
 DATASETS: tuple[str, ...] = (
     "fashion-mini",

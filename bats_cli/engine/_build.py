@@ -17,7 +17,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-from bats_cli.errors import UserInputError
+from bats_cli.core.errors import UserInputError
 
 SOURCE = Path(__file__).with_name("bitwise.cpp")
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]

@@ -4,14 +4,14 @@
 ``binarize`` checkpoint) for inference, in place:
 
 * every binary layer ``BatchNorm -> sign -> conv × α -> activation`` (the paper's §3 layer,
-  :class:`~bats_cli.quant.BinaryConvBlock`) becomes one :class:`BitwiseBlock`: BatchNorm + sign are
+  :class:`~bats_cli.layers.quant.BinaryConvBlock`) becomes one :class:`BitwiseBlock`: BatchNorm + sign are
   a per-channel threshold (``bn(x) >= 0  <=>  s·x >= t``, ``s = -1`` where the BatchNorm scale is
   negative), found at load time by bisection on the module's own BatchNorm and checked against it,
   so the bits are exactly the float path's (:mod:`bats_cli.engine.fold`); the C++ kernel packs the
   input bits straight from the previous layer's float output (the normalised tensor is never
   written), runs XNOR + popcount and applies α, PReLU / ReLU / RPReLU (its shifts too) and the
   adds that follow in the same pass;
-* a cell op ``f(x) + x`` (:class:`~bats_cli.ops.GroupConvOp`), ResNet's ``conv2(conv1(x)) + x``
+* a cell op ``f(x) + x`` (:class:`~bats_cli.layers.ops.GroupConvOp`), ResNet's ``conv2(conv1(x)) + x``
   and a cell node's sum of two ops hand their adds to that pass (:class:`BitwiseGroupConvOp`,
   :class:`BitwiseBasicBlock`, :class:`BitwiseCell`); factorized reduce (BatchNorm, two binary 1×1
   convs on offset grids, concat, activation) is one kernel call (:class:`BitwiseFactorizedReduce`);
@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bats_cli.core.errors import UserInputError
 from bats_cli.engine._build import EngineUnavailable, load_extension
 from bats_cli.engine.fold import (
     ACT_NONE,
@@ -43,11 +44,10 @@ from bats_cli.engine.fold import (
     plain_sign,
     weight_signs,
 )
-from bats_cli.errors import UserInputError
-from bats_cli.networks import Cell
-from bats_cli.ops import FactorizedReduce, GroupConvOp
-from bats_cli.quant import BinaryConvBlock, QuantConv2d
-from bats_cli.resnet import BasicBlock
+from bats_cli.layers.ops import FactorizedReduce, GroupConvOp
+from bats_cli.layers.quant import BinaryConvBlock, QuantConv2d
+from bats_cli.models.networks import Cell
+from bats_cli.models.resnet import BasicBlock
 
 ENGINES = ("float", "bitwise", "auto")
 
@@ -271,7 +271,7 @@ class BitwiseBasicBlock(nn.Module):
 class BitwiseCell(nn.Module):
     """A genotype cell whose node sums ``op_a(x_a) + op_b(x_b)`` run in one op's kernel pass.
 
-    Same values as :class:`~bats_cli.networks.Cell` in eval mode: ``(0 + h_a) + h_b`` there,
+    Same values as :class:`~bats_cli.models.networks.Cell` in eval mode: ``(0 + h_a) + h_b`` there,
     ``h_a + h_b`` here (float addition is commutative; ``0 + h`` only turns -0 into +0).
     """
 

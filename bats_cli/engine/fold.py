@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bats_cli.errors import UserInputError
-from bats_cli.quant import QuantConv2d, RPReLU
+from bats_cli.core.errors import UserInputError
+from bats_cli.layers.quant import QuantConv2d, RPReLU
 
 ACT_NONE, ACT_RELU, ACT_PRELU, ACT_RPRELU = 0, 1, 2, 3
 

@@ -20,14 +20,14 @@ CATEGORIES = ("binary conv", "batchnorm", "activation", "pool", "real conv/linea
 def category(module: nn.Module) -> str | None:
     """The category of a leaf module (``None``: not timed on its own, counted in ``other``)."""
     from bats_cli.engine.bitwise import _KernelLayer
-    from bats_cli.quant import QuantConv2d
+    from bats_cli.layers.quant import QuantConv2d
 
     # A bitwise layer also does its BatchNorm (as thresholds), activation and adds.
     if isinstance(module, _KernelLayer) or (isinstance(module, QuantConv2d) and module.is_binary):
         return "binary conv"
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return "batchnorm"
-    from bats_cli.quant import RPReLU
+    from bats_cli.layers.quant import RPReLU
 
     if isinstance(module, (nn.PReLU, nn.ReLU, RPReLU)):
         return "activation"
@@ -107,8 +107,8 @@ def profile_network(
     """
     import copy
 
-    from bats_cli.quant import binarize_weights_, quant_convs
-    from bats_cli.runtime import memory_format
+    from bats_cli.layers.quant import binarize_weights_, quant_convs
+    from bats_cli.utils.runtime import memory_format
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *input_size, generator=gen)
