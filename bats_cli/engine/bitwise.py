@@ -102,6 +102,15 @@ class _KernelLayer(nn.Module):
             x = x.float()
         return handle.forward(x, residual, add)
 
+    def _run_then(self, act: nn.Module | None, x: torch.Tensor, residual=None, add=None) -> torch.Tensor:
+        """The kernel, then ``act`` when the kernel could not take it, then the sums it would have added."""
+        if act is None:
+            return self._run(x, residual, add)
+        y = act(self._run(x))
+        if residual is not None:
+            y = y + residual
+        return y if add is None else y + add
+
     def kernel_layout(self) -> str:
         """How the kernel lays out this layer's windows (for ``--verbose`` / debugging)."""
         return self._layer().describe()
@@ -158,12 +167,7 @@ class BitwiseBlock(_KernelLayer):
             return self._run(x, residual, add)
         if self.bn is not None:
             x = self.bn(x)
-        if self.act is None:
-            return self._run(x, residual, add)
-        y = self.act(self._run(x))
-        if residual is not None:
-            y = y + residual
-        return y if add is None else y + add
+        return self._run_then(self.act, x, residual, add)
 
 
 class BitwiseFactorizedReduce(_KernelLayer):
@@ -194,12 +198,7 @@ class BitwiseFactorizedReduce(_KernelLayer):
     def forward(self, x: torch.Tensor, residual=None, add=None) -> torch.Tensor:
         if self.pre is not None:
             x = self.pre(x)
-        if self.post is None:
-            return self._run(x, residual, add)
-        y = self.post(self._run(x))
-        if residual is not None:
-            y = y + residual
-        return y if add is None else y + add
+        return self._run_then(self.post, x, residual, add)
 
 
 class BitwiseMaxPool2d(nn.MaxPool2d):
