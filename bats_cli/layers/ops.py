@@ -16,7 +16,7 @@ Two layer arrangements exist:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -87,27 +87,15 @@ class OpContext:
             )
         return groups
 
-    def conv_unit(
-        self,
-        c_in: int,
-        c_out: int,
-        kernel_size: int | tuple[int, int],
-        *,
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] = 0,
-        dilation: int = 1,
-        groups: int = 1,
-    ) -> nn.Module:
-        """One conv in this context's arrangement (binary block or DARTS ReLU-conv-BN)."""
+    def conv_unit(self, c_in: int, c_out: int, kernel_size: int | tuple[int, int], **geometry: Any) -> nn.Module:
+        """One conv in this context's arrangement (binary block or DARTS ReLU-conv-BN).
+
+        ``geometry``: the conv's ``stride``, ``padding``, ``dilation`` and ``groups``.
+        """
         if self.darts_float:
-            return ReLUConvBN(
-                c_in, c_out, kernel_size, stride=stride, padding=padding, dilation=dilation,
-                groups=groups, affine=self.affine,
-            )
-        return BinaryConvBlock(
-            c_in, c_out, kernel_size, stride=stride, padding=padding, dilation=dilation,
-            groups=groups, spec=self.spec, affine=self.affine, activation=self.activation,
-        )
+            return ReLUConvBN(c_in, c_out, kernel_size, affine=self.affine, **geometry)
+        return BinaryConvBlock(c_in, c_out, kernel_size, spec=self.spec, affine=self.affine,
+                               activation=self.activation, **geometry)
 
     def preprocess(self, c_in: int, c_out: int) -> nn.Module:
         """The 1×1 conv that adapts a cell input (binary except in the DARTS float network)."""
@@ -120,12 +108,10 @@ class OpContext:
 class ReLUConvBN(nn.Sequential):
     """The DARTS code's float conv: ReLU -> conv -> BatchNorm."""
 
-    def __init__(self, c_in, c_out, kernel_size, *, stride=1, padding=0, dilation=1, groups=1,
-                 affine=True):
+    def __init__(self, c_in, c_out, kernel_size, *, affine=True, **geometry):
         super().__init__(
             nn.ReLU(inplace=False),
-            nn.Conv2d(c_in, c_out, kernel_size, stride=stride, padding=padding,
-                      dilation=dilation, groups=groups, bias=False),
+            nn.Conv2d(c_in, c_out, kernel_size, bias=False, **geometry),
             nn.BatchNorm2d(c_out, affine=affine),
         )
 

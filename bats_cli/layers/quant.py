@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -249,27 +250,16 @@ class BinaryConvBlock(nn.Module):
         out_channels: int,
         kernel_size: int,
         *,
-        stride: int = 1,
-        padding: int = 0,
-        dilation: int = 1,
-        groups: int = 1,
         spec: BinarySpec,
         affine: bool = True,
         activation: str = "prelu",
+        **geometry: Any,
     ) -> None:
+        """``geometry``: the conv's ``stride``, ``padding``, ``dilation`` and ``groups`` (:class:`QuantConv2d`)."""
         super().__init__()
         self.bn = nn.BatchNorm2d(in_channels, affine=affine)
-        self.conv = QuantConv2d(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            input_quantizer=spec.input_quantizer,
-            kernel_quantizer=spec.kernel_quantizer,
-        )
+        self.conv = QuantConv2d(in_channels, out_channels, kernel_size, input_quantizer=spec.input_quantizer,
+                                kernel_quantizer=spec.kernel_quantizer, **geometry)
         self.act = make_activation(activation, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
