@@ -207,7 +207,8 @@ def _evaluate_checkpoint(path, *, dataset, data_dir, download, image_size, subse
     return result
 
 
-def eval_data(loaded: LoadedModel, path, *, dataset, data_dir, download, image_size, subset):
+def eval_data(loaded: LoadedModel, path, *, dataset=None, data_dir=None, download=False, image_size=None,
+              subset=None):
     """The data set a model is evaluated on (recorded unless told otherwise), checked against it."""
     from bats_cli.data import AugmentConfig, build_datasets, describe_spec
 

@@ -114,26 +114,18 @@ def load_onnx(path: str | Path, *, threads: int | None = None):
     )
 
 
-def evaluate_onnx(
-    path: str | Path,
-    *,
-    dataset: str | None = None,
-    data_dir: str | Path | None = None,
-    download: bool = False,
-    image_size: int | None = None,
-    subset: int | None = None,
-    batch_size: int = 256,
-    num_workers: int = 0,
-    threads: int | None = None,
-    return_predictions: bool = False,
-) -> dict[str, Any]:
-    """Top-1 / top-5 / loss of an exported ONNX model on a test split (CPU, onnxruntime)."""
+def evaluate_onnx(path: str | Path, *, batch_size: int = 256, num_workers: int = 0, threads: int | None = None,
+                  return_predictions: bool = False, **data_choice: Any) -> dict[str, Any]:
+    """Top-1 / top-5 / loss of an exported ONNX model on a test split (CPU, onnxruntime).
+
+    ``data_choice``: the test data as :func:`bats_cli.training.evaluate.evaluate_checkpoint` takes it
+    (``dataset``, ``data_dir``, ``download``, ``image_size``, ``subset``; by default the recorded data).
+    """
     from bats_cli.training.evaluate import eval_data, eval_result, evaluate_model
 
     path = Path(path)
     loaded = load_onnx(path, threads=threads)
-    data = eval_data(loaded, path, dataset=dataset, data_dir=data_dir, download=download,
-                     image_size=image_size, subset=subset)
+    data = eval_data(loaded, path, **data_choice)
     metrics = evaluate_model(loaded.model, data.test, batch_size=batch_size, device="cpu",
                              num_workers=num_workers, return_predictions=return_predictions)
     return eval_result(loaded, path, data, metrics, kind="onnx", engine="onnxruntime")
