@@ -141,16 +141,14 @@ class CostReport:
     def _binary_weight_sizes(self) -> list[int]:
         return [layer.params for layer in self.layers if layer.binary_weights]
 
+    def _costs(self) -> dict[str, Any]:
+        """Operations and sizes, as both :meth:`summary` and :meth:`to_dict` give them."""
+        return {"flops": self.flops, "bops": self.bops, "ops": self.ops,
+                "size_fp32_bytes": self.size_fp32_bytes, "size_packed_bytes": self.size_packed_bytes}
+
     def summary(self) -> dict[str, Any]:
         """The headline numbers (what ``model_meta`` stores)."""
-        return {
-            "num_params": self.params,
-            "flops": self.flops,
-            "bops": self.bops,
-            "ops": self.ops,
-            "size_fp32_bytes": self.size_fp32_bytes,
-            "size_packed_bytes": self.size_packed_bytes,
-        }
+        return {"num_params": self.params, **self._costs()}
 
     def to_dict(self, *, layers: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -158,11 +156,7 @@ class CostReport:
             "params": self.params,
             "binary_params": self.binary_params,
             "float_params": self.float_params,
-            "flops": self.flops,
-            "bops": self.bops,
-            "ops": self.ops,
-            "size_fp32_bytes": self.size_fp32_bytes,
-            "size_packed_bytes": self.size_packed_bytes,
+            **self._costs(),
             "compression": self.compression,
             "precision": self.precision_summary(),
             "by_stage": self.breakdown("stage"),
