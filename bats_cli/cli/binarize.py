@@ -34,13 +34,11 @@ from bats_cli.cli.options import (
     path_or_none,
     preset_option,
 )
-from bats_cli.cli.output import emit_result, key_value_table, pct, print_config
+from bats_cli.cli.output import key_value_table, pct
 from bats_cli.cli.run_helpers import (
-    is_main_process,
-    preflight_hook,
+    command_config,
     resume_mode,
-    resume_overrides,
-    run_planned,
+    run_command,
     starting,
 )
 from bats_cli.core.presets import BINARIZE_PRESETS
@@ -137,7 +135,6 @@ def binarize_command(
     from); ReActNet's: --teacher a real-valued network (bats train --real).
     """
     starting("binarize", "loading torch, the checkpoint and the data", quiet=quiet or print_config_)
-    from bats_cli.core.config import load_config_file, resolve_config
     from bats_cli.pipeline.binarize import BinarizeConfig, binarize
     from bats_cli.utils.outputs import check_output_file
 
@@ -159,19 +156,13 @@ def binarize_command(
         "teacher": path_or_none(teacher), "kd_temperature": kd_temperature, "kd_weight": kd_weight,
         "attention_weight": attention_weight,
     }
-    file_config = load_config_file(config_file, BinarizeConfig) if config_file is not None else None
-    cfg = resolve_config(BinarizeConfig, preset=preset, presets=BINARIZE_PRESETS, overrides=overrides,
-                         file_config=file_config)
-    if print_config_:
-        print_config(cfg)
+    cfg, file_config = command_config(BinarizeConfig, preset=preset, presets=BINARIZE_PRESETS, overrides=overrides,
+                                      config_file=config_file, print_config_=print_config_)
+    if cfg is None:
         return
     run_out = out if out is not None else checkpoint.parent / "binarize"
     resume = resume_mode(run_out, resume, resume_or_start)
-    # On --resume the saved config is the base; --config FILE and the flags must agree with it.
-    resumed = resume_overrides(file_config, overrides)
-    hook = preflight_hook(dry_run=dry_run, ignore_plan=ignore_plan, as_json=as_json, quiet=quiet)
-    result = run_planned(lambda: binarize(cfg, out=out, packed=packed, resume=resume, quiet=quiet,
-                                          preset=preset, overrides=resumed, preflight=hook),
-                         as_json=as_json)
-    if result is not None and is_main_process():
-        emit_result(result, as_json=as_json, table_fn=result_table)
+    run_command(lambda hook, resumed: binarize(cfg, out=out, packed=packed, resume=resume, quiet=quiet,
+                                               preset=preset, overrides=resumed, preflight=hook),
+                file_config=file_config, overrides=overrides, dry_run=dry_run, ignore_plan=ignore_plan,
+                as_json=as_json, quiet=quiet, table_fn=result_table)

@@ -1,5 +1,6 @@
 """What the long commands (search, train, binarize) share around the library call: resume mode,
-the memory plan's hook, the overrides a resume checks, the start line, rank 0."""
+the memory plan's hook, the overrides a resume checks, the start line, rank 0, the config they
+resolve (or print) and the run that ends in the result."""
 
 from __future__ import annotations
 
@@ -91,3 +92,34 @@ def resume_overrides(file_config: Mapping[str, Any] | None, overrides: Mapping[s
     """What a resume checks against the saved config: the ``--config`` file's settings, then the
     flags given (a flag left at None was not given)."""
     return {**(file_config or {}), **{k: v for k, v in overrides.items() if v is not None}}
+
+
+def command_config(config_cls: Any, *, preset: str | None, presets: Mapping[str, Any], overrides: Mapping[str, Any],
+                   config_file: Path | None, print_config_: bool) -> tuple[Any, Mapping[str, Any] | None]:
+    """The config a long command runs with (preset, then ``--config FILE``, then the flags) and the
+    file's settings; with ``--print-config`` the config is printed and None is returned in its place."""
+    from bats_cli.cli.output import print_config
+    from bats_cli.core.config import load_config_file, resolve_config
+
+    file_config = load_config_file(config_file, config_cls) if config_file is not None else None
+    cfg = resolve_config(config_cls, preset=preset, presets=presets, overrides=overrides, file_config=file_config)
+    if print_config_:
+        print_config(cfg)
+        return None, file_config
+    return cfg, file_config
+
+
+def run_command(run: Callable[[Any, dict[str, Any]], Any], *, file_config: Mapping[str, Any] | None,
+                overrides: Mapping[str, Any], dry_run: bool, ignore_plan: bool, as_json: bool, quiet: bool,
+                table_fn: Callable[[Any], Any]) -> None:
+    """``run(preflight hook, the overrides a resume checks)`` under the memory plan; rank 0 prints
+    its result (a mapping), as a table or with ``--json`` as JSON."""
+    from bats_cli.cli.output import emit_result
+
+    # On --resume the saved config is the base; --config FILE and the flags must agree with it.
+    resumed = resume_overrides(file_config, overrides)
+    hook = preflight_hook(dry_run=dry_run, ignore_plan=ignore_plan, as_json=as_json, quiet=quiet)
+    result = run_planned(lambda: run(hook, resumed), as_json=as_json)
+    # Under torchrun every rank returns the result; rank 0 prints it.
+    if result is not None and is_main_process():
+        emit_result(result, as_json=as_json, table_fn=table_fn)

@@ -37,13 +37,11 @@ from bats_cli.cli.options import (
     path_or_none,
     preset_option,
 )
-from bats_cli.cli.output import emit_result, key_value_table, print_config
+from bats_cli.cli.output import key_value_table
 from bats_cli.cli.run_helpers import (
-    is_main_process,
-    preflight_hook,
+    command_config,
     resume_mode,
-    resume_overrides,
-    run_planned,
+    run_command,
     starting,
 )
 from bats_cli.core.errors import UserInputError
@@ -204,7 +202,6 @@ def search_command(
     (DIR: an ImageFolder tree with train/ and val/, e.g. a CIFAR-10 copy)
     """
     starting("search", "loading torch and the data", quiet=quiet or print_config_)
-    from bats_cli.core.config import load_config_file, resolve_config
     from bats_cli.nas.search import SearchConfig, run_search
     from bats_cli.utils.progress import Reporter
 
@@ -234,27 +231,22 @@ def search_command(
     resume = resume_mode(out, resume, resume_or_start)
     if out is None:
         out = Path("runs") / time.strftime("search-%Y%m%d-%H%M%S")
-    file_config = load_config_file(config_file, SearchConfig) if config_file is not None else None
-    cfg = resolve_config(SearchConfig, preset=preset, presets=SEARCH_PRESETS, overrides=overrides,
-                         file_config=file_config)
-    if print_config_:
-        print_config(cfg)
+    cfg, file_config = command_config(SearchConfig, preset=preset, presets=SEARCH_PRESETS, overrides=overrides,
+                                      config_file=config_file, print_config_=print_config_)
+    if cfg is None:
         return
-    hook = preflight_hook(dry_run=dry_run, ignore_plan=ignore_plan, as_json=as_json, quiet=quiet)
 
-    def search() -> Any:
+    def search(hook: Any, resumed: dict[str, Any]) -> Any:
         from bats_cli.training.plan import DryRun
 
         try:
-            # On --resume the saved config is the base; --config FILE and the flags must agree with it.
-            return run_search(cfg, out_dir=out, resume=resume, reporter=Reporter(quiet=quiet),
-                              preflight=hook, preset=preset, overrides=resume_overrides(file_config, overrides))
+            result = run_search(cfg, out_dir=out, resume=resume, reporter=Reporter(quiet=quiet),
+                                preflight=hook, preset=preset, overrides=resumed)
         except DryRun as dry:
             if dry.plan is None:  # another rank under torchrun: rank 0 prints the plan
                 return None
             raise
+        return result.to_dict()
 
-    result = run_planned(search, as_json=as_json)
-    # Under torchrun every rank returns the result; rank 0 prints it.
-    if result is not None and is_main_process():
-        emit_result(result.to_dict(), as_json=as_json, table_fn=result_table)
+    run_command(search, file_config=file_config, overrides=overrides, dry_run=dry_run, ignore_plan=ignore_plan,
+                as_json=as_json, quiet=quiet, table_fn=result_table)

@@ -41,13 +41,11 @@ from bats_cli.cli.options import (
     path_or_none,
     preset_option,
 )
-from bats_cli.cli.output import emit_result, key_value_table, pct, print_config
+from bats_cli.cli.output import key_value_table, pct
 from bats_cli.cli.run_helpers import (
-    is_main_process,
-    preflight_hook,
+    command_config,
     resume_mode,
-    resume_overrides,
-    run_planned,
+    run_command,
     starting,
 )
 from bats_cli.core.presets import RESNET_TRAIN_PRESETS, TRAIN_PRESETS, describe_presets
@@ -187,7 +185,6 @@ def train_command(
     Example (distillation from it): bats train bats_c10 --preset tiny --teacher runs/teacher/last.safetensors
     """
     starting("train", "loading torch, the data and the network", quiet=quiet or print_config_)
-    from bats_cli.core.config import load_config_file, resolve_config
     from bats_cli.core.presets import train_presets
     from bats_cli.core.zoo import resolve_network
     from bats_cli.pipeline.train import TrainConfig, train
@@ -208,18 +205,12 @@ def train_command(
         "teacher": path_or_none(teacher), "kd_temperature": kd_temperature, "kd_weight": kd_weight,
         "attention_weight": attention_weight,
     }
-    file_config = load_config_file(config_file, TrainConfig) if config_file is not None else None
-    cfg = resolve_config(TrainConfig, preset=preset, presets=presets, overrides=overrides,
-                         file_config=file_config)
-    if print_config_:
-        print_config(cfg)
+    cfg, file_config = command_config(TrainConfig, preset=preset, presets=presets, overrides=overrides,
+                                      config_file=config_file, print_config_=print_config_)
+    if cfg is None:
         return
     resume = resume_mode(out, resume, resume_or_start)
-    # On --resume the saved config is the base; --config FILE and the flags must agree with it.
-    resumed = resume_overrides(file_config, overrides)
-    hook = preflight_hook(dry_run=dry_run, ignore_plan=ignore_plan, as_json=as_json, quiet=quiet)
-    result = run_planned(lambda: train(cfg, genotype=g, out=out, resume=resume, quiet=quiet,
-                                       preset=preset, overrides=resumed, preflight=hook),
-                         as_json=as_json)
-    if result is not None and is_main_process():
-        emit_result(result, as_json=as_json, table_fn=result_table)
+    run_command(lambda hook, resumed: train(cfg, genotype=g, out=out, resume=resume, quiet=quiet,
+                                            preset=preset, overrides=resumed, preflight=hook),
+                file_config=file_config, overrides=overrides, dry_run=dry_run, ignore_plan=ignore_plan,
+                as_json=as_json, quiet=quiet, table_fn=result_table)
