@@ -31,6 +31,7 @@ from bats_cli.cli.options import (
     TeacherOpt,
     ThreadsOpt,
     output_option,
+    path_argument,
     path_or_none,
     preset_option,
 )
@@ -74,13 +75,12 @@ def result_table(result: Mapping[str, Any]) -> Any:
     return key_value_table(rows)
 
 
+CheckpointArg = path_argument("CHECKPOINT", "A `bats train` checkpoint (last.safetensors or best.safetensors).")
+
+
 @app.command("binarize")
 def binarize_command(
-    checkpoint: Annotated[
-        Path,
-        typer.Argument(metavar="CHECKPOINT",
-                       help="A `bats train` checkpoint (last.safetensors or best.safetensors)."),
-    ],
+    checkpoint: CheckpointArg,
     epochs: Annotated[Optional[int], typer.Option(
         "--epochs", min=0, rich_help_panel=FT,
         help="Fine-tuning epochs with binary weights; 0 = binarize only. Default: half the training run's epochs "

@@ -25,6 +25,7 @@ from bats_cli.cli.options import (
     ThreadsOpt,
     choice_callback,
     output_option,
+    path_argument,
 )
 from bats_cli.cli.output import emit_result, key_value_table
 from bats_cli.core.config import MAX_BATCH, MAX_IMAGES
@@ -58,13 +59,13 @@ def result_table(result: Mapping[str, Any], *, verbose: bool = False) -> Any:
     return key_value_table(rows)
 
 
+CheckpointArg = path_argument("CHECKPOINT",
+                              "A train or binarize checkpoint, a packed artifact, or an exported .onnx file.")
+
+
 @app.command("eval")
 def eval_command(
-    checkpoint: Annotated[
-        Path,
-        typer.Argument(metavar="CHECKPOINT",
-                       help="A train or binarize checkpoint, a packed artifact, or an exported .onnx file."),
-    ],
+    checkpoint: CheckpointArg,
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
     download: DownloadOpt = None,

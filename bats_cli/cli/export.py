@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any, Mapping
-
-import typer
+from typing import Any, Mapping
 
 from bats_cli.cli.app import app
-from bats_cli.cli.options import ForceOpt, JsonOpt, output_option
+from bats_cli.cli.options import ForceOpt, JsonOpt, output_option, path_argument
 from bats_cli.cli.output import emit_result, key_value_table
 
 OnnxOutputOpt = output_option("Where to write the ONNX file.", required=True, metavar="FILE.onnx")
@@ -28,13 +25,12 @@ def result_table(result: Mapping[str, Any]) -> Any:
     return key_value_table(rows)
 
 
+ModelArg = path_argument("MODEL", "A packed artifact, a binarize checkpoint or a train (step-1) checkpoint.")
+
+
 @app.command("export")
 def export_command(
-    model: Annotated[
-        Path,
-        typer.Argument(metavar="MODEL",
-                       help="A packed artifact, a binarize checkpoint or a train (step-1) checkpoint."),
-    ],
+    model: ModelArg,
     out: OnnxOutputOpt,
     force: ForceOpt = False,
     as_json: JsonOpt = False,

@@ -214,22 +214,17 @@ ConfigFileOpt = Annotated[
                  help="JSON settings (e.g. an earlier run's config.json), applied over --preset; "
                       "flags override it."),
 ]
-PrintConfigOpt = Annotated[
-    bool,
-    typer.Option("--print-config", rich_help_panel=RUN,
-                 help="Print the resolved settings as JSON and exit."),
-]
-DryRunOpt = Annotated[
-    bool,
-    typer.Option("--dry-run", rich_help_panel=RUN,
-                 help="Print the plan (sizes, steps, peak memory, whether it fits, estimated time) "
-                      "and exit without training."),
-]
-IgnorePlanOpt = Annotated[
-    bool,
-    typer.Option("--ignore-plan", rich_help_panel=RUN,
-                 help="Start even when the plan's peak memory exceeds what is available."),
-]
+
+
+def run_flag(name: str, help: str) -> Any:
+    """An on/off option of the Run panel (default off)."""
+    return Annotated[bool, typer.Option(name, rich_help_panel=RUN, help=help)]
+
+
+PrintConfigOpt = run_flag("--print-config", "Print the resolved settings as JSON and exit.")
+DryRunOpt = run_flag("--dry-run", "Print the plan (sizes, steps, peak memory, whether it fits, estimated time) "
+                                  "and exit without training.")
+IgnorePlanOpt = run_flag("--ignore-plan", "Start even when the plan's peak memory exceeds what is available.")
 
 # --------------------------------------------------------------------------- network (search, train)
 
@@ -280,6 +275,11 @@ QuietOpt = Annotated[
     bool,
     typer.Option("--quiet", "-q", help="No progress output; errors only.", rich_help_panel=OUTPUT),
 ]
+
+
+def path_argument(metavar: str, help: str) -> Any:
+    """A command's one input file (or run directory), named ``metavar`` in the usage line."""
+    return Annotated[Path, typer.Argument(metavar=metavar, help=help)]
 
 
 def output_option(help: str, *, required: bool = False, metavar: str = "FILE") -> Any:
