@@ -48,3 +48,39 @@ def randomize_bn(module, gen) -> None:
             m.weight.data.uniform_(-0.5, 0.5, generator=gen)
             m.shift_in.data.copy_(torch.randn(m.weight.numel(), generator=gen))
             m.shift_out.data.copy_(torch.randn(m.weight.numel(), generator=gen))
+
+
+def assert_same_state(path_a, path_b) -> None:
+    """The two checkpoints hold the same model and optimizer tensors (same names, equal values)."""
+    import torch
+
+    from bats_cli.storage.checkpoint import load_checkpoint
+
+    a, _ = load_checkpoint(path_a)
+    b, _ = load_checkpoint(path_b)
+    keys = [k for k in a if k.startswith(("model.", "optim."))]
+    assert keys and keys == [k for k in b if k.startswith(("model.", "optim."))]
+    for k in keys:
+        assert torch.equal(a[k], b[k]), k
+
+
+def start_bats(args, cwd):
+    """``python -m bats_cli ARGS`` in the background (one OpenMP thread, output captured as text)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "bats_cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def sigterm_stops_resumably(proc) -> str:
+    """SIGTERM ``proc``: it must exit 130 and say how to continue; returns its stderr."""
+    import signal
+
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "continue with --resume" in stderr
+    return stderr

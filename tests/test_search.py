@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from helpers import cli as _cli
 from helpers import one_line_error as _one_line_error
+from helpers import sigterm_stops_resumably, start_bats
 
 from bats_cli.core.config import validate_config
 from bats_cli.core.errors import Interrupted, UserInputError
@@ -318,22 +315,15 @@ def test_resume_with_another_config_is_refused(tmp_path, capsys):
 @pytest.mark.slow
 def test_sigterm_saves_a_resumable_checkpoint_and_exits_130(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bats_cli", "search", "--dataset", "fashion-mini", "--subset", "64", "--image-size", "8",
-         "--batch-size", "8", "--epochs", "40", "--warmup", "1", "--channels", "6", "--layers",
-         "3,3", "--ops", "8,3", "--device", "cpu", "--out", str(out)],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc = start_bats(["search", "--dataset", "fashion-mini", "--subset", "64", "--image-size", "8",
+                       "--batch-size", "8", "--epochs", "40", "--warmup", "1", "--channels", "6", "--layers",
+                       "3,3", "--ops", "8,3", "--device", "cpu", "--out", str(out)], cwd=tmp_path)
     deadline = time.monotonic() + 120
     while not (out / "alphas" / "stage1_epoch01.json").exists() and time.monotonic() < deadline:
         if proc.poll() is not None:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
-    assert "continue with --resume" in stderr
+    sigterm_stops_resumably(proc)
     meta = read_metadata(out / "last.safetensors")
     assert meta.kind == "search" and meta.extra["stage"] == "1" and meta.epoch >= 1
     # It resumes where it stopped: one more step, then it stops again.

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli, one_line_error
+from helpers import assert_same_state, cli, one_line_error, sigterm_stops_resumably, start_bats
 
 from bats_cli.core.errors import Interrupted
 from bats_cli.core.zoo import resolve_genotype
@@ -129,12 +125,7 @@ def test_resume_mid_epoch_gives_identical_weights(tmp_path):
     # Resume with no flags: the saved config is used.
     resumed = train(TrainConfig(genotype="bats_c10"), genotype=g, out=tmp_path / "cut",
                     resume=True, quiet=True, overrides={})
-    a, _ = load_checkpoint(tmp_path / "full" / "last.safetensors")
-    b, _ = load_checkpoint(tmp_path / "cut" / "last.safetensors")
-    keys = [k for k in a if k.startswith(("model.", "optim."))]
-    assert keys and keys == [k for k in b if k.startswith(("model.", "optim."))]
-    for k in keys:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_state(tmp_path / "full" / "last.safetensors", tmp_path / "cut" / "last.safetensors")
     assert resumed["final_val_top1"] == full["final_val_top1"]
     # Resuming a finished run trains nothing and reports what it recorded.
     again = train(TrainConfig(genotype="bats_c10"), genotype=g, out=tmp_path / "cut", resume=True,
@@ -230,23 +221,15 @@ def test_cli_bad_inputs(pipeline, tmp_path, capsys):
 @pytest.mark.slow
 def test_train_sigterm_saves_and_exits_130(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bats_cli", "train", "bats_c10", "--dataset", "fashion-mini", "--layers", "3", "--channels",
-         "6", "--batch-size", "8", "--subset", "400", "--epochs", "3", "--device", "cpu",
-         "--threads", "1",
-         "--out", str(out)],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc = start_bats(["train", "bats_c10", "--dataset", "fashion-mini", "--layers", "3", "--channels", "6",
+                       "--batch-size", "8", "--subset", "400", "--epochs", "3", "--device", "cpu", "--threads", "1",
+                       "--out", str(out)], cwd=tmp_path)
     # Wait until training has started (config.json is written just before the first step).
     deadline = time.monotonic() + 120
     while not (out / "config.json").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(3)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
-    assert "continue with --resume" in stderr
+    sigterm_stops_resumably(proc)
     meta = read_metadata(out / "last.safetensors")
     assert meta.epoch * 50 + meta.step >= 1
 
