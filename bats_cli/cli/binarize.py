@@ -30,8 +30,8 @@ from bats_cli.cli.options import (
     SubsetOpt,
     TeacherOpt,
     ThreadsOpt,
+    input_argument,
     output_option,
-    path_argument,
     path_or_none,
     preset_option,
 )
@@ -75,7 +75,7 @@ def result_table(result: Mapping[str, Any]) -> Any:
     return key_value_table(rows)
 
 
-CheckpointArg = path_argument("CHECKPOINT", "A `bats train` checkpoint (last.safetensors or best.safetensors).")
+CheckpointArg = input_argument("CHECKPOINT", "A `bats train` checkpoint (last.safetensors or best.safetensors).")
 
 
 @app.command("binarize")

@@ -24,8 +24,8 @@ from bats_cli.cli.options import (
     QuietOpt,
     ThreadsOpt,
     choice_callback,
+    input_argument,
     output_option,
-    path_argument,
 )
 from bats_cli.cli.output import emit_result, key_value_table
 from bats_cli.core.config import MAX_BATCH, MAX_IMAGES
@@ -59,7 +59,7 @@ def result_table(result: Mapping[str, Any], *, verbose: bool = False) -> Any:
     return key_value_table(rows)
 
 
-CheckpointArg = path_argument("CHECKPOINT",
+CheckpointArg = input_argument("CHECKPOINT",
                               "A train or binarize checkpoint, a packed artifact, or an exported .onnx file.")
 
 

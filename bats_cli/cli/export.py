@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from bats_cli.cli.app import app
-from bats_cli.cli.options import ForceOpt, JsonOpt, output_option, path_argument
+from bats_cli.cli.options import ForceOpt, JsonOpt, input_argument, output_option
 from bats_cli.cli.output import emit_result, key_value_table
 
 OnnxOutputOpt = output_option("Where to write the ONNX file.", required=True, metavar="FILE.onnx")
@@ -25,7 +25,7 @@ def result_table(result: Mapping[str, Any]) -> Any:
     return key_value_table(rows)
 
 
-ModelArg = path_argument("MODEL", "A packed artifact, a binarize checkpoint or a train (step-1) checkpoint.")
+ModelArg = input_argument("MODEL", "A packed artifact, a binarize checkpoint or a train (step-1) checkpoint.")
 
 
 @app.command("export")

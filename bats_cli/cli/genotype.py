@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from bats_cli.cli.app import app
-from bats_cli.cli.options import ForceOpt, JsonOpt, output_option
+from bats_cli.cli.options import ForceOpt, JsonOpt, input_argument, output_option
 from bats_cli.core.errors import UserInputError
 from bats_cli.core.names import exists, safe_text
 
@@ -33,15 +33,15 @@ def _input_label(i: int) -> str:
     return {0: "0 = c(k-2)", 1: "1 = c(k-1)"}.get(i, f"node {i}")
 
 
+GenotypeArg = input_argument("NAME_OR_FILE", "A genotype .json file or a bundled name (see `bats genotype list`).",
+                             kind=str)
+GenotypeTextArg = input_argument("TEXT", "'Genotype(normal=[...], ...)', a .py file holding it, or - for stdin.",
+                                 kind=str)
+
+
 @genotype_app.command("show")
 def show(
-    genotype: Annotated[
-        str,
-        typer.Argument(
-            metavar="NAME_OR_FILE",
-            help="A genotype .json file or a bundled name (see `bats genotype list`).",
-        ),
-    ],
+    genotype: GenotypeArg,
     as_json: JsonOpt = False,
     plot: Annotated[
         Optional[Path],
@@ -176,13 +176,7 @@ def list_(
 
 @genotype_app.command("import")
 def import_(
-    text: Annotated[
-        str,
-        typer.Argument(
-            metavar="TEXT",
-            help="'Genotype(normal=[...], ...)', a .py file holding it, or - for stdin.",
-        ),
-    ],
+    text: GenotypeTextArg,
     output: ImportOutputOpt = None,
     space: Annotated[
         Optional[str],

@@ -277,9 +277,9 @@ QuietOpt = Annotated[
 ]
 
 
-def path_argument(metavar: str, help: str) -> Any:
-    """A command's one input file (or run directory), named ``metavar`` in the usage line."""
-    return Annotated[Path, typer.Argument(metavar=metavar, help=help)]
+def input_argument(metavar: str, help: str, kind: Any = Path) -> Any:
+    """A command's one input (a file, a run directory, a name), named ``metavar`` in the usage line."""
+    return Annotated[kind, typer.Argument(metavar=metavar, help=help)]
 
 
 def output_option(help: str, *, required: bool = False, metavar: str = "FILE") -> Any:
