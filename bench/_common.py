@@ -23,8 +23,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from bats_cli.utils.memory import proc_kib, reset_peak_rss, trim_heap  # noqa: E402
+from bats_cli.utils.runtime import memory_format  # noqa: E402
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +36,28 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions per variant first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--table", action="store_true", help="also print a readable table")
+
+
+def make_step(model, x, y, device, aux_weight: float = 0.4) -> Callable[[], None]:
+    """One training step of ``model`` on the batch ``(x, y)`` (Adam; plus the auxiliary loss when the
+    model returns one), in the memory format `bats train` picks (channels_last for the cells' grouped
+    convs on CPU)."""
+    fmt = memory_format(device, model)
+    model = model.to(device, memory_format=fmt).train()
+    x = x.contiguous(memory_format=fmt)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        out = model(x)
+        if isinstance(out, tuple):
+            loss = F.cross_entropy(out[0], y) + aux_weight * F.cross_entropy(out[1], y)
+        else:
+            loss = F.cross_entropy(out, y)
+        loss.backward()
+        optimizer.step()
+
+    return step
 
 
 def setup(args) -> torch.device:

@@ -16,34 +16,12 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
-from _common import add_common_args, emit, interleaved_medians, machine, median, setup
+from _common import add_common_args, emit, interleaved_medians, machine, make_step, median, setup
 
 from bats_cli.core.presets import TRAIN_PRESETS
 from bats_cli.core.zoo import resolve_genotype
 from bats_cli.models.networks import build_network
 from bats_cli.models.resnet import build_resnet
-from bats_cli.utils.runtime import memory_format
-
-
-def make_step(model, x, y, device, aux_weight: float = 0.4):
-    # The memory format `bats train` picks (channels_last for the cells' grouped convs on CPU).
-    fmt = memory_format(device, model)
-    model = model.to(device, memory_format=fmt).train()
-    x = x.contiguous(memory_format=fmt)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        out = model(x)
-        if isinstance(out, tuple):
-            loss = F.cross_entropy(out[0], y) + aux_weight * F.cross_entropy(out[1], y)
-        else:
-            loss = F.cross_entropy(out, y)
-        loss.backward()
-        optimizer.step()
-
-    return step
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,25 +14,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
-from _common import add_common_args, emit, interleaved_medians, machine, median, setup
+from _common import add_common_args, emit, interleaved_medians, machine, make_step, median, setup
 
 from bats_cli.core.zoo import resolve_genotype
 from bats_cli.models.networks import build_network
-from bats_cli.utils.runtime import memory_format
-
-
-def make_step(model, x, y, aux_weight: float = 0.4):
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        logits, aux = model(x)
-        loss = F.cross_entropy(logits, y) + aux_weight * F.cross_entropy(aux, y)
-        loss.backward()
-        optimizer.step()
-
-    return step
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,9 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = {}
     for name, real in (("binary", False), ("real", True)):
         model = build_network(genotype, layers=args.layers, channels=args.channels, real=real)
-        fmt = memory_format(device, model)
-        model = model.to(device, memory_format=fmt).train()
-        steps[name] = make_step(model, x.contiguous(memory_format=fmt), y)
+        steps[name] = make_step(model, x, y, device)
     times = interleaved_medians(steps, reps=args.reps, warmup=args.warmup, device=device)
     binary_s, real_s = median(times["binary"]), median(times["real"])
     result = {
