@@ -127,6 +127,24 @@ def test_graceful_interrupt_in_process():
     assert signal.getsignal(signal.SIGINT) is previous
 
 
+# The end of both scripts: run(), exiting as the CLI does on a BatsError (130 when interrupted).
+_RUN_THEN_EXIT = r"""
+try:
+    run()
+except BatsError as exc:
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(exc.exit_code)
+"""
+
+
+def _start_script(script, ckpt, **popen):
+    """``python -c script CKPT`` from the repository, once it printed "ready"."""
+    proc = subprocess.Popen([sys.executable, "-c", script, str(ckpt)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=REPO, **popen)
+    assert proc.stdout.readline().strip() == b"ready"
+    return proc
+
+
 _LOOP = r"""
 import sys, time, torch
 from bats_cli.core.errors import BatsError
@@ -143,24 +161,13 @@ def run():
                 print("ready", flush=True)
             stop.raise_if_requested(lambda: save_checkpoint(
                 out, {"w": w}, kind="train", config={"lr": 0.1}, epoch=0, step=step))
-try:
-    run()
-except BatsError as exc:
-    print(f"error: {exc}", file=sys.stderr)
-    sys.exit(exc.exit_code)
-"""
+""" + _RUN_THEN_EXIT
 
 
 @pytest.mark.slow
 def test_sigterm_saves_checkpoint_and_exits_130(tmp_path):
     ckpt = tmp_path / "last.safetensors"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _LOOP, str(ckpt)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=REPO,
-    )
-    assert proc.stdout.readline().strip() == b"ready"
+    proc = _start_script(_LOOP, ckpt)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -187,26 +194,14 @@ def run():
                 print("ready", flush=True)
             stop.raise_if_requested(lambda: save_checkpoint(
                 out, {"x": x}, kind="search", config={}, epoch=0, step=step))
-try:
-    run()
-except BatsError as exc:
-    print(f"error: {exc}", file=sys.stderr)
-    sys.exit(exc.exit_code)
-"""
+""" + _RUN_THEN_EXIT
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_to_process_group_with_dataloader_workers(tmp_path, sig):
     ckpt = tmp_path / "last.safetensors"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _LOADER_LOOP, str(ckpt)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=REPO,
-        start_new_session=True,  # its own process group, like a terminal job
-    )
-    assert proc.stdout.readline().strip() == b"ready"
+    proc = _start_script(_LOADER_LOOP, ckpt, start_new_session=True)  # its own process group, like a terminal job
     # What Ctrl-C (or SLURM's scancel) does: signal the main process and its workers.
     os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=60)
