@@ -84,3 +84,13 @@ def sigterm_stops_resumably(proc) -> str:
     assert proc.returncode == 130, stderr
     assert "continue with --resume" in stderr
     return stderr
+
+
+def random_images(n, side):
+    """``n`` seeded random one-channel ``side``×``side`` images with labels 0-9: (image, label) items."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, side, side, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return torch.utils.data.TensorDataset(x, y)

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import assert_same_state, cli, one_line_error
+from helpers import assert_same_state, cli, one_line_error, random_images
 
 from bats_cli.core.errors import Interrupted, UserInputError
 from bats_cli.core.zoo import resolve_genotype
@@ -60,19 +60,6 @@ def test_attention_loss_compares_normalised_maps():
 # --------------------------------------------------------------------------- a frozen teacher
 
 
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, n=8):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 1, 16, 16, generator=g)
-        self.y = torch.randint(0, 10, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
-
-
 def test_teacher_gets_no_gradient_and_stays_in_eval_mode():
     torch.manual_seed(0)
     g = resolve_genotype("bats_c10")
@@ -89,7 +76,7 @@ def test_teacher_gets_no_gradient_and_stays_in_eval_mode():
                    genotype_json=g.to_json(), epochs=1, batch_size=4, eval_batch_size=4, lr=1e-3, lr_min=0.0,
                    betas=(0.9, 0.999), weight_decay=0.0, aux_weight=0.4, mixup=None, seed=0,
                    precision="fp32", num_workers=0, distill=distill)
-    job = TrainJob(spec, _Images(), _Images(), device=torch.device("cpu"),
+    job = TrainJob(spec, random_images(8, 16), random_images(8, 16), device=torch.device("cpu"),
                    dist_info=Dist())
     s_before = [p.clone() for p in student.parameters()]
     _, loader = job.begin_epoch()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import cli as _cli
 from helpers import one_line_error as _one_line_error
-from helpers import sigterm_stops_resumably, start_bats
+from helpers import random_images, sigterm_stops_resumably, start_bats
 
 from bats_cli.core.config import validate_config
 from bats_cli.core.errors import Interrupted, UserInputError
@@ -179,34 +179,20 @@ def test_derive_reads_a_search_checkpoint_alone(tiny_run, capsys, tmp_path):
 # --------------------------------------------------------------------------- steps and temperature
 
 
-class _Data(torch.utils.data.Dataset):
-    def __init__(self, n=16):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 1, 8, 8, generator=g)
-        self.y = torch.randint(0, 10, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
-
-
 def _searcher(tmp_path, **kw):
     from bats_cli.storage.rundir import RunDir
     from bats_cli.utils.progress import Reporter
 
     cfg = SearchConfig(**{**TINY, **kw})
     s = Searcher(cfg, run=RunDir(tmp_path / "run", resume=False), reporter=Reporter(quiet=True),
-                 device=torch.device("cpu"), data=(_Data(), _Data()), in_channels=1, num_classes=10)
+                 device=torch.device("cpu"), data=(random_images(16, 8), random_images(16, 8)), in_channels=1, num_classes=10)
     s.build_stage(1, 10)
     return s
 
 
 def test_arch_step_moves_only_alpha_and_weight_step_only_weights(tmp_path):
     s = _searcher(tmp_path)
-    data = _Data(8)
-    x, y = data.x, data.y
+    x, y = random_images(8, 8).tensors
 
     def snapshot():
         return ({n: p.detach().clone() for n, p in s.model.named_parameters() if not n.startswith("alpha")},
