@@ -60,12 +60,17 @@ def artifacts(tmp_path_factory):
     return root, packed, train
 
 
+def _export(source, out, capsys):
+    """``bats export SOURCE -o OUT --json``, which must succeed; its JSON result."""
+    code, stdout, err = cli(["export", str(source), "-o", str(out), "--json"], capsys)
+    assert code == 0, err
+    return json.loads(stdout)
+
+
 def test_export_is_standard_ops_with_metadata_and_dynamic_batch(artifacts, capsys):
     root, packed, _ = artifacts
     out = root / "m.onnx"
-    code, stdout, err = cli(["export", str(packed), "-o", str(out), "--json"], capsys)
-    assert code == 0, err
-    result = json.loads(stdout)
+    result = _export(packed, out, capsys)
     model = onnx.load(str(out))
     onnx.checker.check_model(model)
     ops = {node.op_type for node in model.graph.node}
@@ -118,9 +123,7 @@ def test_onnx_eval_gives_the_packed_top1(artifacts, capsys):
 def test_export_step1_checkpoint_and_binarize_kind(artifacts, capsys):
     root, _, train = artifacts
     out = root / "step1.onnx"
-    code, stdout, err = cli(["export", str(train), "-o", str(out), "--json"], capsys)
-    assert code == 0, err
-    result = json.loads(stdout)
+    result = _export(train, out, capsys)
     assert result["kind"] == "train" and result["max_abs_diff"] < 1e-4
     # Real weights: no ±1 kernels, but the sign of the activations is still a Where.
     assert result["ops"]["Where"] == result["binary_convs"]
