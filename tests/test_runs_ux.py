@@ -231,9 +231,9 @@ def test_report_without_matplotlib_names_the_extra(tiny_runs, monkeypatch, capsy
 def test_search_accuracies_are_percentages(tiny_runs):
     import csv
 
-    from bats_cli.nas.search_records import EpochSums
+    from bats_cli.nas.search_records import EpochSums, Sums
 
-    assert EpochSums(w_correct=3, w_count=4, a_correct=1, a_count=4).metrics()["train_acc"] == 75.0
+    assert EpochSums(w=Sums(correct=3, count=4), a=Sums(correct=1, count=4)).metrics()["train_acc"] == 75.0
     rows = list(csv.DictReader(open(tiny_runs[0] / "search" / "metrics.csv")))
     assert any(float(r["train_acc"]) > 1 for r in rows if r["train_acc"])
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,24 +97,58 @@ class SearchResult:
 
 
 @dataclass
-class EpochSums:
-    """Running sums of the current epoch (kept in checkpoints so a resumed epoch reports all of it)."""
+class Sums:
+    """Running sums of one half of the search steps: loss × images, correct predictions, images."""
 
-    w_loss: float = 0.0
-    w_correct: int = 0
-    w_count: int = 0
-    a_loss: float = 0.0
-    a_correct: int = 0
-    a_count: int = 0
+    loss: float = 0.0
+    correct: int = 0
+    count: int = 0
+
+    def add(self, loss: float, correct: float, count: float) -> None:
+        self.loss += loss
+        self.correct += int(correct)
+        self.count += int(count)
+
+    def mean_loss(self) -> float | None:
+        return self.loss / self.count if self.count else None
+
+    def accuracy(self) -> float | None:
+        # Percentages, as every other accuracy this project writes.
+        return 100.0 * self.correct / self.count if self.count else None
+
+    def are_counts(self) -> bool:
+        """Whether the sums read from a checkpoint can be this epoch's (not tampered with)."""
+        return (all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 10**12
+                    for c in (self.correct, self.count))
+                and isinstance(self.loss, (int, float)) and math.isfinite(self.loss) and self.loss >= 0
+                and self.correct <= self.count)
+
+
+@dataclass
+class EpochSums:
+    """Running sums of the current epoch, of the weight steps (``w``) and the architecture steps
+    (``a``); kept in checkpoints (flat: ``w_loss``, ..., ``a_count``) so a resumed epoch reports all of it."""
+
+    w: Sums = field(default_factory=Sums)
+    a: Sums = field(default_factory=Sums)
+
+    def state(self) -> dict[str, Any]:
+        """The checkpoint's form: ``w_loss``, ``w_correct``, ``w_count``, then the same for ``a``."""
+        return {f"{half}_{k}": v for half, sums in (("w", self.w), ("a", self.a)) for k, v in asdict(sums).items()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> EpochSums:
+        """The sums of :meth:`state`; a sum it lacks is 0, other keys are ignored."""
+        halves: dict[str, dict[str, Any]] = {"w": {}, "a": {}}
+        for key, value in state.items():
+            half, _, name = key.partition("_")
+            if half in halves and name in Sums.__dataclass_fields__:
+                halves[half][name] = value
+        return cls(**{half: Sums(**sums) for half, sums in halves.items()})
 
     def metrics(self) -> dict[str, float | None]:
-        return {
-            "train_loss": self.w_loss / self.w_count if self.w_count else None,
-            # Percentages, as every other accuracy this project writes.
-            "train_acc": 100.0 * self.w_correct / self.w_count if self.w_count else None,
-            "arch_loss": self.a_loss / self.a_count if self.a_count else None,
-            "arch_acc": 100.0 * self.a_correct / self.a_count if self.a_count else None,
-        }
+        return {"train_loss": self.w.mean_loss(), "train_acc": self.w.accuracy(),
+                "arch_loss": self.a.mean_loss(), "arch_acc": self.a.accuracy()}
 
     def progress(self) -> dict[str, float]:
         return {_short(k): v for k, v in self.metrics().items() if v is not None}

@@ -262,12 +262,8 @@ class Searcher(SearchRecords, RunJob):
         if self.dist.enabled:
             sums = all_sum([float(v) for v in sums], self.dist, self.device)
         if arch_batch is not None:
-            self.accum.a_loss += sums[0]
-            self.accum.a_correct += int(sums[1])
-            self.accum.a_count += int(sums[2])
-        self.accum.w_loss += sums[3]
-        self.accum.w_correct += int(sums[4])
-        self.accum.w_count += int(sums[5])
+            self.accum.a.add(*sums[:3])
+        self.accum.w.add(*sums[3:])
         return self.accum.progress()
 
 
@@ -332,7 +328,7 @@ class Searcher(SearchRecords, RunJob):
             "steps_per_epoch": self.steps_per_epoch,
             "stage_seconds": self.stage_seconds,
             "stage_started": self.stage_started,
-            "accum": self.accum.__dict__,
+            "accum": self.accum.state(),
             "finished": self.finished,
             "warnings": self.warnings,
             "in_channels": self.in_channels,
@@ -364,8 +360,7 @@ class Searcher(SearchRecords, RunJob):
             self.epoch = int(state["epoch"])
             self.step = int(state["step"])
             self.stage_seconds = [float(s) for s in state["stage_seconds"]]
-            accum_keys = set(EpochSums.__dataclass_fields__)
-            self.accum = EpochSums(**{k: v for k, v in state["accum"].items() if k in accum_keys})
+            self.accum = EpochSums.from_state(state["accum"])
             self.finished = bool(state.get("finished", False))
             self.warnings = list(state.get("warnings", []))
             self.candidates_normal = [list(ops) for ops in arch["candidates_normal"]]
@@ -428,11 +423,7 @@ class Searcher(SearchRecords, RunJob):
         times = [*self.stage_seconds, stage_started]
         if len(self.stage_seconds) != cfg.stages or not all(math.isfinite(t) and 0 <= t < 1e10 for t in times):
             raise UserInputError(f"{bad}: its stage times are not {cfg.stages} durations")
-        acc = self.accum
-        counts = (acc.w_correct, acc.w_count, acc.a_correct, acc.a_count)
-        if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 10**12 for c in counts) or not all(
-                isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in (acc.w_loss, acc.a_loss)
-        ) or acc.w_correct > acc.w_count or acc.a_correct > acc.a_count:
+        if not (self.accum.w.are_counts() and self.accum.a.are_counts()):
             raise UserInputError(f"{bad}: its running sums are not counts (a tampered checkpoint)")
         if not all(isinstance(w, dict) and isinstance(w.get("stage"), int) and isinstance(w.get("message"), str)
                    for w in self.warnings) or len(self.warnings) > 10_000:
