@@ -740,7 +740,7 @@ def test_a_signal_while_the_process_shuts_down_still_exits_130():
     # Python tears torch down: the default handler would make that 143.
     code = (
         "import atexit, os, signal, time\n"
-        "import bats_cli.cli as cli\n"
+        "import bats_cli.cli.lifecycle as cli\n"
         "def main():\n"
         "    atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(2)))\n"
         "cli.main = main\n"

@@ -116,8 +116,9 @@ def test_settings_without_arch_are_cells():
     settings = network_settings(build_resnet(channels=4))
     assert settings["arch"] == "resnet18" and "layers" not in settings
     cells = {k: v for k, v in settings.items() if k != "arch"}
-    with pytest.raises(UserInputError, match="needs a genotype"):
-        build_from_settings(None, cells)  # no arch: a cell network, which needs a genotype
+    # No arch: read as a cell network, whose settings (layers, ...) a ResNet's record lacks.
+    with pytest.raises(UserInputError, match="lacks network settings: layers"):
+        build_from_settings(None, cells)
     with pytest.raises(UserInputError, match="no auxiliary tower"):
         build_from_settings(None, {**settings, "auxiliary": True})  # not silently dropped
 
