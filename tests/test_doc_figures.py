@@ -35,3 +35,27 @@ def test_a_changed_figure_is_caught(tmp_path, monkeypatch):
     assert tool.main([]) == 0
     assert "3,349,342" in (tmp_path / "README.md").read_text()
     assert tool.main(["--check"]) == 0
+
+
+def _study_docs():
+    spec = importlib.util.spec_from_file_location("study_docs", ROOT / "tools" / "study_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_sections_are_their_results(tmp_path, monkeypatch):
+    tool = _study_docs()
+    assert tool.main(["--check"]) == 0, "run `python tools/study_docs.py`"
+    # A figure edited by hand in a study section is caught and rewritten from results.json.
+    doc = (ROOT / tool.DOC).read_text(encoding="utf-8")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "ablations").symlink_to(ROOT / "docs" / "ablations")
+    begin = doc.index("<!-- random-study:begin -->")
+    assert "0.964" in doc[begin:] and "0.111" not in doc
+    (tmp_path / tool.DOC).write_text(doc[:begin] + doc[begin:].replace("0.964", "0.111", 1), encoding="utf-8")
+    monkeypatch.setattr(tool, "ROOT", tmp_path)
+    assert tool.main(["--check"]) == 1
+    assert tool.main([]) == 0
+    assert (tmp_path / tool.DOC).read_text(encoding="utf-8").count("0.111") == 0
+    assert tool.main(["--check"]) == 0
