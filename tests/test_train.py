@@ -90,6 +90,18 @@ def test_binarize_folds_mean_abs_weight_into_scale(pipeline):
         assert torch.equal(after[name].weight, conv.weight), name  # latent weights kept
 
 
+def test_binarize_reads_the_step1_header_once(pipeline, monkeypatch):
+    import bats_cli.storage.checkpoint as ckpt
+
+    root, trained, _ = pipeline
+    parsed: list[Path] = []
+    real = ckpt._parse_metadata
+    monkeypatch.setattr(ckpt, "_parse_metadata", lambda path, raw: parsed.append(Path(path).resolve()) or real(path, raw))
+    binarize(BinarizeConfig(checkpoint=trained["last"], epochs=0, calibration_batches=0, device="cpu", threads=1),
+             out=root / "bin_once", quiet=True, handle_signals=False)
+    assert parsed.count(Path(trained["last"]).resolve()) == 1
+
+
 def test_eval_all_kinds_and_packed_matches_binarized(pipeline):
     root, trained, result = pipeline
     # The full test split by default; --subset 128 picks the images validation used in training.

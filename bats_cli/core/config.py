@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, Literal, Optional, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
@@ -104,6 +104,16 @@ class RunConfig(BaseModel):
 
     # NaN and infinity are no setting (``--lr inf``, ``"lr": NaN`` in a --config file).
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class RunPlacement(RunConfig):
+    """Base of the long runs' configs (search, train, binarize): where and how a run executes, never
+    what it computes (a resumed run may change these; see RESUME_IGNORED_KEYS)."""
+
+    device: Device = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    num_workers: Workers = 0
+    threads: Threads = Field(None, description="CPU threads; None: torch's default")
 
 
 def _flag(loc: tuple[Any, ...]) -> str:

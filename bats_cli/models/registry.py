@@ -71,6 +71,15 @@ def model_of(settings: Mapping[str, Any]) -> ModelEntry:
     return get_model(arch_of(settings))
 
 
+def check_same_model(saved_settings: Mapping[str, Any], arch: str, where: Any) -> None:
+    """UserInputError unless the run at ``where`` (its saved network settings) built model ``arch``:
+    a resumed run continues the same model."""
+    saved = model_of(saved_settings)
+    if saved is not get_model(arch):
+        raise UserInputError(f"cannot resume: {where} trained {saved.noun}, not {get_model(arch).noun}; "
+                             "give the same GENOTYPE or another --out")
+
+
 def arch_for(genotype: Any) -> str:
     """The arch of what ``resolve_network`` returned: a fixed model's name, or a genotype's cells."""
     return genotype if isinstance(genotype, str) else CELLS
@@ -196,5 +205,5 @@ def resnet18(**settings: Any) -> nn.Module:
     return build_resnet(**settings)
 
 
-__all__ = ["COMMON", "ModelEntry", "accepted", "arch_for", "check_options", "create_model", "get_model",
-           "list_models", "model_of", "rebuild_settings", "register_model"]
+__all__ = ["COMMON", "ModelEntry", "accepted", "arch_for", "check_options", "check_same_model", "create_model",
+           "get_model", "list_models", "model_of", "rebuild_settings", "register_model"]

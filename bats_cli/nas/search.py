@@ -43,16 +43,8 @@ from bats_cli.nas.derive import parameter_free_share, skip_count
 from bats_cli.nas.search_config import SearchConfig
 from bats_cli.nas.search_records import SearchResult, check_search_batch
 from bats_cli.nas.searcher import Searcher
-from bats_cli.training.longrun import load_data, read_resume, resume_config
-from bats_cli.training.runloop import (
-    RunLoop,
-    check_out_dir,
-    interrupt_guard,
-    open_run_dir,
-    preflight_everywhere,
-    restores_threads,
-    set_threads,
-)
+from bats_cli.training.longrun import begin, load_data, resume_config
+from bats_cli.training.runloop import RunLoop, interrupt_guard, restores_threads
 from bats_cli.utils.distributed import barrier
 
 RESULT_NAME = "result.json"
@@ -117,48 +109,43 @@ def run_search(
     of the command line), the saved config is used and ``preset`` and ``overrides`` must agree
     with it; without, ``config`` itself must be the saved one.
     """
-    from bats_cli.utils.distributed import init_run_device
-    from bats_cli.utils.progress import Reporter
-
     started = time.perf_counter()  # the run's time includes its start-up
-    opened = read_resume(Path(out_dir), resume, "search")  # the checkpoint to continue, read once
+    run = begin("search", out=out_dir, resume=resume, default=lambda: Path(out_dir),
+                device=config.device, precision=config.precision)
+    dist_info, device, opened = run.dist_info, run.device, run.opened
     if opened is not None and overrides is not None:
         config = resume_config(SearchConfig, opened[1].config, preset=preset, presets=SEARCH_PRESETS,
                                overrides=overrides)
     elif opened is not None:
         check_resume_config(opened[1].config, config)
+    run.settle(threads=config.threads)  # the supernet's seed is the searcher's (per stage)
     from bats_cli.utils.preflight import check_sizes
 
+    # Everything that can be refused is checked before the run directory exists.
     check_sizes(channels=config.channels, layers=max(config.layers), nodes=config.nodes,
                 what="the search supernet")
-    dist_info, device = init_run_device(config.device, config.precision)
-    reporter = reporter if reporter is not None and dist_info.is_main else Reporter(quiet=True)
     check_search_batch(config.batch_size, dist_info)
-    # Everything that can be refused is checked before the run directory exists.
-    check_out_dir(Path(out_dir), resume)
     # Every rank checked the directory before rank 0 creates it.
     barrier(dist_info)
     weight_half, arch_half, spec = load_data(lambda download: load_search_data(config, download=download),
                                              config.download, dist_info)
+    plan_args = None
     if preflight is not None:
         from bats_cli.training.plan import search_plan_args
 
         plan_args = search_plan_args(config, spec, device, len(weight_half), len(arch_half))
         # Memory is per process: each rank holds a supernet and its share of the batch.
         plan_args["batch_size"] = plan_args["eval_batch_size"] = config.batch_size // dist_info.world
-        preflight_everywhere(preflight, plan_args, dist_info, device)
-    run = open_run_dir(Path(out_dir), resume, dist_info, device)
-    if opened is None and run is not None:
-        run.write_config(config.model_dump(mode="json"), device=device, command="search")
-    if config.threads and device.type == "cpu":
-        set_threads(config.threads)
-    with interrupt_guard(interrupt) as stop, _discard_if_unstarted(run):
-        searcher = Searcher(config, run=run, reporter=reporter, device=device,
+    run_dir, reporter = run.open(preflight, plan_args, quiet=reporter is None, reporter=reporter)
+    if opened is None and run_dir is not None:
+        run_dir.write_config(config.model_dump(mode="json"), device=device, command="search")
+    with interrupt_guard(interrupt) as stop, _discard_if_unstarted(run_dir):
+        searcher = Searcher(config, run=run_dir, reporter=reporter, device=device,
                             data=(weight_half, arch_half), in_channels=spec.in_channels,
                             num_classes=spec.num_classes, dist_info=dist_info, out_dir=Path(out_dir))
-        loop = RunLoop(searcher, run_dir=run, reporter=reporter, interrupt=stop, device=device,
+        loop = RunLoop(searcher, run_dir=run_dir, reporter=reporter, interrupt=stop, device=device,
                        dist_info=dist_info, started=started)
-        path = run.path if run is not None else Path(out_dir)
+        path = run_dir.path if run_dir is not None else Path(out_dir)
         if opened is not None:
             loop.resume(opened)
             reporter.line(
@@ -181,17 +168,17 @@ def run_search(
         searcher.check_ranks(final)
         searcher.finished = True
         loop.save_last()
-    gpath = final.save(path / GENOTYPE_NAME) if run is not None else path / GENOTYPE_NAME
+    gpath = final.save(path / GENOTYPE_NAME) if run_dir is not None else path / GENOTYPE_NAME
     result = SearchResult(
         out_dir=path, genotype=final, genotype_path=gpath,
-        checkpoint=run.last if run is not None else path / "last.safetensors",
+        checkpoint=run_dir.last if run_dir is not None else path / "last.safetensors",
         stages=searcher.stage_results, total_seconds=loop.elapsed(),
         parameter_free_share=parameter_free_share(final), skips=skip_count(final),
         warnings=searcher.warnings, world_size=dist_info.world,
         per_rank_batch=config.batch_size // dist_info.world, rank_genotypes=searcher.rank_genotypes,
     )
-    if run is not None:
-        run.write_json(RESULT_NAME, result.to_dict())
+    if run_dir is not None:
+        run_dir.write_json(RESULT_NAME, result.to_dict())
     # The result exists once run_search returns, on every rank.
     barrier(dist_info)
     return result

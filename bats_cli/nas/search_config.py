@@ -15,12 +15,9 @@ from bats_cli.core.config import (
     MAX_IMAGES,
     MAX_LR,
     Beta,
-    Device,
-    RunConfig,
     RunName,
+    RunPlacement,
     Seed,
-    Threads,
-    Workers,
 )
 from bats_cli.core.spaces import get_space
 from bats_cli.layers.quant import BinarySpec
@@ -38,8 +35,9 @@ MAX_STAGES = 64
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4
 
 
-class SearchConfig(RunConfig):
-    """Every number of the search; defaults are the paper's (§6.1, §4.3, Appendix B for --real)."""
+class SearchConfig(RunPlacement):
+    """Every number of the search; defaults are the paper's (§6.1, §4.3, Appendix B for --real).
+    Where it runs (device, precision, workers, threads; not part of what is searched) is the base's."""
 
     # data
     dataset: str = "cifar10"  # the paper searches on CIFAR-10 (§6.1)
@@ -88,11 +86,6 @@ class SearchConfig(RunConfig):
     name: RunName = None
     # implementation
     mixed_op: Literal["fast", "reference"] | None = None
-    device: Device = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    num_workers: Workers = 0
-    # CPU threads for this run (None: torch's default). Not part of what is searched.
-    threads: Threads = None
 
     @model_validator(mode="before")
     @classmethod

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from pydantic import Field, model_validator
@@ -28,29 +28,25 @@ from bats_cli.core.config import (
     MAX_CALIBRATION_BATCHES,
     MAX_EPOCHS,
     MAX_LR,
-    Device,
     Images,
-    RunConfig,
+    RunPlacement,
     Seed,
-    Threads,
-    Workers,
     current_keys,
 )
 from bats_cli.core.errors import UserInputError
 from bats_cli.core.presets import BINARIZE_PRESETS
-from bats_cli.training.distill import ATTENTION_WEIGHT, KD_TEMPERATURE, KD_WEIGHT
 from bats_cli.training.fit import (
     DISTILL_DEFAULTS,
+    DistillSettings,
     FitSpec,
     TrainJob,
-    check_distill_options,
     distill_line,
     eval_batch_size,
     fit,
     teacher_extra,
 )
-from bats_cli.training.longrun import read_resume, resume_config, run_out_dir
-from bats_cli.training.runloop import RunLoop, interrupt_guarded, preflight_everywhere, restores_threads
+from bats_cli.training.longrun import begin, resume_config
+from bats_cli.training.runloop import RunLoop, interrupt_guarded, restores_threads
 
 # Fine-tuning budget: a share of the training run's epochs (the paper gives none; the first
 # author's code treats step 2 as a full training stage). Measured (docs/pipeline.md, issue 10):
@@ -65,8 +61,10 @@ DEFAULT_CALIBRATION_BATCHES = 20
 PACKED_NAME = "model.packed.safetensors"
 
 
-class BinarizeConfig(RunConfig):
-    """Settings of ``bats binarize``; data, batch size and seed default to the training run's."""
+class BinarizeConfig(RunPlacement, DistillSettings):
+    """Settings of ``bats binarize``; data, batch size and seed default to the training run's.
+    Distillation during fine-tuning is never implicit: real-to-binary's chain gives the step-1
+    checkpoint itself as --teacher."""
 
     checkpoint: str
     epochs: Optional[int] = Field(DEFAULT_EPOCHS, ge=0, le=MAX_EPOCHS)
@@ -79,20 +77,9 @@ class BinarizeConfig(RunConfig):
     data_dir: Optional[str] = None
     subset: Images = None
     keep_aux: bool = False
-    device: Device = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    num_workers: Workers = 0
-    threads: Threads = None
-    # distillation during fine-tuning (bats_cli.training.distill); None: cross-entropy only (the paper's
-    # step 2). Never implicit: real-to-binary's chain gives the step-1 checkpoint itself.
-    teacher: Optional[str] = Field(None, max_length=4096)
-    kd_temperature: float = Field(KD_TEMPERATURE, gt=0, le=100)
-    kd_weight: float = Field(KD_WEIGHT, ge=0, le=1)
-    attention_weight: float = Field(ATTENTION_WEIGHT, ge=0, le=1000)
 
     @model_validator(mode="after")
-    def _distill(self) -> "BinarizeConfig":
-        check_distill_options(self)
+    def _teacher_needs_epochs(self) -> "BinarizeConfig":
         if self.teacher is not None and self.epochs == 0:
             raise ValueError("--teacher needs fine-tuning epochs (--epochs 0 binarizes without training)")
         return self
@@ -170,15 +157,12 @@ def binarize(
         network_name,
     )
     from bats_cli.models.pack import packed_size_report, save_packed
-    from bats_cli.storage.checkpoint import check_kind, load_checkpoint, read_metadata
+    from bats_cli.storage.checkpoint import check_kind, load_tensors, read_metadata
     from bats_cli.training.evaluate import evaluate_model
-    from bats_cli.training.runloop import open_run_dir, set_threads
-    from bats_cli.utils.distributed import broadcast_buffers, init_run_device
-    from bats_cli.utils.progress import Reporter
-    from bats_cli.utils.runtime import seed_everything
+    from bats_cli.utils.distributed import broadcast_buffers
 
     src = Path(cfg.checkpoint)
-    meta = read_metadata(src)
+    meta = read_metadata(src)  # the step-1 checkpoint's header, read once (its tensors below)
     check_kind(meta, "train", "binarize")
     settings = meta.config.get("network")
     if not isinstance(settings, dict):
@@ -192,9 +176,9 @@ def binarize(
     train_run: dict[str, Any] = meta.config.get("run") or {}
     data_rec: dict[str, Any] = meta.config.get("data") or {}
 
-    dist_info, device = init_run_device(cfg.device, cfg.precision)
-    out = run_out_dir(out, resume, lambda: src.parent / "binarize", hint=" (the run directory is set with --out)")
-    opened = read_resume(out, resume, "binarize")  # the checkpoint to continue, read once
+    run = begin("binarize", out=out, resume=resume, default=lambda: src.parent / "binarize",
+                device=cfg.device, precision=cfg.precision, hint=" (the run directory is set with --out)")
+    out, dist_info, device, opened = run.out, run.dist_info, run.device, run.opened
     resume_from = opened[1].path if opened is not None else None
     carried: dict[str, Any] = {}
     if opened is not None:
@@ -205,8 +189,8 @@ def binarize(
                             overrides={**(overrides or {}), "checkpoint": given}, defaults=DISTILL_DEFAULTS)
         carried = _carried(rmeta)
 
-    set_threads(cfg.threads)
     seed = cfg.seed if cfg.seed is not None else int(train_run.get("seed", 0))
+    run.settle(threads=cfg.threads, seed=seed)
     batch_size = cfg.batch_size or int(train_run.get("batch_size", 256))
     # Fine-tuning is Adam; an SGD run's lr (0.1, Appendix B) would not suit it: Adam's 1e-3 then.
     adam_run = train_run.get("optimizer", "adam") == "adam"
@@ -221,7 +205,6 @@ def binarize(
     subset = cfg.subset or train_run.get("subset")
     # The training run's held-out validation images (never trained on) stay its validation set here.
     holdout = train_run.get("holdout")
-    seed_everything(seed)
     data = build_datasets(
         name, data_dir=data_dir, download=False, subset=subset,
         image_size=data_rec.get("image_size"), augment=augment, seed=seed, holdout=holdout,
@@ -239,27 +222,24 @@ def binarize(
             temperature=cfg.kd_temperature, weight=cfg.kd_weight, attention_weight=cfg.attention_weight,
             expect_sha256=recorded_sha256(rmeta) if resume_from is not None else None,
         )
-    if preflight is not None:
-        preflight_everywhere(preflight, dict(
-            command="binarize", model=plan_model, device=device,
-            teacher=None if distill is None else distill.teacher,
-            dataset=data.spec.name, train_images=len(data.train), test_images=len(data.test),
-            input_shape=(data.spec.in_channels, data.spec.image_size, data.spec.image_size),
-            num_classes=data.spec.num_classes, batch_size=batch_size // dist_info.world,
-            eval_batch_size=eval_batch_size(cfg.eval_batch_size, batch_size),
-            steps_per_epoch=len(data.train) // batch_size, epochs=cfg.epochs, precision=cfg.precision,
-            advice="binarize a smaller trained network, or use another device",
-        ), dist_info, device)
-    del plan_model
-    run_dir = open_run_dir(out, resume, dist_info, device)
-    reporter = Reporter(quiet=quiet or not dist_info.is_main)
+    plan = dict(
+        command="binarize", model=plan_model, device=device,
+        teacher=None if distill is None else distill.teacher,
+        dataset=data.spec.name, train_images=len(data.train), test_images=len(data.test),
+        input_shape=(data.spec.in_channels, data.spec.image_size, data.spec.image_size),
+        num_classes=data.spec.num_classes, batch_size=batch_size // dist_info.world,
+        eval_batch_size=eval_batch_size(cfg.eval_batch_size, batch_size),
+        steps_per_epoch=len(data.train) // batch_size, epochs=cfg.epochs, precision=cfg.precision,
+        advice="binarize a smaller trained network, or use another device",
+    )
+    run_dir, reporter = run.open(preflight, plan, quiet=quiet)
+    del plan_model, plan
     eval_bs = eval_batch_size(cfg.eval_batch_size, batch_size)
     bin_settings = {**settings, "binary_weights": True, "real": False}
 
     if resume_from is None:
-        tensors, _ = load_checkpoint(src)
         model = build_from_settings(genotype, settings)
-        load_model_tensors(model, tensors, src)
+        load_model_tensors(model, load_tensors(meta), src)
         model.to(device)
         step1 = evaluate_model(model, data.test, batch_size=eval_bs, device=device,
                                precision=cfg.precision, dist_info=dist_info)

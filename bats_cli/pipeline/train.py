@@ -20,7 +20,6 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from bats_cli.core.archs import arch_of
 from bats_cli.core.config import (
     MAX_BATCH,
     MAX_DECAY,
@@ -28,37 +27,25 @@ from bats_cli.core.config import (
     MAX_IMAGE_SIZE,
     MAX_LR,
     Beta,
-    Device,
     Images,
-    RunConfig,
+    RunPlacement,
     Seed,
-    Threads,
-    Workers,
 )
 from bats_cli.core.errors import UserInputError
 from bats_cli.core.presets import train_presets
 from bats_cli.data.loader import check_batch, steps_per_epoch
 from bats_cli.models.modelio import data_info, genotype_differs, genotype_name, network_label, network_settings
-from bats_cli.training.distill import ATTENTION_WEIGHT, KD_TEMPERATURE, KD_WEIGHT
 from bats_cli.training.fit import (
     DISTILL_DEFAULTS,
+    DistillSettings,
     FitSpec,
-    check_distill_options,
     distill_line,
     eval_batch_size,
     fit,
     teacher_extra,
 )
-from bats_cli.training.longrun import load_data, read_resume, resume_config, run_out_dir
-from bats_cli.training.runloop import (
-    default_run_dir,
-    interrupt_guarded,
-    open_run_dir,
-    preflight_everywhere,
-    restores_threads,
-    set_threads,
-)
-from bats_cli.utils.distributed import init_run_device
+from bats_cli.training.longrun import begin, load_data, resume_config
+from bats_cli.training.runloop import default_run_dir, interrupt_guarded, restores_threads
 from bats_cli.utils.preflight import MAX_CHANNELS, MAX_LAYERS
 
 # --------------------------------------------------------------------------- configuration
@@ -70,8 +57,9 @@ DEFAULT_DATASET = "cifar10"
 
 
 
-class TrainConfig(RunConfig):
-    """Everything ``bats train`` needs; defaults are the paper's (§6.2)."""
+class TrainConfig(RunPlacement, DistillSettings):
+    """Everything ``bats train`` needs; defaults are the paper's (§6.2). Where it runs
+    (device, precision, workers, threads) and its teacher come from the two bases."""
 
     genotype: str = Field(description="Genotype name or path, or a model name (resnet18), as given (informational).")
     # data
@@ -111,24 +99,13 @@ class TrainConfig(RunConfig):
     cutout: Optional[int] = Field(None, ge=0, le=MAX_IMAGE_SIZE)
     mixup: Optional[float] = Field(None, ge=0, le=1000)
     autoaugment: bool = False
-    # run
     seed: Seed = 0
-    device: Device = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    num_workers: Workers = 0
-    threads: Threads = Field(None, description="CPU threads; None: torch's default")
-    # distillation (bats_cli.training.distill): None = cross-entropy only (the paper's recipe)
-    teacher: Optional[str] = Field(None, max_length=4096, description="Teacher checkpoint; None: no distillation")
-    kd_temperature: float = Field(KD_TEMPERATURE, gt=0, le=100)
-    kd_weight: float = Field(KD_WEIGHT, ge=0, le=1)
-    attention_weight: float = Field(ATTENTION_WEIGHT, ge=0, le=1000)
 
     @model_validator(mode="after")
     def _optimizer_lr(self) -> "TrainConfig":
         if self.lr is None:
             # Assignment re-validates; the default follows the optimizer chosen.
             self.lr = 0.1 if self.optimizer == "sgd" else 1e-3
-        check_distill_options(self)
         return self
 
 
@@ -182,27 +159,20 @@ def train(
     :func:`bats_cli.training.plan.make_preflight`) runs before the run directory is created.
     ``handle_signals=False``: no SIGINT/SIGTERM handlers (tests).
     """
-    from bats_cli.data import build_datasets
-    from bats_cli.models.registry import accepted, arch_for, create_model, get_model
-    from bats_cli.utils.progress import Reporter
+    from bats_cli.data import build_datasets, describe_spec
+    from bats_cli.models.registry import accepted, arch_for, check_same_model, create_model, get_model
     from bats_cli.utils.runtime import seed_everything
 
     arch = arch_for(genotype)
     model_entry = get_model(arch)
     name = genotype.name if model_entry.genotype else arch
     check_arch_options(cfg, arch)
-    dist_info, device = init_run_device(cfg.device, cfg.precision)
-    out = run_out_dir(out, resume, lambda: default_run_dir("train", name))
-    opened = read_resume(out, resume, "train")  # the checkpoint to continue, read once
-    resuming = opened is not None
+    run = begin("train", out=out, resume=resume, default=lambda: default_run_dir("train", name),
+                device=cfg.device, precision=cfg.precision)
+    out, dist_info, device, meta = run.out, run.dist_info, run.device, run.meta
+    resuming = run.resuming
     if resuming:
-        meta = opened[1]
-        saved_arch = arch_of(meta.config.get("network") or {})
-        if saved_arch != arch:
-            raise UserInputError(
-                f"cannot resume: {out} trained {get_model(saved_arch).noun}, "
-                f"not {model_entry.noun}; give the same GENOTYPE or another --out"
-            )
+        check_same_model(meta.config.get("network") or {}, arch, out)
         if model_entry.genotype and meta.genotype_json is not None and genotype_differs(meta.genotype_json, genotype):
             raise UserInputError(
                 f"cannot resume: the genotype differs from the one {out} was trained with "
@@ -212,11 +182,9 @@ def train(
         given = saved.get("genotype", cfg.genotype) if isinstance(saved, dict) else cfg.genotype
         cfg = resume_config(TrainConfig, saved, preset=preset, presets=train_presets(arch),
                             overrides={**(overrides or {}), "genotype": given}, defaults=DISTILL_DEFAULTS)
-    set_threads(cfg.threads)
+    run.settle(threads=cfg.threads, seed=cfg.seed)
 
     # Everything that can be refused is checked before the run directory is created.
-    seed_everything(cfg.seed)
-    from bats_cli.data import describe_spec
 
     spec0 = describe_spec(cfg.dataset, cfg.data_dir, cfg.image_size)
     augment = resolve_augment(cfg, spec0.name)
@@ -245,23 +213,20 @@ def train(
             temperature=cfg.kd_temperature, weight=cfg.kd_weight, attention_weight=cfg.attention_weight,
             expect_sha256=recorded_sha256(meta) if resuming else None,
         )
-    if preflight is not None:
-        preflight_everywhere(preflight, dict(
-            command="train", model=model, teacher=None if distill is None else distill.teacher, device=device, dataset=dspec.name,
-            train_images=len(data.train), test_images=len(data.test),
-            input_shape=(dspec.in_channels, dspec.image_size, dspec.image_size),
-            num_classes=dspec.num_classes, batch_size=cfg.batch_size // dist_info.world,
-            eval_batch_size=eval_batch_size(cfg.eval_batch_size, cfg.batch_size),
-            steps_per_epoch=steps_per_epoch(len(data.train), cfg.batch_size), epochs=epochs,
-            precision=cfg.precision, network=network_label(settings),
-        ), dist_info, device)
-    run_dir = open_run_dir(out, resume, dist_info, device)
+    run_dir, reporter = run.open(preflight, dict(
+        command="train", model=model, teacher=None if distill is None else distill.teacher, device=device, dataset=dspec.name,
+        train_images=len(data.train), test_images=len(data.test),
+        input_shape=(dspec.in_channels, dspec.image_size, dspec.image_size),
+        num_classes=dspec.num_classes, batch_size=cfg.batch_size // dist_info.world,
+        eval_batch_size=eval_batch_size(cfg.eval_batch_size, cfg.batch_size),
+        steps_per_epoch=steps_per_epoch(len(data.train), cfg.batch_size), epochs=epochs,
+        precision=cfg.precision, network=network_label(settings),
+    ), quiet=quiet)
     if run_dir is not None and not resuming:
         cells = {"genotype": genotype.to_dict()} if model_entry.genotype else {}
         teacher = {"teacher": distill.record()} if distill is not None else {}
         run_dir.write_config(run_config, device=device, network=settings, data=data_info(dspec, augment),
                              **cells, **teacher)
-    reporter = Reporter(quiet=quiet or not dist_info.is_main)
     n_params = sum(p.numel() for p in model.parameters())
     # `bats flops` counts the inference network: without the auxiliary head (training only).
     n_infer = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("auxiliary_head."))
@@ -290,7 +255,7 @@ def train(
     )
     summary = fit(
         fit_spec, data.train, data.val, device=device, dist_info=dist_info, run_dir=run_dir,
-        reporter=reporter, resume_from=opened, stop_after_steps=stop_after_steps,
+        reporter=reporter, resume_from=run.opened, stop_after_steps=stop_after_steps,
         handle_signals=False, stop=stop, started=started,
     )
     result = {

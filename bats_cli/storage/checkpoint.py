@@ -44,6 +44,7 @@ __all__ = [
     "KINDS",
     "CheckpointMeta",
     "load_checkpoint",
+    "load_tensors",
     "read_metadata",
     "save_checkpoint",
 ]
@@ -257,11 +258,17 @@ def load_checkpoint(
     command: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
     """Load all tensors onto ``device`` plus the metadata; ``command`` names it in errors."""
-    from safetensors.torch import load_file
-
     meta = read_metadata(path)
     if expect_kind is not None:
         check_kind(meta, expect_kind, command)
+    return load_tensors(meta, device=device), meta
+
+
+def load_tensors(meta: CheckpointMeta, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint whose metadata was read (and checked) already: its header is not
+    parsed again."""
+    from safetensors.torch import load_file
+
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         # Otherwise safetensors' error would read like a corrupt file.
         raise UserInputError(f"cannot load {meta.path} onto {device}: CUDA is not available")
@@ -272,4 +279,4 @@ def load_checkpoint(
     from bats_cli.storage.metadata import check_tensors
 
     check_tensors(meta.path, tensors)
-    return tensors, meta
+    return tensors

@@ -23,8 +23,10 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
+from bats_cli.core.config import RunConfig
 from bats_cli.core.errors import RunFailure, UserInputError
 from bats_cli.data.loader import sharded_loader, steps_per_epoch
 from bats_cli.models.modelio import load_model_tensors, model_tensors
@@ -49,6 +51,21 @@ def check_distill_options(cfg) -> None:
         ("--attention-weight", cfg.attention_weight, ATTENTION_WEIGHT)) if value != default]
     if changed:
         raise ValueError(f"{', '.join(changed)} only apply with --teacher CKPT")
+
+
+class DistillSettings(RunConfig):
+    """Base of the configs of the two steps (train, binarize): distillation from a teacher
+    (bats_cli.training.distill); no teacher = cross-entropy only, the paper's recipe."""
+
+    teacher: Optional[str] = Field(None, max_length=4096, description="Teacher checkpoint; None: no distillation")
+    kd_temperature: float = Field(KD_TEMPERATURE, gt=0, le=100)
+    kd_weight: float = Field(KD_WEIGHT, ge=0, le=1)
+    attention_weight: float = Field(ATTENTION_WEIGHT, ge=0, le=1000)
+
+    @model_validator(mode="after")
+    def _distill_options(self) -> "DistillSettings":
+        check_distill_options(self)
+        return self
 
 
 
@@ -379,6 +396,7 @@ def _row_numbers(row: Mapping[str, str]) -> dict[str, Any]:
 
 __all__ = [
     "DISTILL_DEFAULTS",
+    "DistillSettings",
     "FitSpec",
     "TrainJob",
     "check_distill_options",
