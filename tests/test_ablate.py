@@ -99,6 +99,26 @@ def test_jobs_resume_by_skipping_finished_ones(tmp_path, capsys):
     assert calls == []
 
 
+def test_a_study_run_in_parts_records_and_summarises_every_part(tmp_path, capsys):
+    # `--variants A` then `--variants B` in one directory: study.json keeps both (and the larger
+    # number of seeds), so --summary and --publish without flags see the whole study.
+    out = tmp_path / "st"
+    run_study(StudyOptions(study="random", preset="tiny", seeds=2, out=out, variants=("searched", "random")),
+              runner=_fake_runner([]), log=lambda m: None)
+    run_study(StudyOptions(study="random", preset="tiny", seeds=1, out=out, variants=("random-matched",)),
+              runner=_fake_runner([]), log=lambda m: None)
+    rec = json.loads((out / "study.json").read_text())
+    assert rec["variants"] == ["searched", "random", "random-matched"] and rec["seeds"] == 2
+    code, stdout, err = cli(["ablate", "random", "--out", str(out), "--summary", "--json"], capsys)
+    assert code == 0, err
+    rows = {v["variant"]: v["n"] for v in json.loads(stdout)["variants"]}
+    assert rows == {"searched": 2, "random": 2, "random-matched": 1}
+    # A run of every variant records them all (an empty list).
+    run_study(StudyOptions(study="random", preset="tiny", seeds=1, out=out), runner=_fake_runner([]),
+              log=lambda m: None)
+    assert json.loads((out / "study.json").read_text())["variants"] == []
+
+
 def test_emit_prints_one_valid_bats_command_line_per_job(tmp_path, capsys):
     from typer.main import get_command
 

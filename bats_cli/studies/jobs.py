@@ -184,8 +184,21 @@ _RECORDED = ("study", "preset", "dataset", "data_dir", "seeds", "optimizer", "va
              "candidates")
 
 
-def study_record(o: StudyOptions) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((k, getattr(o, k)) for k in _RECORDED)}
+def study_record(o: StudyOptions, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``out/study.json`` records. Given the ``previous`` record of the same directory, the study
+    grows: the variants of both runs (none named = all of them) and the larger number of seeds, so a
+    study run in parts (``--variants A`` then ``--variants B``) is summarised and published whole."""
+    rec = {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((k, getattr(o, k)) for k in _RECORDED)}
+    if previous and previous.get("study") == o.study:
+        before = previous.get("variants") or []
+        if rec["variants"] and isinstance(before, list) and before:
+            names = set(rec["variants"]) | {v for v in before if isinstance(v, str)}
+            rec["variants"] = [v.name for v in study_variants(o.study, optimizer=o.optimizer) if v.name in names]
+        else:
+            rec["variants"] = []
+        if isinstance(previous.get("seeds"), int):
+            rec["seeds"] = max(rec["seeds"], previous["seeds"])
+    return rec
 
 
 def recorded_options(out: Path, study: str, *, seeds: int | None = None,

@@ -241,7 +241,7 @@ def run_study(o: StudyOptions, *, runner: Runner = subprocess_runner, log: Calla
     if any(not j.finished for j in jobs):
         check_data(o)
     o.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(o.out / STUDY_NAME, study_record(o))
+    atomic_write_json(o.out / STUDY_NAME, study_record(o, read_json(o.out / STUDY_NAME)))
     for job in jobs:
         job.dir.parent.mkdir(parents=True, exist_ok=True)
     reuse_jobs(jobs, reuse, log)
