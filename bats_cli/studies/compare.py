@@ -17,14 +17,17 @@ from bats_cli.studies.stats import kendall_tau, mcnemar_exact, paired_comparison
 
 
 def comparison_pairs(study: str, names: Sequence[str]) -> list[tuple[str, str]]:
-    """(a, b) pairs compared seed for seed: a study's reference row against every other row; in
-    the random study each searched arm against each random arm, and the two selections."""
+    """(a, b) pairs compared seed for seed (a − b): a study's reference row against every other row; in
+    the random study each searched arm against each random arm, and the two selections; in the
+    recipe study each recipe against the paper's, and each addition to kd against kd."""
     if study == "random":
         pairs = [(a, b) for a in ("searched", "searched-perturbation")
                  for b in ("random", "random-matched", "random-search")]
         pairs.append(("searched-perturbation", "searched"))
     elif study == "proxy":
         pairs = [("searched-c12", "random"), ("searched", "random"), ("searched-c12", "searched")]
+    elif study == "recipe":  # does a recipe help: each one minus the paper's, then what each adds to kd
+        pairs = [(v, "paper") for v in names if v != "paper"] + [("kd+attention", "kd"), ("kd+rprelu", "kd")]
     else:
         ref = REFERENCE[study]
         pairs = [(ref, v) for v in names if v != ref]
