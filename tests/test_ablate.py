@@ -7,12 +7,12 @@ import shlex
 from pathlib import Path
 
 import pytest
+from helpers import cli
 
 from bats_cli.core.errors import Interrupted
 from bats_cli.studies.catalog import study_variants
 from bats_cli.studies.jobs import StudyOptions, build_jobs, emit_lines
 from bats_cli.studies.runner import reuse_jobs, run_study
-from tests.helpers import cli
 
 
 def _fake_runner(calls, *, interrupt_at=None, top1=None):
@@ -163,7 +163,7 @@ def test_strategy_study_keeps_the_optimiser_fixed(tmp_path):
 
 
 def test_bad_study_is_one_line_error(capsys):
-    from tests.helpers import one_line_error
+    from helpers import one_line_error
 
     code, _, err = cli(["ablate", "nonsense", "--emit", "shell"], capsys)
     one_line_error(code, err, "unknown study")
@@ -224,7 +224,7 @@ def test_reuse_leaves_a_started_job_alone(tmp_path):
 
 
 def test_variants_selects_rows_and_rejects_unknown_names(tmp_path, capsys):
-    from tests.helpers import one_line_error
+    from helpers import one_line_error
 
     o = StudyOptions(study="temperature", out=tmp_path, seeds=2, variants=("T0.05", "T1"))
     assert [j.name for j in build_jobs(o)] == ["T1/seed0", "T0.05/seed0", "T1/seed1", "T0.05/seed1"]
@@ -409,7 +409,7 @@ def test_evaluate_on_and_publish_recheck_a_study_without_training(tmp_path, caps
 
 
 def test_a_study_checks_its_data_before_the_first_job(tmp_path, capsys):
-    from tests.helpers import one_line_error
+    from helpers import one_line_error
 
     code, _, err = cli(["ablate", "random", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "nowhere"),
                         "--out", str(tmp_path / "s")], capsys)

@@ -7,8 +7,7 @@ import json
 from collections import defaultdict
 
 import pytest
-
-from tests.helpers import cli, one_line_error
+from helpers import cli, one_line_error
 
 
 def _commands():

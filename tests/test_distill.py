@@ -227,8 +227,9 @@ def test_binarize_with_a_teacher_resumes_to_the_same_result(chain):
 
 def _rprelu_network(reduce_shortcut="factorized"):
     """A binary bats_c10 network with RPReLU whose shifts, slopes and BatchNorms are all non-trivial."""
+    from helpers import randomize_bn
+
     from bats_cli.layers.quant import BinarySpec, RPReLU
-    from tests.helpers import randomize_bn
 
     gen = torch.Generator().manual_seed(3)
     net = build_network(resolve_genotype("bats_c10"), in_channels=1, num_classes=10, layers=3, channels=6,

@@ -16,7 +16,7 @@ import zlib
 
 import pytest
 import torch
-from helpers import cli, one_line_error
+from helpers import cli, one_line_error, randomize_bn
 
 from bats_cli.core.errors import UserInputError
 from bats_cli.core.spaces import SPACES
@@ -28,7 +28,6 @@ from bats_cli.layers.ops import OpContext, build_op
 from bats_cli.layers.quant import STE_SIGN, BinaryConvBlock, BinarySpec, QuantConv2d, binarize_weights_, quant_convs
 from bats_cli.models.networks import build_network
 from bats_cli.models.resnet import build_resnet
-from tests.helpers import randomize_bn
 
 pytestmark = pytest.mark.slow  # the bitwise kernel is compiled (a C++ build on a fresh machine)
 

@@ -8,8 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from tests.helpers import cli, one_line_error
+from helpers import cli, one_line_error
 
 # Smaller than --preset tiny (8 px, a handful of images), same commands.
 _SMALL = ["--preset", "tiny", "--subset", "32", "--image-size", "8", "--batch-size", "8"]

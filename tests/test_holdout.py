@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import cli
 
 from bats_cli.core.errors import UserInputError
 from bats_cli.data import build_datasets, targets_of
-from tests.helpers import cli
 
 
 def _indices(ds):

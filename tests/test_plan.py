@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from tests.helpers import cli
+from helpers import cli
 
 GIB = 2**30
 

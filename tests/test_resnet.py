@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
+from helpers import cli, one_line_error
 from torch import nn
 
 from bats_cli.layers.quant import QuantConv2d, binarize_weights_, quant_convs
 from bats_cli.models.resnet import build_resnet
-from tests.helpers import cli, one_line_error
 
 # He et al.'s ResNet-18 in its CIFAR form (3x3 stride-1 stem, no max-pool), 10 classes.
 STANDARD_CIFAR_PARAMS = 11_173_962
