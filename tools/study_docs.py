@@ -164,7 +164,81 @@ evaluated network's width) is the one change of the proxy to test next; it has n
 <!-- random-study:end -->"""
 
 
-BLOCKS = {"random": random_block}
+def recipe_block(d: dict) -> str:
+    """The recipe study (the paper's two steps against distillation from a real-valued teacher)."""
+    table, top, seeds = _table(d, RECIPE_ARMS)
+    var = {v["variant"]: v for v in d["variants"]}
+    cmp = {(c["a"], c["b"]): c for c in d["comparisons"]}
+    cmp1 = {(c["a"], c["b"]): c for c in d["comparisons_step1"]}
+    teacher = [top[("kd", s)]["teacher_val_top1"] for s in seeds if top.get(("kd", s), {}).get("teacher_val_top1")]
+    table.insert(2 + len(seeds), "| step 1, mean | " + " | ".join(
+        f"{var[a]['step1_top1_mean']:.1f}" for a in RECIPE_ARMS) + " |")
+    bench_file = ROOT / "docs" / "ablations" / "recipe" / "distill_step.json"
+    bench = json.loads(bench_file.read_text(encoding="utf-8"))
+    kd, att, teach = bench["kd_ratio"], bench["kd_attention_ratio"], bench["teacher_ratio"]
+    # Per seed, in paper steps: step 1 (4 epochs) and step 2 (2 epochs) of the same steps per epoch;
+    # a distilled row runs both at kd's cost, and the seed's teacher trains for step 1's 4 epochs.
+    total = (6 * kd + 4 * teach) / 6
+    helped = [a for a in RECIPE_ARMS[1:] if cmp[(a, "paper")]["significant"]]
+    if helped:
+        answer = ("**Verdict: " + ", ".join(helped) + " beat" + ("s" if len(helped) == 1 else "")
+                  + " the paper's recipe at this scale** (the lines below say by how much).")
+    else:
+        answer = ("**Verdict: at this scale no distillation recipe is distinguishable from the paper's two "
+                  "steps** (the lines below give the differences and their intervals).")
+    lines = [f"- {_verdict(cmp[(a, 'paper')], a)}." for a in RECIPE_ARMS[1:]]
+    lines += [f"- {_verdict(cmp[(a, 'kd')], a)}." for a in ("kd+attention", "kd+rprelu")]
+    step1 = "; ".join(cmp1[(a, "paper")]["verdict"] for a in RECIPE_ARMS[1:])
+    return f"""<!-- recipe-study:begin -->
+The study ran with
+
+```sh
+bats ablate recipe --preset cpu --dataset imagefolder --data-dir ../shared/datasets/cifar10-mini \\
+    --seeds {len(seeds)} --jobs 2 --threads 1 --out runs/ablate-recipe
+bats ablate recipe --out runs/ablate-recipe --publish docs/ablations/recipe
+```
+
+One cell (the paper's `bats_c10`), the cpu preset's budgets in every row: 4 epochs of step 1 and
+2 of fine-tuning on cifar10-mini's 10,000 training images (1,000 held out for validation), scored
+once on its 2,000 `val/` images. Every job is published in [docs/ablations/recipe/](ablations/recipe/)
+([results.md](ablations/recipe/results.md)); every figure below is read from its `results.json`
+(`python tools/study_docs.py` writes this section).
+
+Fully binary top-1 (%), each ± about {var['paper']['top1_se_mean']:.1f} (the binomial standard error on 2,000
+images); the real-valued teacher (`bats train --real`, same cell, data and epochs) reaches
+{min(teacher):.1f}–{max(teacher):.1f} % on the held-out images:
+
+""" + "\n".join(table) + f"""
+
+{answer} Paired over seeds:
+
+""" + "\n".join(lines) + f"""
+- At step 1 (binary activations, real weights): {step1}.
+
+A row is called distinguishable only when its bootstrap interval excludes 0 and the exact Wilcoxon
+p is below 0.05; with {len(seeds)} seeds that p cannot go below {2 / 2 ** len(seeds):.3f}, so the intervals, the
+paired t and the wins say how consistent a difference is. McNemar tests each seed's two networks on
+the same 2,000 images.
+
+Cost, from `python bench/distill_step.py --threads 1 --reps 15 --warmup 2` (the recipe study's
+network and batch, one thread, the variants interleaved in one run on otherwise idle cores;
+[distill_step.json](ablations/recipe/distill_step.json)): a distilled training step costs {kd:.2f}× a
+step of the paper's recipe ({att:.2f}× with attention matching: the teacher's forward pass, without
+gradients), and a training step of the real-valued teacher {teach:.2f}× (no sign / straight-through
+estimator in it). With the same epochs (4 in step 1, 2 in step 2) and a teacher trained for step
+1's 4 epochs per seed, distilling one network costs about {total:.2f}× the paper's recipe, or
+{kd:.2f}× when the teacher is shared by several students (as in this study, by three rows). The
+jobs' own wall times are in `results.json` but ran two at a time beside other work, so they are not
+a fair ratio.
+
+The papers' gains are on ImageNet at full scale and on ResNet-18-type networks, not on BATS
+cells: Real-to-Binary 65.4 % top-1 against about 60 % without its distillation chain, ReActNet
+69.4 % (ReActNet-A). At 4 epochs on 10,000 images, 2,000 test images put about 1.5 points of
+sampling noise on a difference of two networks, so only a gain of a few points could show here.
+<!-- recipe-study:end -->"""
+
+
+BLOCKS = {"random": random_block, "recipe": recipe_block}
 
 
 def render(text: str) -> str:
