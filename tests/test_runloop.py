@@ -158,3 +158,18 @@ def test_a_signal_mid_epoch_stops_after_that_step_with_a_checkpoint(tmp_path):
     meta = read_metadata(run.last)
     assert (meta.epoch, meta.step) == (1, 3)
     assert len(_rows(run.path)) == 1
+
+
+def test_a_long_run_checks_its_final_precision_not_the_flags(tmp_path):
+    # `begin` knows only the flags; a resumed run's saved precision is checked by `settle`, before
+    # any data is read or directory made (fp16 is refused on CPU).
+    from bats_cli.core.errors import UserInputError
+    from bats_cli.training.longrun import begin
+
+    run = begin("train", out=tmp_path / "run", resume=True, default=lambda: tmp_path / "run", device="cpu",
+                precision="fp32")
+    assert run.opened is None and not (tmp_path / "run").exists()
+    with pytest.raises(UserInputError, match="fp16 needs CUDA"):
+        run.settle(precision="fp16", threads=None)
+    threads = torch.get_num_threads()
+    run.settle(precision="fp32", threads=threads)

@@ -108,7 +108,8 @@ class RunConfig(BaseModel):
 
 class RunPlacement(RunConfig):
     """Base of the long runs' configs (search, train, binarize): where and how a run executes, never
-    what it computes (a resumed run may change these; see RESUME_IGNORED_KEYS)."""
+    what it computes. A resumed run may change its device, workers and threads
+    (RESUME_IGNORED_KEYS), not its precision."""
 
     device: Device = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"

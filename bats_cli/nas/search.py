@@ -118,7 +118,7 @@ def run_search(
                                overrides=overrides)
     elif opened is not None:
         check_resume_config(opened[1].config, config)
-    run.settle(threads=config.threads)  # the supernet's seed is the searcher's (per stage)
+    run.settle(precision=config.precision, threads=config.threads)  # the supernet's seed is the searcher's (per stage)
     from bats_cli.utils.preflight import check_sizes
 
     # Everything that can be refused is checked before the run directory exists.

@@ -190,7 +190,7 @@ def binarize(
         carried = _carried(rmeta)
 
     seed = cfg.seed if cfg.seed is not None else int(train_run.get("seed", 0))
-    run.settle(threads=cfg.threads, seed=seed)
+    run.settle(precision=cfg.precision, threads=cfg.threads, seed=seed)
     batch_size = cfg.batch_size or int(train_run.get("batch_size", 256))
     # Fine-tuning is Adam; an SGD run's lr (0.1, Appendix B) would not suit it: Adam's 1e-3 then.
     adam_run = train_run.get("optimizer", "adam") == "adam"

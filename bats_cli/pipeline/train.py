@@ -182,7 +182,7 @@ def train(
         given = saved.get("genotype", cfg.genotype) if isinstance(saved, dict) else cfg.genotype
         cfg = resume_config(TrainConfig, saved, preset=preset, presets=train_presets(arch),
                             overrides={**(overrides or {}), "genotype": given}, defaults=DISTILL_DEFAULTS)
-    run.settle(threads=cfg.threads, seed=cfg.seed)
+    run.settle(precision=cfg.precision, threads=cfg.threads, seed=cfg.seed)
 
     # Everything that can be refused is checked before the run directory is created.
 

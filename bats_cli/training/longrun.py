@@ -7,7 +7,8 @@ One path through it, in order:
    any work) and the checkpoint to continue, read once (:func:`read_resume`: tensors and
    validated metadata, handed to :meth:`~bats_cli.training.runloop.RunLoop.resume`);
 2. the resumed run's config (:func:`resume_config`: the saved one, then preset and flags, which
-   must agree with it), then :meth:`LongRun.settle`: threads and seed from the final config;
+   must agree with it), then :meth:`LongRun.settle`: precision checked, threads and seed, from the
+   final config;
 3. the data (:func:`load_data`: under ``torchrun`` rank 0 downloads while the others wait) and the
    stage's own checks;
 4. :meth:`LongRun.open`: the memory plan on every rank, then the run directory (rank 0) and the
@@ -97,8 +98,12 @@ class LongRun:
         """The continued checkpoint's metadata (None on a fresh start)."""
         return self.opened[1] if self.opened is not None else None
 
-    def settle(self, *, threads: int | None, seed: int | None = None) -> None:
-        """Threads and seed from the run's final config (after a resumed run's saved one is restored)."""
+    def settle(self, *, precision: str, threads: int | None, seed: int | None = None) -> None:
+        """Precision (checked against the device), threads and seed from the run's final config: a
+        resumed run's saved one, not the flags' defaults."""
+        from bats_cli.utils.runtime import check_precision
+
+        check_precision(self.device, precision)
         set_threads(threads)
         if seed is not None:
             from bats_cli.utils.runtime import seed_everything
