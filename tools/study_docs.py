@@ -38,6 +38,11 @@ def _seeds(seeds: list[int]) -> str:
     return ", ".join(map(str, seeds[:-1])) + (" and " if len(seeds) > 1 else "") + str(seeds[-1])
 
 
+def _pm(x: float) -> str:
+    """+1.28 / −0.68: signed, with the typographic minus of the verdict lines."""
+    return f"{x:+.2f}".replace("-", "−")
+
+
 def _verdict(c: dict, ahead: str) -> str:
     mc = c.get("mcnemar") or []
     sig = sum(1 for m in mc if m["p"] < 0.05)
@@ -182,14 +187,24 @@ def recipe_block(d: dict) -> str:
     helped = [a for a in RECIPE_ARMS[1:] if cmp[(a, "paper")]["significant"]]
     if helped:
         answer = ("**Verdict: " + ", ".join(helped) + " beat" + ("s" if len(helped) == 1 else "")
-                  + " the paper's recipe at this scale** (the lines below say by how much).")
+                  + " the paper's recipe at this scale**: " + "; ".join(
+                      f"{a} − paper = {_pm(cmp[(a, 'paper')]['paired_diff_mean'])} points "
+                      f"[{_pm(cmp[(a, 'paper')]['ci95'][0])}, {_pm(cmp[(a, 'paper')]['ci95'][1])}], ahead in "
+                      f"{cmp[(a, 'paper')]['wins']} of {cmp[(a, 'paper')]['n']} seeds, Wilcoxon p = "
+                      f"{cmp[(a, 'paper')]['wilcoxon_p']:.3f}" for a in helped)
+                  + f" (the smallest p {len(seeds)} seeds can give is {2 / 2 ** len(seeds):.3f}; one cell, one"
+                  " budget, 2,000 test images).")
+    adds = [(a, cmp[(a, "kd")]) for a in ("kd+attention", "kd+rprelu")]
+    if all(not c["significant"] for _, c in adds):
+        answer += (" Neither addition helps on top of kd: " + ", ".join(
+            f"{a} − kd = {_pm(c['paired_diff_mean'])}" for a, c in adds) + " points, not distinguishable.")
     else:
         answer = ("**Verdict: at this scale no distillation recipe is distinguishable from the paper's two "
                   "steps** (the lines below give the differences and their intervals).")
     steady = [cmp[(a, "paper")] for a in RECIPE_ARMS[1:]
               if not cmp[(a, "paper")]["significant"] and cmp[(a, "paper")]["wins"] == cmp[(a, "paper")]["n"] >= 3]
     for c in steady:
-        answer += (f" {c['a']} was ahead of the paper's recipe in every seed ({c['paired_diff_mean']:+.2f} points, "
+        answer += (f" {c['a']} was ahead of the paper's recipe in every seed ({_pm(c['paired_diff_mean'])} points, "
                    f"paired t p = {c['t_p']:.3f}), a consistent gain that {c['n']} seeds cannot make significant "
                    "under the rule below.")
     lines = [f"- {_verdict(cmp[(a, 'paper')], a)}." for a in RECIPE_ARMS[1:]]
