@@ -165,8 +165,23 @@ naive baselines, parameters τ = {dg['params']['tau']:+.2f} (p = {dg['params']['
 better than size does. Our reading of the CPU proxy: the search sees 2 groups of 3 channels at
 16 px while the evaluated network has 4 groups, and 8 search epochs leave softmax(α) nearly flat,
 so the choice between ops is close to the seed's noise. `bats ablate proxy` (searching at the
-evaluated network's width) is the one change of the proxy to test next; it has not been run.
+evaluated network's width) is the one change of the proxy to test next; {_proxy_status()}
 <!-- random-study:end -->"""
+
+
+def _proxy_status() -> str:
+    """Where the proxy study stands, from its published results (if any)."""
+    d = _load("proxy")
+    if d is None:
+        return "it has not been run."
+    top = {(j["variant"], j["seed"]) for j in d["jobs"] if j["status"] == "done"}
+    done = sorted(s for v, s in top if v == "searched-c12")
+    c = next((c for c in d["comparisons"] if (c["a"], c["b"]) == ("searched-c12", "random")), None)
+    where = "[docs/ablations/proxy/](ablations/proxy/results.md)"
+    if not d.get("complete"):
+        return (f"it is running: {len(done)} of its {d['seeds']} seeds have finished ({where}, partial"
+                + (f"; so far {c['verdict']}" if c else "") + "), too few for a verdict.")
+    return f"its result ({where}): {c['verdict'] if c else 'no comparison'}."
 
 
 def recipe_block(d: dict) -> str:
