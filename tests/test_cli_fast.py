@@ -1,4 +1,4 @@
-"""The CLI answers --help, --version and `genotype list` without importing torch (issue 12)."""
+"""The CLI answers --help, --version and `genotype list` without importing torch."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 12: the paper's data by default, the preflight plan, progress, reports, one vocabulary."""
+"""The paper's data by default, the preflight plan, progress, reports, one vocabulary."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 10: the cpu preset's α learns on real images, and a search that did not learn says so."""
+"""The cpu preset's α learns on real images, and a search that did not learn says so."""
 
 from __future__ import annotations
 

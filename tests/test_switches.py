@@ -1,4 +1,4 @@
-"""The ablation switches (issue 10): each changes the network exactly as documented."""
+"""The ablation switches: each changes the network exactly as documented."""
 
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ from bats_cli.training.longrun import begin, resume_config
 from bats_cli.training.runloop import RunLoop, interrupt_guarded, restores_threads
 
 # Fine-tuning budget: a share of the training run's epochs (the paper gives none; the first
-# author's code treats step 2 as a full training stage). Measured (docs/pipeline.md, issue 10):
+# author's code treats step 2 as a full training stage). Measured (docs/pipeline.md):
 # after `train --preset cpu` (4 epochs, 40.65 % top-1) binarizing gives 27.35 % with BatchNorm
 # re-estimated; fine-tuning 1 epoch (1/4 of step 1) recovers 37.90 %, 2 epochs (1/2) 40.75 %,
 # i.e. all of step 1. So the default is half of step 1: 2 epochs after 4, 300 after the
