@@ -179,8 +179,8 @@ def _proxy_status() -> str:
     c = next((c for c in d["comparisons"] if (c["a"], c["b"]) == ("searched-c12", "random")), None)
     where = "[docs/ablations/proxy/](ablations/proxy/results.md)"
     if not d.get("complete"):
-        return (f"it is running: {len(done)} of its {d['seeds']} seeds have finished ({where}, partial"
-                + (f"; so far {c['verdict']}" if c else "") + "), too few for a verdict.")
+        return (f"{len(done)} of its {d['seeds']} seeds have finished so far ({where}, partial"
+                + (f": {c['verdict']}" if c else "") + "), too few for a verdict.")
     return f"its result ({where}): {c['verdict'] if c else 'no comparison'}."
 
 
