@@ -20,8 +20,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = "docs/ablations.md"
-RANDOM_ARMS = ["searched", "random", "random-matched", "random-search", "searched-perturbation"]
-RECIPE_ARMS = ["paper", "kd", "kd+attention", "kd+rprelu"]
 
 
 def _load(study: str) -> dict | None:
@@ -66,7 +64,9 @@ def _table(d: dict, arms: list[str], label=lambda a: a) -> tuple[list[str], dict
 
 def random_block(d: dict) -> str:
     """The random study (does the search beat chance?)."""
-    table, top, seeds = _table(d, RANDOM_ARMS)
+    # The baselines beside the searched arm, the perturbation arm (fewer seeds) last.
+    arms = [v["variant"] for v in d["variants"] if v["variant"] != "searched-perturbation"] + ["searched-perturbation"]
+    table, top, seeds = _table(d, arms)
     var = {v["variant"]: v for v in d["variants"]}
     cmp = {(c["a"], c["b"]): c for c in d["comparisons"]}
     cmp1 = {(c["a"], c["b"]): c for c in d["comparisons_step1"]}
@@ -186,20 +186,21 @@ def _proxy_status() -> str:
 
 def recipe_block(d: dict) -> str:
     """The recipe study (the paper's two steps against distillation from a real-valued teacher)."""
-    table, top, seeds = _table(d, RECIPE_ARMS)
+    arms = [v["variant"] for v in d["variants"]]  # the study's rows, the paper's first
+    table, top, seeds = _table(d, arms)
     var = {v["variant"]: v for v in d["variants"]}
     cmp = {(c["a"], c["b"]): c for c in d["comparisons"]}
     cmp1 = {(c["a"], c["b"]): c for c in d["comparisons_step1"]}
     teacher = [top[("kd", s)]["teacher_val_top1"] for s in seeds if top.get(("kd", s), {}).get("teacher_val_top1")]
     table.insert(2 + len(seeds), "| step 1, mean | " + " | ".join(
-        f"{var[a]['step1_top1_mean']:.1f}" for a in RECIPE_ARMS) + " |")
+        f"{var[a]['step1_top1_mean']:.1f}" for a in arms) + " |")
     bench_file = ROOT / "docs" / "ablations" / "recipe" / "distill_step.json"
     bench = json.loads(bench_file.read_text(encoding="utf-8"))
     kd, att, teach = bench["kd_ratio"], bench["kd_attention_ratio"], bench["teacher_ratio"]
     # Per seed, in paper steps: step 1 (4 epochs) and step 2 (2 epochs) of the same steps per epoch;
     # a distilled row runs both at kd's cost, and the seed's teacher trains for step 1's 4 epochs.
     total = (6 * kd + 4 * teach) / 6
-    helped = [a for a in RECIPE_ARMS[1:] if cmp[(a, "paper")]["significant"]]
+    helped = [a for a in arms[1:] if cmp[(a, "paper")]["significant"]]
     if helped:
         answer = ("**Verdict: " + ", ".join(helped) + " beat" + ("s" if len(helped) == 1 else "")
                   + " the paper's recipe at this scale**: " + "; ".join(
@@ -216,15 +217,15 @@ def recipe_block(d: dict) -> str:
     else:
         answer = ("**Verdict: at this scale no distillation recipe is distinguishable from the paper's two "
                   "steps** (the lines below give the differences and their intervals).")
-    steady = [cmp[(a, "paper")] for a in RECIPE_ARMS[1:]
+    steady = [cmp[(a, "paper")] for a in arms[1:]
               if not cmp[(a, "paper")]["significant"] and cmp[(a, "paper")]["wins"] == cmp[(a, "paper")]["n"] >= 3]
     for c in steady:
         answer += (f" {c['a']} was ahead of the paper's recipe in every seed ({_pm(c['paired_diff_mean'])} points, "
                    f"paired t p = {c['t_p']:.3f}), a consistent gain that {c['n']} seeds cannot make significant "
                    "under the rule below.")
-    lines = [f"- {_verdict(cmp[(a, 'paper')], a)}." for a in RECIPE_ARMS[1:]]
+    lines = [f"- {_verdict(cmp[(a, 'paper')], a)}." for a in arms[1:]]
     lines += [f"- {_verdict(cmp[(a, 'kd')], a)}." for a in ("kd+attention", "kd+rprelu")]
-    step1 = "; ".join(cmp1[(a, "paper")]["verdict"] for a in RECIPE_ARMS[1:])
+    step1 = "; ".join(cmp1[(a, "paper")]["verdict"] for a in arms[1:])
     return f"""<!-- recipe-study:begin -->
 The study ran with
 
