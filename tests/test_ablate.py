@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
 from helpers import cli
 
-from bats_cli.core.errors import Interrupted
+from bats_cli.core.errors import Interrupted, UserInputError
 from bats_cli.studies.catalog import study_variants
 from bats_cli.studies.jobs import StudyOptions, build_jobs, emit_lines
 from bats_cli.studies.runner import reuse_jobs, run_study
@@ -347,8 +348,39 @@ def test_an_arm_whose_search_is_not_in_the_run_fails_at_once(tmp_path):
     assert any("which no job of this run will write" in line for line in lines)
 
 
+def test_a_derived_row_reruns_a_search_that_kept_no_checkpoint(tmp_path):
+    from dataclasses import replace
+
+    o = StudyOptions(study="random", out=tmp_path / "study", seeds=2,
+                     variants=("searched", "searched-perturbation", "random"))
+    top1 = lambda v, s: 60 + s if v.startswith("searched") else 50  # noqa: E731
+    # The searched arm finished first and, like a published job, kept no search checkpoint ...
+    run_study(replace(o, variants=("searched", "random")), runner=_fake_runner([], top1=top1), log=lambda m: None)
+    # ... except at seed 0.
+    (o.out / "searched" / "seed0" / "search" / "last.safetensors").write_bytes(b"supernet")
+    calls: list = []
+    summary = run_study(o, runner=_fake_runner(calls, top1=top1), log=lambda m: None)
+    jobs = {(j.variant.name, j.seed): j for j in build_jobs(o)}
+    derive0 = next(s for s in jobs[("searched-perturbation", 0)].steps if s.name == "derive")
+    assert derive0.argv[1] == str(o.out / "searched" / "seed0" / "search")  # the searched arm's own supernet
+    own = jobs[("searched-perturbation", 1)]
+    search = next(s for s in own.steps if s.name == "search")
+    shared = next(s for s in jobs[("searched", 1)].steps if s.name == "search")
+    assert search.argv[search.argv.index("--out") + 1] == str(own.dir / "search")
+    assert search.argv[:search.argv.index("--out")] == shared.argv[:shared.argv.index("--out")]  # the same command
+    assert next(s for s in own.steps if s.name == "derive").argv[1] == str(own.dir / "search")
+    assert (str(own.dir / "search"), "search") in calls and not any("searched/seed" in d for d, _ in calls)
+    recs = {(r["variant"], r["seed"]): r for r in summary["jobs"]}
+    assert not recs[("searched-perturbation", 0)]["own_search"] and recs[("searched-perturbation", 1)]["own_search"]
+    comp = {(c["a"], c["b"]): c for c in summary["comparisons"]}
+    # Against the searched arm only where both read one supernet; against random on every seed.
+    assert comp[("searched-perturbation", "searched")]["seeds"] == [0]
+    assert comp[("searched-perturbation", "searched")]["seeds_left_out"]["seeds"] == [1]
+    assert comp[("searched-perturbation", "random")]["seeds"] == [0, 1]
+    assert "seed 1 left out (not the same search" in (o.out / "results.md").read_text()
+
+
 def test_best_of_runs_keeps_the_best_held_out_run_and_refuses_test_split_runs(tmp_path, capsys):
-    from bats_cli.core.errors import UserInputError
     from bats_cli.nas.random_genotypes import random_genotype
     from bats_cli.studies.jobs import best_of_runs
 
@@ -406,6 +438,29 @@ def test_evaluate_on_and_publish_recheck_a_study_without_training(tmp_path, caps
     code, out, err = cli(["ablate", "random", "--out", str(o.out), "--evaluate-on", str(tmp_path / "x"),
                           "--summary"], capsys)
     assert code == 2 and "at most one of" in err
+
+
+def test_evaluate_on_finds_the_test_split_in_common_layouts(tmp_path):
+    from bats_cli.studies.publish import _test_layout
+
+    both = tmp_path / "both"
+    for split in ("train", "val"):
+        (both / split / "cat").mkdir(parents=True)
+    assert _test_layout(both, "imagefolder") == both  # this project's layout, as it is
+    for name in ("val", "test"):  # a test split alone, under val/ or test/ (train/ beside it or not)
+        d = tmp_path / name
+        (d / name / "cat").mkdir(parents=True)
+        (d / "train" / "cat").mkdir(parents=True)
+        if name == "val":
+            shutil.rmtree(d / "train")
+        got = _test_layout(d, "imagefolder")
+        assert (got / "val").resolve() == (d / name).resolve() and (got / "train").resolve() == (d / name).resolve()
+    flat = tmp_path / "flat"
+    (flat / "cat").mkdir(parents=True)
+    assert (_test_layout(flat, "imagefolder") / "val").resolve() == flat.resolve()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserInputError, match="DIR/test/<class>"):
+        _test_layout(tmp_path / "empty", "imagefolder")
 
 
 def test_a_study_checks_its_data_before_the_first_job(tmp_path, capsys):

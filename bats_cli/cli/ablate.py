@@ -98,7 +98,8 @@ def ablate_command(
              "cpu 4, paper 8, tiny 2.")] = None,
     evaluate_on: Annotated[Optional[Path], opt(
         "--evaluate-on", panel=OUTPUT, file_okay=False, metavar="DATA_DIR",
-        help="Re-evaluate every finished job's packed network on DATA_DIR/val (an ImageFolder test split) and write "
+        help="Re-evaluate every finished job's packed network on DATA_DIR/val, DATA_DIR/test or DATA_DIR itself (an "
+             "ImageFolder test split; class folders in the training data's sorted order) and write "
              "results-<name>.json/.md with the same statistics; trains nothing.")] = None,
     publish: Annotated[Optional[Path], opt(
         "--publish", panel=OUTPUT, file_okay=False, metavar="DIR",

@@ -45,6 +45,11 @@ def _load_predictions(root: Path, rel: str | None):
     return arr if arr.ndim == 2 and arr.shape[0] == 2 else None
 
 
+def _rerun_of(rec: Mapping[str, Any], other: str) -> bool:
+    """``rec`` was derived from a re-run of ``other``'s search, not from ``other``'s own supernet."""
+    return rec.get("search_of") == other and bool(rec.get("own_search"))
+
+
 def compare(study: str, names: Sequence[str], records: Sequence[Mapping[str, Any]], root: Path,
             metric: str = "binary_top1") -> list[dict[str, Any]]:
     """Paired statistics (bootstrap interval, t, exact Wilcoxon, wins, verdict) of every compared
@@ -54,12 +59,18 @@ def compare(study: str, names: Sequence[str], records: Sequence[Mapping[str, Any
     for a, b in comparison_pairs(study, names):
         ra = {r["seed"]: r for r in records if r["variant"] == a and r.get(metric) is not None}
         rb = {r["seed"]: r for r in records if r["variant"] == b and r.get(metric) is not None}
-        seeds = sorted(set(ra) & set(rb))
+        common = sorted(set(ra) & set(rb))
+        # A row derived from the other row's search is compared with it only where both read the
+        # same supernet: a seed whose search had to be re-run is a different search.
+        rerun = [s for s in common if _rerun_of(ra[s], b) or _rerun_of(rb[s], a)]
+        seeds = [s for s in common if s not in rerun]
         if not seeds:
             continue
         res = paired_comparison([ra[s][metric] for s in seeds], [rb[s][metric] for s in seeds],
                                 name_a=a, name_b=b, seed=0)
         res = {"metric": metric, "seeds": seeds, **res}
+        if rerun:
+            res["seeds_left_out"] = {"seeds": rerun, "why": "not the same search: the derived row re-ran it"}
         if metric == "binary_top1":
             tests = []
             for s in seeds:

@@ -225,6 +225,16 @@ def _train_flags(o: StudyOptions) -> tuple[str, ...]:
     return (*_data_flags(o), *subset, "--holdout", str(o.holdout_images))
 
 
+def _needs_own_search(job_dir: Path, shared: Path) -> bool:
+    """Whether a job that derives from another row's search must run that search itself: it already
+    started its own, or (unfinished) the other row's search finished but kept no checkpoint."""
+    if (job_dir / "search").is_dir():
+        return True
+    if (job_dir / EVAL_NAME).is_file():
+        return False
+    return (shared / "result.json").is_file() and not (shared / "last.safetensors").is_file()
+
+
 def build_jobs(o: StudyOptions) -> list[Job]:
     """Every variant × seed of the study with its steps (nothing is run)."""
     jobs = []
@@ -243,7 +253,16 @@ def build_jobs(o: StudyOptions) -> list[Job]:
                 genotype = str(genotype_file)
             elif variant.search_of is not None:
                 search_dir = o.out / variant.search_of / f"seed{seed}" / "search"
-                job.requires.append(search_dir / "result.json")
+                if _needs_own_search(d, search_dir):
+                    # The other row's search kept no checkpoint (a reused or published job): run the
+                    # same search command here; compare() then leaves this seed out of the pair with it.
+                    source = next(v for v in study_variants(o.study, optimizer=o.optimizer)
+                                  if v.name == variant.search_of)
+                    search_dir = d / "search"
+                    job.steps.append(Step("search", ("search", *_data_flags(o), *(source.search or ()), *common,
+                                                     "--out", str(search_dir)), search_dir / "result.json"))
+                else:
+                    job.requires.append(search_dir / "result.json")
                 images = PERTURB_IMAGES.get(o.preset)
                 perturb = ("--perturb-images", str(images)) if images and variant.select == "perturbation" else ()
                 job.steps.append(Step("derive", ("derive", str(search_dir), "--select", variant.select,

@@ -56,15 +56,17 @@ def publish(o: StudyOptions, dest: Path, log: Callable[[str], None] = print) -> 
 
 def _test_layout(data_dir: Path, dataset: str) -> Path:
     """A directory `bats eval --data-dir` reads (train/ + val/, test images in val/) for a test split
-    given as DIR with val/ (train/ optional: only its class folder names are read) or as a folder of
-    class folders; links in a temporary directory stand in for what is missing."""
+    given as DIR with val/ or test/ (train/ optional: only its class folder names are read) or as a
+    folder of class folders; links in a temporary directory stand in for what is missing."""
     if not data_dir.is_dir():
         raise UserInputError(f"--evaluate-on {data_dir}: no such directory")
     if (data_dir / "train").is_dir() and (data_dir / "val").is_dir():
         return data_dir
-    split = data_dir / "val" if (data_dir / "val").is_dir() else data_dir
+    # The test split: val/ (this project's layout), else test/ (a common one), else DIR itself.
+    split = next((data_dir / n for n in ("val", "test") if (data_dir / n).is_dir()), data_dir)
     if not any(p.is_dir() for p in split.iterdir()):
-        raise UserInputError(f"--evaluate-on {data_dir}: expected DIR/val/<class>/*.jpg (or DIR/<class>/*.jpg)")
+        raise UserInputError(f"--evaluate-on {data_dir}: expected DIR/val/<class>/*.jpg, DIR/test/<class>/*.jpg "
+                             "or DIR/<class>/*.jpg")
     tmp = Path(tempfile.mkdtemp(prefix="bats-evaluate-on-"))
     for name in ("train", "val"):
         (tmp / name).symlink_to(split.resolve(), target_is_directory=True)

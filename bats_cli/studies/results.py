@@ -85,6 +85,10 @@ def job_record(job: Job, status: str | None = None, *, eval_name: str = EVAL_NAM
     # The argv of every step as it ran (recorded by run_job), not regenerated from today's code.
     rec["executed"] = read_json(job.dir / EXECUTED_NAME) or {}
     rec["reused_from"] = (read_json(job.dir / JOB_NAME) or {}).get("reused_from")
+    if job.variant.search_of:
+        # Derived from the other row's supernet, or from a re-run of its search (when it kept no checkpoint).
+        rec["search_of"] = job.variant.search_of
+        rec["own_search"] = (job.dir / "search").is_dir()
     if rec["status"] == "failed":
         rec["error"] = step_error(job)
     if sr is not None:
@@ -280,7 +284,10 @@ def markdown(summary: Mapping[str, Any]) -> str:
             sig = sum(1 for m in mc if m["p"] < 0.05)
             t_test = f"; t = {c['t']}, t-test p = {c['t_p']}" if c.get("t") is not None else ""
             mcnemar = f"; McNemar p < 0.05 in {sig} of {len(mc)} seeds" if mc else ""
-            lines.append(f"- {c['verdict']}{t_test}{mcnemar}")
+            out = c.get("seeds_left_out")
+            left = (f"; {'seed' if len(out['seeds']) == 1 else 'seeds'} {', '.join(map(str, out['seeds']))} "
+                    f"left out ({out['why']})" if out else "")
+            lines.append(f"- {c['verdict']}{t_test}{mcnemar}{left}")
         lines.append("")
     if s.get("comparisons_step1"):
         lines += ["Step 1 (binary activations, real weights), the same pairs:", ""]
