@@ -97,7 +97,16 @@ def random_block(d: dict) -> str:
     pert_seeds = [s for s in seeds if ("searched-perturbation", s) in top]
     pert, rs = var["searched-perturbation"]["n"], var["random-search"]["n"]
     missing = [s for s in seeds if s not in pert_seeds]
-    pert_note = f" ({_seeds(pert_seeds)}; see the note on seeds {_seeds(missing)} below)" if missing else ""
+    pert_note = f" ({_seeds(pert_seeds)})" if missing else ""
+    own = {s: top[("searched-perturbation", s)].get("own_search") for s in pert_seeds}
+    shared, rerun = [s for s in pert_seeds if not own[s]], [s for s in pert_seeds if own[s]]
+    pvs = cmp[("searched-perturbation", "searched")]
+    pert_env = (f"at seeds {_seeds(shared)} it read the searched arm's own supernet"
+                + (f"""; at seeds {_seeds(rerun)} the study re-ran the same search command in the perturbation job's
+  directory, which does not reproduce the searched arm's search bit for bit across environments
+  (re-running seed 1's gave a first-epoch training loss of 2.3019 against the recorded 2.2986, and
+  another cell). Those seeds count against the random arms but are left out of the comparison
+  with the searched arm (`seeds_left_out` in `results.json`).""" if rerun else "."))
     return f"""<!-- random-study:begin -->
 The study ran with
 
@@ -125,8 +134,10 @@ Fully binary top-1 (%), each ± about 0.49 (the binomial standard error on 10,00
 - {_verdict(cmp[('searched', 'random')], 'searched')}.
 - {_verdict(cmp[('searched', 'random-matched')], 'searched')}.
 - {_verdict(cmp[('searched', 'random-search')], 'searched')}.
-- searched-perturbation has {pert} seeds: {cmp[('searched-perturbation', 'searched')]['verdict']}; against
-  random-matched {cmp[('searched-perturbation', 'random-matched')]['verdict']}.
+- The perturbation arm ({pert} seeds): {cmp[('searched-perturbation', 'random')]['verdict']};
+  {cmp[('searched-perturbation', 'random-matched')]['verdict']};
+  {cmp[('searched-perturbation', 'random-search')]['verdict']}. Against the searched arm, on
+  the seeds where both cells come from one supernet ({_seeds(pvs['seeds'])}): {pvs['verdict']}.
 - At step 1 (binary activations, real weights): {cmp1[('searched', 'random')]['verdict']};
   {cmp1[('searched', 'random-matched')]['verdict']}.
 
@@ -142,12 +153,8 @@ or less cannot be told apart, not that they are zero.
 - The searched and random arms' seeds 0–4 and the other arms' seed 0 ran on one machine from one
   version of the code; the rest (seed 5, random-matched 1–4, random search 1–5) on another machine
   from a later version, with the same commands and presets (each run's `config.json` records its
-  commit). The perturbation arm needs the searched arm's search checkpoints, which are not
-  published; re-running seed 1's search with its recorded command in the second environment did
-  not reproduce it (first-epoch training loss 2.3019 against 2.2986 recorded, and another cell).
-  Whether the machine or the code version makes the difference is not isolated (on the second
-  machine, that later version and today's code give the same tiny-preset search). So the
-  perturbation arm has only the seeds whose search ran in the same environment as its derivation.
+  commit). The perturbation arm derives from a search checkpoint, and the searched arm's
+  checkpoints are not published: {pert_env}
 
 Search health, untempered (each search's `search_health` in `results.json`, {len(health.get(1, []))} searches): the
 α spread per edge of the normal cell ends stage 1 at {spread(1, 'alpha_spread_normal')} and stage 3 at
@@ -181,7 +188,22 @@ def _proxy_status() -> str:
     if not d.get("complete"):
         return (f"{len(done)} of its {d['seeds']} seeds have finished so far ({where}, partial"
                 + (f": {c['verdict']}" if c else "") + "), too few for a verdict.")
-    return f"its result ({where}): {c['verdict'] if c else 'no comparison'}."
+    by = {(x["a"], x["b"]): x for x in d["comparisons"]}
+    dg = d.get("diagnosis") or {}
+
+    def tau(key: str) -> str:
+        t = dg.get(key) or {}
+        return "n/a" if t.get("tau") is None else f"τ = {t['tau']:+.2f} (p = {t['p']:.2f})"
+
+    lines = [f"its result over {len(done)} seeds ({where}):"]
+    lines += [f"{x['verdict']}" for x in (c, by.get(("searched-c12", "searched"))) if x]
+    found = any(x["significant"] for x in (c, by.get(("searched-c12", "searched"))) if x)
+    return (" ".join(lines[:1]) + " " + "; ".join(lines[1:]) + ". "
+            + ("Searching at the evaluated network's width is distinguishable here. " if found else
+               "Searching at the evaluated network's width does not make the search distinguishable "
+               "from chance at this scale either. ")
+            + f"Over that study's {dg.get('cells', 0)} trained cells, the C = 12 supernet's preference "
+            f"gives {tau('preference')}, parameters {tau('params')}, OPs {tau('ops')}.")
 
 
 def recipe_block(d: dict) -> str:
