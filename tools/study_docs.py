@@ -101,6 +101,12 @@ def random_block(d: dict) -> str:
     own = {s: top[("searched-perturbation", s)].get("own_search") for s in pert_seeds}
     shared, rerun = [s for s in pert_seeds if not own[s]], [s for s in pert_seeds if own[s]]
     pvs = cmp[("searched-perturbation", "searched")]
+    beats = [b for b in ("random", "random-matched", "random-search") if cmp[("searched", b)]["significant"]]
+    verdict = ("at this scale the BATS search is not distinguishable from chance." if not beats else
+               f"the BATS search is distinguishable from {', '.join(beats)} at this scale.")
+    predicts = ("The supernet's preference does not predict stand-alone accuracy here, no better than size does."
+                if dg["preference"]["p"] >= 0.05 else
+                "The supernet's preference predicts stand-alone accuracy here (p < 0.05).")
     pert_env = (f"at seeds {_seeds(shared)} it read the searched arm's own supernet"
                 + (f"""; at seeds {_seeds(rerun)} the study re-ran the same search command in the perturbation job's
   directory, which does not reproduce the searched arm's search bit for bit across environments
@@ -129,7 +135,7 @@ Fully binary top-1 (%), each ± about 0.49 (the binomial standard error on 10,00
 
 """ + "\n".join(table) + f"""
 
-**Verdict: at this scale the BATS search is not distinguishable from chance.** Paired over seeds:
+**Verdict: {verdict}** Paired over seeds:
 
 - {_verdict(cmp[('searched', 'random')], 'searched')}.
 - {_verdict(cmp[('searched', 'random-matched')], 'searched')}.
@@ -168,8 +174,7 @@ Diagnosis (Kendall τ over the {dg['cells']} cells trained, fully binary top-1 a
 supernet's preference for the cell (the sum over its edges of log softmax(α) of its choices, stage
 1's final α of the same seed's search) τ = {dg['preference']['tau']:+.2f} (p = {dg['preference']['p']:.2f}); the
 naive baselines, parameters τ = {dg['params']['tau']:+.2f} (p = {dg['params']['p']:.2f}) and OPs τ = {ops_tau}
-(p = {dg['ops']['p']:.2f}). The supernet's preference does not predict stand-alone accuracy here, no
-better than size does. Our reading of the CPU proxy: the search sees 2 groups of 3 channels at
+(p = {dg['ops']['p']:.2f}). {predicts} Our reading of the CPU proxy: the search sees 2 groups of 3 channels at
 16 px while the evaluated network has 4 groups, and 8 search epochs leave softmax(α) nearly flat,
 so the choice between ops is close to the seed's noise. `bats ablate proxy` (searching at the
 evaluated network's width) is the one change of the proxy to test next; {_proxy_status()}
