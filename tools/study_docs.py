@@ -177,7 +177,7 @@ naive baselines, parameters τ = {dg['params']['tau']:+.2f} (p = {dg['params']['
 (p = {dg['ops']['p']:.2f}). {predicts} Our reading of the CPU proxy: the search sees 2 groups of 3 channels at
 16 px while the evaluated network has 4 groups, and 8 search epochs leave softmax(α) nearly flat,
 so the choice between ops is close to the seed's noise. `bats ablate proxy` (searching at the
-evaluated network's width) is the one change of the proxy to test next; {_proxy_status()}
+evaluated network's width) tests one change of the proxy; {_proxy_status()}
 <!-- random-study:end -->"""
 
 
