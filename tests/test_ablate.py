@@ -378,6 +378,13 @@ def test_a_derived_row_reruns_a_search_that_kept_no_checkpoint(tmp_path):
     assert comp[("searched-perturbation", "searched")]["seeds_left_out"]["seeds"] == [1]
     assert comp[("searched-perturbation", "random")]["seeds"] == [0, 1]
     assert "seed 1 left out (not the same search" in (o.out / "results.md").read_text()
+    # Another study reusing these jobs (no checkpoints were copied at seed 1) copies the perturbation
+    # job that ran its own search instead of running it again.
+    again: list = []
+    other = replace(o, out=tmp_path / "other")
+    run_study(other, runner=_fake_runner(again), log=lambda m: None, reuse=[o.out])
+    assert (other.out / "searched-perturbation" / "seed1" / "REUSED.txt").is_file()
+    assert not any("seed1" in d for d, _ in again)
 
 
 def test_best_of_runs_keeps_the_best_held_out_run_and_refuses_test_split_runs(tmp_path, capsys):

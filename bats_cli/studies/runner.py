@@ -244,7 +244,10 @@ def run_study(o: StudyOptions, *, runner: Runner = subprocess_runner, log: Calla
     atomic_write_json(o.out / STUDY_NAME, study_record(o, read_json(o.out / STUDY_NAME)))
     for job in jobs:
         job.dir.parent.mkdir(parents=True, exist_ok=True)
-    reuse_jobs(jobs, reuse, log)
+    if reuse_jobs(jobs, reuse, log):
+        # A copied job can change how another row runs (its search came without a checkpoint).
+        jobs = build_jobs(o)
+        reuse_jobs(jobs, reuse, log)
     pending = [j for j in jobs if not j.finished]
     log(f"ablate {o.study}: {len(jobs)} jobs, {len(jobs) - len(pending)} already finished, "
         f"{len(pending)} to run ({o.jobs} at a time) in {o.out}")
