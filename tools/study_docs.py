@@ -208,7 +208,23 @@ def _proxy_status() -> str:
                "Searching at the evaluated network's width does not make the search distinguishable "
                "from chance at this scale either. ")
             + f"Over that study's {dg.get('cells', 0)} trained cells, the C = 12 supernet's preference "
-            f"gives {tau('preference')}, parameters {tau('params')}, OPs {tau('ops')}.")
+            f"gives {tau('preference')}, parameters {tau('params')}, OPs {tau('ops')}. "
+            + _proxy_health(d))
+
+
+def _proxy_health(d: dict) -> str:
+    """The C = 12 searches' untempered health: is softmax(α) still flat at the evaluated width?"""
+    stages = [st for j in d["jobs"] if j["variant"] == "searched-c12" and j.get("search_health")
+              for st in j["search_health"]["stages"]]
+    if not stages:
+        return ""
+    ent = [st[k] for st in stages for k in ("entropy_normal_rel_t1", "entropy_reduce_rel_t1")]
+    cs = next((v.get("cell_similarity") for v in d["variants"] if v["variant"] == "searched-c12"), None)
+    same = (f"; its {d['seeds']} cells share {cs['both'] * 100:.1f} % of their (op, input) choices pairwise "
+            f"(chance {cs['chance']['both'] * 100:.1f} %)") if cs else ""
+    return (f"At C = 12 softmax(α) stays as flat (T = 1 relative entropy {min(ent):.3f}–{max(ent):.3f} of "
+            f"uniform in every stage){same}: the width was not what kept the search from committing; the "
+            "search budget (epochs and the α learning rate at this scale) is the next suspect, untested here.")
 
 
 def recipe_block(d: dict) -> str:
