@@ -175,7 +175,8 @@ supernet's preference for the cell (the sum over its edges of log softmax(α) of
 1's final α of the same seed's search) τ = {dg['preference']['tau']:+.2f} (p = {dg['preference']['p']:.2f}); the
 naive baselines, parameters τ = {dg['params']['tau']:+.2f} (p = {dg['params']['p']:.2f}) and OPs τ = {ops_tau}
 (p = {dg['ops']['p']:.2f}). {predicts} Our reading of the CPU proxy: the search sees 2 groups of 3 channels at
-16 px while the evaluated network has 4 groups, and 8 search epochs leave softmax(α) nearly flat,
+16 px while the evaluated network has 4 groups, and 8 search epochs per stage (about 250 α updates, against
+the paper's ~3,900; [search.md](search.md)) leave softmax(α) nearly flat,
 so the choice between ops is close to the seed's noise. `bats ablate proxy` (searching at the
 evaluated network's width) tests one change of the proxy; {_proxy_status()}
 <!-- random-study:end -->"""
