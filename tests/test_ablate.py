@@ -378,6 +378,21 @@ def test_a_derived_row_reruns_a_search_that_kept_no_checkpoint(tmp_path):
     assert comp[("searched-perturbation", "searched")]["seeds_left_out"]["seeds"] == [1]
     assert comp[("searched-perturbation", "random")]["seeds"] == [0, 1]
     assert "seed 1 left out (not the same search" in (o.out / "results.md").read_text()
+    # A re-run that reproduced the recorded α history at every epoch is the same search: compared.
+    from bats_cli.studies.results import summarise
+
+    for d in (o.out / "searched" / "seed1" / "search", own.dir / "search"):
+        (d / "alphas").mkdir(exist_ok=True)
+        (d / "alphas" / "stage1_epoch01.json").write_text(json.dumps({"normal": [{"weights": {"skip_connect": 0.5}}],
+                                                                      "reduce": [], "untempered": {"x": str(d)}}))
+    again_summary = summarise(o, build_jobs(o))
+    rec = next(r for r in again_summary["jobs"] if (r["variant"], r["seed"]) == ("searched-perturbation", 1))
+    assert rec["search_reproduced"]
+    pair = next(c for c in again_summary["comparisons"] if (c["a"], c["b"]) == ("searched-perturbation", "searched"))
+    assert pair["seeds"] == [0, 1] and "seeds_left_out" not in pair
+    (own.dir / "search" / "alphas" / "stage1_epoch01.json").write_text(json.dumps({"normal": [], "reduce": []}))
+    assert not next(r for r in summarise(o, build_jobs(o))["jobs"]
+                    if (r["variant"], r["seed"]) == ("searched-perturbation", 1))["search_reproduced"]
     # Another study reusing these jobs (no checkpoints were copied at seed 1) copies the perturbation
     # job that ran its own search instead of running it again.
     again: list = []

@@ -107,12 +107,20 @@ def random_block(d: dict) -> str:
     predicts = ("The supernet's preference does not predict stand-alone accuracy here, no better than size does."
                 if dg["preference"]["p"] >= 0.05 else
                 "The supernet's preference predicts stand-alone accuracy here (p < 0.05).")
-    pert_env = (f"at seeds {_seeds(shared)} it read the searched arm's own supernet"
-                + (f"""; at seeds {_seeds(rerun)} the study re-ran the same search command in the perturbation job's
-  directory, which does not reproduce the searched arm's search bit for bit across environments
-  (re-running seed 1's gave a first-epoch training loss of 2.3019 against the recorded 2.2986, and
-  another cell). Those seeds count against the random arms but are left out of the comparison
-  with the searched arm (`seeds_left_out` in `results.json`).""" if rerun else "."))
+    same = [s for s in rerun if top[("searched-perturbation", s)].get("search_reproduced")]
+    differ = [s for s in rerun if s not in same]
+    pert_env = f"at seeds {_seeds(shared)} it read the searched arm's own supernet"
+    if rerun:
+        pert_env += (f"""; at seeds {_seeds(rerun)} the study re-ran the same search command in the perturbation
+  job's directory (`own_search`). A re-run need not reproduce a search across environments
+  (re-running seed 1's search on another machine, from a later version of the code, gave a
+  first-epoch training loss of 2.3019 against the recorded 2.2986, and another cell)""")
+        pert_env += (f""". Here the re-runs of seeds {_seeds(same)} reproduced the searched arm's recorded α
+  history exactly, at every one of its epochs (`search_reproduced`), so those cells come from the
+  same search and are compared with the searched arm too""" if same else "")
+        pert_env += (f""". Seeds {_seeds(differ)} did not, and are left out of the comparison with the searched
+  arm (`seeds_left_out`)""" if differ else "")
+    pert_env += "."
     return f"""<!-- random-study:begin -->
 The study ran with
 

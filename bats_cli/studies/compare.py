@@ -46,8 +46,21 @@ def _load_predictions(root: Path, rel: str | None):
 
 
 def _rerun_of(rec: Mapping[str, Any], other: str) -> bool:
-    """``rec`` was derived from a re-run of ``other``'s search, not from ``other``'s own supernet."""
-    return rec.get("search_of") == other and bool(rec.get("own_search"))
+    """``rec`` was derived from a re-run of ``other``'s search that did not reproduce it."""
+    return rec.get("search_of") == other and bool(rec.get("own_search")) and not rec.get("search_reproduced")
+
+
+def same_alpha_history(run: Path, recorded: Path) -> bool:
+    """Whether a re-run search reproduced a recorded one: the same α history files, and in each the
+    same α of both cells at every epoch (exact; later versions add diagnostics beside α, not compared)."""
+    mine = sorted(p.name for p in run.glob("alphas/*.json"))
+    if not mine or mine != sorted(p.name for p in recorded.glob("alphas/*.json")):
+        return False
+    for name in mine:
+        a, b = read_json(run / "alphas" / name), read_json(recorded / "alphas" / name)
+        if a is None or b is None or any(a.get(c) is None or a.get(c) != b.get(c) for c in ("normal", "reduce")):
+            return False
+    return True
 
 
 def compare(study: str, names: Sequence[str], records: Sequence[Mapping[str, Any]], root: Path,
@@ -70,7 +83,8 @@ def compare(study: str, names: Sequence[str], records: Sequence[Mapping[str, Any
                                 name_a=a, name_b=b, seed=0)
         res = {"metric": metric, "seeds": seeds, **res}
         if rerun:
-            res["seeds_left_out"] = {"seeds": rerun, "why": "not the same search: the derived row re-ran it"}
+            res["seeds_left_out"] = {"seeds": rerun, "why": "not the same search: the derived row's re-run of it "
+                                                            "did not reproduce its α history"}
         if metric == "binary_top1":
             tests = []
             for s in seeds:

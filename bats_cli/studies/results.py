@@ -18,7 +18,7 @@ from bats_cli.core.fileio import atomic_write_json, atomic_write_text
 from bats_cli.core.zoo import resolve_genotype
 from bats_cli.nas.cell_similarity import cell_similarity
 from bats_cli.nas.search_health import summarise_run
-from bats_cli.studies.compare import compare, diagnosis
+from bats_cli.studies.compare import compare, diagnosis, same_alpha_history
 from bats_cli.studies.jobs import (
     EVAL_NAME,
     EXECUTED_NAME,
@@ -89,6 +89,9 @@ def job_record(job: Job, status: str | None = None, *, eval_name: str = EVAL_NAM
         # Derived from the other row's supernet, or from a re-run of its search (when it kept no checkpoint).
         rec["search_of"] = job.variant.search_of
         rec["own_search"] = (job.dir / "search").is_dir()
+        if rec["own_search"]:  # a re-run with the other row's α history at every epoch is the same search
+            other = job.dir.parent.parent / job.variant.search_of / job.dir.name / "search"
+            rec["search_reproduced"] = same_alpha_history(job.dir / "search", other)
     if rec["status"] == "failed":
         rec["error"] = step_error(job)
     if sr is not None:
