@@ -258,3 +258,12 @@ def test_summarise_run_reads_runs_of_older_code(small_search, tmp_path):
         for a, b in zip(got["stages"], new["stages"]):
             for key in ("entropy_normal_rel_t1", "alpha_spread_reduce", "changed_edges", "entropy_reduce_rel"):
                 assert a[key] == pytest.approx(b[key], abs=1e-5), (strip, key)
+    # A published copy keeps result.json and alphas/ but no genotypes/ files: its stages still count
+    # as finished, with the same measures and warnings.
+    pub = tmp_path / "published"
+    shutil.copytree(small_search, pub)
+    shutil.rmtree(pub / "genotypes")
+    got = summarise_run(pub)
+    assert all(s["finished"] for s in got["stages"]) and got["warnings"] == new["warnings"]
+    (pub / "result.json").unlink()  # an unfinished run without genotypes/: its stages are not
+    assert not any(s["finished"] for s in summarise_run(pub)["stages"])

@@ -98,13 +98,17 @@ def random_block(d: dict) -> str:
     pert, rs = var["searched-perturbation"]["n"], var["random-search"]["n"]
     missing = [s for s in seeds if s not in pert_seeds]
     pert_note = f" ({_seeds(pert_seeds)})" if missing else ""
+    finished = ("all five arms at seeds " + _seeds(seeds) if not missing and rs == len(seeds) else
+                f"searched, random and random-matched at seeds {_seeds(seeds)}, random search at {rs} seeds, "
+                f"searched-perturbation at {pert} seeds{pert_note}")
     own = {s: top[("searched-perturbation", s)].get("own_search") for s in pert_seeds}
     shared, rerun = [s for s in pert_seeds if not own[s]], [s for s in pert_seeds if own[s]]
     pvs = cmp[("searched-perturbation", "searched")]
     beats = [b for b in ("random", "random-matched", "random-search") if cmp[("searched", b)]["significant"]]
     verdict = ("at this scale the BATS search is not distinguishable from chance." if not beats else
                f"the BATS search is distinguishable from {', '.join(beats)} at this scale.")
-    predicts = ("The supernet's preference does not predict stand-alone accuracy here, no better than size does."
+    predicts = ("No detectable association between the supernet's preference and stand-alone accuracy "
+                "(nor a positive one for size: both size τ are negative)."
                 if dg["preference"]["p"] >= 0.05 else
                 "The supernet's preference predicts stand-alone accuracy here (p < 0.05).")
     same = [s for s in rerun if top[("searched-perturbation", s)].get("search_reproduced")]
@@ -112,32 +116,70 @@ def random_block(d: dict) -> str:
     pert_env = f"at seeds {_seeds(shared)} it read the searched arm's own supernet"
     if rerun:
         pert_env += (f"""; at seeds {_seeds(rerun)} the study re-ran the same search command in the perturbation
-  job's directory (`own_search`). A re-run need not reproduce a search across environments
-  (re-running seed 1's search on another machine, from a later version of the code, gave a
-  first-epoch training loss of 2.3019 against the recorded 2.2986, and another cell)""")
-        pert_env += (f""". Here the re-runs of seeds {_seeds(same)} reproduced the searched arm's recorded α
+  job's directory (`own_search`)""")
+        pert_env += (f""". The re-runs of seeds {_seeds(same)} reproduced the searched arm's recorded α
   history exactly, at every one of its epochs (`search_reproduced`), so those cells come from the
   same search and are compared with the searched arm too""" if same else "")
         pert_env += (f""". Seeds {_seeds(differ)} did not, and are left out of the comparison with the searched
   arm (`seeds_left_out`)""" if differ else "")
     pert_env += "."
+    commits: dict[str, list[str]] = {}
+    for (a, s_), _j in sorted(top.items(), key=lambda x: (arms.index(x[0][0]), x[0][1])):
+        cfg = study / a / f"seed{s_}" / "train" / "config.json"
+        c = json.loads(cfg.read_text(encoding="utf-8"))["run"].get("git_commit", "?")[:7] if cfg.is_file() else "?"
+        commits.setdefault(c, []).append((a, s_))
+
+    def jobs_of(pairs: list[tuple[str, int]]) -> str:
+        by: dict[str, list[int]] = {}
+        for a, s_ in pairs:
+            by.setdefault(a, []).append(s_)
+        return "; ".join(f"{a} {_seeds(v)}" for a, v in by.items())
+
+    env = "\n".join(f"  - `{c}`: {jobs_of(v)}" for c, v in commits.items())
+    # A matched draw that took 1 draw is the random arm's cell: those seeds' two rows are one cell.
+    def cell(r: dict) -> str:  # a genotype without its name
+        g = r.get("genotype") or {}
+        return json.dumps([g.get(k) for k in ("space", "normal", "normal_concat", "reduce", "reduce_concat")])
+
+    twins = [s_ for s_ in seeds if ("random", s_) in top and ("random-matched", s_) in top
+             and cell(top[("random", s_)]) == cell(top[("random-matched", s_)])]
+    twin_text = "; ".join(f"seed {s_}: {top[('random', s_)]['binary_top1']:.2f} and "
+                          f"{top[('random-matched', s_)]['binary_top1']:.2f}" for s_ in twins)
+    distinct = len({cell(r) for r in top.values() if r.get("genotype")})
+    n_cmp = len(d["comparisons"]) + len(d["comparisons_step1"])
+    commit_of = {job: c for c, v in commits.items() for job in v}
+    same_v = [s_ for s_ in twins if commit_of[("random", s_)] == commit_of[("random-matched", s_)]]
+    other_v = [s_ for s_ in twins if s_ not in same_v]
+    twin_versions = ""
+    if same_v and all(top[("random", s_)]["binary_top1"] == top[("random-matched", s_)]["binary_top1"]
+                      for s_ in same_v):
+        twin_versions += f" Trained by one version of the code (seed {_seeds(same_v)}), the two score the same."
+    if other_v:
+        twin_versions += (f" Trained by two versions (seed {_seeds(other_v)}), the gap between the two scores of one"
+                          " cell is what a change of code version (or of machine: every run records the host"
+                          " `vm`) alone did to one network, as large as most differences above.")
+    twin_note = (f"""- At seeds {_seeds(twins)} the first matched draw was already within ±10 %, so random-matched
+  trained the random arm's cell with the same seed; the two arms are one cell there, not two independent
+  draws ({twin_text}).{twin_versions}
+""" if twins else "")
     return f"""<!-- random-study:begin -->
 The study ran with
 
 ```sh
 bats ablate random --preset cpu --dataset imagefolder --data-dir ../shared/datasets/cifar10-large \\
-    --subset 10000 --seeds {len(seeds)} --jobs 2 --out runs/ablate-random
-bats ablate random --out runs/ablate-random --publish docs/ablations/random
+    --subset 10000 --seeds {len(seeds)} --jobs 2 --out runs/verdict
+bats ablate random --out runs/verdict --publish docs/ablations/random
 ```
+
+(later jobs added `--threads 1`, which the presets set anyway; every job's `executed.json` has
+its argv as it ran.)
 
 Each network trains on a class-balanced 10,000 of cifar10-large's training images (1,000 of them
 held out for validation and selection) and is scored once on its 10,000 `val/` images, none of
 which are in cifar10-mini. Every finished job is published in
 [docs/ablations/random/](ablations/random/) (genotype, 1-bit packed network, results, per-image
 predictions, α history; [results.md](ablations/random/results.md)); every figure below is read
-from its `results.json` (`python tools/study_docs.py` writes this section). Finished: searched,
-random and random-matched at seeds {_seeds(seeds)}, random search at {rs} seeds, searched-perturbation
-at {pert} seeds{pert_note}.
+from its `results.json` (`python tools/study_docs.py` writes this section). Finished: {finished}.
 
 Fully binary top-1 (%), each ± about 0.49 (the binomial standard error on 10,000 images):
 
@@ -148,10 +190,11 @@ Fully binary top-1 (%), each ± about 0.49 (the binomial standard error on 10,00
 - {_verdict(cmp[('searched', 'random')], 'searched')}.
 - {_verdict(cmp[('searched', 'random-matched')], 'searched')}.
 - {_verdict(cmp[('searched', 'random-search')], 'searched')}.
-- The perturbation arm ({pert} seeds): {cmp[('searched-perturbation', 'random')]['verdict']};
-  {cmp[('searched-perturbation', 'random-matched')]['verdict']};
-  {cmp[('searched-perturbation', 'random-search')]['verdict']}. Against the searched arm, on
-  the seeds where both cells come from one supernet ({_seeds(pvs['seeds'])}): {pvs['verdict']}.
+- {_verdict(cmp[('searched-perturbation', 'random')], 'searched-perturbation')}.
+- {_verdict(cmp[('searched-perturbation', 'random-matched')], 'searched-perturbation')}.
+- {_verdict(cmp[('searched-perturbation', 'random-search')], 'searched-perturbation')}.
+- Against the searched arm, on the seeds where both cells come from one supernet
+  ({_seeds(pvs['seeds'])}): {_verdict(pvs, 'searched-perturbation')}.
 - At step 1 (binary activations, real weights): {cmp1[('searched', 'random')]['verdict']};
   {cmp1[('searched', 'random-matched')]['verdict']}.
 
@@ -159,15 +202,17 @@ The McNemar test on the 10,000 images says, per seed, whether *these two network
 whether the arms do: the networks of one seed often differ significantly, in both directions.
 Each interval is a seeded bootstrap of the per-seed differences; with {len(seeds)} seeds the exact Wilcoxon
 test can reach p = {2 / 2 ** len(seeds):.2f} at best, so "not distinguishable" here means differences of about a point
-or less cannot be told apart, not that they are zero.
+or less cannot be told apart, not that they are zero. The summary makes {n_cmp} comparisons
+(the lines above and their step-1 counterparts) with no correction for multiplicity: one interval
+that only just excludes 0 among them, with p ≥ 0.05, is what chance alone would give.
 
 - Size: the searched cells have {k(params('searched'))} parameters, the one-draw random cells
   {k(params('random'))}; the matched random cells ({k(params('random-matched'))}) needed
   {min(draws)}–{max(draws)} draws to come within ±10 % of their seed's searched cell.
-- The searched and random arms' seeds 0–4 and the other arms' seed 0 ran on one machine from one
-  version of the code; the rest (seed 5, random-matched 1–4, random search 1–5) on another machine
-  from a later version, with the same commands and presets (each run's `config.json` records its
-  commit). The perturbation arm derives from a search checkpoint, and the searched arm's
+- The jobs ran with the same commands and presets from {len(commits)} versions of the code (the commit
+  in each job's `train/config.json`):
+{env}
+{twin_note}- The perturbation arm derives from a search checkpoint, and the searched arm's
   checkpoints are not published: {pert_env}
 
 Search health, untempered (each search's `search_health` in `results.json`, {len(health.get(1, []))} searches): the
@@ -178,9 +223,11 @@ cells share {cs['both'] * 100:.1f} % of their (op, input) choices pairwise ({cs[
 against {cs['chance']['both'] * 100:.1f} % expected between two random cells: the derived cell depends on the
 seed, not on a preference the searches agree on.
 
-Diagnosis (Kendall τ over the {dg['cells']} cells trained, fully binary top-1 against): the
+Diagnosis: Kendall τ between a score of each trained network's cell and its fully binary top-1,
+over the {dg['cells']} networks ({distinct} distinct cells; the networks of one seed share that seed's
+supernet and training seed, so the p-values, which assume independent pairs, are optimistic). The
 supernet's preference for the cell (the sum over its edges of log softmax(α) of its choices, stage
-1's final α of the same seed's search) τ = {dg['preference']['tau']:+.2f} (p = {dg['preference']['p']:.2f}); the
+1's final α of the same seed's search): τ = {dg['preference']['tau']:+.2f} (p = {dg['preference']['p']:.2f}); the
 naive baselines, parameters τ = {dg['params']['tau']:+.2f} (p = {dg['params']['p']:.2f}) and OPs τ = {ops_tau}
 (p = {dg['ops']['p']:.2f}). {predicts} Our reading of the CPU proxy: the search sees 2 groups of 3 channels at
 16 px while the evaluated network has 4 groups, and 8 search epochs per stage (about 250 α updates, against
@@ -215,7 +262,11 @@ def _proxy_status() -> str:
     return (" ".join(lines[:1]) + " " + "; ".join(lines[1:]) + ". "
             + ("Searching at the evaluated network's width is distinguishable here. " if found else
                "Searching at the evaluated network's width does not make the search distinguishable "
-               "from chance at this scale either. ")
+               "from chance at this scale either; with "
+               f"{len(done)} seeds the exact Wilcoxon test cannot go below p = {2 / 2 ** len(done):.3f}, so under "
+               "the rule above this study could show no gain, only how large one might be. Its searched and "
+               f"random rows are the random study's jobs of seeds {_seeds(done)} (`--reuse`), not new "
+               "evidence. ")
             + f"Over that study's {dg.get('cells', 0)} trained cells, the C = 12 supernet's preference "
             f"gives {tau('preference')}, parameters {tau('params')}, OPs {tau('ops')}. "
             + _proxy_health(d))
@@ -232,8 +283,9 @@ def _proxy_health(d: dict) -> str:
     same = (f"; its {d['seeds']} cells share {cs['both'] * 100:.1f} % of their (op, input) choices pairwise "
             f"(chance {cs['chance']['both'] * 100:.1f} %)") if cs else ""
     return (f"At C = 12 softmax(α) stays as flat (T = 1 relative entropy {min(ent):.3f}–{max(ent):.3f} of "
-            f"uniform in every stage){same}: the width was not what kept the search from committing; the "
-            "search budget (epochs and the α learning rate at this scale) is the next suspect, untested here.")
+            f"uniform in every stage){same}: widening the search to C = 12 alone did not make α commit "
+            f"({len(stages) // 3} seeds); the search budget (α updates per stage) is the next suspect, "
+            "untested here.")
 
 
 def recipe_block(d: dict) -> str:

@@ -326,7 +326,8 @@ def summarise_stage(search_dir: str | Path, stage: int, *, stable_epochs: int = 
     genotype = json.loads(gpath.read_text(encoding="utf-8")) if gpath.is_file() else last.get("genotype")
     return {
         "stage": stage,
-        "finished": gpath.is_file(),
+        # A published run keeps no genotypes/ files; its result.json means every stage finished.
+        "finished": gpath.is_file() or (search_dir / "result.json").is_file(),
         "last_epoch": last_epoch,
         "search_epochs": sum(doc.get("phase") == "search" for _, doc in docs),
         "ops_per_edge": last.get("ops_per_edge"),

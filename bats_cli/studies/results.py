@@ -286,6 +286,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
             mc = c.get("mcnemar") or []
             sig = sum(1 for m in mc if m["p"] < 0.05)
             t_test = f"; t = {c['t']}, t-test p = {c['t_p']}" if c.get("t") is not None else ""
+            if c.get("wilcoxon_p") is not None and "Wilcoxon" not in c["verdict"]:
+                t_test = f"; Wilcoxon p = {c['wilcoxon_p']:.3g}" + t_test
             mcnemar = f"; McNemar p < 0.05 in {sig} of {len(mc)} seeds" if mc else ""
             out = c.get("seeds_left_out")
             left = (f"; {'seed' if len(out['seeds']) == 1 else 'seeds'} {', '.join(map(str, out['seeds']))} "
