@@ -123,11 +123,14 @@ def random_block(d: dict) -> str:
         pert_env += (f""". Seeds {_seeds(differ)} did not, and are left out of the comparison with the searched
   arm (`seeds_left_out`)""" if differ else "")
     pert_env += "."
-    commits: dict[str, list[str]] = {}
-    for (a, s_), _j in sorted(top.items(), key=lambda x: (arms.index(x[0][0]), x[0][1])):
+    def commit(a: str, s_: int) -> str:  # the code version a job ran from, as its config.json records it
         cfg = study / a / f"seed{s_}" / "train" / "config.json"
-        c = json.loads(cfg.read_text(encoding="utf-8"))["run"].get("git_commit", "?")[:7] if cfg.is_file() else "?"
-        commits.setdefault(c, []).append((a, s_))
+        return json.loads(cfg.read_text(encoding="utf-8"))["run"].get("git_commit", "?")[:7] if cfg.is_file() else "?"
+
+    commit_of = {job: commit(*job) for job in sorted(top, key=lambda j: (arms.index(j[0]), j[1]))}
+    commits: dict[str, list[tuple[str, int]]] = {}
+    for job, c in commit_of.items():
+        commits.setdefault(c, []).append(job)
 
     def jobs_of(pairs: list[tuple[str, int]]) -> str:
         by: dict[str, list[int]] = {}
@@ -147,7 +150,6 @@ def random_block(d: dict) -> str:
                           f"{top[('random-matched', s_)]['binary_top1']:.2f}" for s_ in twins)
     distinct = len({cell(r) for r in top.values() if r.get("genotype")})
     n_cmp = len(d["comparisons"]) + len(d["comparisons_step1"])
-    commit_of = {job: c for c, v in commits.items() for job in v}
     same_v = [s_ for s_ in twins if commit_of[("random", s_)] == commit_of[("random-matched", s_)]]
     other_v = [s_ for s_ in twins if s_ not in same_v]
     twin_versions = ""
@@ -256,10 +258,9 @@ def _proxy_status() -> str:
         t = dg.get(key) or {}
         return "n/a" if t.get("tau") is None else f"τ = {t['tau']:+.2f} (p = {t['p']:.2f})"
 
-    lines = [f"its result over {len(done)} seeds ({where}):"]
-    lines += [f"{x['verdict']}" for x in (c, by.get(("searched-c12", "searched"))) if x]
-    found = any(x["significant"] for x in (c, by.get(("searched-c12", "searched"))) if x)
-    return (" ".join(lines[:1]) + " " + "; ".join(lines[1:]) + ". "
+    pairs = [x for x in (c, by.get(("searched-c12", "searched"))) if x]
+    found = any(x["significant"] for x in pairs)
+    return (f"its result over {len(done)} seeds ({where}): " + "; ".join(x["verdict"] for x in pairs) + ". "
             + ("Searching at the evaluated network's width is distinguishable here. " if found else
                "Searching at the evaluated network's width does not make the search distinguishable "
                "from chance at this scale either; with "

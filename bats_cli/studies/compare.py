@@ -74,7 +74,7 @@ def compare(study: str, names: Sequence[str], records: Sequence[Mapping[str, Any
         rb = {r["seed"]: r for r in records if r["variant"] == b and r.get(metric) is not None}
         common = sorted(set(ra) & set(rb))
         # A row derived from the other row's search is compared with it only where both read the
-        # same supernet: a seed whose search had to be re-run is a different search.
+        # same supernet: a re-run of that search counts only if it reproduced its α history.
         rerun = [s for s in common if _rerun_of(ra[s], b) or _rerun_of(rb[s], a)]
         seeds = [s for s in common if s not in rerun]
         if not seeds:

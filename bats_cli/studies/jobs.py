@@ -86,6 +86,10 @@ class Job:
     def finished(self) -> bool:
         return self.result.is_file()
 
+    def row(self, variant: str) -> Path:
+        """The directory of the same seed's job of another row of the study."""
+        return self.dir.parent.parent / variant / self.dir.name
+
     def shell(self) -> str:
         """The job as one shell line; a job that reads another row's files first waits for them
         (the rows run as separate processes under GNU parallel or a SLURM array)."""
@@ -252,10 +256,10 @@ def build_jobs(o: StudyOptions) -> list[Job]:
                 job.steps.append(Step("derive", ("derive", str(d / "search"), *derive_out), genotype_file))
                 genotype = str(genotype_file)
             elif variant.search_of is not None:
-                search_dir = o.out / variant.search_of / f"seed{seed}" / "search"
+                search_dir = job.row(variant.search_of) / "search"
                 if _needs_own_search(d, search_dir):
                     # The other row's search kept no checkpoint (a reused or published job): run the
-                    # same search command here; compare() then leaves this seed out of the pair with it.
+                    # same search command here (compared with that row only if it reproduces its α).
                     source = next(v for v in study_variants(o.study, optimizer=o.optimizer)
                                   if v.name == variant.search_of)
                     search_dir = d / "search"
@@ -270,7 +274,7 @@ def build_jobs(o: StudyOptions) -> list[Job]:
                                                  *derive_out), genotype_file))
                 genotype = str(genotype_file)
             elif variant.match_of is not None:
-                target = o.out / variant.match_of / f"seed{seed}" / "genotype.json"
+                target = job.row(variant.match_of) / "genotype.json"
                 job.requires.append(target)
                 # Sizes are counted in the network this study trains (the same preset).
                 job.steps.append(Step("derive", ("derive", "--random", "--seed", str(seed), "--space", "bats",
@@ -304,7 +308,7 @@ def build_jobs(o: StudyOptions) -> list[Job]:
                 genotype = str(variant.genotype)
             distill: tuple[str, ...] = ()
             if variant.teacher is not None:
-                teacher_dir = o.out / variant.teacher / f"seed{seed}" / "teacher"
+                teacher_dir = job.row(variant.teacher) / "teacher"
                 if variant.teacher == variant.name:
                     # Same data, preset, seed and epochs as the student: only --real differs.
                     job.steps.append(Step("teacher", ("train", genotype, *_train_flags(o), *common, "--real",

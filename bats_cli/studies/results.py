@@ -90,8 +90,7 @@ def job_record(job: Job, status: str | None = None, *, eval_name: str = EVAL_NAM
         rec["search_of"] = job.variant.search_of
         rec["own_search"] = (job.dir / "search").is_dir()
         if rec["own_search"]:  # a re-run with the other row's α history at every epoch is the same search
-            other = job.dir.parent.parent / job.variant.search_of / job.dir.name / "search"
-            rec["search_reproduced"] = same_alpha_history(job.dir / "search", other)
+            rec["search_reproduced"] = same_alpha_history(job.dir / "search", job.row(job.variant.search_of) / "search")
     if rec["status"] == "failed":
         rec["error"] = step_error(job)
     if sr is not None:
@@ -107,7 +106,7 @@ def job_record(job: Job, status: str | None = None, *, eval_name: str = EVAL_NAM
         rec["match"] = read_json(job.dir / MATCH_NAME)
     if job.variant.teacher is not None:
         # The teacher's cost (trained by the job of variant `teacher`, shared by the seed's other rows).
-        te = read_json(job.dir.parent.parent / job.variant.teacher / job.dir.name / "teacher" / "result.json")
+        te = read_json(job.row(job.variant.teacher) / "teacher" / "result.json")
         rec["teacher"] = job.variant.teacher
         rec["teacher_seconds"] = te.get("seconds") if te else None
         rec["teacher_val_top1"] = te.get("final_val_top1") if te else None
@@ -285,9 +284,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
         for c in s["comparisons"]:
             mc = c.get("mcnemar") or []
             sig = sum(1 for m in mc if m["p"] < 0.05)
-            t_test = f"; t = {c['t']}, t-test p = {c['t_p']}" if c.get("t") is not None else ""
-            if c.get("wilcoxon_p") is not None and "Wilcoxon" not in c["verdict"]:
-                t_test = f"; Wilcoxon p = {c['wilcoxon_p']:.3g}" + t_test
+            wilcoxon = f"; Wilcoxon p = {c['wilcoxon_p']:.3g}" if c.get("wilcoxon_p") is not None else ""
+            t_test = wilcoxon + (f"; t = {c['t']}, t-test p = {c['t_p']}" if c.get("t") is not None else "")
             mcnemar = f"; McNemar p < 0.05 in {sig} of {len(mc)} seeds" if mc else ""
             out = c.get("seeds_left_out")
             left = (f"; {'seed' if len(out['seeds']) == 1 else 'seeds'} {', '.join(map(str, out['seeds']))} "
